@@ -1,0 +1,103 @@
+"""Base config: vision-language pre-training on the built-in catalog.
+
+Every field is documented inline.  Override any field from the command line, e.g.
+``--config.train.batch_size=128``.  Other configs (``text_only.py``, ``tiny.py``) start from
+``get_config()`` here and change a few fields, so the field names scripts rely on
+(``data.catalog_dir``, ``train.num_steps``, ``train.batch_size``, ``train.seed``,
+``model.use_image``, ``negatives.cross_device``, ``negatives.bank_size``,
+``checkpoint.every_steps``, ``eval.every_steps``) exist in all of them.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # ---------------------------------------------------------------- data
+    c.data = d = ml_collections.ConfigDict()
+    d.catalog_dir = ""  # a catalog in the user data format; "" = built-in catalog (generated+cached)
+    d.builtin_num_items = 6000  # size of the built-in catalog when catalog_dir == ""
+    d.builtin_seed = 0  # generator seed of the built-in catalog
+    d.builtin_lang = "en"  # "en" or "zh": language of built-in titles and queries
+    d.cache_dir = ""  # where built-in catalogs and TFDS builds are cached; "" = ~/.cache/vlp_jax
+    d.image_size = 64  # images are resized to image_size x image_size RGB at build time
+    d.query_len = 16  # query tokens (incl. [CLS]/[SEP]); longer queries are truncated
+    d.title_len = 32  # title tokens (incl. [CLS]/[SEP]); long titles are truncated
+    d.tokenizer = ""  # "" = train a WordPiece vocab on the catalog; else an HF tokenizer folder
+    d.vocab_size = 4000  # WordPiece vocab size when the tokenizer is trained on the catalog
+    d.mlm_prob = 0.15  # fraction of (non-special) tokens selected for MLM (BERT 80/10/10 rule)
+    d.patch_mask_ratio = 0.25  # fraction of image patches replaced by the mask token (MPM)
+    d.worker_count = 0  # Grain worker processes (0 = in-process; >0 for multi-core hosts)
+    d.prefetch = 2  # batches prepared and placed on device ahead of the step
+
+    # ---------------------------------------------------------------- model
+    c.model = m = ml_collections.ConfigDict()
+    m.use_image = True  # False = text-only baseline: item tower sees the title only
+    m.shared_query_encoder = False  # True: query tower reuses the item tower's text layers
+    m.modal_adaptation = False  # MAKE: per-item softmax gate over pooled title vs image parts
+    m.pooling = "mean"  # "mean" (masked mean over non-padding tokens) or "cls"
+    m.normalize = True  # L2-normalise tower outputs (cosine similarity)
+    m.embed_dim = 128  # size of the retrieval embedding
+    m.width = 192  # transformer width (both towers)
+    m.depth = 4  # transformer layers of the item tower
+    m.query_depth = 4  # transformer layers of a separate query tower
+    m.num_heads = 4  # attention heads
+    m.mlp_ratio = 4  # MLP hidden = mlp_ratio * width
+    m.dropout = 0.0  # dropout inside transformer blocks
+    m.patch_size = 8  # ViT patch size in pixels (image_size must be divisible by it)
+    m.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (losses always in float32)
+    m.tie_mlm_embeddings = True  # MLM output layer reuses the token embedding matrix
+    m.text_init = ""  # HF BERT checkpoint converted by vlp_jax.convert.hf_bert ("" = random)
+
+    # ---------------------------------------------------------------- losses
+    c.loss = lo = ml_collections.ConfigDict()
+    lo.qic_weight = 1.0  # query-item contrastive loss weight (0 = off)
+    lo.qic_type = "softmax"  # "softmax" (margin=0), "am_softmax" (uses margin) or "sigmoid"
+    lo.margin = 0.1  # additive margin on the positive logit for am_softmax
+    lo.temperature = 0.05  # initial softmax temperature
+    lo.learn_temperature = True  # learn log(1/temperature) (clipped to [0, log(100)])
+    lo.symmetric = True  # add the item->query term to the query->item term
+    lo.mlm_weight = 0.5  # title MLM (inside the item tower) weight (0 = off)
+    lo.query_mlm_weight = 0.1  # query MLM (inside the query tower) weight (0 = off)
+    lo.mpm_type = "contrastive"  # "contrastive" (MPM_R), "regression" or "none"
+    lo.mpm_weight = 0.5  # masked-patch loss weight
+    lo.mpm_temperature = 0.1  # MPM_R InfoNCE temperature
+    lo.mpm_candidates = "batch"  # MPM_R candidates: "batch" (all masked patches) or "image"
+
+    # ---------------------------------------------------------------- negatives
+    c.negatives = n = ml_collections.ConfigDict()
+    n.cross_device = True  # CDNS: all_gather items across devices (False = local batch only)
+    n.bank_size = 0  # MBNS: memory-bank entries (global, sharded on `data`; 0 = no bank)
+    n.bank_warmup_steps = 100  # steps before bank negatives enter the loss
+    n.momentum = 0.0  # EMA decay of the momentum item tower producing bank keys (0 = no EMA)
+
+    # ---------------------------------------------------------------- training
+    c.train = t = ml_collections.ConfigDict()
+    t.num_steps = 1500  # total optimiser steps
+    t.batch_size = 128  # global batch (split over processes and devices)
+    t.seed = 0  # seed of params init, masking and shuffling
+    t.learning_rate = 1e-3  # peak AdamW learning rate
+    t.warmup_steps = 100  # linear warm-up steps, then cosine decay to end_lr_fraction
+    t.end_lr_fraction = 0.05  # final lr = end_lr_fraction * learning_rate
+    t.weight_decay = 0.05  # AdamW decoupled weight decay (not on biases/norms)
+    t.grad_clip_norm = 1.0  # global-norm gradient clipping (0 = off)
+    t.log_every_steps = 25  # metrics.jsonl / TensorBoard / progress-line period
+    t.mesh_shape = (-1,)  # devices along the `data` axis (-1 = all devices)
+
+    # ---------------------------------------------------------------- checkpointing
+    c.checkpoint = ck = ml_collections.ConfigDict()
+    ck.every_steps = 500  # save period (and always at the end of training)
+    ck.keep = 2  # checkpoints kept on disk
+    ck.async_save = True  # write checkpoints in the background
+
+    # ---------------------------------------------------------------- evaluation
+    c.eval = e = ml_collections.ConfigDict()
+    e.every_steps = 0  # evaluate every N steps (0 = only at the end)
+    e.split = "test"  # split whose queries are evaluated ("valid" or "test")
+    e.ks = (1, 10, 100, 1000)  # Recall@K cut-offs
+    e.batch_size = 256  # embedding batch size
+    e.chunk_size = 8192  # items scored per chunk in exact top-k
+    e.max_queries = 0  # evaluate at most this many queries (0 = all)
+
+    return c
