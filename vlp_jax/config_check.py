@@ -1,0 +1,85 @@
+"""Fail fast on invalid config values, before any data build or XLA compile.
+
+A typo'd enum or an impossible shape would otherwise surface minutes later as an opaque error
+from deep inside JAX; here it is one line naming the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+_CHOICES = {
+    "model.pooling": ("mean", "cls"),
+    "model.dtype": ("float32", "bfloat16"),
+    "loss.qic_type": ("softmax", "am_softmax", "sigmoid"),
+    "loss.mpm_type": ("contrastive", "regression", "none"),
+    "loss.mpm_candidates": ("batch", "image"),
+    "data.builtin_lang": ("en", "zh"),
+    "eval.split": ("valid", "test"),
+}
+
+_POSITIVE = (
+    "data.image_size", "data.query_len", "data.title_len", "data.vocab_size",
+    "model.embed_dim", "model.width", "model.depth", "model.query_depth", "model.num_heads",
+    "model.mlp_ratio", "model.patch_size", "loss.temperature", "loss.mpm_temperature",
+    "train.num_steps", "train.batch_size", "train.log_every_steps", "checkpoint.every_steps",
+    "checkpoint.keep", "eval.batch_size", "eval.chunk_size",
+)
+
+_NON_NEGATIVE = (
+    "loss.qic_weight", "loss.mlm_weight", "loss.query_mlm_weight", "loss.mpm_weight",
+    "loss.margin", "negatives.bank_size", "negatives.bank_warmup_steps", "train.warmup_steps",
+    "train.weight_decay", "train.grad_clip_norm", "train.learning_rate", "eval.every_steps",
+    "eval.max_queries", "data.worker_count", "data.builtin_num_items",
+)
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if part not in node:
+            raise ValueError(f"config is missing field {dotted!r}")
+        node = node[part]
+    return node
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ``ValueError`` naming every invalid field (all problems at once)."""
+    problems: list[str] = []
+    for field, choices in _CHOICES.items():
+        value = _get(config, field)
+        if value not in choices:
+            problems.append(f"{field}={value!r} must be one of {choices}")
+    for field in _POSITIVE:
+        value = _get(config, field)
+        if not value > 0:
+            problems.append(f"{field}={value!r} must be > 0")
+    for field in _NON_NEGATIVE:
+        value = _get(config, field)
+        if value < 0:
+            problems.append(f"{field}={value!r} must be >= 0")
+    for field in ("data.mlm_prob", "data.patch_mask_ratio"):
+        value = _get(config, field)
+        if not 0.0 <= value < 1.0:
+            problems.append(f"{field}={value!r} must be in [0, 1)")
+    if not 0.0 <= config.negatives.momentum < 1.0:
+        problems.append(f"negatives.momentum={config.negatives.momentum!r} must be in [0, 1)")
+    m = config.model
+    if m.width > 0 and m.num_heads > 0 and m.width % m.num_heads:
+        problems.append(f"model.width={m.width} must be divisible by model.num_heads={m.num_heads}")
+    if m.patch_size > 0 and config.data.image_size % m.patch_size:
+        problems.append(
+            f"data.image_size={config.data.image_size} must be divisible by "
+            f"model.patch_size={m.patch_size}"
+        )
+    lo = config.loss
+    if lo.qic_weight + lo.mlm_weight + lo.query_mlm_weight + lo.mpm_weight <= 0:
+        problems.append("all loss weights are 0: nothing to train")
+    if lo.mpm_type != "none" and lo.mpm_weight > 0 and config.data.patch_mask_ratio <= 0:
+        problems.append("loss.mpm_weight > 0 needs data.patch_mask_ratio > 0 (no patch is masked)")
+    if not m.use_image and lo.mpm_type != "none" and lo.mpm_weight > 0:
+        problems.append(
+            "model.use_image=False with an MPM loss: set loss.mpm_type='none' or loss.mpm_weight=0"
+        )
+    if problems:
+        raise ValueError("invalid config:\n  " + "\n  ".join(problems))

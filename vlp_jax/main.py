@@ -1,0 +1,36 @@
+"""Entry point: ``python -m vlp_jax.main --config=configs/base.py --workdir=DIR``.
+
+Thin on purpose: flags → ``train.train_and_evaluate``; all logic is importable and tested.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from vlp_jax import train
+from vlp_jax.parallel import mesh as mesh_lib
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (python, get_config()).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, eval, export.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (+eval at the end) or eval a checkpoint.")
+flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process runs.")
+flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process runs).")
+flags.DEFINE_integer("process_id", -1, "This process's index (multi-process runs).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    mesh_lib.maybe_initialize_distributed(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
+    if FLAGS.mode == "eval":
+        train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+    else:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,116 @@
+"""Train state, optimizer, and sharded state creation.
+
+The state is created *sharded* from the start: ``jax.eval_shape`` gives the abstract state,
+the shardings are derived from it, and ``jax.jit(init, out_shardings=...)`` materialises each
+leaf directly where it lives, so a pod never builds the full state on one device first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vlp_jax.parallel import mesh as mesh_lib
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs besides the data iterator.
+
+    ``extra`` holds optional sharded state (memory bank, momentum params); it is an empty dict
+    when those features are off so checkpoints of simple runs stay simple.
+    """
+
+    step: jax.Array
+    params: PyTree
+    opt_state: PyTree
+    extra: dict
+
+
+def learning_rate_schedule(train_cfg: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up to the peak, then cosine decay to ``end_lr_fraction`` of the peak."""
+    warmup = min(train_cfg.warmup_steps, max(train_cfg.num_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=train_cfg.learning_rate,
+        warmup_steps=warmup,
+        decay_steps=max(train_cfg.num_steps, warmup + 1),
+        end_value=train_cfg.learning_rate * train_cfg.end_lr_fraction,
+    )
+
+
+def _decay_mask(params: PyTree) -> PyTree:
+    """Weight decay on matrices only: biases, norms scales and scalars (temperature) are exempt."""
+    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    parts = []
+    if train_cfg.grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(train_cfg.grad_clip_norm))
+    parts.append(
+        optax.adamw(
+            learning_rate_schedule(train_cfg),
+            b1=0.9,
+            b2=0.98,
+            eps=1e-6,
+            weight_decay=train_cfg.weight_decay,
+            mask=_decay_mask,
+        )
+    )
+    return optax.chain(*parts)
+
+
+def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
+    """Replicate params/optimizer state; shard any leaf under ``extra`` tagged as per-device.
+
+    Leaves of ``extra`` whose path contains ``sharded`` are split on ``data`` along their
+    leading axis (the memory bank); everything else is replicated.
+    """
+
+    def sharding_for(path, leaf):
+        names = [getattr(k, "key", getattr(k, "name", "")) for k in path]
+        if "extra" in names and any("sharded" in str(n) for n in names) and leaf.ndim >= 1:
+            return NamedSharding(mesh, PartitionSpec(mesh_lib.DATA_AXIS))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(sharding_for, abstract_state)
+
+
+def create_sharded_state(
+    init_params_fn: Callable[[jax.Array], PyTree],
+    optimizer: optax.GradientTransformation,
+    rng: jax.Array,
+    mesh: Mesh,
+    init_extra_fn: Callable[[PyTree], dict] | None = None,
+) -> tuple[TrainState, TrainState]:
+    """Return ``(state, shardings)`` with every leaf created directly in its sharding."""
+
+    def init(key):
+        params = init_params_fn(key)
+        extra = init_extra_fn(params) if init_extra_fn else {}
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=optimizer.init(params),
+            extra=extra,
+        )
+
+    abstract = jax.eval_shape(init, rng)
+    shardings = state_shardings(abstract, mesh)
+    state = jax.jit(init, out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def param_count(params: PyTree) -> int:
+    return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
