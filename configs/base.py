@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- data
     c.data = d = ml_collections.ConfigDict()
-    d.catalog_dir = ""  # a catalog in the user data format; "" = built-in catalog (generated+cached)
+    d.catalog_dir = ""  # catalog in the user data format; "" = built-in (generated, cached)
     d.builtin_num_items = 6000  # size of the built-in catalog when catalog_dir == ""
     d.builtin_seed = 0  # generator seed of the built-in catalog
     d.builtin_lang = "en"  # "en" or "zh": language of built-in titles and queries

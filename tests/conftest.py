@@ -8,3 +8,32 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_cache_dir(tmp_path_factory):
+    """One cache dir per test session: the tiny built-in catalog and its TFDS build are shared."""
+    return str(tmp_path_factory.mktemp("vlp_cache"))
+
+
+@pytest.fixture()
+def tiny_config(data_cache_dir):
+    """configs/tiny.py shrunk further for unit-level end-to-end tests (seconds, not minutes)."""
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.data.cache_dir = data_cache_dir
+    config.data.builtin_num_items = 300
+    config.data.vocab_size = 800
+    config.data.prefetch = 1
+    config.train.batch_size = 16
+    config.train.num_steps = 8
+    config.train.warmup_steps = 2
+    config.train.log_every_steps = 1
+    config.checkpoint.every_steps = 4
+    config.checkpoint.async_save = False
+    config.eval.batch_size = 64
+    config.eval.max_queries = 64
+    return config

@@ -10,9 +10,9 @@ from vlp_jax import train
 from vlp_jax.parallel import mesh as mesh_lib
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (python, get_config()).", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Config file: python, get_config().")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, eval, export.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (+eval at the end) or eval a checkpoint.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (+ final eval) or eval.")
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process runs.")
 flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", -1, "This process's index (multi-process runs).")

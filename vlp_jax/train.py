@@ -14,31 +14,14 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from vlp_jax import checkpointing, config_check, metrics_log, train_state, train_step
-from vlp_jax.data import dataset, pipeline, tokenizer as tokenizer_lib
+from vlp_jax.data import dataset, pipeline
+from vlp_jax.data import tokenizer as tokenizer_lib
 from vlp_jax.data.device_prefetch import DevicePrefetchIterator
 from vlp_jax.eval import embed
 from vlp_jax.models import make_model
 from vlp_jax.parallel import mesh as mesh_lib
-
-
-def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 2) -> dict[str, np.ndarray]:
-    """Zero batch with the train-batch contract's shapes, for ``init``/``eval_shape``."""
-    d = config.data
-    n = (d.image_size // config.model.patch_size) ** 2
-    pdim = config.model.patch_size**2 * 3
-    lq, lt = d.query_len, d.title_len
-    z = lambda *s, dt=np.int32: np.zeros((batch_size, *s), dt)  # noqa: E731
-    return {
-        "query_tokens": z(lq), "query_mask": z(lq, dt=bool),
-        "query_mlm_tokens": z(lq), "query_mlm_targets": z(lq), "query_mlm_weights": z(lq, dt=np.float32),
-        "title_tokens": z(lt), "title_mask": z(lt, dt=bool),
-        "title_mlm_tokens": z(lt), "title_mlm_targets": z(lt), "title_mlm_weights": z(lt, dt=np.float32),
-        "patches": z(n, pdim, dt=np.float32), "patch_mask": z(n, dt=bool),
-        "item_index": np.arange(batch_size, dtype=np.int32), "query_id": np.arange(batch_size, dtype=np.int32),
-    }
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -59,14 +42,8 @@ class Run:
         self.data = dataset.prepare_dataset(config.data)
         self.tokenizer = tokenizer_lib.load_tokenizer(self.data.tokenizer_dir)
         self.model = make_model(config, vocab_size=len(self.tokenizer))
-        self.optimizer = train_state.make_optimizer(config.train)
-        init_batch = dummy_batch(config)
-
-        def init_params(key):
-            return self.model.init({"params": key, "dropout": key}, init_batch, train=False)["params"]
-
-        self.state, self.shardings = train_state.create_sharded_state(
-            init_params, self.optimizer, jax.random.key(config.train.seed), self.mesh
+        self.optimizer, self.state, self.shardings = train_state.init_model_state(
+            self.model, config, self.mesh
         )
         self.checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint)
         self.encode_fns = embed.make_encode_fns(self.model, self.mesh)
@@ -107,10 +84,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start_step = run.restore_latest(data_iter)
     if start_step:
         logging.info("resuming from step %d", start_step)
-    step_fn = train_step.make_train_step(
-        run.model, run.optimizer, cfg, run.mesh, run.shardings,
-        mesh_lib.batch_sharding(run.mesh), train_state.learning_rate_schedule(cfg.train),
-    )
+    step_fn = train_step.make_train_step(run.model, run.optimizer, cfg, run.mesh, run.shardings)
     logger = metrics_log.MetricsLogger(
         workdir, cfg.train.num_steps, cfg.train.batch_size, is_main=jax.process_index() == 0
     )
@@ -128,7 +102,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 run.checkpointer.save(step, state, data_iter, force=True)
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and not is_last:
                 run.state = state
-                logger.write_eval(step, run.evaluate(step, os.path.join(workdir, "eval", f"step_{step}")))
+                eval_dir = os.path.join(workdir, "eval", f"step_{step}")
+                logger.write_eval(step, run.evaluate(step, eval_dir))
         run.state = state
         run.checkpointer.wait()
         final_step = int(jax.device_get(state.step))

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -19,6 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlp_jax.parallel import mesh as mesh_lib
+from vlp_jax.synthetic import dummy_batch
 
 PyTree = Any
 
@@ -114,3 +116,20 @@ def create_sharded_state(
 
 def param_count(params: PyTree) -> int:
     return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
+
+def init_model_state(
+    model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh
+) -> tuple[optax.GradientTransformation, TrainState, TrainState]:
+    """``(optimizer, state, shardings)`` for ``model`` initialised from ``config.train.seed``."""
+    optimizer = make_optimizer(config.train)
+    init_batch = dummy_batch(config)
+
+    def init_params(key):
+        variables = model.init({"params": key, "dropout": key}, init_batch, train=False)
+        return variables["params"]
+
+    state, shardings = create_sharded_state(
+        init_params, optimizer, jax.random.key(config.train.seed), mesh
+    )
+    return optimizer, state, shardings

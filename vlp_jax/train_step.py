@@ -10,7 +10,6 @@ settings share one code path and differ only in which negatives a query sees.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -20,7 +19,8 @@ import optax
 from jax.sharding import Mesh
 
 from vlp_jax.losses import contrastive, masked
-from vlp_jax.train_state import TrainState
+from vlp_jax.parallel import mesh as mesh_lib
+from vlp_jax.train_state import TrainState, learning_rate_schedule
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -115,8 +115,6 @@ def make_train_step(
     config: ml_collections.ConfigDict,
     mesh: Mesh,
     state_shardings: TrainState,
-    batch_sharding: Any,
-    learning_rate_fn: Callable[[jax.Array], jax.Array],
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Jitted ``(state, batch) -> (state, metrics)`` with the state donated.
 
@@ -124,6 +122,7 @@ def make_train_step(
     devices run it, so results are reproducible across topologies and across resumes.
     """
     num_shards = mesh.devices.size
+    learning_rate_fn = learning_rate_schedule(config.train)
     base_key = jax.random.key(config.train.seed + 1)
 
     def loss_fn(params, batch, step):
@@ -144,7 +143,7 @@ def make_train_step(
 
     return jax.jit(
         step_fn,
-        in_shardings=(state_shardings, batch_sharding),
+        in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh)),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
     )

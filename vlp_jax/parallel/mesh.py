@@ -24,7 +24,7 @@ def maybe_initialize_distributed(
     num_processes: int = 0,
     process_id: int = -1,
 ) -> None:
-    """Call ``jax.distributed.initialize`` once, when the environment asks for more than one process.
+    """Call ``jax.distributed.initialize`` once, if the environment asks for several processes.
 
     Explicit arguments win (used by ``launch/local_multiprocess.sh``); otherwise JAX's own
     auto-detection handles TPU pods and SLURM.  A single-process run does nothing, so tests and
@@ -57,7 +57,9 @@ def maybe_initialize_distributed(
     )
 
 
-def make_mesh(mesh_shape: Sequence[int] = (-1,), devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    mesh_shape: Sequence[int] = (-1,), devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     """Build the 1-D ``data`` mesh; ``-1`` means all devices.
 
     The mesh is built from an explicit device array (not ``jax.make_mesh``) so the axis type is

@@ -1,0 +1,112 @@
+"""Train-step throughput and MFU of a config at several batch sizes.
+
+MFU = (FLOPs of one compiled train step, from XLA's cost analysis) / (step time) / (matmul peak
+measured on this machine in the same run).  Using a *measured* peak rather than a datasheet
+number makes the figure comparable across CPUs, GPUs and TPUs.
+
+    python benchmarks/train_throughput.py --config=configs/base.py --batch_sizes=64,128,256
+
+Prints a table and writes ``benchmarks/results/train_throughput.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vlp_jax import train_state, train_step  # noqa: E402
+from vlp_jax.models import make_model  # noqa: E402
+from vlp_jax.parallel import mesh as mesh_lib  # noqa: E402
+from vlp_jax.synthetic import random_batch  # noqa: E402
+
+config_flags.DEFINE_config_file("config", "configs/base.py", "Config to benchmark.")
+flags.DEFINE_string("batch_sizes", "64,128,256", "Comma-separated global batch sizes.")
+flags.DEFINE_integer("steps", 10, "Timed steps per batch size (after 2 warm-up steps).")
+flags.DEFINE_integer("vocab_size", 4000, "Vocabulary size (the built-in catalog's default).")
+flags.DEFINE_string("out", "benchmarks/results/train_throughput.json", "JSON output path.")
+FLAGS = flags.FLAGS
+
+
+def measure_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """Best-of-``repeats`` float32 FLOP/s of an n×n×n matmul on the default backend."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def bench_one(config, batch_size: int, steps: int, vocab: int, peak: float) -> dict:
+    config = config.copy_and_resolve_references()
+    config.train.batch_size = batch_size
+    mesh = mesh_lib.make_mesh((-1,))
+    model = make_model(config, vocab_size=vocab)
+    optimizer, state, shardings = train_state.init_model_state(model, config, mesh)
+    host_batch = random_batch(config, batch_size, vocab)
+    step = train_step.make_train_step(model, optimizer, config, mesh, shardings)
+    batch = mesh_lib.shard_host_batch(host_batch, mesh)
+    compiled = step.lower(state, batch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float(cost.get("flops", 0.0))
+    for _ in range(2):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    t = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    dt = (time.perf_counter() - t) / steps
+    return {
+        "batch_size": batch_size,
+        "params": train_state.param_count(state.params),
+        "ms_per_step": dt * 1e3,
+        "examples_per_sec": batch_size / dt,
+        "step_gflops": flops / 1e9,
+        "mfu": flops / dt / peak,
+    }
+
+
+def main(argv):
+    del argv
+    config = FLAGS.config
+    peak = measure_matmul_peak()
+    rows = [
+        bench_one(config, int(b), FLAGS.steps, FLAGS.vocab_size, peak)
+        for b in FLAGS.batch_sizes.split(",")
+    ]
+    print(f"\nmatmul peak: {peak / 1e9:.1f} GFLOP/s  ({jax.devices()[0].platform}, "
+          f"{jax.device_count()} device(s), {os.cpu_count()} cores)")
+    print(f"{'batch':>6} {'ms/step':>9} {'ex/s':>8} {'GFLOP/step':>11} {'MFU':>6}")
+    for r in rows:
+        print(f"{r['batch_size']:>6} {r['ms_per_step']:>9.1f} {r['examples_per_sec']:>8.1f} "
+              f"{r['step_gflops']:>11.2f} {r['mfu'] * 100:>5.1f}%")
+    os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
+    result = {
+        "config": config_flags.get_config_filename(FLAGS["config"]),
+        "platform": platform.platform(), "backend": jax.devices()[0].platform,
+        "devices": jax.device_count(), "matmul_peak_gflops": peak / 1e9, "rows": rows,
+    }
+    tmp = FLAGS.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, FLAGS.out)
+
+
+if __name__ == "__main__":
+    app.run(main)

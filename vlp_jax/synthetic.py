@@ -1,0 +1,53 @@
+"""Synthetic batches with the train-batch contract (docs/architecture.md).
+
+Used to initialise parameters (shapes only), and by benchmarks and tests that need a realistic
+batch without building a dataset.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+import numpy as np
+
+
+def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 2) -> dict[str, np.ndarray]:
+    """Zero batch with the train-batch contract's shapes, for ``init``/``eval_shape``."""
+    d = config.data
+    n = (d.image_size // config.model.patch_size) ** 2
+    pdim = config.model.patch_size**2 * 3
+    lq, lt = d.query_len, d.title_len
+    def z(*shape, dt=np.int32):
+        return np.zeros((batch_size, *shape), dt)
+
+    ids = np.arange(batch_size, dtype=np.int32)
+    f32 = np.float32
+    return {
+        "query_tokens": z(lq), "query_mask": z(lq, dt=bool),
+        "query_mlm_tokens": z(lq), "query_mlm_targets": z(lq), "query_mlm_weights": z(lq, dt=f32),
+        "title_tokens": z(lt), "title_mask": z(lt, dt=bool),
+        "title_mlm_tokens": z(lt), "title_mlm_targets": z(lt), "title_mlm_weights": z(lt, dt=f32),
+        "patches": z(n, pdim, dt=f32), "patch_mask": z(n, dt=bool),
+        "item_index": ids, "query_id": ids.copy(),
+    }
+
+
+def random_batch(
+    config: ml_collections.ConfigDict, batch_size: int, vocab: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Dummy-batch shapes filled with plausible random values (masks ~15%/25% on)."""
+    rng = np.random.default_rng(seed)
+    batch = dummy_batch(config, batch_size)
+    for key, value in batch.items():
+        if key.endswith("_mask") and key != "patch_mask":
+            batch[key] = np.ones_like(value)
+        elif key.endswith("tokens") or key.endswith("targets"):
+            batch[key] = rng.integers(5, vocab, value.shape).astype(np.int32)
+        elif key.endswith("weights"):
+            batch[key] = (rng.random(value.shape) < 0.15).astype(np.float32)
+        elif key == "patches":
+            batch[key] = rng.standard_normal(value.shape).astype(np.float32)
+    n = batch["patch_mask"].shape[1]
+    k = int(round(config.data.patch_mask_ratio * n))
+    batch["patch_mask"] = np.zeros_like(batch["patch_mask"])
+    batch["patch_mask"][:, :k] = True
+    return batch
