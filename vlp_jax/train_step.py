@@ -18,6 +18,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from vlp_jax.data.preprocess import num_masked_patches
 from vlp_jax.losses import contrastive, masked
 from vlp_jax.parallel import mesh as mesh_lib
 from vlp_jax.train_state import TrainState, learning_rate_schedule
@@ -45,11 +46,9 @@ def compute_losses(
 
     if lcfg.qic_weight > 0:
         item_ids = batch["item_index"]
-        item_valid = None
         query_emb, item_emb = outputs["query_emb"], outputs["item_emb"]
         if not config.negatives.cross_device and num_shards > 1:
-            # Local in-batch negatives: score each query only against its own shard's items by
-            # giving other shards' items a per-row "invalid" status through the pair mask.
+            # Local in-batch negatives: a query only ever meets its own shard's items.
             pair_mask = local_negative_mask(query_emb.shape[0], num_shards)
         else:
             pair_mask = None
@@ -62,7 +61,6 @@ def compute_losses(
             kind=lcfg.qic_type,
             margin=lcfg.margin if lcfg.qic_type == "am_softmax" else 0.0,
             symmetric=lcfg.symmetric,
-            item_valid=item_valid,
             pair_mask=pair_mask,
         )
         total += lcfg.qic_weight * qic
@@ -94,6 +92,9 @@ def compute_losses(
                 batch["patch_mask"],
                 lcfg.mpm_temperature,
                 lcfg.mpm_candidates,
+                max_masked_per_image=num_masked_patches(
+                    batch["patch_mask"].shape[1], config.data.patch_mask_ratio
+                ),
             )
         else:
             mpm, mpm_metrics = masked.mpm_regression_loss(

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Run N vlp_jax processes on this machine, talking over 127.0.0.1 via jax.distributed.
+# Each process gets DEVICES_PER_PROCESS fake CPU devices (default 2), so the global mesh has
+# N * DEVICES_PER_PROCESS devices — the same code path as a TPU pod or a GPU cluster.
+#
+#   launch/local_multiprocess.sh 2 --config=configs/tiny.py --workdir=runs/mp
+#
+# Logs go to WORKDIR-less files /tmp/vlp_jax_mp.<pid>.<i>.log; process 0 also prints to stdout.
+set -euo pipefail
+if [ $# -lt 1 ]; then
+  echo "usage: $0 NUM_PROCESSES [vlp_jax.main flags...]" >&2
+  exit 2
+fi
+N=$1; shift
+PY=${PYTHON:-.venv/bin/python}
+PORT=${PORT:-$((20000 + RANDOM % 20000))}
+DEVICES_PER_PROCESS=${DEVICES_PER_PROCESS:-2}
+export XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS} ${XLA_FLAGS:-}"
+export JAX_PLATFORMS=cpu
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup INT TERM
+for ((i = 1; i < N; i++)); do
+  "$PY" -m vlp_jax.main --coordinator_address="127.0.0.1:${PORT}" --num_processes="$N" \
+    --process_id="$i" "$@" >"/tmp/vlp_jax_mp.$$.$i.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+"$PY" -m vlp_jax.main --coordinator_address="127.0.0.1:${PORT}" --num_processes="$N" \
+  --process_id=0 "$@" || status=$?
+for p in "${pids[@]}"; do wait "$p" || status=$?; done
+if [ "$status" -ne 0 ]; then
+  echo "a process failed (exit $status); logs: /tmp/vlp_jax_mp.$$.*.log" >&2
+fi
+exit "$status"

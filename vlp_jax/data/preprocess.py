@@ -1,0 +1,215 @@
+"""Pure-numpy preprocessing shared by training, evaluation and serving.
+
+Everything that turns a raw record (text, uint8 image) into model inputs lives here, so the
+Grain training pipeline, the eval iterators and the serving code produce *bit-identical* arrays
+for the same input.  Nothing here touches JAX: the functions run inside Grain worker processes.
+
+Randomness (MLM and patch masking) is drawn from one ``np.random.Generator`` per record, which
+the caller derives from ``(seed, record position)`` with :func:`record_rng`.  Masks therefore do
+not depend on the batch a record lands in, the number of processes, or the number of workers.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+# Separates the masking random stream from any other stream derived from the same seed.
+_MASKING_STREAM = 0x4D41534B  # "MASK"
+
+
+def as_str(value: Any) -> str:
+    """Return a record text field as ``str`` (TFDS data sources may yield bytes or 0-d arrays)."""
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if not isinstance(value, str):
+        raise ValueError(f"expected a text field (str or bytes), got {type(value).__name__}")
+    return value
+
+
+def query_hash(text: str) -> int:
+    """Stable non-negative int32 id of a query text (crc32 of the whitespace/case-folded text).
+
+    Python's ``hash`` is salted per process, so it cannot identify duplicate queries across
+    Grain workers or hosts; crc32 is stable everywhere.
+    """
+    canonical = " ".join(text.casefold().split())
+    return zlib.crc32(canonical.encode("utf-8")) & 0x7FFFFFFF
+
+
+def record_rng(seed: int, position: int) -> np.random.Generator:
+    """Per-record generator for masking, a pure function of ``(seed, global record position)``."""
+    return np.random.default_rng([int(seed), _MASKING_STREAM, int(position)])
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def _special_ids(tokenizer: Any) -> tuple[int, int, int]:
+    """(cls, sep, pad) ids, with a clear error when the tokenizer lacks one of them."""
+    ids = {}
+    for name in ("cls", "sep", "pad"):
+        value = getattr(tokenizer, f"{name}_token_id", None)
+        if value is None:
+            raise ValueError(
+                f"tokenizer has no [{name.upper()}] token; a BERT-style vocab is needed")
+        ids[name] = int(value)
+    return ids["cls"], ids["sep"], ids["pad"]
+
+
+def encode_texts(
+    tokenizer: Any, texts: Sequence[str], max_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenise ``texts`` to ``[CLS] ids… [SEP]`` padded/truncated to exactly ``max_len``.
+
+    Returns ``(tokens int32 [B, max_len], mask bool [B, max_len])`` where ``mask`` marks
+    non-padding positions.  Truncation and padding are done here rather than by the tokenizer
+    call so the fast tokenizer's internal state is never mutated (mutating it from Grain's reader
+    threads raises "Already borrowed").
+    """
+    if max_len < 2:
+        raise ValueError(f"max_len must be >= 2 to hold [CLS] and [SEP], got {max_len}")
+    texts = [as_str(t) for t in texts]
+    cls_id, sep_id, pad_id = _special_ids(tokenizer)
+    tokens = np.full((len(texts), max_len), pad_id, dtype=np.int32)
+    mask = np.zeros((len(texts), max_len), dtype=bool)
+    if not texts:
+        return tokens, mask
+    encoded = tokenizer(
+        list(texts), add_special_tokens=False, truncation=False, padding=False,
+        return_attention_mask=False, return_token_type_ids=False, verbose=False,
+    )["input_ids"]
+    for row, ids in enumerate(encoded):
+        ids = ids[: max_len - 2]
+        n = len(ids) + 2
+        tokens[row, 0] = cls_id
+        tokens[row, 1 : n - 1] = ids
+        tokens[row, n - 1] = sep_id
+        mask[row, :n] = True
+    return tokens, mask
+
+
+def mlm_vocab(tokenizer: Any) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(mask_id, special_ids, replacement_ids)`` for :func:`mlm_mask`.
+
+    Replacement ids (BERT's "10% random token") exclude special tokens so the model is never asked
+    to recover an original word from a spurious [CLS]/[SEP]/[PAD].
+    """
+    mask_id = getattr(tokenizer, "mask_token_id", None)
+    if mask_id is None:
+        raise ValueError("tokenizer has no [MASK] token; MLM masking needs one")
+    special = np.asarray(sorted(set(int(i) for i in tokenizer.all_special_ids)), dtype=np.int32)
+    replacement = np.setdiff1d(np.arange(len(tokenizer), dtype=np.int32), special)
+    if replacement.size == 0:
+        raise ValueError("tokenizer vocabulary has no non-special tokens")
+    return int(mask_id), special, replacement
+
+
+def mlm_mask(
+    tokens: np.ndarray,
+    mask: np.ndarray,
+    rngs: Sequence[np.random.Generator],
+    *,
+    mlm_prob: float,
+    mask_id: int,
+    special_ids: np.ndarray,
+    replacement_ids: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """BERT masking of a token batch, one generator per row.
+
+    Each non-special, non-padding token is selected independently with probability ``mlm_prob``;
+    a selected token becomes [MASK] with prob. 0.8, a random non-special token with prob. 0.1 and
+    stays unchanged with prob. 0.1.  Returns ``(mlm_tokens int32, targets int32, weights float32)``
+    with ``targets`` = the original ids everywhere and ``weights`` = 1.0 at selected positions.
+    """
+    if not 0.0 <= mlm_prob <= 1.0:
+        raise ValueError(f"mlm_prob must be in [0, 1], got {mlm_prob}")
+    tokens = np.asarray(tokens, dtype=np.int32)
+    if tokens.ndim != 2 or tokens.shape != np.shape(mask):
+        raise ValueError(f"tokens and mask must be [B, L] of equal shape, got {tokens.shape}, "
+                         f"{np.shape(mask)}")
+    if len(rngs) != tokens.shape[0]:
+        raise ValueError(
+            f"need one generator per row: {len(rngs)} generators, {tokens.shape[0]} rows")
+    batch, length = tokens.shape
+    uniforms = np.empty((batch, 2, length), dtype=np.float64)
+    picks = np.empty((batch, length), dtype=np.int64)
+    for row, rng in enumerate(rngs):
+        uniforms[row] = rng.random((2, length))
+        picks[row] = rng.integers(0, replacement_ids.size, size=length)
+    eligible = np.asarray(mask, dtype=bool) & ~np.isin(tokens, special_ids)
+    selected = eligible & (uniforms[:, 0] < mlm_prob)
+    action = uniforms[:, 1]
+    out = tokens.copy()
+    out[selected & (action < 0.8)] = mask_id
+    randomise = selected & (action >= 0.8) & (action < 0.9)
+    out[randomise] = replacement_ids[picks[randomise]]
+    return out, tokens.copy(), selected.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- images
+
+# (x/255 - 0.5)/0.5 for every uint8 value, computed in float64 and rounded once to float32.
+_PIXEL_LUT = ((np.arange(256, dtype=np.float64) / 255.0 - 0.5) / 0.5).astype(np.float32)
+
+
+def image_to_patches(images: np.ndarray, patch_size: int) -> np.ndarray:
+    """uint8 images ``[B, S, S, 3]`` → normalised float32 patches ``[B, N, P*P*3]``.
+
+    Pixels become ``(x/255 - 0.5)/0.5`` in [-1, 1]; patches are ordered row-major over the
+    ``S/P × S/P`` grid and each is flattened in ``(py, px, channel)`` order, matching
+    :func:`patches_to_images`.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8, got {images.dtype}")
+    if images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"images must be [B, S, S, 3], got shape {images.shape}")
+    size = images.shape[1]
+    if patch_size <= 0 or size % patch_size:
+        raise ValueError(f"image size {size} is not divisible by patch_size {patch_size}")
+    grid = size // patch_size
+    batch = images.shape[0]
+    x = images.reshape(batch, grid, patch_size, grid, patch_size, 3).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(batch, grid * grid, patch_size * patch_size * 3)
+    return _PIXEL_LUT[x]  # rearranging uint8 first, then one gather: ~2x faster than float math
+
+
+def patches_to_images(patches: np.ndarray, patch_size: int) -> np.ndarray:
+    """Inverse of :func:`image_to_patches` (without de-normalising): ``[B, S, S, 3]`` float32."""
+    patches = np.asarray(patches)
+    if patches.ndim != 3 or patches.shape[2] != patch_size * patch_size * 3:
+        raise ValueError(f"patches must be [B, N, {patch_size * patch_size * 3}], "
+                         f"got {patches.shape}")
+    batch, num = patches.shape[:2]
+    grid = int(round(num**0.5))
+    if grid * grid != num:
+        raise ValueError(f"number of patches {num} is not a square")
+    x = patches.reshape(batch, grid, grid, patch_size, patch_size, 3).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(batch, grid * patch_size, grid * patch_size, 3)
+
+
+def num_masked_patches(num_patches: int, ratio: float) -> int:
+    """``round(ratio * num_patches)``, validated so at least one patch stays visible."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"patch_mask_ratio must be in [0, 1), got {ratio}")
+    count = int(round(ratio * num_patches))
+    if count >= num_patches:
+        raise ValueError(f"patch_mask_ratio {ratio} masks all {num_patches} patches")
+    return count
+
+
+def patch_mask(num_patches: int, ratio: float, rngs: Sequence[np.random.Generator]) -> np.ndarray:
+    """bool ``[B, N]`` with exactly ``round(ratio * N)`` True per row, positions uniform per row."""
+    count = num_masked_patches(num_patches, ratio)
+    out = np.zeros((len(rngs), num_patches), dtype=bool)
+    if count == 0:
+        return out
+    for row, rng in enumerate(rngs):
+        out[row, np.argpartition(rng.random(num_patches), count - 1)[:count]] = True
+    return out
