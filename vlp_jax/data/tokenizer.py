@@ -1,0 +1,135 @@
+"""BERT-style WordPiece tokenizer: train one on the catalog, or load an existing HF folder.
+
+Training and serving must share one vocabulary, so the tokenizer is always saved as an HF
+folder (``save_pretrained``) beside the dataset and loaded back with ``load_tokenizer``.
+
+Built directly with the ``tokenizers`` library and wrapped in ``PreTrainedTokenizerFast``
+(``tokenizer_object=``).  Not with ``BertTokenizerFast(vocab_file=...)``: in transformers 5 that
+constructor silently maps every token to [UNK].
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from collections.abc import Iterable
+
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # [PAD] = id 0
+MODEL_MAX_LENGTH = 512
+# Any one of these makes a folder loadable by AutoTokenizer (fast json, or a BERT vocab).
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+_REQUIRED = ("pad", "unk", "cls", "sep", "mask")
+_ALPHABET = string.ascii_lowercase + string.digits + string.punctuation
+
+
+def _add_ascii_alphabet(tok: Tokenizer) -> None:
+    """Make every ASCII letter/digit/punctuation a token, alone and as ``##`` continuation.
+
+    WordPiece turns a whole word into [UNK] when one of its characters has no piece, so without
+    this an unseen brand name or model number in a query ("xz7") would vanish entirely.
+    """
+    vocab = tok.get_vocab()
+    for c in _ALPHABET:
+        for piece in (c, "##" + c):
+            if piece not in vocab:
+                vocab[piece] = len(vocab)
+    tok.model = models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100)
+
+
+def train_wordpiece(
+    texts: Iterable[str], vocab_size: int, out_dir: str, *, min_frequency: int = 1
+) -> PreTrainedTokenizerFast:
+    """Train an uncased BERT WordPiece vocab on ``texts`` and save it to ``out_dir``.
+
+    CJK characters are split into single characters by the normalizer (as in Chinese BERT), so a
+    vocab trained on Chinese text covers unseen Chinese words character by character.
+    """
+    if vocab_size < len(SPECIAL_TOKENS) + 1:
+        raise ValueError(f"vocab_size={vocab_size} is too small (need > {len(SPECIAL_TOKENS)})")
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    # Room for the ASCII alphabet added after training, so len(tokenizer) <= vocab_size; tiny
+    # vocabs (tests) skip the alphabet rather than spend most of their budget on it.
+    reserve = 2 * len(_ALPHABET) if vocab_size >= 4 * 2 * len(_ALPHABET) else 0
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size - reserve,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    tok.train_from_iterator((t for t in texts if t), trainer=trainer)
+    if reserve:
+        _add_ascii_alphabet(tok)
+    for i, name in enumerate(SPECIAL_TOKENS):
+        if tok.token_to_id(name) != i:  # the trainer adds specials first; checked, not assumed
+            raise RuntimeError(f"special token {name} got id {tok.token_to_id(name)}, expected {i}")
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=MODEL_MAX_LENGTH,
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
+    """Load a local HF tokenizer folder (never the hub) and check it has the BERT special tokens."""
+    if not path or not os.path.isdir(path):
+        raise ValueError(f"tokenizer folder {path!r} does not exist or is not a directory")
+    present = [f for f in _TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
+    if not present:
+        raise ValueError(
+            f"tokenizer folder {path!r} has no tokenizer files (expected one of "
+            f"{', '.join(_TOKENIZER_FILES)}); pass a folder written by save_pretrained"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types; name the folder
+        raise ValueError(f"could not load the tokenizer in {path!r}: {e}") from e
+    if not isinstance(tok, PreTrainedTokenizerFast):
+        raise ValueError(f"tokenizer in {path!r} is not a fast tokenizer ({type(tok).__name__})")
+    missing = [n for n in _REQUIRED if getattr(tok, f"{n}_token_id", None) is None]
+    if missing:
+        raise ValueError(
+            f"tokenizer in {path!r} lacks special tokens {missing}; a BERT-style vocab with "
+            "[PAD], [UNK], [CLS], [SEP] and [MASK] is needed"
+        )
+    return tok
+
+
+def unk_fraction(tok: PreTrainedTokenizerFast, texts: Iterable[str]) -> float:
+    """Fraction of non-special tokens that are [UNK]: a quick check that a vocab fits the text."""
+    texts = [t for t in texts if t]
+    if not texts:
+        return 0.0
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    total = sum(len(x) for x in ids)
+    unk = sum(x.count(tok.unk_token_id) for x in ids)
+    return unk / total if total else 0.0
