@@ -1,0 +1,219 @@
+"""BERT-style text transformer: embeddings, attention blocks and pooling (flax.linen).
+
+Design choices (documented here because the towers and the HF converter rely on them):
+
+* **Pre-LN by default** (``pre_norm=True``): ``x + Attn(LN(x))``, ``x + MLP(LN(x))`` and one
+  final LayerNorm.  Pre-LN trains stably from scratch at the high learning rates of short
+  pre-training runs without a long warm-up.  ``pre_norm=False`` gives the original BERT post-LN
+  layout (LayerNorm on the summed embeddings, ``LN(x + Attn(x))``, no final norm) so converted
+  HF BERT weights compute what they computed in BERT.
+* Attention is a plain einsum with a **key padding mask**: padding keys get a large negative
+  logit, the softmax is taken in float32, and a query row whose keys are *all* padding attends to
+  nothing (its probabilities are zeroed), so fully padded rows never produce NaN.
+* Parameters are float32; activations run in ``dtype`` (float32 or bfloat16).
+
+Parameter names follow BERT's structure (``query``/``key``/``value``/``out`` kernels of shape
+[W, W], ``fc1``/``fc2``, ``token_embed``/``pos_embed``/``type_embed``) so a converter maps them 1:1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+_NEG = -1e30  # finite "minus infinity" for masked logits (float32 softmax)
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+dense_init = nn.initializers.xavier_uniform()
+embed_init = nn.initializers.normal(stddev=0.02)
+
+
+def compute_dtype(name: str) -> Dtype:
+    """Map the config string ("float32" | "bfloat16") to a jnp dtype; ValueError otherwise."""
+    if name not in _DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def masked_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None
+) -> jax.Array:
+    """Scaled dot-product attention over heads with a key padding mask.
+
+    Args:
+      q, k, v: [B, L, H, Dh] (queries and keys/values may have different L).
+      key_mask: bool [B, Lk], True = real key; None = every key is real.
+
+    Returns [B, Lq, H, Dh] in ``v.dtype``.  Rows with no real key return zeros (not NaN).
+    """
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+    if key_mask is not None:
+        valid = key_mask[:, None, None, :]
+        logits = jnp.where(valid, logits, _NEG)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if key_mask is not None:
+        # A row of all-padding keys would be a uniform average of padding; make it attend nothing.
+        probs = jnp.where(jnp.any(valid, axis=-1, keepdims=True), probs, 0.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+def masked_mean_pool(hidden: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of ``hidden`` [B, L, W] over positions where ``mask`` [B, L] is True, in float32.
+
+    A row with no True position pools to zeros (denominator clamped to 1) instead of NaN.
+    """
+    m = mask.astype(jnp.float32)[..., None]
+    total = jnp.sum(hidden.astype(jnp.float32) * m, axis=1)
+    return total / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+
+
+def cls_pool(hidden: jax.Array) -> jax.Array:
+    """The first ([CLS]) position, in float32."""
+    return hidden[:, 0].astype(jnp.float32)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """Unit-norm rows; a zero row stays zero (no NaN in value or gradient)."""
+    sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, eps))
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention with separate [W, W] query/key/value/out projections (BERT layout)."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+        head_dim = width // self.num_heads
+
+        def proj(name):
+            y = nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name=name)(x)
+            return y.reshape(*y.shape[:-1], self.num_heads, head_dim)
+
+        out = masked_attention(proj("query"), proj("key"), proj("value"), key_mask)
+        out = out.reshape(*out.shape[:-2], width)
+        return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="out")(out)
+
+
+class Mlp(nn.Module):
+    """Position-wise feed-forward: Dense(mlp_ratio * W) -> exact GELU -> Dense(W)."""
+
+    mlp_ratio: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        hidden = width * self.mlp_ratio
+        h = nn.Dense(hidden, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x)
+        h = nn.gelu(h, approximate=False)
+        return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="fc2")(h)
+
+
+class TransformerBlock(nn.Module):
+    """One encoder layer, pre-LN or post-LN (see module docstring)."""
+
+    num_heads: int
+    mlp_ratio: int
+    dropout: float = 0.0
+    pre_norm: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None, train: bool) -> jax.Array:
+        attn = MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")
+        mlp = Mlp(self.mlp_ratio, dtype=self.dtype, name="mlp")
+        attn_norm = nn.LayerNorm(dtype=self.dtype, name="attn_norm")
+        mlp_norm = nn.LayerNorm(dtype=self.dtype, name="mlp_norm")
+        drop = nn.Dropout(self.dropout, deterministic=not train)
+        if self.pre_norm:
+            x = x + drop(attn(attn_norm(x), key_mask))
+            return x + drop(mlp(mlp_norm(x)))
+        x = attn_norm(x + drop(attn(x, key_mask)))
+        return mlp_norm(x + drop(mlp(x)))
+
+
+class TextTransformer(nn.Module):
+    """Token + position + type embeddings and a stack of transformer blocks.
+
+    The item tower also pushes image-patch tokens through :meth:`transform` (single stream), so
+    embedding and transforming are separate methods:
+
+    * :meth:`embed` (tokens, type_id) -> [B, L, W] summed embeddings of text tokens;
+    * :meth:`type_embedding` (type_id) -> [W] (the item tower adds type 1 to patch tokens);
+    * :meth:`transform` (x, key_mask, train) -> hidden [B, L, W] (embedding norm for post-LN,
+      blocks, final norm for pre-LN);
+    * :meth:`embedding_matrix` -> [V, W] token table, for a tied MLM decoder.
+    """
+
+    vocab_size: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_ratio: int
+    max_len: int
+    num_types: int = 1
+    dropout: float = 0.0
+    pre_norm: bool = True
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.token_embed = nn.Embed(
+            self.vocab_size, self.width, embedding_init=embed_init, dtype=self.dtype
+        )
+        self.pos_embed = self.param("pos_embed", embed_init, (self.max_len, self.width))
+        self.type_embed = self.param("type_embed", embed_init, (self.num_types, self.width))
+        if not self.pre_norm:
+            self.embed_norm = nn.LayerNorm(dtype=self.dtype)
+        self.blocks = [
+            TransformerBlock(
+                self.num_heads, self.mlp_ratio, self.dropout, self.pre_norm, dtype=self.dtype
+            )
+            for _ in range(self.depth)
+        ]
+        if self.pre_norm:
+            self.final_norm = nn.LayerNorm(dtype=self.dtype)
+        self.embed_dropout = nn.Dropout(self.dropout)
+
+    def type_embedding(self, type_id: int) -> jax.Array:
+        if not 0 <= type_id < self.num_types:
+            raise ValueError(f"type_id {type_id} out of range for {self.num_types} type(s)")
+        return self.type_embed[type_id].astype(self.dtype)
+
+    def embed(self, tokens: jax.Array, type_id: int = 0) -> jax.Array:
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+        length = tokens.shape[1]
+        if length > self.max_len:
+            raise ValueError(
+                f"token sequence length {length} exceeds the model's maximum {self.max_len}"
+            )
+        x = self.token_embed(tokens)
+        return x + self.pos_embed[:length].astype(self.dtype) + self.type_embedding(type_id)
+
+    def transform(self, x: jax.Array, key_mask: jax.Array | None, train: bool) -> jax.Array:
+        if not self.pre_norm:
+            x = self.embed_norm(x)
+        x = self.embed_dropout(x, deterministic=not train)
+        for block in self.blocks:
+            x = block(x, key_mask, train)
+        if self.pre_norm:
+            x = self.final_norm(x)
+        return x
+
+    def embedding_matrix(self) -> jax.Array:
+        return self.token_embed.embedding
+
+    def __call__(self, tokens: jax.Array, mask: jax.Array, train: bool = False) -> jax.Array:
+        return self.transform(self.embed(tokens), mask, train)
