@@ -18,6 +18,24 @@ import jax
 import numpy as np
 
 
+class _DropLibraryInfo(logging.Filter):
+    """Orbax logs every save phase at INFO; keep its warnings, drop its chatter."""
+
+    NOISY = ("orbax", "tensorflow_datasets", "tensorboardX")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return not any(part in record.pathname for part in self.NOISY)
+
+
+def quiet_library_logs() -> None:
+    """Install the filter on absl's handler (used by ``main``; tests keep full logs)."""
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().addFilter(_DropLibraryInfo())
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised when a logged loss is NaN/Inf; the message names the first bad step."""
 
@@ -107,7 +125,7 @@ class MetricsLogger:
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, int | float):
-                    self._tb.add_scalar(k, v, row["step"])
+                    self._tb.add_scalar(k.replace("@", "_at_"), v, row["step"])
             self._tb.flush()
 
     def close(self) -> None:

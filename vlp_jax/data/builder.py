@@ -31,6 +31,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -288,7 +289,12 @@ class TextSource:
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.split} record {index} out of range [0, {len(self)})")
         return self._decode(self.source[index])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self[i] for i in range(len(self)))
 
     def __getitems__(self, indices: Any) -> list[dict[str, Any]]:
         if not hasattr(self.source, "__getitems__"):
