@@ -5,7 +5,12 @@ Must run before JAX initialises its backends, hence module level in conftest.
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Tiny test models run fast at any optimisation level; compiling them is the suite's main cost.
+os.environ.setdefault(
+    "XLA_FLAGS",
+    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+    "--xla_llvm_disable_expensive_passes=true",
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -33,7 +38,16 @@ def tiny_config(data_cache_dir):
     config.train.warmup_steps = 2
     config.train.log_every_steps = 1
     config.checkpoint.every_steps = 4
-    config.checkpoint.async_save = False
+    config.train.mesh_shape = (1,)  # the 8-device path is covered by the tests that need it
     config.eval.batch_size = 64
     config.eval.max_queries = 64
     return config
+
+
+def pytest_configure(config):
+    """Share compiled programs across the many tiny runs of the suite (same shapes recur)."""
+    import tempfile
+
+    from vlp_jax import runtime
+
+    runtime.enable_compilation_cache(tempfile.mkdtemp(prefix="vlp_xla_cache_"))

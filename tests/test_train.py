@@ -28,7 +28,7 @@ def _final_params(workdir, step):
     return restored["state"]["params"]
 
 
-def test_one_step_smoke_writes_every_output(tiny_config, tmp_path):
+def test_one_step_smoke_writes_every_output_and_eval_mode_agrees(tiny_config, tmp_path):
     tiny_config.train.num_steps = 1
     workdir = str(tmp_path / "run")
     results = train.train_and_evaluate(tiny_config, workdir)
@@ -45,6 +45,9 @@ def test_one_step_smoke_writes_every_output(tiny_config, tmp_path):
     assert recall["overall"] == results["overall"]
     assert os.path.exists(os.path.join(workdir, "eval", "report.md"))
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "1"))
+    # --mode=eval on the checkpoint reproduces the end-of-training evaluation.
+    again = train.evaluate_checkpoint(tiny_config, workdir)
+    assert again["overall"] == pytest.approx(results["overall"])
 
 
 def test_loss_decreases_over_30_steps(tiny_config, tmp_path):
@@ -63,6 +66,7 @@ def test_loss_decreases_over_30_steps(tiny_config, tmp_path):
 def test_resume_is_exact(tiny_config, tmp_path):
     """Train 2k steps; separately train, lose the last checkpoint, rerun: identical results."""
     k = 4
+    tiny_config.train.mesh_shape = (-1,)  # all 8 fake devices: sharded state and batches
     tiny_config.train.num_steps = 2 * k
     tiny_config.checkpoint.every_steps = k
     full = str(tmp_path / "full")
@@ -84,14 +88,6 @@ def test_resume_is_exact(tiny_config, tmp_path):
             assert a[step][key] == b[step][key], (step, key, a[step][key], b[step][key])
     pa, pb = _final_params(full, 2 * k), _final_params(interrupted, 2 * k)
     jax.tree_util.tree_map(np.testing.assert_array_equal, pa, pb)
-
-
-def test_eval_mode_reproduces_final_eval(tiny_config, tmp_path):
-    tiny_config.train.num_steps = 2
-    workdir = str(tmp_path / "run")
-    results = train.train_and_evaluate(tiny_config, workdir)
-    again = train.evaluate_checkpoint(tiny_config, workdir)
-    assert again["overall"] == pytest.approx(results["overall"])
 
 
 def test_invalid_config_fails_fast_naming_the_field(tiny_config, tmp_path):

@@ -6,7 +6,7 @@ Thin on purpose: flags → ``train.train_and_evaluate``; all logic is importable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vlp_jax import metrics_log, train
+from vlp_jax import runtime, train
 from vlp_jax.parallel import mesh as mesh_lib
 
 FLAGS = flags.FLAGS
@@ -23,7 +23,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
-    metrics_log.quiet_library_logs()
+    runtime.quiet_library_logs()
+    runtime.enable_compilation_cache()
     mesh_lib.maybe_initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
     )

@@ -18,24 +18,6 @@ import jax
 import numpy as np
 
 
-class _DropLibraryInfo(logging.Filter):
-    """Orbax logs every save phase at INFO; keep its warnings, drop its chatter."""
-
-    NOISY = ("orbax", "tensorflow_datasets", "tensorboardX")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING:
-            return True
-        return not any(part in record.pathname for part in self.NOISY)
-
-
-def quiet_library_logs() -> None:
-    """Install the filter on absl's handler (used by ``main``; tests keep full logs)."""
-    from absl import logging as absl_logging
-
-    absl_logging.get_absl_handler().addFilter(_DropLibraryInfo())
-
-
 class NonFiniteLossError(RuntimeError):
     """Raised when a logged loss is NaN/Inf; the message names the first bad step."""
 

@@ -10,6 +10,7 @@ settings share one code path and differ only in which negatives a query sees.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -110,20 +111,14 @@ def compute_losses(
     return total, metrics
 
 
-def make_train_step(
-    model: nn.Module,
-    optimizer: optax.GradientTransformation,
-    config: ml_collections.ConfigDict,
-    mesh: Mesh,
-    state_shardings: TrainState,
-) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """Jitted ``(state, batch) -> (state, metrics)`` with the state donated.
+def make_loss_fn(
+    model: nn.Module, config: ml_collections.ConfigDict, num_shards: int
+) -> Callable[[Any, Batch, jax.Array], tuple[jax.Array, Metrics]]:
+    """``(params, batch, step) -> (loss, metrics)``; differentiable w.r.t. ``params``.
 
     Dropout rng is ``fold_in(seed, step)``: it depends on the step only, never on how many
     devices run it, so results are reproducible across topologies and across resumes.
     """
-    num_shards = mesh.devices.size
-    learning_rate_fn = learning_rate_schedule(config.train)
     base_key = jax.random.key(config.train.seed + 1)
 
     def loss_fn(params, batch, step):
@@ -131,13 +126,27 @@ def make_train_step(
         outputs = model.apply({"params": params}, batch, train=True, rngs=rngs)
         return compute_losses(outputs, batch, config, num_shards)
 
+    return loss_fn
+
+
+def make_train_step(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    state_shardings: TrainState,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """Jitted ``(state, batch) -> (state, metrics)`` with the state donated."""
+    learning_rate_fn = learning_rate_schedule(config.train)
+    loss_fn = make_loss_fn(model, config, mesh.devices.size)
+
     def step_fn(state: TrainState, batch: Batch):
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, batch, state.step
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = learning_rate_fn(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
