@@ -22,10 +22,10 @@ def get_config() -> ml_collections.ConfigDict:
     d.builtin_lang = "en"  # "en" or "zh": language of built-in titles and queries
     d.cache_dir = ""  # where built-in catalogs and TFDS builds are cached; "" = ~/.cache/vlp_jax
     d.image_size = 64  # images are resized to image_size x image_size RGB at build time
-    d.query_len = 16  # query tokens (incl. [CLS]/[SEP]); longer queries are truncated
-    d.title_len = 32  # title tokens (incl. [CLS]/[SEP]); long titles are truncated
+    d.query_len = 12  # query tokens (incl. [CLS]/[SEP]); longer queries are truncated
+    d.title_len = 24  # title tokens (incl. [CLS]/[SEP]); long titles are truncated
     d.tokenizer = ""  # "" = train a WordPiece vocab on the catalog; else an HF tokenizer folder
-    d.vocab_size = 4000  # WordPiece vocab size when the tokenizer is trained on the catalog
+    d.vocab_size = 2000  # WordPiece vocab size when the tokenizer is trained on the catalog
     d.mlm_prob = 0.15  # fraction of (non-special) tokens selected for MLM (BERT 80/10/10 rule)
     d.patch_mask_ratio = 0.25  # fraction of image patches replaced by the mask token (MPM)
     d.worker_count = 0  # Grain worker processes (0 = in-process; >0 for multi-core hosts)
@@ -39,13 +39,13 @@ def get_config() -> ml_collections.ConfigDict:
     m.pooling = "mean"  # "mean" (masked mean over non-padding tokens) or "cls"
     m.normalize = True  # L2-normalise tower outputs (cosine similarity)
     m.embed_dim = 128  # size of the retrieval embedding
-    m.width = 192  # transformer width (both towers)
-    m.depth = 4  # transformer layers of the item tower
-    m.query_depth = 4  # transformer layers of a separate query tower
+    m.width = 128  # transformer width (both towers)
+    m.depth = 3  # transformer layers of the item tower
+    m.query_depth = 3  # transformer layers of a separate query tower
     m.num_heads = 4  # attention heads
     m.mlp_ratio = 4  # MLP hidden = mlp_ratio * width
     m.dropout = 0.0  # dropout inside transformer blocks
-    m.patch_size = 8  # ViT patch size in pixels (image_size must be divisible by it)
+    m.patch_size = 16  # ViT patch size in pixels (image_size must be divisible by it)
     m.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (losses always in float32)
     m.tie_mlm_embeddings = True  # MLM output layer reuses the token embedding matrix
     m.text_init = ""  # HF BERT checkpoint converted by vlp_jax.convert.hf_bert ("" = random)
@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- training
     c.train = t = ml_collections.ConfigDict()
-    t.num_steps = 1500  # total optimiser steps
+    t.num_steps = 700  # total optimiser steps
     t.batch_size = 128  # global batch (split over processes and devices)
     t.seed = 0  # seed of params init, masking and shuffling
     t.learning_rate = 1e-3  # peak AdamW learning rate
@@ -82,12 +82,12 @@ def get_config() -> ml_collections.ConfigDict:
     t.end_lr_fraction = 0.05  # final lr = end_lr_fraction * learning_rate
     t.weight_decay = 0.05  # AdamW decoupled weight decay (not on biases/norms)
     t.grad_clip_norm = 1.0  # global-norm gradient clipping (0 = off)
-    t.log_every_steps = 25  # metrics.jsonl / TensorBoard / progress-line period
+    t.log_every_steps = 20  # metrics.jsonl / TensorBoard / progress-line period
     t.mesh_shape = (-1,)  # devices along the `data` axis (-1 = all devices)
 
     # ---------------------------------------------------------------- checkpointing
     c.checkpoint = ck = ml_collections.ConfigDict()
-    ck.every_steps = 500  # save period (and always at the end of training)
+    ck.every_steps = 250  # save period (and always at the end of training)
     ck.keep = 2  # checkpoints kept on disk
     ck.async_save = True  # write checkpoints in the background
 
