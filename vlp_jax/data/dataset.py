@@ -12,6 +12,7 @@ import os
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 
 from vlp_jax.data import builder, catalog
 
@@ -30,12 +31,6 @@ def builtin_catalog_dir(data_cfg: ml_collections.ConfigDict) -> str:
     out = os.path.join(cache_root(data_cfg), "catalogs", name)
     if os.path.exists(os.path.join(out, "items.jsonl")):
         return out
-    if jax.process_index() != 0:
-        raise RuntimeError(
-            f"built-in catalog {out} is missing on process {jax.process_index()}: generate it "
-            "first (python -m vlp_jax.data.catalog) on a shared filesystem, or set "
-            "data.catalog_dir"
-        )
     logging.info("generating built-in catalog (%d items) in %s", data_cfg.builtin_num_items, out)
     stats = catalog.generate_catalog(
         out,
@@ -49,7 +44,23 @@ def builtin_catalog_dir(data_cfg: ml_collections.ConfigDict) -> str:
 
 
 def prepare_dataset(data_cfg: ml_collections.ConfigDict) -> builder.DatasetHandle:
-    """Catalog → TFDS array_record build (cached) → handle with sources and tokenizer."""
+    """Catalog → TFDS array_record build (cached) → handle with sources and tokenizer.
+
+    Multi-process: process 0 generates/builds first while the others wait at a barrier; then
+    the others find the cache (shared filesystem) or, on per-host disks, regenerate the same
+    bytes (the catalog and the build are deterministic), so every host trains on identical data.
+    """
+    if jax.process_count() > 1:
+        if jax.process_index() == 0:
+            handle = _prepare(data_cfg)
+        multihost_utils.sync_global_devices("vlp_jax.prepare_dataset")
+        if jax.process_index() != 0:
+            handle = _prepare(data_cfg)
+        return handle
+    return _prepare(data_cfg)
+
+
+def _prepare(data_cfg: ml_collections.ConfigDict) -> builder.DatasetHandle:
     catalog_dir = data_cfg.catalog_dir or builtin_catalog_dir(data_cfg)
     if not os.path.isdir(catalog_dir):
         raise FileNotFoundError(f"data.catalog_dir={catalog_dir!r} is not a directory")
