@@ -49,6 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (losses always in float32)
     m.tie_mlm_embeddings = True  # MLM output layer reuses the token embedding matrix
     m.text_init = ""  # HF BERT checkpoint converted by vlp_jax.convert.hf_bert ("" = random)
+    m.text_init_towers = "both"  # with text_init: "query" | "item" | "both" towers' text layers
+    m.mlp_dim = 0  # MLP hidden size; 0 = mlp_ratio * width (text_init sets the checkpoint's)
+    m.layer_norm_eps = 1e-6  # LayerNorm epsilon (BERT checkpoints: 1e-12, set by text_init)
+    m.pre_norm = True  # pre-LN blocks; False = BERT post-LN (forced by text_init)
 
     # ---------------------------------------------------------------- losses
     c.loss = lo = ml_collections.ConfigDict()
@@ -71,6 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
     n.bank_size = 0  # MBNS: memory-bank entries (global, sharded on `data`; 0 = no bank)
     n.bank_warmup_steps = 100  # steps before bank negatives enter the loss
     n.momentum = 0.0  # EMA decay of the momentum item tower producing bank keys (0 = no EMA)
+    n.ring = False  # memory-lean ring (ppermute) instead of all_gather for cross-device negatives
+    n.bank_dtype = "float32"  # storage dtype of bank embeddings ("bfloat16" halves its memory)
 
     # ---------------------------------------------------------------- training
     c.train = t = ml_collections.ConfigDict()

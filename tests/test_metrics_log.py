@@ -27,7 +27,8 @@ def test_non_finite_loss_names_the_first_bad_step(tmp_path):
     logger.record(5, {"loss": jnp.float32(1.0), "mlm_loss": jnp.float32(1.0)})
     logger.record(6, {"loss": jnp.float32(math.inf), "mlm_loss": jnp.float32(math.nan)})
     logger.record(7, {"loss": jnp.float32(math.nan), "mlm_loss": jnp.float32(math.nan)})
-    with pytest.raises(metrics_log.NonFiniteLossError, match=r"non-finite loss at step 6: .*mlm_loss"):
+    expected = r"non-finite loss at step 6: .*mlm_loss"
+    with pytest.raises(metrics_log.NonFiniteLossError, match=expected):
         logger.flush()
     logger.close()
     assert not (tmp_path / "metrics.jsonl").exists()  # the bad interval is not logged as data

@@ -21,11 +21,11 @@ def _train_rows(workdir):
     return {r["step"]: r for r in _metrics(workdir) if "loss" in r}
 
 
-def _final_params(workdir, step):
+def _final_state(workdir, step):
     mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     mngr.close()
-    return restored["state"]["params"]
+    return restored["state"]
 
 
 def test_one_step_smoke_writes_every_output_and_eval_mode_agrees(tiny_config, tmp_path):
@@ -67,6 +67,9 @@ def test_resume_is_exact(tiny_config, tmp_path):
     """Train 2k steps; separately train, lose the last checkpoint, rerun: identical results."""
     k = 4
     tiny_config.train.mesh_shape = (-1,)  # all 8 fake devices: sharded state and batches
+    tiny_config.negatives.bank_size = 48  # sharded bank + EMA tower must resume exactly too
+    tiny_config.negatives.bank_warmup_steps = 2
+    tiny_config.negatives.momentum = 0.5
     tiny_config.train.num_steps = 2 * k
     tiny_config.checkpoint.every_steps = k
     full = str(tmp_path / "full")
@@ -86,8 +89,26 @@ def test_resume_is_exact(tiny_config, tmp_path):
     for step in range(k + 1, 2 * k + 1):
         for key in ("loss", "qic_loss", "mlm_loss", "mpm_loss", "grad_norm"):
             assert a[step][key] == b[step][key], (step, key, a[step][key], b[step][key])
-    pa, pb = _final_params(full, 2 * k), _final_params(interrupted, 2 * k)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, pa, pb)
+    pa, pb = _final_state(full, 2 * k), _final_state(interrupted, 2 * k)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, pa, pb)  # params, opt state, bank
+    bank = pa["extra"]["sharded_bank"]
+    assert bank["valid"].all() and bank["embeddings"].shape == (48, tiny_config.model.embed_dim)
+    assert b[2 * k]["qic_loss"] > 0 and "bank_fill" in b[2 * k]
+
+
+def test_eight_devices_with_bank_match_one_device(tiny_config, tmp_path):
+    """System level: same global batch on 8 devices vs 1 → same per-step losses (bank on)."""
+    tiny_config.train.num_steps = 4
+    tiny_config.checkpoint.every_steps = 4
+    tiny_config.negatives.bank_size = 64
+    tiny_config.negatives.bank_warmup_steps = 1
+    losses = {}
+    for devices in (1, 8):
+        tiny_config.train.mesh_shape = (devices,)
+        workdir = str(tmp_path / f"d{devices}")
+        train.train_and_evaluate(tiny_config, workdir)
+        losses[devices] = [r["loss"] for _, r in sorted(_train_rows(workdir).items())]
+    np.testing.assert_allclose(losses[8], losses[1], rtol=2e-5)
 
 
 def test_invalid_config_fails_fast_naming_the_field(tiny_config, tmp_path):

@@ -38,7 +38,7 @@ def _grads(config, num_devices, batch, model_and_params=None):
     """Loss and gradients of the jitted loss on a ``num_devices`` mesh (batch sharded)."""
     model, params = model_and_params or _init(config)
     mesh = mesh_lib.make_mesh((num_devices,))
-    loss_fn = train_step.make_loss_fn(model, config, num_devices)
+    loss_fn = train_step.make_loss_fn(model, config, mesh)
     grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     (loss, metrics), grads = grad_fn(params, mesh_lib.shard_host_batch(batch, mesh), 0)
     return jax.device_get(metrics), jax.device_get(grads)

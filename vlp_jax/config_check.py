@@ -16,6 +16,8 @@ _CHOICES = {
     "loss.mpm_candidates": ("batch", "image"),
     "data.builtin_lang": ("en", "zh"),
     "eval.split": ("valid", "test"),
+    "negatives.bank_dtype": ("float32", "bfloat16"),
+    "model.text_init_towers": ("query", "item", "both"),
 }
 
 _POSITIVE = (
@@ -64,6 +66,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             problems.append(f"{field}={value!r} must be in [0, 1)")
     if not 0.0 <= config.negatives.momentum < 1.0:
         problems.append(f"negatives.momentum={config.negatives.momentum!r} must be in [0, 1)")
+    neg = config.negatives
+    if neg.ring and not neg.cross_device:
+        problems.append("negatives.ring=True needs negatives.cross_device=True")
+    if neg.momentum > 0 and neg.bank_size == 0:
+        problems.append("negatives.momentum > 0 only produces bank keys: set negatives.bank_size")
     m = config.model
     if m.width > 0 and m.num_heads > 0 and m.width % m.num_heads:
         problems.append(f"model.width={m.width} must be divisible by model.num_heads={m.num_heads}")

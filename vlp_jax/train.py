@@ -20,7 +20,7 @@ from vlp_jax.data import dataset, pipeline
 from vlp_jax.data import tokenizer as tokenizer_lib
 from vlp_jax.data.device_prefetch import DevicePrefetchIterator
 from vlp_jax.eval import embed
-from vlp_jax.models import make_model
+from vlp_jax.models import make_model, pretrained
 from vlp_jax.parallel import mesh as mesh_lib
 
 
@@ -34,6 +34,7 @@ class Run:
     """Objects a run needs in several places (train loop, eval, export)."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        config = pretrained.configure_text_init(config)  # widths/tokenizer from a checkpoint
         config_check.validate_config(config)
         self.config, self.workdir = config, workdir
         os.makedirs(workdir, exist_ok=True)
@@ -45,6 +46,10 @@ class Run:
         self.optimizer, self.state, self.shardings = train_state.init_model_state(
             self.model, config, self.mesh
         )
+        if config.model.text_init:
+            self.state = train_state.replace_params(
+                self.state, pretrained.apply_text_init(config, self.state.params)
+            )
         self.checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint)
         self.encode_fns = embed.make_encode_fns(self.model, self.mesh)
         logging.info(
@@ -71,8 +76,8 @@ class Run:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Pre-train, checkpoint, evaluate; returns the final evaluation results."""
     run = Run(config, workdir)
-    _save_config(config, workdir)
-    cfg = config
+    cfg = run.config
+    _save_config(cfg, workdir)
     host_iter = pipeline.make_train_iterator(
         run.data.sources["train"], run.data.sources["items"], run.tokenizer, cfg.data,
         global_batch_size=cfg.train.batch_size, patch_size=cfg.model.patch_size,

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vlp_jax.parallel import memory_bank
 from vlp_jax.parallel import mesh as mesh_lib
 from vlp_jax.synthetic import dummy_batch
 
@@ -130,6 +131,32 @@ def init_model_state(
         return variables["params"]
 
     state, shardings = create_sharded_state(
-        init_params, optimizer, jax.random.key(config.train.seed), mesh
+        init_params, optimizer, jax.random.key(config.train.seed), mesh,
+        init_extra_fn=lambda params: init_extra(params, config, mesh),
     )
     return optimizer, state, shardings
+
+
+def init_extra(params: PyTree, config: ml_collections.ConfigDict, mesh: Mesh) -> dict:
+    """Optional state: the sharded memory bank and the EMA ("momentum") params for its keys."""
+    neg = config.negatives
+    extra = {}
+    if neg.bank_size > 0:
+        extra["sharded_bank"] = memory_bank.init_bank(
+            neg.bank_size, config.model.embed_dim, mesh.devices.size, jnp.dtype(neg.bank_dtype)
+        )
+        if neg.momentum > 0:
+            extra["momentum_params"] = jax.tree_util.tree_map(jnp.copy, params)
+    return extra
+
+
+def replace_params(state: TrainState, params: PyTree) -> TrainState:
+    """Swap in new params (e.g. pretrained text layers) and re-derive what copies them.
+
+    The optimizer moments are still zero at this point; the EMA tower must start from the new
+    params too, or the bank keys would come from the random initialisation.
+    """
+    extra = dict(state.extra)
+    if "momentum_params" in extra:
+        extra["momentum_params"] = jax.tree_util.tree_map(jnp.copy, params)
+    return state.replace(params=params, extra=extra)

@@ -1,16 +1,16 @@
 """The pre-training objective and the jitted, sharded train step.
 
-The step runs on *global* arrays sharded on ``data``: under ``jax.jit`` the query-item
-contrastive loss over the global batch is exactly cross-device negative sampling (XLA inserts
-the all-gather, and its transpose in the backward pass).  ``negatives.cross_device=False``
-reproduces the per-device in-batch baseline with a block-diagonal negative mask, so both
-settings share one code path and differ only in which negatives a query sees.
+The step runs on *global* arrays sharded on ``data``.  The query-item contrastive loss is
+computed inside ``shard_map`` by ``parallel.negatives``: with ``negatives.cross_device`` each
+device scores its queries against every device's items (all_gather, or a ppermute ring when
+``negatives.ring``), otherwise against its own items only; with ``negatives.bank_size > 0`` the
+sharded memory bank in ``state.extra`` adds detached negatives and is refreshed after the
+update with this step's item embeddings (from the EMA item tower when ``negatives.momentum``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -20,7 +20,8 @@ import optax
 from jax.sharding import Mesh
 
 from vlp_jax.data.preprocess import num_masked_patches
-from vlp_jax.losses import contrastive, masked
+from vlp_jax.losses import masked
+from vlp_jax.parallel import memory_bank, negatives
 from vlp_jax.parallel import mesh as mesh_lib
 from vlp_jax.train_state import TrainState, learning_rate_schedule
 
@@ -28,17 +29,13 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
-def local_negative_mask(batch_size: int, num_shards: int) -> jax.Array:
-    """``[B, B]`` bool, True where query i and item j live on the same device shard."""
-    shard = jnp.arange(batch_size) // (batch_size // num_shards)
-    return shard[:, None] == shard[None, :]
-
-
 def compute_losses(
     outputs: dict[str, jax.Array],
     batch: Batch,
     config: ml_collections.ConfigDict,
-    num_shards: int,
+    mesh: Mesh,
+    bank: dict | None = None,
+    bank_active: jax.Array | bool | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """Weighted sum of the enabled tasks, with per-task values for logging."""
     lcfg = config.loss
@@ -46,23 +43,20 @@ def compute_losses(
     total = jnp.zeros((), jnp.float32)
 
     if lcfg.qic_weight > 0:
-        item_ids = batch["item_index"]
-        query_emb, item_emb = outputs["query_emb"], outputs["item_emb"]
-        if not config.negatives.cross_device and num_shards > 1:
-            # Local in-batch negatives: a query only ever meets its own shard's items.
-            pair_mask = local_negative_mask(query_emb.shape[0], num_shards)
-        else:
-            pair_mask = None
-        qic, qic_metrics = contrastive.qic_loss(
-            query_emb,
-            item_emb,
+        qic, qic_metrics = negatives.sharded_qic_loss(
+            mesh,
+            outputs["query_emb"],
+            outputs["item_emb"],
             batch["query_id"],
-            item_ids,
+            batch["item_index"],
             outputs["logit_scale"],
             kind=lcfg.qic_type,
             margin=lcfg.margin if lcfg.qic_type == "am_softmax" else 0.0,
             symmetric=lcfg.symmetric,
-            pair_mask=pair_mask,
+            cross_device=config.negatives.cross_device,
+            ring=config.negatives.ring,
+            bank=bank,
+            bank_active=bank_active,
         )
         total += lcfg.qic_weight * qic
         metrics["qic_loss"] = qic
@@ -112,19 +106,27 @@ def compute_losses(
 
 
 def make_loss_fn(
-    model: nn.Module, config: ml_collections.ConfigDict, num_shards: int
-) -> Callable[[Any, Batch, jax.Array], tuple[jax.Array, Metrics]]:
-    """``(params, batch, step) -> (loss, metrics)``; differentiable w.r.t. ``params``.
+    model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh
+) -> Callable[..., tuple[jax.Array, Metrics]]:
+    """``(params, batch, step, extra=None) -> (loss, metrics)``, differentiable w.r.t. params.
 
-    Dropout rng is ``fold_in(seed, step)``: it depends on the step only, never on how many
-    devices run it, so results are reproducible across topologies and across resumes.
+    ``metrics["_item_emb"]`` carries this step's item embeddings out for the bank update (the
+    train step removes it before logging).  Dropout rng is ``fold_in(seed, step)``: it depends
+    on the step only, never on how many devices run it, so results are reproducible across
+    topologies and across resumes.
     """
     base_key = jax.random.key(config.train.seed + 1)
 
-    def loss_fn(params, batch, step):
+    bank_cfg = config.negatives
+
+    def loss_fn(params, batch, step, extra=None):
         rngs = {"dropout": jax.random.fold_in(base_key, step)}
         outputs = model.apply({"params": params}, batch, train=True, rngs=rngs)
-        return compute_losses(outputs, batch, config, num_shards)
+        bank = (extra or {}).get("sharded_bank")
+        active = step >= bank_cfg.bank_warmup_steps if bank is not None else None
+        loss, metrics = compute_losses(outputs, batch, config, mesh, bank, active)
+        metrics["_item_emb"] = outputs["item_emb"]
+        return loss, metrics
 
     return loss_fn
 
@@ -138,17 +140,37 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Jitted ``(state, batch) -> (state, metrics)`` with the state donated."""
     learning_rate_fn = learning_rate_schedule(config.train)
-    loss_fn = make_loss_fn(model, config, mesh.devices.size)
+    loss_fn = make_loss_fn(model, config, mesh)
+    momentum = config.negatives.momentum
 
     def step_fn(state: TrainState, batch: Batch):
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, state.step
+            state.params, batch, state.step, state.extra
         )
+        item_emb = metrics.pop("_item_emb")
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        extra = dict(state.extra)
+        if "momentum_params" in extra:
+            extra["momentum_params"] = optax.incremental_update(
+                params, extra["momentum_params"], step_size=1.0 - momentum
+            )
+        if "sharded_bank" in extra:
+            keys = item_emb
+            if "momentum_params" in extra:
+                keys = model.apply(
+                    {"params": extra["momentum_params"]}, batch["title_tokens"],
+                    batch["title_mask"], batch["patches"], method=model.encode_item,
+                )["embedding"]
+            extra["sharded_bank"] = memory_bank.enqueue(
+                mesh, extra["sharded_bank"], jax.lax.stop_gradient(keys), batch["item_index"]
+            )
+            metrics["bank_fill"] = jnp.mean(extra["sharded_bank"]["valid"].astype(jnp.float32))
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = learning_rate_fn(state.step)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, extra=extra
+        )
         return new_state, metrics
 
     return jax.jit(

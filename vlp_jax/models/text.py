@@ -11,6 +11,9 @@ Design choices (documented here because the towers and the HF converter rely on 
   logit, the softmax is taken in float32, and a query row whose keys are *all* padding attends to
   nothing (its probabilities are zeroed), so fully padded rows never produce NaN.
 * Parameters are float32; activations run in ``dtype`` (float32 or bfloat16).
+* ``mlp_dim`` (hidden size of the MLP; default ``mlp_ratio * width``) and ``layer_norm_eps``
+  (default 1e-6, flax's) exist so converted checkpoints whose sizes are not a multiple of the
+  width, or that used BERT's 1e-12, reproduce their original outputs exactly.
 
 Parameter names follow BERT's structure (``query``/``key``/``value``/``out`` kernels of shape
 [W, W], ``fc1``/``fc2``, ``token_embed``/``pos_embed``/``type_embed``) so a converter maps them 1:1.
@@ -107,15 +110,16 @@ class MultiHeadAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Position-wise feed-forward: Dense(mlp_ratio * W) -> exact GELU -> Dense(W)."""
+    """Position-wise feed-forward: Dense(mlp_dim or mlp_ratio * W) -> exact GELU -> Dense(W)."""
 
     mlp_ratio: int
     dtype: Dtype = jnp.float32
+    mlp_dim: int | None = None  # overrides mlp_ratio * W (converted checkpoints)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        hidden = width * self.mlp_ratio
+        hidden = self.mlp_dim or width * self.mlp_ratio
         h = nn.Dense(hidden, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x)
         h = nn.gelu(h, approximate=False)
         return nn.Dense(width, dtype=self.dtype, kernel_init=dense_init, name="fc2")(h)
@@ -129,13 +133,16 @@ class TransformerBlock(nn.Module):
     dropout: float = 0.0
     pre_norm: bool = True
     dtype: Dtype = jnp.float32
+    mlp_dim: int | None = None
+    layer_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array | None, train: bool) -> jax.Array:
+        eps = self.layer_norm_eps
         attn = MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")
-        mlp = Mlp(self.mlp_ratio, dtype=self.dtype, name="mlp")
-        attn_norm = nn.LayerNorm(dtype=self.dtype, name="attn_norm")
-        mlp_norm = nn.LayerNorm(dtype=self.dtype, name="mlp_norm")
+        mlp = Mlp(self.mlp_ratio, dtype=self.dtype, mlp_dim=self.mlp_dim, name="mlp")
+        attn_norm = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="attn_norm")
+        mlp_norm = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="mlp_norm")
         drop = nn.Dropout(self.dropout, deterministic=not train)
         if self.pre_norm:
             x = x + drop(attn(attn_norm(x), key_mask))
@@ -167,6 +174,8 @@ class TextTransformer(nn.Module):
     dropout: float = 0.0
     pre_norm: bool = True
     dtype: Dtype = jnp.float32
+    mlp_dim: int | None = None  # None = mlp_ratio * width
+    layer_norm_eps: float = 1e-6  # BERT checkpoints use 1e-12
 
     def setup(self):
         self.token_embed = nn.Embed(
@@ -174,16 +183,18 @@ class TextTransformer(nn.Module):
         )
         self.pos_embed = self.param("pos_embed", embed_init, (self.max_len, self.width))
         self.type_embed = self.param("type_embed", embed_init, (self.num_types, self.width))
+        eps = self.layer_norm_eps
         if not self.pre_norm:
-            self.embed_norm = nn.LayerNorm(dtype=self.dtype)
+            self.embed_norm = nn.LayerNorm(epsilon=eps, dtype=self.dtype)
         self.blocks = [
             TransformerBlock(
-                self.num_heads, self.mlp_ratio, self.dropout, self.pre_norm, dtype=self.dtype
+                self.num_heads, self.mlp_ratio, self.dropout, self.pre_norm, dtype=self.dtype,
+                mlp_dim=self.mlp_dim, layer_norm_eps=eps,
             )
             for _ in range(self.depth)
         ]
         if self.pre_norm:
-            self.final_norm = nn.LayerNorm(dtype=self.dtype)
+            self.final_norm = nn.LayerNorm(epsilon=eps, dtype=self.dtype)
         self.embed_dropout = nn.Dropout(self.dropout)
 
     def type_embedding(self, type_id: int) -> jax.Array:

@@ -116,6 +116,8 @@ class VLPModel(nn.Module):
                 vocab_size=self.vocab_size, width=c.width, depth=depth,
                 num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, max_len=max_len,
                 num_types=num_types, dropout=c.dropout, pre_norm=self.pre_norm, dtype=dt,
+                mlp_dim=c.get("mlp_dim", 0) or None,
+                layer_norm_eps=c.get("layer_norm_eps", 1e-6),
             )
 
         shared = c.shared_query_encoder
@@ -302,7 +304,7 @@ def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> VLPModel:
     Task switches: title MLM iff ``loss.mlm_weight > 0``, query MLM iff
     ``loss.query_mlm_weight > 0``, MPM iff ``model.use_image`` and ``loss.mpm_type != "none"``
     and ``loss.mpm_weight > 0``.  Optional ``model.patch_pos_emb`` / ``model.pre_norm`` are read
-    when present.
+    when present, and so are ``model.mlp_dim`` / ``model.layer_norm_eps`` (converted checkpoints).
     """
     m, d, lo = config.model, config.data, config.loss
     if d.image_size % m.patch_size:

@@ -1,0 +1,180 @@
+"""Start the text towers from a converted BERT checkpoint (``config.model.text_init``).
+
+Two steps, because the architecture must be fixed before the model exists and the weights can
+only be loaded after its params do:
+
+1. :func:`configure_text_init` (before the dataset and the model are built) copies the config and
+   sets the sizes the checkpoint dictates — width, heads, MLP size, LayerNorm epsilon, post-LN
+   layout, the initialised towers' depth — and ``data.tokenizer`` to the checkpoint's tokenizer,
+   so token ids index the pretrained embedding table.
+2. :func:`apply_text_init` (after the params are initialised) overwrites the chosen towers' text
+   layers (token/position/type embeddings, embedding LayerNorm, transformer blocks).  Image layers
+   (patch embedding, the image type row when the checkpoint has none), projections, the modal gate
+   and the MLM/MPM heads keep their random initialisation.
+
+``model.text_init_towers``: "query", "item" or "both".  With a shared query encoder both towers
+are the item tower's text layers, so any choice initialises those.  Position and token tables
+may be *shorter* in the model than in the checkpoint (max_len 24 vs 512 positions): their first
+rows are copied.  A model shallower than the checkpoint takes its first layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from vlp_jax.convert.text_encoder import TOKENIZER_DIR, read_arch, restore_params
+
+TOWER_CHOICES = ("query", "item", "both")
+_PREFIX_ROWS = ("token_embed/embedding", "pos_embed", "type_embed")  # may be truncated
+
+
+def _check_which(which: str) -> None:
+    if which not in TOWER_CHOICES:
+        raise ValueError(f"model.text_init_towers must be one of {TOWER_CHOICES}, got {which!r}")
+
+
+def text_init_overrides(
+    directory: str, which: str = "both", shared_query_encoder: bool = False
+) -> dict[str, Any]:
+    """Config values (dotted keys) a model initialised from ``directory`` must use."""
+    _check_which(which)
+    arch = read_arch(directory)
+    width, mlp = arch["width"], arch["mlp_dim"]
+    out: dict[str, Any] = {
+        "model.width": width,
+        "model.num_heads": arch["num_heads"],
+        "model.mlp_dim": mlp,
+        "model.mlp_ratio": max(mlp // width, 1),  # informative only: mlp_dim wins
+        "model.layer_norm_eps": arch["layer_norm_eps"],
+        "model.pre_norm": bool(arch["pre_norm"]),
+        "data.tokenizer": os.path.join(os.path.abspath(directory), TOKENIZER_DIR),
+        "data.vocab_size": arch["vocab_size"],
+    }
+    if which in ("item", "both") or shared_query_encoder:
+        out["model.depth"] = arch["depth"]
+    if which in ("query", "both") and not shared_query_encoder:
+        out["model.query_depth"] = arch["depth"]
+    return out
+
+
+def configure_text_init(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` unchanged without ``model.text_init``; else a copy with the overrides set.
+
+    ValueError when the user's ``data.tokenizer`` differs from the checkpoint's (ids would not
+    match the embedding table) or a sequence length exceeds the checkpoint's positions.
+    """
+    m = config.model
+    directory = m.get("text_init", "")
+    if not directory:
+        return config
+    which = m.get("text_init_towers", "both")
+    overrides = text_init_overrides(directory, which, bool(m.shared_query_encoder))
+    wanted = overrides["data.tokenizer"]
+    given = config.data.tokenizer
+    if given and os.path.abspath(given) != wanted:
+        raise ValueError(
+            f"data.tokenizer={given!r} conflicts with model.text_init={directory!r}: the "
+            f"checkpoint's embeddings need its own tokenizer ({wanted}); leave data.tokenizer empty"
+        )
+    max_len = read_arch(directory)["max_len"]
+    too_long = [f"data.{k}={config.data[k]}" for k in ("query_len", "title_len")
+                if config.data[k] > max_len]
+    if too_long:
+        raise ValueError(f"{too_long} exceed the {max_len} positions of model.text_init")
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        for dotted, value in overrides.items():
+            section, field = dotted.split(".")
+            config[section][field] = value
+    return config
+
+
+def _encoder_names(params: Any, which: str) -> list[str]:
+    """Param subtrees holding the chosen towers' text layers."""
+    names = []
+    if which in ("item", "both"):
+        names.append("item_encoder")
+    if which in ("query", "both"):
+        names.append("query_encoder" if "query_encoder" in params else "item_encoder")
+    return sorted(set(names))
+
+
+def _host(old: Any) -> np.ndarray:
+    """A replicated param as numpy (one local shard: works when other hosts hold the rest)."""
+    return np.asarray(old.addressable_data(0) if isinstance(old, jax.Array) else old)
+
+
+def _like(old: Any, value: np.ndarray) -> Any:
+    """``value`` with ``old``'s dtype, and its sharding when ``old`` is a jax.Array."""
+    value = np.asarray(value, dtype=np.dtype(old.dtype))
+    if isinstance(old, jax.Array):
+        return jax.make_array_from_callback(old.shape, old.sharding, lambda idx: value[idx])
+    return value
+
+
+def _load_tower(current: Any, converted: dict[str, np.ndarray], name: str, directory: str):
+    flat = traverse_util.flatten_dict(current, sep="/")
+    missing, mismatched, new = [], [], {}
+    for path, old in flat.items():
+        if path not in converted:
+            missing.append(path)
+            continue
+        value = converted[path]
+        shape = tuple(old.shape)
+        if path in _PREFIX_ROWS and value.shape[1:] == shape[1:] and value.shape[0] >= shape[0]:
+            value = value[: shape[0]]
+        elif path == "type_embed" and value.shape[1:] == shape[1:]:
+            # e.g. a 1-type checkpoint and an item tower with an image type: extra rows stay random
+            value = np.concatenate([value, _host(old)[value.shape[0]:]], axis=0)
+        if tuple(value.shape) != shape:
+            mismatched.append(f"{path}: model {shape}, checkpoint {tuple(value.shape)}")
+            continue
+        new[path] = _like(old, value)
+    if missing or mismatched:
+        hint = ""
+        if any(p.startswith("final_norm") for p in missing):
+            hint = " (the checkpoint is post-LN: set model.pre_norm=False)"
+        raise ValueError(
+            f"cannot initialise {name} from model.text_init={directory!r}: "
+            f"not in the checkpoint {missing}{hint}; shape mismatches {mismatched}. Apply "
+            "vlp_jax.models.pretrained.configure_text_init(config) before building the model"
+        )
+    unused = sorted({p.split("/")[0] for p in converted} - {p.split("/")[0] for p in flat})
+    if unused:
+        logging.info("text_init: %s does not use checkpoint parts %s", name, unused)
+    return traverse_util.unflatten_dict(new, sep="/")
+
+
+def apply_text_init(
+    config: ml_collections.ConfigDict, params: Any, which: str | None = None
+) -> Any:
+    """``params`` with the chosen towers' text layers replaced by ``model.text_init``'s weights.
+
+    ``which`` defaults to ``config.model.text_init_towers`` ("both" when absent).  Other
+    subtrees are returned unchanged (same objects); replaced leaves keep their dtype and, for
+    jax.Arrays, their sharding (works for multi-process replicated params).  No-op without
+    ``model.text_init``.
+    """
+    directory = config.model.get("text_init", "")
+    if not directory:
+        return params
+    which = which or config.model.get("text_init_towers", "both")
+    _check_which(which)
+    converted = traverse_util.flatten_dict(restore_params(directory), sep="/")
+    out = dict(params)
+    for name in _encoder_names(params, which):
+        if name not in params:
+            raise ValueError(
+                f"params have no {name!r} subtree to initialise (have {sorted(params)})"
+            )
+        out[name] = _load_tower(params[name], converted, name, directory)
+        logging.info("text_init: %s initialised from %s", name, directory)
+    return out
