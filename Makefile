@@ -25,6 +25,8 @@ train: venv
 	$(PY) -m vlp_jax.main --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
 test: venv
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium unavailable: the page-rendering test will be skipped"
 	$(PY) -m pytest tests $(ARGS)
 
 lint: venv

@@ -1,4 +1,4 @@
-"""Two processes × 2 CPU devices over 127.0.0.1 train exactly like one process × 4 devices.
+"""Two processes × 4 CPU devices over 127.0.0.1 train exactly like one process × 8 devices.
 
 Exercises ``jax.distributed`` start-up, per-process data sharding, global-array assembly,
 multi-process Orbax checkpoints and evaluation, through the real launcher script.
@@ -43,7 +43,7 @@ def _losses(workdir):
 def test_two_processes_match_one_process(tiny_config, tmp_path):
     tiny_config.train.num_steps = 4
     tiny_config.checkpoint.every_steps = 4
-    tiny_config.train.mesh_shape = (4,)
+    tiny_config.train.mesh_shape = (8,)
     single = str(tmp_path / "single")
     single_results = train.train_and_evaluate(tiny_config, single)  # also builds the dataset
 
@@ -52,7 +52,7 @@ def test_two_processes_match_one_process(tiny_config, tmp_path):
     env["XLA_FLAGS"] = " ".join(
         f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f
     )
-    env.update(PYTHON=sys.executable, DEVICES_PER_PROCESS="2")
+    env.update(PYTHON=sys.executable, DEVICES_PER_PROCESS="4")
     proc = subprocess.run(
         ["bash", "launch/local_multiprocess.sh", "2", *_flags(tiny_config), f"--workdir={multi}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=280,

@@ -8,11 +8,13 @@ from ml_collections import config_flags
 
 from vlp_jax import runtime, train
 from vlp_jax.parallel import mesh as mesh_lib
+from vlp_jax.serve import export
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file: python, get_config().")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, eval, export.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (+ final eval) or eval.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "export"],
+                  "train (+ final eval), eval, or export (bundle of the latest checkpoint).")
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process runs.")
 flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", -1, "This process's index (multi-process runs).")
@@ -30,6 +32,8 @@ def main(argv):
     )
     if FLAGS.mode == "eval":
         train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "export":
+        export.export_from_checkpoint(FLAGS.config, FLAGS.workdir)
     else:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 

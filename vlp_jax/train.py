@@ -2,7 +2,7 @@
 
 Order of work: validate config → mesh → dataset (cached) → model → sharded state → restore the
 latest checkpoint if any (state *and* data iterator) → train loop with periodic logging,
-checkpointing and evaluation → final checkpoint and evaluation.
+checkpointing and evaluation → final checkpoint, evaluation and serving export.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from vlp_jax.data.device_prefetch import DevicePrefetchIterator
 from vlp_jax.eval import embed
 from vlp_jax.models import make_model, pretrained
 from vlp_jax.parallel import mesh as mesh_lib
+from vlp_jax.serve import export
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -114,6 +115,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         final_step = int(jax.device_get(state.step))
         results = run.evaluate(final_step)
         logger.write_eval(final_step, results)
+        export.export_bundle(
+            os.path.join(workdir, "export"), params=state.params, config=run.config,
+            tokenizer=run.tokenizer, step=final_step,
+        )
     finally:
         logger.close()
         run.checkpointer.close()

@@ -1,0 +1,342 @@
+"""Offline item embedding + faiss index: the catalog side of serving.
+
+    python -m vlp_jax.serve.index --bundle=RUN/export --items=CATALOG/items.jsonl --out=DIR \
+        [--ann=hnsw|ivf|none] [--batch_size=256] [--hnsw_m=32 ...]
+
+Streams the catalog through the item tower in batches (sharded over the local devices), with a
+progress bar, and writes the index directory described in ``ann.py``.
+
+* **Bad records** are skipped and counted with the dataset builder's rules and reason names
+  (``records.parse_items`` for text-level problems, ``records.load_item_image`` for images), and
+  the counts are logged and stored in ``index_info.json``; they never stop the job.
+* **Resumable.**  Items are processed in fixed chunks of ``--chunk_size`` candidate records, each
+  written atomically to ``DIR/chunks/`` with its own counts.  A rerun with the same bundle and
+  items file skips finished chunks, so an interrupted job costs at most one chunk; a rerun with
+  a different bundle or items file refuses to mix results unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+
+from vlp_jax.data import records
+from vlp_jax.serve import ann
+from vlp_jax.serve import bundle as bundle_lib
+
+CHUNKS_DIR = "chunks"
+JOB_FILE = "job.json"
+
+
+def _file_fingerprint(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _job_identity(bundle: bundle_lib.Bundle, items_path: str, base_dir: str,
+                  chunk_size: int) -> dict[str, Any]:
+    """What must not change between an interrupted run and its resumption."""
+    return {
+        "bundle": bundle.path,
+        "bundle_created_at": bundle.manifest.get("created_at"),
+        "bundle_step": bundle.step,
+        "items": os.path.abspath(items_path),
+        "items_sha256": _file_fingerprint(items_path),
+        "base_dir": base_dir,
+        "chunk_size": int(chunk_size),
+    }
+
+
+def _prepare_out(out_dir: str, identity: dict[str, Any], overwrite: bool) -> str:
+    chunks = os.path.join(out_dir, CHUNKS_DIR)
+    job_path = os.path.join(chunks, JOB_FILE)
+    if os.path.isfile(job_path):
+        with open(job_path) as f:
+            previous = json.load(f)
+        if previous != identity:
+            if not overwrite:
+                changed = sorted(k for k in identity if previous.get(k) != identity[k])
+                raise ValueError(
+                    f"{chunks} holds partial results of a different job (changed: {changed}); "
+                    "pass --overwrite to discard them")
+            shutil.rmtree(chunks)
+    os.makedirs(chunks, exist_ok=True)
+    if not os.path.isfile(job_path):
+        with open(job_path + ".tmp", "w") as f:
+            json.dump(identity, f, indent=2, sort_keys=True)
+        os.replace(job_path + ".tmp", job_path)
+    return chunks
+
+
+def _chunk_path(chunks_dir: str, c: int) -> str:
+    return os.path.join(chunks_dir, f"chunk_{c:06d}.npz")
+
+
+def _load(meta: records.ItemMeta, base_dir: str, size: int):
+    """(image, fix notes, skip reason): the builder's decoder, so the same items are kept.
+
+    Images are checked even for a text-only model: the builder skips unreadable ones, so the
+    model never trained with such items and the index should not contain them either.
+    """
+    try:
+        image, notes = records.load_item_image(base_dir, meta, size)
+        return image, notes, None
+    except records.BadRecord as e:
+        return None, [], e.reason
+
+
+def _shown_image(meta: records.ItemMeta, base_dir: str, size: int) -> str:
+    """The image path the item was embedded with (the first readable one, as the builder)."""
+    if len(meta.image_paths) > 1:  # rare: re-find the fallback the decoder used
+        for rel in meta.image_paths:
+            try:
+                records.load_image(os.path.join(base_dir, rel), size)
+                return rel
+            except records.BadRecord:
+                continue
+    return meta.image_paths[0]
+
+
+def _embed_chunk(bundle, metas, start, base_dir, batch_size, pool, bar) -> dict[str, Any]:
+    """Embed ``metas`` (rows ``start..``); returns arrays + this chunk's image-level counts."""
+    rows, embs = [], []
+    skipped: collections.Counter = collections.Counter()
+    fixed: collections.Counter = collections.Counter()
+    for b0 in range(0, len(metas), batch_size):
+        batch = metas[b0:b0 + batch_size]
+        loaded = list(pool.map(lambda m: _load(m, base_dir, bundle.image_size), batch))
+        keep = [i for i, (_, _, reason) in enumerate(loaded) if reason is None]
+        for _, notes, reason in loaded:
+            fixed.update(notes)
+            if reason is not None:
+                skipped[reason] += 1
+        if keep:
+            images = np.stack([loaded[i][0] for i in keep]) if bundle.use_image else None
+            embs.append(bundle.encode_item_arrays([batch[i].title for i in keep], images))
+            rows.extend(start + b0 + i for i in keep)
+        bar.update(len(batch))
+    emb = np.concatenate(embs) if embs else np.zeros((0, bundle.embed_dim), np.float32)
+    return {"emb": emb, "rows": np.asarray(rows, np.int64), "skipped": dict(skipped),
+            "fixed": dict(fixed)}
+
+
+def _save_chunk(path: str, chunk: dict[str, Any]) -> None:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, emb=chunk["emb"], rows=chunk["rows"],
+             counts=np.asarray(json.dumps({"skipped": chunk["skipped"], "fixed": chunk["fixed"]})))
+    os.replace(tmp, path)
+
+
+def _read_chunk(path: str) -> dict[str, Any]:
+    with np.load(path) as z:
+        counts = json.loads(str(z["counts"]))
+        return {"emb": z["emb"], "rows": z["rows"], **counts}
+
+
+def embed_catalog(
+    bundle: bundle_lib.Bundle,
+    items_path: str,
+    out_dir: str,
+    *,
+    base_dir: str | None = None,
+    batch_size: int = 256,
+    chunk_size: int = 8192,
+    overwrite: bool = False,
+    progress: bool = True,
+    max_chunks: int | None = None,
+) -> dict[str, Any]:
+    """Embed every good item of ``items_path``; returns embeddings, rows and counts.
+
+    ``max_chunks`` stops after that many *newly computed* chunks (used to simulate an
+    interruption); the result then has ``"complete": False``.
+    """
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size}, {chunk_size}")
+    if not os.path.isfile(items_path):
+        raise ValueError(f"items file {items_path!r} does not exist")
+    base_dir = os.path.abspath(base_dir or os.path.dirname(os.path.abspath(items_path)))
+    stats = records.SplitStats()
+    metas, _ = records.parse_items(items_path, stats)
+    identity = _job_identity(bundle, items_path, base_dir, chunk_size)
+    chunks_dir = _prepare_out(out_dir, identity, overwrite)
+    num_chunks = -(-len(metas) // chunk_size)
+    from tqdm import tqdm  # ships with tensorflow-datasets
+
+    computed = reused = 0
+    parts = []
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool, tqdm(
+        total=len(metas), unit="item", desc="embedding items", disable=not progress,
+        file=sys.stderr,
+    ) as bar:
+        for c in range(num_chunks):
+            path = _chunk_path(chunks_dir, c)
+            if os.path.isfile(path):
+                parts.append(_read_chunk(path))
+                reused += 1
+                bar.update(min(chunk_size, len(metas) - c * chunk_size))
+                continue
+            if max_chunks is not None and computed >= max_chunks:
+                break
+            start = c * chunk_size
+            chunk = _embed_chunk(bundle, metas[start:start + chunk_size], start, base_dir,
+                                 batch_size, pool, bar)
+            _save_chunk(path, chunk)
+            parts.append(chunk)
+            computed += 1
+    complete = len(parts) == num_chunks
+    for part in parts:
+        stats.skipped.update(part["skipped"])
+        stats.fixed.update(part["fixed"])
+    rows = np.concatenate([p["rows"] for p in parts]) if parts else np.zeros(0, np.int64)
+    emb = (np.concatenate([p["emb"] for p in parts]) if parts
+           else np.zeros((0, bundle.embed_dim), np.float32))
+    stats.kept = int(rows.size)
+    return {"embeddings": emb, "rows": rows, "metas": metas, "stats": stats,
+            "base_dir": base_dir, "complete": complete, "chunks_computed": computed,
+            "chunks_reused": reused, "num_chunks": num_chunks}
+
+
+def build_index_dir(
+    bundle: bundle_lib.Bundle,
+    items_path: str,
+    out_dir: str,
+    *,
+    ann_kind: str = "hnsw",
+    ann_params: ann.AnnParams | None = None,
+    keep_chunks: bool = False,
+    **embed_kwargs: Any,
+) -> dict[str, Any]:
+    """Embed the catalog and write the index directory; returns the ``index_info.json`` dict
+    (``{"complete": False, ...}`` without an index if the embedding stopped early)."""
+    if ann_kind not in ("none", "hnsw", "ivf"):
+        raise ValueError(f"ann must be 'none', 'hnsw' or 'ivf', got {ann_kind!r}")
+    ann_params = ann_params or ann.AnnParams()
+    ann_params.validate()
+    start = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    info_path = os.path.join(out_dir, ann.INFO_FILE)
+    if os.path.exists(info_path):
+        os.remove(info_path)  # the directory is "finished" again only when rewritten
+    res = embed_catalog(bundle, items_path, out_dir, **embed_kwargs)
+    stats = res["stats"]
+    counts = {**stats.as_dict(), "total_skipped": int(sum(stats.skipped.values()))}
+    if not res["complete"]:
+        return {"complete": False, "counts": counts, "chunks_computed": res["chunks_computed"],
+                "chunks_reused": res["chunks_reused"], "num_chunks": res["num_chunks"]}
+    if stats.skipped:
+        logging.warning("index: %d of %d item lines skipped: %s", counts["total_skipped"],
+                        stats.lines, counts["skipped"])
+    if not res["rows"].size:
+        raise ValueError(f"no usable item in {items_path}: skipped {counts['skipped']}")
+    embed_seconds = time.perf_counter() - start
+    emb, metas = res["embeddings"], res["metas"]
+    np.save(os.path.join(out_dir, ann.EMBEDDINGS_FILE + ".tmp.npy"), emb)
+    os.replace(os.path.join(out_dir, ann.EMBEDDINGS_FILE + ".tmp.npy"),
+               os.path.join(out_dir, ann.EMBEDDINGS_FILE))
+    items_tmp = os.path.join(out_dir, ann.ITEMS_FILE + ".tmp")
+    with open(items_tmp, "w", encoding="utf-8") as f:
+        for r, meta_row in enumerate(res["rows"]):
+            m = metas[int(meta_row)]
+            f.write(json.dumps({"row": r, "item_id": m.item_id, "title": m.title,
+                                "image": _shown_image(m, res["base_dir"], bundle.image_size)},
+                               ensure_ascii=False) + "\n")
+    os.replace(items_tmp, os.path.join(out_dir, ann.ITEMS_FILE))
+    kinds = ["flat"] + ([] if ann_kind == "none" else [ann_kind])
+    build_seconds = {}
+    for kind in kinds:
+        index, seconds = ann.timed(ann.build_index, emb, kind, ann_params)
+        ann.write_index(index, os.path.join(out_dir, ann.index_file(kind)))
+        build_seconds[kind] = round(seconds, 3)
+    info = {
+        "complete": True,
+        "indexes": kinds,
+        "ann_params": dict(vars(ann_params)),
+        "num_items": int(emb.shape[0]),
+        "embed_dim": int(emb.shape[1]),
+        "base_dir": res["base_dir"],
+        "items_path": os.path.abspath(items_path),
+        "bundle": bundle.path,
+        "bundle_step": bundle.step,
+        "counts": counts,
+        "chunks_computed": res["chunks_computed"],
+        "chunks_reused": res["chunks_reused"],
+        "embed_seconds": round(embed_seconds, 3),
+        "build_seconds": build_seconds,
+        "items_per_sec": round(emb.shape[0] / embed_seconds, 1) if embed_seconds > 0 else None,
+    }
+    with open(info_path + ".tmp", "w") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+    os.replace(info_path + ".tmp", info_path)
+    if not keep_chunks:
+        shutil.rmtree(os.path.join(out_dir, CHUNKS_DIR), ignore_errors=True)
+    return info
+
+
+# ----------------------------------------------------------------------------- command line
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    flags.DEFINE_string("bundle", None, "Serving bundle directory (RUN/export).")
+    flags.DEFINE_string("items", None, "items.jsonl in the data format.")
+    flags.DEFINE_string("out", None, "Output index directory.")
+    flags.DEFINE_string("base_dir", "", "Directory image paths are relative to "
+                        "(default: the items file's directory).")
+    flags.DEFINE_enum("ann", "hnsw", ["none", "hnsw", "ivf"], "Approximate index besides flat.")
+    flags.DEFINE_integer("batch_size", 256, "Items per encoder call (split over local devices).")
+    flags.DEFINE_integer("chunk_size", 8192, "Items per resumable chunk.")
+    flags.DEFINE_integer("num_devices", 0, "Local devices to use (0 = all).")
+    defaults = ann.AnnParams()
+    flags.DEFINE_integer("hnsw_m", defaults.hnsw_m, "HNSW graph degree M.")
+    flags.DEFINE_integer("hnsw_ef_construction", defaults.hnsw_ef_construction,
+                         "HNSW efConstruction.")
+    flags.DEFINE_integer("hnsw_ef_search", defaults.hnsw_ef_search, "HNSW efSearch.")
+    flags.DEFINE_integer("ivf_nlist", defaults.ivf_nlist, "IVF cells (0 = 4*sqrt(N)).")
+    flags.DEFINE_integer("ivf_nprobe", defaults.ivf_nprobe, "IVF cells probed per query.")
+    flags.DEFINE_bool("overwrite", False, "Discard partial results of a different job.")
+    flags.DEFINE_bool("keep_chunks", False, "Keep DIR/chunks/ after success.")
+    flags.DEFINE_bool("progress", True, "Show a progress bar.")
+    flags.mark_flags_as_required(["bundle", "items", "out"])
+
+
+def _main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from vlp_jax import runtime
+
+    runtime.quiet_library_logs()
+    bundle = bundle_lib.load_bundle(FLAGS.bundle, towers=("item",),
+                                    num_devices=FLAGS.num_devices or None,
+                                    buckets=(FLAGS.batch_size,))
+    params = ann.AnnParams(
+        hnsw_m=FLAGS.hnsw_m, hnsw_ef_construction=FLAGS.hnsw_ef_construction,
+        hnsw_ef_search=FLAGS.hnsw_ef_search, ivf_nlist=FLAGS.ivf_nlist,
+        ivf_nprobe=FLAGS.ivf_nprobe,
+    )
+    info = build_index_dir(
+        bundle, FLAGS.items, FLAGS.out, ann_kind=FLAGS.ann, ann_params=params,
+        keep_chunks=FLAGS.keep_chunks, base_dir=FLAGS.base_dir or None,
+        batch_size=bundle.buckets[-1], chunk_size=FLAGS.chunk_size, overwrite=FLAGS.overwrite,
+        progress=FLAGS.progress,
+    )
+    print(json.dumps({k: info[k] for k in ("num_items", "counts", "build_seconds",
+                                           "embed_seconds", "items_per_sec")}, indent=2))
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(_main)
