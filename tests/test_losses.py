@@ -1,8 +1,5 @@
-"""Losses vs plain-numpy (float64) references: values, metrics and gradients.
-
-Gradients from jax.grad are compared with central finite differences of the numpy reference,
-so a wrong mask, margin, normalisation or a missing stop-gradient shows up as a number.
-"""
+"""Losses vs plain-numpy (float64) references: values, metrics and gradients (jax.grad vs
+central finite differences), so a wrong mask, margin, normalisation or stop-gradient shows."""
 
 import jax
 import jax.numpy as jnp
@@ -94,7 +91,6 @@ def np_qic_metrics(q, it, iid, scale, valid, pos, bias=0.0):
 
 
 # ----------------------------------------------------------------- fixtures
-
 QID = np.array([0, 1, 0, 2])  # queries 0 and 2 are the same text
 IID = np.array([10, 11, 12, 10, 13, 11, 14])  # items 0 and 3 are the same product
 VALID = np.array([True, True, True, True, True, False, True])  # item 5 is padding
@@ -245,8 +241,6 @@ def test_qic_bad_shapes(qi):
 
 
 # ----------------------------------------------------------------- softmax_xent_with_masks
-
-
 def test_softmax_xent_with_masks_matches_numpy_and_is_safe():
     rng = np.random.default_rng(2)
     logits = rng.normal(size=(5, 6)) * 20

@@ -5,18 +5,14 @@ Splits (see docs/architecture.md "TFDS records"):
 - ``items``: one record per kept item, in items.jsonl order; ``item_index`` = row number.
 - ``train`` / ``valid`` / ``test``: one record per kept (query, item) pair.
 
-Images are decoded, converted to RGB and resized once here, and stored as the raw bytes of a
-uint8 [S, S, 3] array (``TextSource`` reshapes them; pair records carry ``b""``).  Measured at
-64×64 on a 2-core box: decoding a PNG costs ~130–230 µs per image against ~1 µs for
-``np.frombuffer``, while the TFDS record read itself is ~100–150 µs; TFDS's default tensor
-encoding (one int64 per value) reads at ~260–310 µs.  array_record compresses each record, so
-raw bytes cost little disk (3000 items + 9000 pairs: 5 MB).
+Images are decoded, converted to RGB and resized once here and stored as raw uint8 [S, S, 3]
+bytes (``TextSource`` reshapes them; pair records carry ``b""``): at 64×64 a PNG decode costs
+~130–230 µs against ~1 µs for ``np.frombuffer``, and array_record's compression keeps disk small.
 
 The build lives in ``data_dir/vlp_catalog/<s{size}_{fingerprint}>/1.0.0``; the fingerprint
-covers the catalog files (content), the images they reference (size + mtime), the image size
-and the tokenizer settings, so a second call with unchanged inputs reuses the build and any
-change rebuilds.  The folder also holds ``tokenizer/`` and ``build_report.json``; it is written
-to a temporary folder and renamed when complete, so a crash never leaves half a build behind.
+covers the catalog files (content), the images (size + mtime), the image size and tokenizer
+settings, so unchanged inputs reuse the build.  It holds ``tokenizer/`` and ``build_report.json``
+and is written to a temporary folder renamed when complete (a crash leaves no half build).
 """
 
 from __future__ import annotations
@@ -275,11 +271,7 @@ _SPLIT_FIELDS = {
 
 @dataclasses.dataclass(frozen=True)
 class TextSource:
-    """Random-access source yielding the split's records exactly as in docs/architecture.md.
-
-    Wraps the TFDS ArrayRecord source: keeps the split's fields, decodes text ``bytes`` to
-    ``str`` and image bytes to uint8 [S, S, 3].  Picklable, so Grain worker processes can use it.
-    """
+    """A TFDS split as docs/architecture.md records (str text, uint8 image); picklable for Grain."""
 
     source: Any  # tfds ArrayRecord data source, or () for an empty split
     split: str
