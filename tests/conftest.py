@@ -18,6 +18,18 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def mesh():
+    """The 1-D ``data`` mesh over all 8 fake devices (sharded-loss and memory-bank tests)."""
+    import jax
+
+    from vlp_jax.parallel.mesh import make_mesh
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (fake) devices")
+    return make_mesh((8,))
+
+
+@pytest.fixture(scope="session")
 def data_cache_dir(tmp_path_factory):
     """One cache dir per test session: the tiny built-in catalog and its TFDS build are shared."""
     return str(tmp_path_factory.mktemp("vlp_cache"))

@@ -13,18 +13,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vlp_jax.losses.contrastive import qic_loss
-from vlp_jax.parallel.mesh import DATA_AXIS, make_mesh
+from vlp_jax.parallel.mesh import DATA_AXIS
 from vlp_jax.parallel.negatives import sharded_qic_loss
 
 B, D, N = 32, 8, 8  # b = 4 rows per device
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    if jax.device_count() < N:
-        pytest.skip("needs 8 (fake) devices")
-    return make_mesh((N,))
 
 
 def _unit(x):
