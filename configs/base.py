@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.mlp_dim = 0  # MLP hidden size; 0 = mlp_ratio * width (text_init sets the checkpoint's)
     m.layer_norm_eps = 1e-6  # LayerNorm epsilon (BERT checkpoints: 1e-12, set by text_init)
     m.pre_norm = True  # pre-LN blocks; False = BERT post-LN (forced by text_init)
+    m.remat = "none"  # activation rematerialisation: "none" | "block" (recompute each block)
 
     # ---------------------------------------------------------------- losses
     c.loss = lo = ml_collections.ConfigDict()
@@ -90,6 +91,9 @@ def get_config() -> ml_collections.ConfigDict:
     t.grad_clip_norm = 1.0  # global-norm gradient clipping (0 = off)
     t.log_every_steps = 20  # metrics.jsonl / TensorBoard / progress-line period
     t.mesh_shape = (-1,)  # devices along the `data` axis (-1 = all devices)
+    t.accum_steps = 1  # GradCache: k micro-batches of batch_size/k, all k*B negatives kept
+    t.nonfinite_policy = "stop"  # non-finite loss/grads: "stop" (dump, exit) or "skip" update
+    t.max_consecutive_skips = 5  # with "skip": stop after this many non-finite steps in a row
 
     # ---------------------------------------------------------------- checkpointing
     c.checkpoint = ck = ml_collections.ConfigDict()

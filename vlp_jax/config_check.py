@@ -18,6 +18,8 @@ _CHOICES = {
     "eval.split": ("valid", "test"),
     "negatives.bank_dtype": ("float32", "bfloat16"),
     "model.text_init_towers": ("query", "item", "both"),
+    "model.remat": ("none", "block"),
+    "train.nonfinite_policy": ("stop", "skip"),
 }
 
 _POSITIVE = (
@@ -25,7 +27,8 @@ _POSITIVE = (
     "model.embed_dim", "model.width", "model.depth", "model.query_depth", "model.num_heads",
     "model.mlp_ratio", "model.patch_size", "loss.temperature", "loss.mpm_temperature",
     "train.num_steps", "train.batch_size", "train.log_every_steps", "checkpoint.every_steps",
-    "checkpoint.keep", "eval.batch_size", "eval.chunk_size",
+    "checkpoint.keep", "eval.batch_size", "eval.chunk_size", "train.accum_steps",
+    "train.max_consecutive_skips",
 )
 
 _NON_NEGATIVE = (
