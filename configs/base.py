@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     d.tokenizer = ""  # "" = train a WordPiece vocab on the catalog; else an HF tokenizer folder
     d.vocab_size = 2000  # WordPiece vocab size when the tokenizer is trained on the catalog
     d.mlm_prob = 0.15  # fraction of (non-special) tokens selected for MLM (BERT 80/10/10 rule)
+    d.mlm_max_fraction = 0.3  # at most ceil(0.3 * len) MLM targets per sequence; 1.0 = no cap
     d.patch_mask_ratio = 0.25  # fraction of image patches replaced by the mask token (MPM)
     d.worker_count = 0  # Grain worker processes (0 = in-process; >0 for multi-core hosts)
     d.prefetch = 2  # batches prepared and placed on device ahead of the step

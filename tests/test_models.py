@@ -22,6 +22,7 @@ B = 3  # batch rows everywhere, so eager op compilations are shared between test
 def tiny_config(**model):
     c = get_config()
     c.data.image_size, c.data.query_len, c.data.title_len = IMG, LQ, LT
+    c.data.mlm_max_fraction = 1.0  # logits at every position (the cap: test_mlm_cap_...)
     c.model.update(dict(width=W, depth=1, query_depth=1, num_heads=2, mlp_ratio=2,
                         embed_dim=D, patch_size=P))
     c.model.update(model)
@@ -388,3 +389,38 @@ def test_bad_inputs_raise_clear_errors():
     c.data.image_size = 10
     with pytest.raises(ValueError, match="not divisible by model.patch_size"):
         make_model(c, V)
+
+
+def test_mlm_cap_gives_exactly_the_all_position_loss_and_grads():
+    """Logits only at the capped positions: same MLM losses and gradients as at every position."""
+    from vlp_jax.losses import masked
+    from vlp_jax.train_step import _mlm_labels
+
+    capped = tiny_config()
+    capped.data.mlm_max_fraction = 0.3  # query: ceil(1.5) = 2 of 5, title: ceil(2.1) = 3 of 7
+    full_model, params = build()
+    cap_model = make_model(capped, V)
+    assert (cap_model.query_mlm_predictions, cap_model.title_mlm_predictions) == (2, 3)
+    batch = make_batch()
+    rng = np.random.default_rng(5)
+    for prefix, length, cap in (("query", LQ, 2), ("title", LT, 3)):
+        weights = np.zeros((B, length), np.float32)
+        for row in range(B):  # row 0 at the cap, others fewer; targets anywhere
+            weights[row, rng.choice(length, cap - (row > 0), replace=False)] = 1.0
+        batch[f"{prefix}_mlm_weights"] = weights
+        batch[f"{prefix}_mlm_targets"] = rng.integers(5, V, (B, length)).astype(np.int32)
+
+    def mlm_losses(p, model):
+        out = model.apply({"params": p}, batch, train=False)
+        return sum(masked.mlm_loss(out[f"{k}_mlm_logits"], *_mlm_labels(out, batch, k))[0]
+                   for k in ("query", "title")), out
+
+    (full, out_full), g_full = jax.value_and_grad(mlm_losses, has_aux=True)(params, full_model)
+    (cap, out_cap), g_cap = jax.value_and_grad(mlm_losses, has_aux=True)(params, cap_model)
+    assert out_cap["title_mlm_logits"].shape == (B, 3, V)
+    assert out_full["title_mlm_logits"].shape == (B, LT, V)
+    np.testing.assert_allclose(cap, full, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 g_cap, g_full)
+    with pytest.raises(ValueError, match="title_mlm_weights"):
+        cap_model.apply({"params": params}, make_batch(), train=False)

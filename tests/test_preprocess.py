@@ -86,6 +86,26 @@ def test_mlm_mask_rates_and_invariants(tokenizer):
     np.testing.assert_array_equal(again[0], out)
 
 
+def test_mlm_cap_keeps_the_earliest_draws_and_leaves_the_rest_untouched(tokenizer):
+    mask_id, special, replacement = preprocess.mlm_vocab(tokenizer)
+    assert [preprocess.mlm_max_predictions(n, 0.3) for n in (12, 24, 10, 1)] == [4, 8, 3, 1]
+    assert preprocess.mlm_max_predictions(24, 1.0) == 24
+    with pytest.raises(ValueError, match="max fraction"):
+        preprocess.mlm_max_predictions(24, 0.0)
+    tokens, mask = _random_tokens(400, 24)
+    kwargs = dict(mlm_prob=0.6, mask_id=mask_id, special_ids=special, replacement_ids=replacement)
+    free = preprocess.mlm_mask(tokens, mask, [preprocess.record_rng(0, i) for i in range(400)],
+                               **kwargs)
+    capped = preprocess.mlm_mask(tokens, mask, [preprocess.record_rng(0, i) for i in range(400)],
+                                 max_predictions=3, **kwargs)
+    counts = capped[2].sum(axis=1)
+    assert counts.max() == 3 and (counts == np.minimum(free[2].sum(axis=1), 3)).all()
+    assert not (capped[2] > free[2]).any()  # a subset of the uncapped selection
+    kept = capped[2] == 1.0
+    np.testing.assert_array_equal(capped[0][kept], free[0][kept])  # same 80/10/10 action
+    np.testing.assert_array_equal(capped[0][~kept], tokens[~kept])  # dropped: original token
+
+
 def test_mlm_mask_validates_inputs(tokenizer):
     mask_id, special, replacement = preprocess.mlm_vocab(tokenizer)
     tokens, mask = _random_tokens(2, 8)

@@ -67,6 +67,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         value = _get(config, field)
         if not 0.0 <= value < 1.0:
             problems.append(f"{field}={value!r} must be in [0, 1)")
+    if not 0.0 < config.data.get("mlm_max_fraction", 1.0) <= 1.0:
+        problems.append(
+            f"data.mlm_max_fraction={config.data.mlm_max_fraction!r} must be in (0, 1]"
+        )
     if not 0.0 <= config.negatives.momentum < 1.0:
         problems.append(f"negatives.momentum={config.negatives.momentum!r} must be in [0, 1)")
     neg = config.negatives

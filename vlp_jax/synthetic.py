@@ -9,6 +9,8 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
+from vlp_jax.data.preprocess import mlm_max_predictions
+
 
 def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 2) -> dict[str, np.ndarray]:
     """Zero batch with the train-batch contract's shapes, for ``init``/``eval_shape``."""
@@ -42,8 +44,11 @@ def random_batch(
             batch[key] = np.ones_like(value)
         elif key.endswith("tokens") or key.endswith("targets"):
             batch[key] = rng.integers(5, vocab, value.shape).astype(np.int32)
-        elif key.endswith("weights"):
-            batch[key] = (rng.random(value.shape) < 0.15).astype(np.float32)
+        elif key.endswith("weights"):  # ~15% selected, at most the pipeline's cap per row
+            draws = rng.random(value.shape)
+            cap = mlm_max_predictions(value.shape[1], config.data.get("mlm_max_fraction", 1.0))
+            rank = np.argsort(np.argsort(draws, axis=1), axis=1)
+            batch[key] = ((draws < 0.15) & (rank < cap)).astype(np.float32)
         elif key == "patches":
             batch[key] = rng.standard_normal(value.shape).astype(np.float32)
     n = batch["patch_mask"].shape[1]

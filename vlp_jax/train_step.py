@@ -29,6 +29,17 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
+def _mlm_labels(outputs: dict, batch: Batch, prefix: str) -> tuple[jax.Array, jax.Array]:
+    """MLM (targets, weights) aligned with the logits: gathered at the model's positions when
+    it predicted only the capped positions (see ``VLPModel._mlm_logits``)."""
+    targets, weights = batch[f"{prefix}_mlm_targets"], batch[f"{prefix}_mlm_weights"]
+    positions = outputs.get(f"{prefix}_mlm_positions")
+    if positions is not None:
+        targets = jnp.take_along_axis(targets, positions, axis=1)
+        weights = jnp.take_along_axis(weights, positions, axis=1)
+    return targets, weights
+
+
 def compute_losses(
     outputs: dict[str, jax.Array],
     batch: Batch,
@@ -65,7 +76,7 @@ def compute_losses(
 
     if lcfg.mlm_weight > 0:
         mlm, mlm_metrics = masked.mlm_loss(
-            outputs["title_mlm_logits"], batch["title_mlm_targets"], batch["title_mlm_weights"]
+            outputs["title_mlm_logits"], *_mlm_labels(outputs, batch, "title")
         )
         total += lcfg.mlm_weight * mlm
         metrics["mlm_loss"] = mlm
@@ -73,7 +84,7 @@ def compute_losses(
 
     if lcfg.query_mlm_weight > 0:
         qmlm, qmlm_metrics = masked.mlm_loss(
-            outputs["query_mlm_logits"], batch["query_mlm_targets"], batch["query_mlm_weights"]
+            outputs["query_mlm_logits"], *_mlm_labels(outputs, batch, "query")
         )
         total += lcfg.query_mlm_weight * qmlm
         metrics["query_mlm_loss"] = qmlm

@@ -153,6 +153,7 @@ class PreprocessBatch(grain.transforms.Map):
         self._title_len = int(data_cfg.title_len)
         self._image_size = int(data_cfg.image_size)
         self._mlm_prob = float(data_cfg.mlm_prob)
+        self._mlm_max_fraction = float(data_cfg.get("mlm_max_fraction", 1.0))
         self._ratio = float(data_cfg.patch_mask_ratio)
         self._patch_size = int(patch_size)
         self._num_patches = (self._image_size // self._patch_size) ** 2
@@ -161,9 +162,10 @@ class PreprocessBatch(grain.transforms.Map):
         preprocess.encode_texts(tokenizer, ["warm up"], 2)  # fix tokenizer state before threads
 
     def _mlm(self, tokens, mask, rngs):
+        cap = preprocess.mlm_max_predictions(tokens.shape[1], self._mlm_max_fraction)
         return preprocess.mlm_mask(tokens, mask, rngs, mlm_prob=self._mlm_prob,
                                    mask_id=self._mask_id, special_ids=self._special,
-                                   replacement_ids=self._replacement)
+                                   replacement_ids=self._replacement, max_predictions=cap)
 
     def map(self, records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
         rngs = [preprocess.record_rng(self._seed, r["position"]) for r in records]

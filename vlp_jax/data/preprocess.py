@@ -11,6 +11,7 @@ not depend on the batch a record lands in, the number of processes, or the numbe
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -110,6 +111,18 @@ def mlm_vocab(tokenizer: Any) -> tuple[int, np.ndarray, np.ndarray]:
     return int(mask_id), special, replacement
 
 
+def mlm_max_predictions(length: int, max_fraction: float) -> int:
+    """Cap on MLM predictions per sequence: ``ceil(max_fraction * length)``, in [1, length].
+
+    BERT's ``max_predictions_per_seq``: with a static cap the model computes vocabulary logits
+    at the (at most) ``cap`` selected positions only, instead of at every position — the
+    [B, L, V] logits and their softmax were the largest tensors of the train step.
+    """
+    if not 0.0 < max_fraction <= 1.0:
+        raise ValueError(f"MLM max fraction must be in (0, 1], got {max_fraction}")
+    return max(1, min(length, math.ceil(max_fraction * length - 1e-9)))
+
+
 def mlm_mask(
     tokens: np.ndarray,
     mask: np.ndarray,
@@ -119,13 +132,17 @@ def mlm_mask(
     mask_id: int,
     special_ids: np.ndarray,
     replacement_ids: np.ndarray,
+    max_predictions: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """BERT masking of a token batch, one generator per row.
 
     Each non-special, non-padding token is selected independently with probability ``mlm_prob``;
     a selected token becomes [MASK] with prob. 0.8, a random non-special token with prob. 0.1 and
-    stays unchanged with prob. 0.1.  Returns ``(mlm_tokens int32, targets int32, weights float32)``
-    with ``targets`` = the original ids everywhere and ``weights`` = 1.0 at selected positions.
+    stays unchanged with prob. 0.1.  With ``max_predictions`` a row keeps at most that many
+    selections (those with the smallest selection draws; the others stay untouched and
+    unweighted), so the model may gather a fixed number of positions per row.  Returns
+    ``(mlm_tokens int32, targets int32, weights float32)`` with ``targets`` = the original ids
+    everywhere and ``weights`` = 1.0 at selected positions.
     """
     if not 0.0 <= mlm_prob <= 1.0:
         raise ValueError(f"mlm_prob must be in [0, 1], got {mlm_prob}")
@@ -144,6 +161,10 @@ def mlm_mask(
         picks[row] = rng.integers(0, replacement_ids.size, size=length)
     eligible = np.asarray(mask, dtype=bool) & ~np.isin(tokens, special_ids)
     selected = eligible & (uniforms[:, 0] < mlm_prob)
+    if max_predictions is not None and max_predictions < length:
+        draws = np.where(selected, uniforms[:, 0], np.inf)
+        rank = np.argsort(np.argsort(draws, axis=1, kind="stable"), axis=1, kind="stable")
+        selected &= rank < max_predictions
     action = uniforms[:, 1]
     out = tokens.copy()
     out[selected & (action < 0.8)] = mask_id

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vlp_jax.data.preprocess import mlm_max_predictions
 from vlp_jax.models.heads import MLMHead, MPMHead
 from vlp_jax.models.text import (
     TextTransformer,
@@ -93,6 +94,10 @@ class VLPModel(nn.Module):
     compute_query_mlm: bool = True
     patch_pos_emb: str = "learned"  # "learned" or "sincos"
     pre_norm: bool = True  # False = BERT post-LN (for faithful HF BERT weights)
+    # MLM predictions per row (the pipeline's cap, see preprocess.mlm_max_predictions); 0 = all
+    # positions.  With a cap, logits are computed only at the top-`cap` weighted positions.
+    title_mlm_predictions: int = 0
+    query_mlm_predictions: int = 0
 
     # ------------------------------------------------------------------ construction
     def _validate(self) -> None:
@@ -158,6 +163,24 @@ class VLPModel(nn.Module):
         if self.config.shared_query_encoder and self.compute_title_mlm:
             return self.mlm_head
         return self.query_mlm_head
+
+    def _mlm_logits(
+        self, head: MLMHead, hidden: jax.Array, table: jax.Array, weights: jax.Array | None,
+        cap: int, out: dict[str, jax.Array], prefix: str,
+    ) -> None:
+        """MLM logits at the ``cap`` highest-weight positions (all positions when no cap).
+
+        The pipeline selects at most ``cap`` positions per row, so the top-``cap`` positions by
+        weight contain every selected one; the rest are weight-0 fillers.  The loss gathers its
+        targets and weights at ``{prefix}_mlm_positions``, giving exactly the all-position loss.
+        """
+        if cap and cap < hidden.shape[1]:
+            if weights is None:
+                raise ValueError(f"batch is missing {prefix}_mlm_weights (needed with an MLM cap)")
+            _, positions = jax.lax.top_k(weights.astype(jnp.float32), cap)
+            hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+            out[f"{prefix}_mlm_positions"] = positions
+        out[f"{prefix}_mlm_logits"] = head(hidden, table)
 
     def _pool_text(self, hidden: jax.Array, mask: jax.Array) -> jax.Array:
         if self.config.pooling == "cls":
@@ -249,8 +272,12 @@ class VLPModel(nn.Module):
             keys.append("patches")
         if self.compute_title_mlm:
             keys.append("title_mlm_tokens")
+            if self.title_mlm_predictions:
+                keys.append("title_mlm_weights")
         if self.compute_query_mlm:
             keys.append("query_mlm_tokens")
+            if self.query_mlm_predictions:
+                keys.append("query_mlm_weights")
         if self._do_mpm:
             keys.append("patch_mask")
         return tuple(keys)
@@ -278,8 +305,9 @@ class VLPModel(nn.Module):
                 tokens, batch["title_mask"], patches, patch_mask, train
             )
             if self.compute_title_mlm:
-                out["title_mlm_logits"] = self.mlm_head(
-                    title_h, self.item_encoder.embedding_matrix()
+                self._mlm_logits(
+                    self.mlm_head, title_h, self.item_encoder.embedding_matrix(),
+                    batch.get("title_mlm_weights"), self.title_mlm_predictions, out, "title",
                 )
             if self._do_mpm:
                 out["mpm_pred"] = self.mpm_head(patch_h)
@@ -291,8 +319,9 @@ class VLPModel(nn.Module):
 
         if self.compute_query_mlm:
             hidden = self._query_hidden(batch["query_mlm_tokens"], batch["query_mask"], train)
-            out["query_mlm_logits"] = self._query_mlm()(
-                hidden, self._query_text().embedding_matrix()
+            self._mlm_logits(
+                self._query_mlm(), hidden, self._query_text().embedding_matrix(),
+                batch.get("query_mlm_weights"), self.query_mlm_predictions, out, "query",
             )
         return out
 
@@ -329,7 +358,15 @@ def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> VLPModel:
         compute_query_mlm=lo.query_mlm_weight > 0,
         patch_pos_emb=m.get("patch_pos_emb", "learned"),
         pre_norm=m.get("pre_norm", True),
+        title_mlm_predictions=_mlm_cap(d, d.title_len),
+        query_mlm_predictions=_mlm_cap(d, d.query_len),
     )
+
+
+def _mlm_cap(data_cfg: ml_collections.ConfigDict, length: int) -> int:
+    """The pipeline's per-row MLM cap for sequences of ``length`` (0 = no cap)."""
+    cap = mlm_max_predictions(length, data_cfg.get("mlm_max_fraction", 1.0))
+    return cap if cap < length else 0
 
 
 def dummy_batch(model: VLPModel, batch_size: int = 1) -> dict[str, np.ndarray]:
@@ -340,6 +377,8 @@ def dummy_batch(model: VLPModel, batch_size: int = 1) -> dict[str, np.ndarray]:
     return {
         "query_tokens": q, "query_mask": np.ones((b, lq), bool), "query_mlm_tokens": q,
         "title_tokens": t, "title_mask": np.ones((b, lt), bool), "title_mlm_tokens": t,
+        "query_mlm_weights": np.zeros((b, lq), np.float32),
+        "title_mlm_weights": np.zeros((b, lt), np.float32),
         "patches": np.zeros((b, n, model.patch_dim), np.float32),
         "patch_mask": np.zeros((b, n), bool),
     }
