@@ -64,3 +64,15 @@ def test_patch_embed_substitutes_mask_token_before_positions():
     assert "pos_embed" not in p  # fixed table, not a param
     with pytest.raises(ValueError, match="patches must be"):
         pe.apply(variables, patches[..., :-1], None)
+
+
+def test_gelu_matches_jax_exact_gelu_in_value_and_derivative():
+    from vlp_jax.models.text import gelu
+
+    x = jnp.linspace(-12.0, 12.0, 4001)
+    np.testing.assert_array_equal(gelu(x), jax.nn.gelu(x, approximate=False))
+    ours = jax.vmap(jax.grad(gelu))(x)
+    ref = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-7)
+    # Second order still differentiable (custom_jvp), e.g. for gradient penalties.
+    assert np.isfinite(jax.grad(jax.grad(gelu))(0.3))

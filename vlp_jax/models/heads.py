@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlp_jax.models.text import Dtype, dense_init
+from vlp_jax.models.text import Dtype, dense_init, gelu
 
 
 class _Transform(nn.Module):
@@ -27,7 +27,7 @@ class _Transform(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=dense_init, name="dense")(x)
-        x = nn.gelu(x, approximate=False)
+        x = gelu(x)
         return nn.LayerNorm(dtype=self.dtype, name="norm")(x)
 
 
