@@ -4,6 +4,10 @@ MFU = (FLOPs of one compiled train step, from XLA's cost analysis) / (step time)
 measured on this machine in the same run).  Using a *measured* peak rather than a datasheet
 number makes the figure comparable across CPUs, GPUs and TPUs.
 
+Beside the config it also times ``benchmarks/clip_reference.py``: a straightforward plain-JAX
+CLIP step at the open_clip size issue #8 compares against (9.6M params), so changes to our
+model code can be judged against a fixed yardstick measured in the same run.
+
     python benchmarks/train_throughput.py --config=configs/base.py --batch_sizes=64,128,256
 
 Prints a table and writes ``benchmarks/results/train_throughput.json``.
@@ -25,6 +29,8 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import clip_reference  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 from vlp_jax import train_state, train_step  # noqa: E402
 from vlp_jax.models import make_model  # noqa: E402
 from vlp_jax.parallel import mesh as mesh_lib  # noqa: E402
@@ -35,6 +41,7 @@ flags.DEFINE_string("batch_sizes", "64,128,256", "Comma-separated global batch s
 flags.DEFINE_integer("steps", 10, "Timed steps per batch size (after 2 warm-up steps).")
 flags.DEFINE_integer("vocab_size", 4000, "Vocabulary size (the built-in catalog's default).")
 flags.DEFINE_string("out", "benchmarks/results/train_throughput.json", "JSON output path.")
+flags.DEFINE_bool("reference", True, "Also time the plain-JAX CLIP reference step.")
 FLAGS = flags.FLAGS
 
 
@@ -51,6 +58,46 @@ def measure_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / best
 
 
+def _time_steps(run_step, steps: int) -> float:
+    """Seconds per step: 2 warm-up steps, then the mean of ``steps`` timed ones."""
+    for _ in range(2):
+        jax.block_until_ready(run_step())
+    t = time.perf_counter()
+    for _ in range(steps):
+        out = run_step()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t) / steps
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", 0.0))
+
+
+def _row(model: str, batch_size: int, params: int, dt: float, flops: float, peak: float) -> dict:
+    return {
+        "model": model, "batch_size": batch_size, "params": params, "ms_per_step": dt * 1e3,
+        "examples_per_sec": batch_size / dt, "step_gflops": flops / 1e9, "mfu": flops / dt / peak,
+    }
+
+
+def bench_reference(batch_size: int, steps: int, peak: float) -> dict:
+    """The plain-JAX CLIP step (benchmarks/clip_reference.py) at ``batch_size``."""
+    step, optimizer = clip_reference.make_step()
+    params = clip_reference.init_params()
+    count = clip_reference.param_count(params)
+    holder = {"params": params, "opt": optimizer.init(params)}
+    batch = jax.device_put(clip_reference.random_batch(batch_size))
+    flops = _flops(step.lower(holder["params"], holder["opt"], batch).compile())
+
+    def run_step():
+        holder["params"], holder["opt"], loss = step(holder["params"], holder["opt"], batch)
+        return loss
+
+    return _row("clip_reference", batch_size, count, _time_steps(run_step, steps), flops, peak)
+
+
 def bench_one(config, batch_size: int, steps: int, vocab: int, peak: float) -> dict:
     config = config.copy_and_resolve_references()
     config.train.batch_size = batch_size
@@ -60,42 +107,35 @@ def bench_one(config, batch_size: int, steps: int, vocab: int, peak: float) -> d
     host_batch = random_batch(config, batch_size, vocab)
     step = train_step.make_train_step(model, optimizer, config, mesh, shardings)
     batch = mesh_lib.shard_host_batch(host_batch, mesh)
-    compiled = step.lower(state, batch).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", 0.0))
-    for _ in range(2):
-        state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    t = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    dt = (time.perf_counter() - t) / steps
-    return {
-        "batch_size": batch_size,
-        "params": train_state.param_count(state.params),
-        "ms_per_step": dt * 1e3,
-        "examples_per_sec": batch_size / dt,
-        "step_gflops": flops / 1e9,
-        "mfu": flops / dt / peak,
-    }
+    flops = _flops(step.lower(state, batch).compile())
+    count = train_state.param_count(state.params)
+    holder = {"state": state}
+
+    def run_step():
+        holder["state"], metrics = step(holder["state"], batch)
+        return metrics
+
+    dt = _time_steps(run_step, steps)
+    name = os.path.basename(config_flags.get_config_filename(FLAGS["config"]))
+    return _row(name, batch_size, count, dt, flops, peak)
 
 
 def main(argv):
     del argv
     config = FLAGS.config
     peak = measure_matmul_peak()
-    rows = [
-        bench_one(config, int(b), FLAGS.steps, FLAGS.vocab_size, peak)
-        for b in FLAGS.batch_sizes.split(",")
-    ]
+    rows = []
+    for b in FLAGS.batch_sizes.split(","):
+        rows.append(bench_one(config, int(b), FLAGS.steps, FLAGS.vocab_size, peak))
+        if FLAGS.reference:
+            rows.append(bench_reference(int(b), FLAGS.steps, peak))
     print(f"\nmatmul peak: {peak / 1e9:.1f} GFLOP/s  ({jax.devices()[0].platform}, "
           f"{jax.device_count()} device(s), {os.cpu_count()} cores)")
-    print(f"{'batch':>6} {'ms/step':>9} {'ex/s':>8} {'GFLOP/step':>11} {'MFU':>6}")
+    print(f"{'model':>16} {'params':>10} {'batch':>6} {'ms/step':>9} {'ex/s':>8} "
+          f"{'GFLOP/step':>11} {'MFU':>6}")
     for r in rows:
-        print(f"{r['batch_size']:>6} {r['ms_per_step']:>9.1f} {r['examples_per_sec']:>8.1f} "
-              f"{r['step_gflops']:>11.2f} {r['mfu'] * 100:>5.1f}%")
+        print(f"{r['model']:>16} {r['params']:>10,} {r['batch_size']:>6} {r['ms_per_step']:>9.1f} "
+              f"{r['examples_per_sec']:>8.1f} {r['step_gflops']:>11.2f} {r['mfu'] * 100:>5.1f}%")
     os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
     result = {
         "config": config_flags.get_config_filename(FLAGS["config"]),
