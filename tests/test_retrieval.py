@@ -14,6 +14,7 @@ from vlp_jax.eval import (
     summarize,
     write_report,
 )
+from vlp_jax.eval.retrieval import auto_group_size
 
 # Hand-made catalogue (integer vectors: every score is exact in float32).
 ITEMS = np.array([[3, 0], [2, 1], [0, 3], [1, 2], [-1, -1]], np.float32)
@@ -83,25 +84,40 @@ def brute_force_topk(q, items, k):
     return np.take_along_axis(scores, order, 1), order
 
 
-@pytest.mark.parametrize("n,k,chunk,block", [(103, 10, 16, 8), (103, 20, 16, 64), (37, 37, 8, 5)])
-def test_chunked_topk_equals_brute_force_with_ties(n, k, chunk, block):
+@pytest.mark.parametrize(
+    "n,k,chunk,block,group",
+    [(103, 10, 16, 8, 0), (103, 20, 16, 64, 0), (37, 37, 8, 5, 0),
+     # Two-stage path with real groups: ties between groups, a group straddling the end of
+     # the catalogue, fewer groups than k, a chunk that is not a multiple of the group.
+     (103, 10, 16, 8, 4), (103, 20, 30, 16, 7), (37, 30, 8, 5, 3), (200, 5, 64, 24, 16)],
+)
+def test_chunked_topk_equals_brute_force_with_ties(n, k, chunk, block, group):
     rng = np.random.default_rng(n + k)
     # Small integers: exact float32 scores and many ties, so the tie order is really tested.
     q = rng.integers(-2, 3, size=(23, 4)).astype(np.float32)
     items = rng.integers(-2, 3, size=(n, 4)).astype(np.float32)
-    scores, idx = chunked_topk(q, items, k, chunk_size=chunk, query_block=block)
+    scores, idx = chunked_topk(q, items, k, chunk_size=chunk, query_block=block,
+                               group_size=group)
     want_s, want_i = brute_force_topk(q, items, k)
     np.testing.assert_array_equal(idx, want_i)
     np.testing.assert_array_equal(scores, want_s)
 
 
-def test_chunked_topk_random_float_scores():
+@pytest.mark.parametrize("group", [0, 8])
+def test_chunked_topk_random_float_scores(group):
     rng = np.random.default_rng(5)
     q, items = rng.normal(size=(17, 8)), rng.normal(size=(250, 8))
-    scores, idx = chunked_topk(q, items, 7, chunk_size=64, query_block=4)
+    scores, idx = chunked_topk(q, items, 7, chunk_size=64, query_block=4, group_size=group)
     want_s, want_i = brute_force_topk(q.astype(np.float32), items.astype(np.float32), 7)
     np.testing.assert_array_equal(idx, want_i)
     np.testing.assert_allclose(scores, want_s, rtol=1e-5)
+
+
+def test_auto_group_size():
+    assert auto_group_size(1_000_000, 100) == 22  # sqrt(1e6 / 2000)
+    assert auto_group_size(1_000_000, 1000) == 7
+    assert auto_group_size(300, 100) == 1
+    assert auto_group_size(10**9, 1) == 64
 
 
 def test_chunked_topk_errors():
@@ -109,6 +125,8 @@ def test_chunked_topk_errors():
         chunked_topk(QUERIES, ITEMS, 6)
     with pytest.raises(ValueError, match="query_emb dim 3 != item_emb dim 2"):
         chunked_topk(np.zeros((2, 3)), ITEMS, 1)
+    with pytest.raises(ValueError, match="group_size >= 0, got 2048, 512, -1"):
+        chunked_topk(QUERIES, ITEMS, 1, group_size=-1)
     with pytest.raises(ValueError, match="item_emb contains NaN"):
         chunked_topk(QUERIES, np.full((4, 2), np.nan), 1)
     s, i = chunked_topk(np.zeros((0, 2)), ITEMS, 3)

@@ -1,35 +1,85 @@
 """Orbax checkpoints of the train state together with the Grain iterator state.
 
 Saving the data iterator beside the model is what makes a resumed run continue *exactly*: the
-next batch after a restore is the one an uninterrupted run would have seen.  Orbax writes each
-step into a temporary directory and renames it when complete, so a crash mid-save never leaves a
-checkpoint that looks finished.
+next batch after a restore is the one an uninterrupted run would have seen.
+
+What "complete" means (orbax 0.12 on a POSIX filesystem): a step is written into
+``<step>.orbax-checkpoint-tmp-<time>/`` and renamed to ``<step>/`` only after every item and
+``commit_success.txt`` are written, so a process killed mid-save (even during an async save)
+leaves a tmp directory that ``all_steps()`` never lists; the writer removes such leftovers at
+start-up (``cleanup_tmp``).  A finished step can still be damaged afterwards (a deleted or
+truncated file); that only shows when it is read, so ``restore_newest`` tries the newest step
+first and falls back to older ones, naming each unusable step, and raises
+``CheckpointRestoreError`` (no Orbax/tensorstore trace) when none can be read.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import time
+from collections.abc import Callable
 from typing import Any
 
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from vlp_jax.train_state import TrainState
 
+CORRUPT_DIR = "checkpoints_corrupt"
+
+
+class CheckpointRestoreError(RuntimeError):
+    """No checkpoint in the directory could be restored."""
+
+
+def _short_reason(err: BaseException) -> str:
+    """One line for a log: the root cause of an (often multi-line, tensorstore-deep) error.
+
+    Orbax wraps tensorstore errors in a message that dumps the whole spec; the innermost cause
+    names the array and the file that could not be read.
+    """
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else ""
+    text = text if len(text) <= 300 else text[:300] + "..."
+    return f"{type(err).__name__}: {text}"
+
+
+def _all_processes_ok(ok: bool) -> bool:
+    """Every process must take the same fallback decision, or collective restores deadlock."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
 
 class Checkpointer:
-    """Thin wrapper over ``ocp.CheckpointManager`` with (state, data-iterator) items."""
+    """Thin wrapper over ``ocp.CheckpointManager`` with (state, data-iterator) items.
 
-    def __init__(self, workdir: str, cfg: ml_collections.ConfigDict):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    ``metadata`` is stored with every step (``resume_config.resume_metadata``).  ``cleanup_tmp``
+    removes unfinished saves of killed runs; only the run that owns the workdir may do that,
+    never an eval/export reader (it could delete a save in flight).
+    """
+
+    def __init__(
+        self, workdir: str, cfg: ml_collections.ConfigDict, *,
+        metadata: dict[str, Any] | None = None, cleanup_tmp: bool = False,
+    ):
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.metadata = metadata
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep,
             save_interval_steps=1,  # the train loop decides when to save
             enable_async_checkpointing=cfg.async_save,
             create=True,
+            cleanup_tmp_directories=cleanup_tmp,
         )
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -40,11 +90,24 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def step_metadata(self, step: int) -> dict[str, Any] | None:
+        """The custom metadata saved with ``step`` (``None`` if absent or unreadable)."""
+        try:
+            return self.manager.metadata(step).custom_metadata or None
+        except Exception:  # unreadable metadata: the restore attempt will name the problem
+            return None
+
     def save(self, step: int, state: TrainState, data_iterator: Any, force: bool = False) -> bool:
+        """Start saving ``step`` (async: returns once the arrays are copied off the device)."""
         args = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+        saved = self.manager.save(
+            step, args=ocp.args.Composite(**args), force=force, custom_metadata=self.metadata
+        )
         if saved:
             logging.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
@@ -66,6 +129,66 @@ class Checkpointer:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         )
         return restored["state"]
+
+    def restore_newest(
+        self,
+        abstract_state: TrainState,
+        data_iterator: Any = None,
+        *,
+        check: Callable[[int, dict[str, Any] | None], None] | None = None,
+        quarantine: bool = False,
+    ) -> tuple[int, TrainState] | None:
+        """Restore the newest readable step; ``None`` if there is no checkpoint at all.
+
+        ``check(step, metadata)`` runs before each attempt and may raise (config mismatch): its
+        error propagates, it is not a reason to fall back.  With ``quarantine`` (the training
+        run), unreadable steps newer than the restored one are moved to ``checkpoints_corrupt/``
+        so the resumed run can save those step numbers again; nothing is moved if no step is
+        readable.  ``data_iterator=None`` restores the state only (eval/export).
+        """
+        failures: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            if check is not None:
+                check(step, self.step_metadata(step))
+            try:
+                if data_iterator is None:
+                    state, ok = self.restore_params_only(step, abstract_state), True
+                else:
+                    state, ok = self.restore(step, abstract_state, data_iterator), True
+            except Exception as err:  # any read failure makes this step unusable
+                state, ok, reason = None, False, _short_reason(err)
+            else:
+                reason = "failed on another process"
+            if _all_processes_ok(ok):
+                if quarantine:
+                    for bad_step, _ in failures:
+                        self._move_aside(bad_step)
+                return step, state
+            failures.append((step, reason))
+            logging.warning(
+                "checkpoint %s is unusable (%s); falling back to the previous checkpoint",
+                os.path.join(self.directory, str(step)), reason,
+            )
+        if failures:
+            listing = "\n  ".join(f"step {s}: {r}" for s, r in failures)
+            raise CheckpointRestoreError(
+                f"no usable checkpoint in {self.directory}; every step failed to restore:\n  "
+                f"{listing}\nMove the checkpoints directory aside to start from scratch, or use "
+                "another --workdir."
+            )
+        return None
+
+    def _move_aside(self, step: int) -> None:
+        src = os.path.join(self.directory, str(step))
+        dst = os.path.join(self.workdir, CORRUPT_DIR, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_index() == 0 and os.path.exists(src):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.move(src, dst)
+            logging.warning("checkpoint: moved unusable step %d to %s (kept for inspection)",
+                            step, dst)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"vlp_jax.move_aside_{step}")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -86,6 +86,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"data.image_size={config.data.image_size} must be divisible by "
             f"model.patch_size={m.patch_size}"
         )
+    t = config.train
+    if t.accum_steps > 0 and t.batch_size > 0:
+        # mesh_shape (-1,) = all devices, unknown before JAX starts: the trainer re-checks the
+        # device count once the mesh exists (grad_cache.check_accum_divisible).
+        explicit = len(t.mesh_shape) == 1 and t.mesh_shape[0] > 0
+        devices = t.mesh_shape[0] if explicit else 1
+        if t.batch_size % (t.accum_steps * devices):
+            what = (
+                f"train.accum_steps × data devices = {t.accum_steps} × {devices} = "
+                f"{t.accum_steps * devices}"
+                if explicit
+                else f"train.accum_steps={t.accum_steps}"
+            )
+            problems.append(
+                f"train.batch_size={t.batch_size} must be divisible by {what} (each device "
+                f"splits its rows into {t.accum_steps} equal micro-batches)"
+            )
     lo = config.loss
     if lo.qic_weight + lo.mlm_weight + lo.query_mlm_weight + lo.mpm_weight <= 0:
         problems.append("all loss weights are 0: nothing to train")

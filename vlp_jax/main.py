@@ -1,12 +1,18 @@
 """Entry point: ``python -m vlp_jax.main --config=configs/base.py --workdir=DIR``.
 
 Thin on purpose: flags → ``train.train_and_evaluate``; all logic is importable and tested.
+Faults a user can act on end with one clear message and a distinct exit status instead of a
+traceback: 0 = finished or preempted (checkpoint saved; rerun to resume), 3 = non-finite loss,
+4 = workdir in use, 5 = checkpoint unusable or incompatible with the config.
 """
+
+import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vlp_jax import runtime, train
+from vlp_jax import checkpointing, metrics_log, resume_config, runtime, train, workdir_lock
 from vlp_jax.parallel import mesh as mesh_lib
 from vlp_jax.serve import export
 
@@ -20,22 +26,34 @@ flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process run
 flags.DEFINE_integer("process_id", -1, "This process's index (multi-process runs).")
 flags.mark_flags_as_required(["config", "workdir"])
 
+EXIT_CODES = (
+    (metrics_log.NonFiniteLossError, 3),
+    (workdir_lock.WorkdirLockedError, 4),
+    (checkpointing.CheckpointRestoreError, 5),
+    (resume_config.ConfigMismatchError, 5),
+)
+
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     runtime.quiet_library_logs()
-    runtime.enable_compilation_cache()
+    runtime.enable_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR", ""))
     mesh_lib.maybe_initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
     )
-    if FLAGS.mode == "eval":
-        train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
-    elif FLAGS.mode == "export":
-        export.export_from_checkpoint(FLAGS.config, FLAGS.workdir)
-    else:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        if FLAGS.mode == "eval":
+            train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+        elif FLAGS.mode == "export":
+            export.export_from_checkpoint(FLAGS.config, FLAGS.workdir)
+        else:
+            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except tuple(cls for cls, _ in EXIT_CODES) as err:
+        code = next(c for cls, c in EXIT_CODES if isinstance(err, cls))
+        print(f"error: {err}", file=sys.stderr)  # the message says what to do; no traceback
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 """``train_and_evaluate(config, workdir)``: the whole run, importable and testable.
 
-Order of work: validate config → mesh → dataset (cached) → model → sharded state → restore the
-latest checkpoint if any (state *and* data iterator) → train loop with periodic logging,
-checkpointing and evaluation → final checkpoint, evaluation and serving export.
+Order of work: lock the workdir → validate config → mesh → dataset (cached) → model → sharded
+state → restore the newest usable checkpoint if any (state *and* data iterator; the config is
+checked against the one it was written with) → train loop with periodic logging, checkpointing
+and evaluation → final checkpoint, evaluation and serving export.
+
+Faults (README "Faults and preemption"): SIGTERM → checkpoint at the current step and return;
+SIGKILL → the next run resumes from the newest complete checkpoint, bit-identically; unreadable
+checkpoints → fallback to older ones; non-finite steps → ``train.nonfinite_policy``.
 """
 
 from __future__ import annotations
@@ -10,12 +15,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 
-from vlp_jax import checkpointing, config_check, metrics_log, train_state, train_step
+from vlp_jax import (
+    checkpointing,
+    config_check,
+    metrics_log,
+    nonfinite,
+    preemption,
+    resume_config,
+    train_state,
+    train_step,
+    workdir_lock,
+)
 from vlp_jax.data import dataset, pipeline
 from vlp_jax.data import tokenizer as tokenizer_lib
 from vlp_jax.data.device_prefetch import DevicePrefetchIterator
@@ -34,13 +50,31 @@ def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 class Run:
     """Objects a run needs in several places (train loop, eval, export)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    def __init__(
+        self, config: ml_collections.ConfigDict, workdir: str, *, writer: bool = False
+    ):
+        """``writer``: this is the training run that owns the workdir (may clean up after
+        killed saves and move unreadable checkpoints aside); eval/export only read."""
         config = pretrained.configure_text_init(config)  # widths/tokenizer from a checkpoint
         config_check.validate_config(config)
         self.config, self.workdir = config, workdir
         os.makedirs(workdir, exist_ok=True)
         self.mesh = mesh_lib.make_mesh(tuple(config.train.mesh_shape))
         mesh_lib.check_batch_divisible(config.train.batch_size, self.mesh)
+        self.checkpointer = checkpointing.Checkpointer(
+            workdir, config.checkpoint, cleanup_tmp=writer,
+            metadata=resume_config.resume_metadata(
+                config, self.mesh.devices.size, jax.process_count()
+            ),
+        )
+        self._checked_steps: set[int] = set()
+        newest = self.checkpointer.latest_step()
+        if writer and newest is not None:  # fail fast, before the data build and compiles
+            try:
+                self.check_resume(newest, self.checkpointer.step_metadata(newest))
+            except BaseException:
+                self.checkpointer.close()
+                raise
         self.data = dataset.prepare_dataset(config.data)
         self.tokenizer = tokenizer_lib.load_tokenizer(self.data.tokenizer_dir)
         self.model = make_model(config, vocab_size=len(self.tokenizer))
@@ -51,7 +85,6 @@ class Run:
             self.state = train_state.replace_params(
                 self.state, pretrained.apply_text_init(config, self.state.params)
             )
-        self.checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint)
         self.encode_fns = embed.make_encode_fns(self.model, self.mesh)
         logging.info(
             "model: %s parameters; mesh %s", f"{train_state.param_count(self.state.params):,}",
@@ -64,21 +97,77 @@ class Run:
             out_dir or os.path.join(self.workdir, "eval"), step, encode_fns=self.encode_fns,
         )
 
-    def restore_latest(self, data_iterator: Any = None) -> int:
-        """Restore the newest checkpoint (if any); returns the step to continue from."""
-        step = self.checkpointer.latest_step()
-        if step is None:
+    def restore_latest(self, data_iterator: Any = None, *, check_config: bool = True) -> int:
+        """Restore the newest usable checkpoint (if any); returns the step to continue from.
+
+        With ``check_config`` (training) a config that changed a shape-fixing field since the
+        checkpoint raises ``ConfigMismatchError``; allowed changes are logged as warnings.
+        """
+        found = self.checkpointer.restore_newest(
+            checkpointing.abstract_like(self.state), data_iterator,
+            check=self.check_resume if check_config else None, quarantine=check_config,
+        )
+        if found is None:
             return 0
-        abstract = checkpointing.abstract_like(self.state)
-        self.state = self.checkpointer.restore(step, abstract, data_iterator)
+        step, self.state = found
         return int(step)
 
+    def check_resume(self, step: int, saved: dict[str, Any] | None) -> None:
+        """Raise ``ConfigMismatchError`` if this config cannot resume ``step``; warn on
+        allowed changes (see ``resume_config``), once per step."""
+        if step in self._checked_steps:
+            return
+        self._checked_steps.add(step)
+        where = f"checkpoint step {step} in {self.checkpointer.directory}"
+        for warning in resume_config.check_resume(
+            saved, self.config, self.mesh.devices.size, jax.process_count(), where
+        ):
+            logging.warning(warning)
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Pre-train, checkpoint, evaluate; returns the final evaluation results."""
-    run = Run(config, workdir)
+    def item_ids(self, item_index: list[int]) -> list[str]:
+        """Catalog ids of ``items`` rows (for the non-finite debug dump)."""
+        items = self.data.sources["items"]
+        out = []
+        for i in item_index:
+            value = items[int(i)]["item_id"]
+            out.append(value.decode() if isinstance(value, bytes) else str(value))
+        return out
+
+
+BatchHook = Callable[[int, dict[str, Any]], dict[str, Any]]
+_DUMP_KEYS = ("item_index", "query_id")
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, batch_hook: BatchHook | None = None
+) -> dict[str, Any]:
+    """Pre-train, checkpoint, evaluate; returns the final evaluation results.
+
+    Returns ``{"preempted_at_step": step}`` instead when SIGTERM stopped the run (after saving
+    a checkpoint of that step).  ``batch_hook(step, batch) -> batch`` is applied to each device
+    batch before its step: a fault-injection point for tests and debugging (e.g. put an Inf
+    into the patches at one step), ``None`` in normal runs.  Raises ``WorkdirLockedError``,
+    ``ConfigMismatchError``, ``CheckpointRestoreError`` or ``NonFiniteLossError`` with a message
+    meant for the user (``main`` prints it without a traceback).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    lock = workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        with preemption.PreemptionWatcher() as watcher:
+            return _train(config, workdir, watcher, batch_hook)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(
+    config: ml_collections.ConfigDict, workdir: str, watcher: preemption.PreemptionWatcher,
+    batch_hook: BatchHook | None,
+) -> dict[str, Any]:
+    run = Run(config, workdir, writer=True)
     cfg = run.config
-    _save_config(cfg, workdir)
     host_iter = pipeline.make_train_iterator(
         run.data.sources["train"], run.data.sources["items"], run.tokenizer, cfg.data,
         global_batch_size=cfg.train.batch_size, patch_size=cfg.model.patch_size,
@@ -87,25 +176,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     data_iter = DevicePrefetchIterator(
         host_iter, lambda b: mesh_lib.shard_host_batch(b, run.mesh), depth=max(cfg.data.prefetch, 1)
     )
-    start_step = run.restore_latest(data_iter)
+    try:
+        start_step = run.restore_latest(data_iter)
+    except BaseException:
+        run.checkpointer.close()
+        raise
+    _save_config(cfg, workdir)  # after the resume check: the file describes the live run
     if start_step:
         logging.info("resuming from step %d", start_step)
     step_fn = train_step.make_train_step(run.model, run.optimizer, cfg, run.mesh, run.shardings)
     logger = metrics_log.MetricsLogger(
-        workdir, cfg.train.num_steps, cfg.train.batch_size, is_main=jax.process_index() == 0
+        workdir, cfg.train.num_steps, cfg.train.batch_size, is_main=jax.process_index() == 0,
+        nonfinite_policy=cfg.train.nonfinite_policy,
+        max_consecutive_skips=cfg.train.max_consecutive_skips, resume_step=start_step,
     )
     results: dict[str, Any] = {}
     state = run.state
     try:
         for step in range(start_step + 1, cfg.train.num_steps + 1):
-            state, metrics = step_fn(state, next(data_iter))
-            logger.record(step, metrics)
+            batch = next(data_iter)
+            if batch_hook is not None:
+                batch = batch_hook(step, batch)
+            state, metrics = step_fn(state, batch)
+            logger.record(step, metrics, {k: batch[k] for k in _DUMP_KEYS if k in batch})
             is_last = step == cfg.train.num_steps
             if step % cfg.train.log_every_steps == 0 or is_last:
                 logger.flush()
-            if step % cfg.checkpoint.every_steps == 0 or is_last:
+            saved = step % cfg.checkpoint.every_steps == 0 or is_last
+            if saved:
                 logger.flush()  # never checkpoint a state whose loss went non-finite
                 run.checkpointer.save(step, state, data_iter, force=True)
+            if watcher.should_stop(step):
+                _save_on_preemption(run, logger, state, data_iter, step, saved)
+                return {"preempted_at_step": step}
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and not is_last:
                 run.state = state
                 eval_dir = os.path.join(workdir, "eval", f"step_{step}")
@@ -119,20 +222,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             os.path.join(workdir, "export"), params=state.params, config=run.config,
             tokenizer=run.tokenizer, step=final_step,
         )
+    except metrics_log.NonFiniteLossError as err:
+        err.dump_path = nonfinite.write_dump(
+            workdir, err.step, err.bad, err.batch_ids, err.message, run.item_ids
+        )
+        raise
     finally:
         logger.close()
         run.checkpointer.close()
     return results
 
 
+def _save_on_preemption(
+    run: Run, logger: metrics_log.MetricsLogger, state: train_state.TrainState, data_iter: Any,
+    step: int, already_saved: bool,
+) -> None:
+    """Checkpoint ``step`` (after any save in flight) so a rerun of the command resumes it."""
+    logger.flush()  # a non-finite state raises here instead of being saved
+    if not already_saved:
+        run.checkpointer.save(step, state, data_iter, force=True)  # waits for an earlier save
+    run.checkpointer.wait()
+    logging.warning(
+        "preemption: SIGTERM received; saved checkpoint of step %d to %s. Exiting; rerun the "
+        "same command to resume.", step, run.checkpointer.directory,
+    )
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """``--mode=eval``: restore the latest checkpoint's params and evaluate."""
+    """``--mode=eval``: restore the newest readable checkpoint's params and evaluate."""
     run = Run(config, workdir)
-    step = run.checkpointer.latest_step()
-    if step is None:
+    try:
+        step = run.restore_latest(check_config=False)
+    finally:
+        run.checkpointer.close()
+    if not step:
         raise FileNotFoundError(f"no checkpoint in {run.checkpointer.directory}")
-    run.state = run.checkpointer.restore_params_only(step, checkpointing.abstract_like(run.state))
     results = run.evaluate(int(step))
-    run.checkpointer.close()
     print(json.dumps(results["overall"], indent=2))
     return results

@@ -19,6 +19,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from vlp_jax import grad_cache, nonfinite
 from vlp_jax.data.preprocess import num_masked_patches
 from vlp_jax.losses import masked
 from vlp_jax.parallel import memory_bank, negatives
@@ -152,12 +153,12 @@ def make_train_step(
     """Jitted ``(state, batch) -> (state, metrics)`` with the state donated."""
     learning_rate_fn = learning_rate_schedule(config.train)
     loss_fn = make_loss_fn(model, config, mesh)
+    # accum_steps > 1: GradCache two-pass accumulation, all B items stay negatives.
+    grad_fn = grad_cache.make_value_and_grad(model, config, mesh, loss_fn)
     momentum = config.negatives.momentum
 
     def step_fn(state: TrainState, batch: Batch):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, state.step, state.extra
-        )
+        (_, metrics), grads = grad_fn(state.params, batch, state.step, state.extra)
         item_emb = metrics.pop("_item_emb")
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -185,7 +186,7 @@ def make_train_step(
         return new_state, metrics
 
     return jax.jit(
-        step_fn,
+        nonfinite.guard_step(step_fn),  # a NaN/Inf step leaves the state unchanged
         in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh)),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),

@@ -123,6 +123,7 @@ class VLPModel(nn.Module):
                 num_types=num_types, dropout=c.dropout, pre_norm=self.pre_norm, dtype=dt,
                 mlp_dim=c.get("mlp_dim", 0) or None,
                 layer_norm_eps=c.get("layer_norm_eps", 1e-6),
+                remat=c.get("remat", "none") == "block",
             )
 
         shared = c.shared_query_encoder

@@ -1,0 +1,177 @@
+"""Declared ablation grids (config variants) and the paper claims they test.
+
+A grid is a set of *variants*, each a few overrides of ``configs/base.py`` on top of the grid's
+``common`` overrides (the shared budget: catalog, model size, steps, batch, devices). Every variant
+of a grid therefore trains on the same data, for the same number of steps, with the same global
+batch and device count; only the named fields differ, so a difference in recall is caused by them.
+
+A *claim* is one direction the papers report, written as "variant ``a`` beats variant ``b`` on
+``metric`` in ``slice``"; ``vlp_jax.experiments.report.classify`` turns seeds into a verdict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+Overrides = dict[str, Any]  # dotted config path -> value, e.g. {"model.use_image": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str  # also the run folder name: DIR/runs/<name>/seed<k>
+    overrides: Overrides
+    description: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """The paper says ``a`` > ``b`` (``metric`` in ``slice``); ``source`` names the claim."""
+
+    claim_id: str
+    text: str
+    a: str
+    b: str
+    metric: str = "R@10"
+    slice: str = "overall"
+    source: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    name: str
+    common: Overrides
+    variants: tuple[Variant, ...]
+    claims: tuple[Claim, ...]
+    budget_note: str = ""
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(f"grid {self.name!r} has no variant {name!r}; "
+                       f"known: {[v.name for v in self.variants]}")
+
+
+# ------------------------------------------------------------------------------------- paper
+# Budget (see PAPER_BUDGET_NOTE): a small model so 10 variants x 3 seeds fit in ~1 hour on the
+# 2-core box, on the full 6,000-item built-in catalog (300 held-out test queries in 3 slices).
+_PAPER_STEPS = 150
+PAPER_COMMON: Overrides = {
+    "data.builtin_num_items": 6000,
+    "model.width": 64,
+    "model.depth": 2,
+    "model.query_depth": 2,
+    "model.num_heads": 2,
+    "model.mlp_ratio": 2,
+    "model.embed_dim": 64,
+    "train.num_steps": _PAPER_STEPS,
+    "train.batch_size": 128,  # global: 16 per device on the 8 (fake) devices of every variant
+    "train.warmup_steps": 15,
+    "train.log_every_steps": 25,
+    "checkpoint.every_steps": 75,
+    "eval.ks": (1, 10, 100),
+}
+PAPER_BUDGET_NOTE = (
+    f"6,000-item built-in catalog (300 test queries: 100 visual, 100 mixed, 100 textual; "
+    f"candidates = all 6,000 items), model width 64 / 2 layers per tower / embed 64, "
+    f"{_PAPER_STEPS} steps x 128 pairs (16 per device x 8 fake CPU devices) for every variant."
+)
+
+# The in-batch rows (text-only .. MPM_R) use cross_device=False: each query sees only the 15 other
+# items of its own device; CDNS and everything after it sees all 127 items of the global batch.
+_LOCAL = {"negatives.cross_device": False}
+_FULL: Overrides = {}  # V+L + MPM_R + CDNS = configs/base.py defaults (mean pooling, softmax)
+PAPER_BANK_SIZE = 512
+
+PAPER_VARIANTS = (
+    Variant("text_only", {"model.use_image": False, "loss.mpm_type": "none", **_LOCAL},
+            "title only (no image), MLM + QIC, in-batch negatives"),
+    Variant("vl_inbatch", {"loss.mpm_type": "none", **_LOCAL},
+            "V+L item tower, MLM + QIC, in-batch negatives"),
+    Variant("vl_mpm_reg", {"loss.mpm_type": "regression", **_LOCAL},
+            "V+L + MPM regression (L2 to pixels), in-batch negatives"),
+    Variant("vl_mpmr", {"loss.mpm_type": "contrastive", **_LOCAL},
+            "V+L + MPM_R (contrastive masked patches), in-batch negatives"),
+    Variant("vl_mpmr_cdns", dict(_FULL),
+            "V+L + MPM_R + CDNS (127 cross-device negatives) = base config"),
+    Variant("vl_mpmr_cdns_mbns",
+            {"negatives.bank_size": PAPER_BANK_SIZE, "negatives.bank_warmup_steps": 50},
+            f"+ MBNS: FIFO bank of {PAPER_BANK_SIZE} past items, active after step 50"),
+    Variant("shared_query", {"model.shared_query_encoder": True},
+            "full model with the query tower sharing the item tower's text layers"),
+    Variant("am_softmax", {"loss.qic_type": "am_softmax"},
+            "full model, QIC = AM-softmax (margin 0.1)"),
+    Variant("sigmoid", {"loss.qic_type": "sigmoid"}, "full model, QIC = sigmoid"),
+    Variant("cls_pool", {"model.pooling": "cls"}, "full model, [CLS] pooling instead of mean"),
+)
+
+PAPER_CLAIMS = (
+    Claim("1a", "V+L beats text-only", "vl_inbatch", "text_only", source="claim 1"),
+    Claim("1b", "V+L beats text-only on visual-attribute queries", "vl_inbatch", "text_only",
+          slice="visual", source="claim 1"),
+    Claim("2", "MPM_R beats regression MPM", "vl_mpmr", "vl_mpm_reg", source="claim 2"),
+    Claim("3a", "CDNS beats local in-batch negatives", "vl_mpmr_cdns", "vl_mpmr",
+          source="claim 3"),
+    Claim("3b", "CDNS + MBNS beats CDNS alone", "vl_mpmr_cdns_mbns", "vl_mpmr_cdns",
+          source="claim 3"),
+    Claim("4a", "masked mean pooling beats [CLS]", "vl_mpmr_cdns", "cls_pool", source="claim 4"),
+    Claim("4b", "AM-softmax >= softmax", "am_softmax", "vl_mpmr_cdns", source="claim 4"),
+    Claim("4c", "softmax >= sigmoid", "vl_mpmr_cdns", "sigmoid", source="claim 4"),
+    Claim("5a", "a separate query encoder beats a shared one", "vl_mpmr_cdns", "shared_query",
+          source="claim 5"),
+)
+
+PAPER = Grid("paper", PAPER_COMMON, PAPER_VARIANTS, PAPER_CLAIMS, PAPER_BUDGET_NOTE)
+
+# ------------------------------------------------------------------------------------- micro
+# Two variants on a 300-item catalog, a 1-layer width-32 model and 6 steps on one device: a smoke
+# test of the harness (seconds per run), not a measurement. Its sizes match the test suite's
+# ``tiny_config`` so the cached tiny catalog is reused.
+MICRO_COMMON: Overrides = {
+    "data.builtin_num_items": 300,
+    "data.image_size": 32,
+    "data.vocab_size": 800,
+    "data.prefetch": 1,
+    "model.patch_size": 8,
+    "model.width": 32,
+    "model.depth": 1,
+    "model.query_depth": 1,
+    "model.num_heads": 2,
+    "model.mlp_ratio": 2,
+    "model.embed_dim": 16,
+    "train.num_steps": 6,
+    "train.batch_size": 16,
+    "train.warmup_steps": 2,
+    "train.log_every_steps": 3,
+    "train.mesh_shape": (1,),
+    "checkpoint.every_steps": 3,
+    "eval.ks": (1, 10, 100),
+    "eval.batch_size": 64,
+    "eval.max_queries": 32,
+}
+MICRO = Grid(
+    "micro",
+    MICRO_COMMON,
+    (
+        Variant("text_only", {"model.use_image": False, "loss.mpm_type": "none"}, "title only"),
+        Variant("vl", {}, "V+L + MPM_R"),
+    ),
+    (Claim("1a", "V+L beats text-only", "vl", "text_only", source="claim 1"),),
+    "smoke test: 300 items, 6 steps x 16 pairs, 1 device",
+)
+
+GRIDS: dict[str, Grid] = {g.name: g for g in (PAPER, MICRO)}
+
+
+def get_grid(name: str) -> Grid:
+    """The declared grid called ``name``; ValueError naming the known grids otherwise."""
+    if name not in GRIDS:
+        raise ValueError(f"unknown grid {name!r}; known grids: {sorted(GRIDS)}")
+    return GRIDS[name]
+
+
+def run_overrides(grid: Grid, variant: Variant, seed: int, extra: Overrides | None = None
+                  ) -> Overrides:
+    """All overrides of one run, in the order they apply: common, variant, extra, seed."""
+    return {**grid.common, **variant.overrides, **(extra or {}), "train.seed": seed}
