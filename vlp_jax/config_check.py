@@ -87,9 +87,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"model.patch_size={m.patch_size}"
         )
     t = config.train
-    if t.accum_steps > 0 and t.batch_size > 0:
-        # mesh_shape (-1,) = all devices, unknown before JAX starts: the trainer re-checks the
-        # device count once the mesh exists (grad_cache.check_accum_divisible).
+    if t.accum_steps > 1 and t.batch_size > 0:  # accum 1: the mesh check covers devices
+        # mesh_shape (-1,) = all devices, unknown before JAX starts: the train step re-checks
+        # with the mesh's device count (grad_cache.check_accum_divisible).
         explicit = len(t.mesh_shape) == 1 and t.mesh_shape[0] > 0
         devices = t.mesh_shape[0] if explicit else 1
         if t.batch_size % (t.accum_steps * devices):

@@ -125,7 +125,7 @@ PAPER_CLAIMS = (
 PAPER = Grid("paper", PAPER_COMMON, PAPER_VARIANTS, PAPER_CLAIMS, PAPER_BUDGET_NOTE)
 
 # ------------------------------------------------------------------------------------- micro
-# Two variants on a 300-item catalog, a 1-layer width-32 model and 6 steps on one device: a smoke
+# Two variants on a 300-item catalog, a 1-layer width-32 model and 4 steps on one device: a smoke
 # test of the harness (seconds per run), not a measurement. Its sizes match the test suite's
 # ``tiny_config`` so the cached tiny catalog is reused.
 MICRO_COMMON: Overrides = {
@@ -140,12 +140,12 @@ MICRO_COMMON: Overrides = {
     "model.num_heads": 2,
     "model.mlp_ratio": 2,
     "model.embed_dim": 16,
-    "train.num_steps": 6,
+    "train.num_steps": 4,
     "train.batch_size": 16,
     "train.warmup_steps": 2,
-    "train.log_every_steps": 3,
+    "train.log_every_steps": 2,
     "train.mesh_shape": (1,),
-    "checkpoint.every_steps": 3,
+    "checkpoint.every_steps": 4,
     "eval.ks": (1, 10, 100),
     "eval.batch_size": 64,
     "eval.max_queries": 32,
@@ -158,7 +158,7 @@ MICRO = Grid(
         Variant("vl", {}, "V+L + MPM_R"),
     ),
     (Claim("1a", "V+L beats text-only", "vl", "text_only", source="claim 1"),),
-    "smoke test: 300 items, 6 steps x 16 pairs, 1 device",
+    "smoke test: 300 items, 4 steps x 16 pairs, 1 device",
 )
 
 GRIDS: dict[str, Grid] = {g.name: g for g in (PAPER, MICRO)}

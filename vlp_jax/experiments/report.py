@@ -162,7 +162,7 @@ def _pm(mean: float, std: float, n: int) -> str:
 
 
 def _bars_png(summary: dict[str, Any], variants: Sequence[str], slices: Sequence[str],
-              metric: str) -> bytes:
+              metric: str, title: str) -> bytes:
     """Horizontal grouped bars: one group per variant, one bar per slice, std error bars."""
     fig = Figure(figsize=(8, 0.55 * len(variants) * max(len(slices), 1) / 2 + 1.5), dpi=100)
     FigureCanvasAgg(fig)
@@ -176,8 +176,11 @@ def _bars_png(summary: dict[str, Any], variants: Sequence[str], slices: Sequence
                 label=s)
     ax.set_yticks(range(len(variants)), labels=list(variants))
     ax.invert_yaxis()
-    ax.set_xlim(0.0, 1.0)
+    tops = [c["mean"] + c["std"] for v in variants for s in slices
+            if not math.isnan((c := summary[v][s][metric])["mean"])]
+    ax.set_xlim(0.0, min(1.0, max([0.1, *tops]) * 1.1))  # zoom in on low recalls, never past 1
     ax.set_xlabel(f"{metric} (mean ± std over seeds)")
+    ax.set_title(title)
     ax.grid(True, axis="x", alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
@@ -238,6 +241,12 @@ def _markdown(grid: grids.Grid, runs: Sequence[dict[str, Any]], summary: dict[st
     return "\n".join(lines)
 
 
+def metric_title(runs: Sequence[dict[str, Any]]) -> str:
+    n = {r["num_items"] for r in runs if r.get("num_items")}
+    return f"Recall@10 by query slice, {len(runs)} runs" + (
+        f", {n.pop():,} candidates" if len(n) == 1 else "")
+
+
 def write_report(workdir: str, grid: grids.Grid, jobs: Sequence[Any], command: str = "",
                  notes_path: str = "", devices: int = 8) -> list[str]:
     """Write ``results.json``, ``RESULTS.md`` and the chart into ``workdir``; returns paths."""
@@ -265,5 +274,6 @@ def write_report(workdir: str, grid: grids.Grid, jobs: Sequence[Any], command: s
     _atomic_write(paths[0], (json.dumps(payload, indent=2, allow_nan=True) + "\n").encode())
     md = _markdown(grid, runs, summary, claims, variants, seeds, command, devices, notes)
     _atomic_write(paths[1], md.encode())
-    _atomic_write(paths[2], _bars_png(summary, variants, slices_of(runs), "R@10"))
+    _atomic_write(paths[2], _bars_png(summary, variants, slices_of(runs), "R@10",
+                                        f"Ablation grid '{grid.name}': {metric_title(runs)}"))
     return paths
