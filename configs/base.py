@@ -63,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     lo.margin = 0.1  # additive margin on the positive logit for am_softmax
     lo.temperature = 0.05  # initial softmax temperature
     lo.learn_temperature = True  # learn log(1/temperature) (clipped to [0, log(100)])
+    lo.sigmoid_bias_init = -10.0  # learned logit bias of the sigmoid QIC (SigLIP init)
     lo.symmetric = True  # add the item->query term to the query->item term
     lo.mlm_weight = 0.5  # title MLM (inside the item tower) weight (0 = off)
     lo.query_mlm_weight = 0.1  # query MLM (inside the query tower) weight (0 = off)

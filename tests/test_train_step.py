@@ -51,3 +51,25 @@ def test_eight_devices_match_one_device(step_config):
     # The full step (optimizer update, bank) on 8 vs 1 devices: test_train.py's
     # test_eight_devices_with_bank_match_one_device_and_resume_exactly (per-step losses).
 
+
+
+def test_sigmoid_qic_learns_its_bias(step_config):
+    """qic_type=sigmoid adds one learned logit bias (SigLIP init) that the loss really uses."""
+    step_config.loss.qic_type = "sigmoid"
+    step_config.loss.mlm_weight = step_config.loss.query_mlm_weight = 0.0
+    step_config.loss.mpm_weight = 0.0
+    model, params = _init(step_config)
+    assert float(params["sigmoid_bias"]) == step_config.loss.sigmoid_bias_init == -10.0
+    batch = random_batch(step_config, 16, VOCAB)
+    mesh = mesh_lib.make_mesh((1,))
+    loss_fn = jax.jit(train_step.make_loss_fn(model, step_config, mesh))
+    grad_fn = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, 0)[0]))
+    grad = float(grad_fn(params, batch)["sigmoid_bias"])
+    eps = 1e-2
+    shifted = [dict(params, sigmoid_bias=params["sigmoid_bias"] + d) for d in (eps, -eps)]
+    numeric = (float(loss_fn(shifted[0], batch, 0)[0]) - float(loss_fn(shifted[1], batch, 0)[0]))
+    assert grad == pytest.approx(numeric / (2 * eps), rel=2e-2)
+    assert grad < 0  # at -10 nearly every positive is scored p~0: the bias is pushed up
+    # The softmax model has no such parameter (checkpoints of softmax runs are unchanged).
+    step_config.loss.qic_type = "softmax"
+    assert "sigmoid_bias" not in _init(step_config)[1]

@@ -36,7 +36,7 @@ SAFE_PREFIXES = ("eval.",)
 TRAJECTORY = (
     "train.num_steps", "train.learning_rate", "train.warmup_steps", "train.end_lr_fraction",
     "train.weight_decay", "train.accum_steps", "negatives.bank_warmup_steps", "loss.temperature",
-    "loss.margin", "loss.mpm_temperature",
+    "loss.margin", "loss.mpm_temperature", "loss.sigmoid_bias_init",
 )
 ON_OFF_TRAJECTORY = (
     "loss.qic_weight", "loss.mlm_weight", "loss.query_mlm_weight", "loss.mpm_weight",

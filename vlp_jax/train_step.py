@@ -69,11 +69,14 @@ def compute_losses(
             ring=config.negatives.ring,
             bank=bank,
             bank_active=bank_active,
+            sigmoid_bias=outputs.get("sigmoid_bias", 0.0),
         )
         total += lcfg.qic_weight * qic
         metrics["qic_loss"] = qic
         metrics.update({f"qic_{k}": v for k, v in qic_metrics.items()})
         metrics["logit_scale"] = outputs["logit_scale"]
+        if "sigmoid_bias" in outputs:
+            metrics["sigmoid_bias"] = outputs["sigmoid_bias"]
 
     if lcfg.mlm_weight > 0:
         mlm, mlm_metrics = masked.mlm_loss(

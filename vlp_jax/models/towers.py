@@ -89,6 +89,10 @@ class VLPModel(nn.Module):
     max_title_len: int
     init_temperature: float = 0.05
     learn_temperature: bool = True
+    # Learned logit bias of the sigmoid QIC loss (SigLIP); None = no bias param (softmax losses).
+    # Without it the sigmoid loss starts with every one of the B^2 - B negatives at p = 0.5 and
+    # spends its first steps only pushing negatives down, which is why SigLIP starts it at -10.
+    sigmoid_bias_init: float | None = None
     mpm_type: str = "contrastive"
     compute_title_mlm: bool = True
     compute_query_mlm: bool = True
@@ -151,6 +155,9 @@ class VLPModel(nn.Module):
         if self.learn_temperature:
             init = nn.initializers.constant(math.log(1.0 / self.init_temperature))
             self.log_scale = self.param("logit_scale", init, (), jnp.float32)
+        if self.sigmoid_bias_init is not None:
+            init = nn.initializers.constant(self.sigmoid_bias_init)
+            self.sigmoid_bias = self.param("sigmoid_bias", init, (), jnp.float32)
 
     @property
     def _do_mpm(self) -> bool:
@@ -296,6 +303,8 @@ class VLPModel(nn.Module):
             "item_emb": item["embedding"],
             "logit_scale": self._logit_scale(),
         }
+        if self.sigmoid_bias_init is not None:
+            out["sigmoid_bias"] = self.sigmoid_bias
         if "modal_weights" in item:
             out["modal_weights"] = item["modal_weights"]
 
@@ -354,6 +363,7 @@ def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> VLPModel:
         max_title_len=d.title_len,
         init_temperature=lo.temperature,
         learn_temperature=lo.learn_temperature,
+        sigmoid_bias_init=lo.get("sigmoid_bias_init", -10.0) if lo.qic_type == "sigmoid" else None,
         mpm_type=lo.mpm_type if do_mpm else "none",
         compute_title_mlm=lo.mlm_weight > 0,
         compute_query_mlm=lo.query_mlm_weight > 0,

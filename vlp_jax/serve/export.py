@@ -62,7 +62,7 @@ def serving_model(config: ml_collections.ConfigDict, vocab_size: int) -> towers.
     """
     return towers.make_model(config, vocab_size).clone(
         compute_title_mlm=False, compute_query_mlm=False, mpm_type="none",
-        learn_temperature=False,
+        learn_temperature=False, sigmoid_bias_init=None,
     )
 
 
