@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 WORKDIR ?= runs/base
 CONFIG ?= configs/base.py
 ARGS ?=
+# Test worker processes (pytest-xdist).  The suite is mostly single-threaded XLA compiles of tiny
+# programs, so one worker per core roughly halves its wall time on the 2-core CI box.
+TEST_WORKERS ?= 2
 
 .PHONY: venv train test lint bench clean
 
@@ -27,7 +30,7 @@ train: venv
 test: venv
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "chromium unavailable: the page-rendering test will be skipped"
-	$(PY) -m pytest tests $(ARGS)
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,7 @@
-"""VLPModel on tiny widths: numerics vs numpy, invariances, sharing, switches, grads.
+"""VLPModel on tiny widths: numerics vs numpy, invariances, sharing, switches.
 
-Building blocks (attention, pooling, positions, patch embedding): test_model_layers.py.
+Gradients, variants and error messages: test_model_training.py.  Building blocks (attention,
+pooling, positions, patch embedding): test_model_layers.py.
 """
 
 from __future__ import annotations
@@ -8,111 +9,27 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from flax import traverse_util
+from model_helpers import (
+    FAST_COMPILE,
+    LQ,
+    LT,
+    B,
+    D,
+    N,
+    V,
+    W,
+    build,
+    gated_config,
+    item,
+    l2n,
+    make_batch,
+    perturb,
+    query,
+    text_only_shared_config,
+    tiny_config,
+)
 
-from configs.base import get_config
-from vlp_jax.models import dummy_batch, make_model, param_count
-
-V, LQ, LT, IMG, P = 37, 5, 7, 8, 4  # vocab, query len, title len, image size, patch size
-N, PD, W, D = (IMG // P) ** 2, P * P * 3, 16, 8  # patches, patch dim, width, embed dim
-B = 3  # batch rows everywhere, so eager op compilations are shared between tests and configs
-
-
-def tiny_config(**model):
-    c = get_config()
-    c.data.image_size, c.data.query_len, c.data.title_len = IMG, LQ, LT
-    c.data.mlm_max_fraction = 1.0  # logits at every position (the cap: test_mlm_cap_...)
-    c.model.update(dict(width=W, depth=1, query_depth=1, num_heads=2, mlp_ratio=2,
-                        embed_dim=D, patch_size=P))
-    c.model.update(model)
-    return c
-
-
-def text_only_shared_config():
-    """Text-only item tower, shared query encoder, fixed temperature (one init for 3 tests)."""
-    c = tiny_config(use_image=False, shared_query_encoder=True)
-    c.loss.learn_temperature = False
-    return c
-
-
-def gated_config():
-    """Everything that has params: MAKE gate, dropout, untied MLM decoders, MPM_R."""
-    return tiny_config(modal_adaptation=True, dropout=0.1, tie_mlm_embeddings=False)
-
-
-def make_batch(b: int = B, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random batch with varied padding (row 0 full length) and one masked patch per row."""
-    rng = np.random.default_rng(seed)
-
-    def text(length):
-        lens = rng.integers(2, length + 1, b)
-        lens[0] = length
-        mask = np.arange(length)[None] < lens[:, None]
-        tok = np.where(mask, rng.integers(5, V, (b, length)), 0).astype(np.int32)
-        mlm = np.where(mask & (rng.random((b, length)) < 0.4), 4, tok).astype(np.int32)
-        return tok, mask, mlm
-
-    q, qm, qmlm = text(LQ)
-    t, tm, tmlm = text(LT)
-    patch_mask = np.zeros((b, N), bool)
-    patch_mask[np.arange(b), rng.integers(0, N, b)] = True
-    return {
-        "query_tokens": q, "query_mask": qm, "query_mlm_tokens": qmlm,
-        "title_tokens": t, "title_mask": tm, "title_mlm_tokens": tmlm,
-        "patches": rng.normal(size=(b, N, PD)).astype(np.float32), "patch_mask": patch_mask,
-    }
-
-
-_INIT: dict = {}
-# Tiny programs: XLA's optimiser costs more than it saves, so compile jitted tests at -O0.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def build(config=None, seed: int = 0):
-    """(model, params), cached per config; jitted init, tests then apply eagerly (per-op
-    compilations are shared by all configs, cheaper than one jit per config and method)."""
-    config = config or tiny_config()
-    key = (config.to_json(), seed)
-    if key not in _INIT:
-        model = make_model(config, V)
-        init = lambda r: model.init(r, dummy_batch(model, B), train=False)["params"]
-        _INIT[key] = (model, jax.jit(init, compiler_options=FAST_COMPILE)(jax.random.key(seed)))
-    return _INIT[key]
-
-
-def param_shapes(config):
-    """Param tree structure without computing anything (tracing only)."""
-    model = make_model(config, V)
-    init = lambda: model.init(jax.random.key(0), dummy_batch(model, B), train=False)
-    return model, jax.eval_shape(init)["params"]
-
-
-def query(model, params, b):
-    return model.apply({"params": params}, b["query_tokens"], b["query_mask"],
-                       method="encode_query")
-
-
-def item(model, params, b, patch_mask=None):
-    return model.apply({"params": params}, b["title_tokens"], b["title_mask"], b["patches"],
-                       patch_mask, method="encode_item")
-
-
-def perturb(params, prefix: str, scale: float = 0.5, seed: int = 1):
-    """Add noise to every leaf whose '/'-joined path starts with ``prefix``."""
-    flat = traverse_util.flatten_dict(params, sep="/")
-    rng = np.random.default_rng(seed)
-    hit = 0
-    for k, v in flat.items():
-        if k.startswith(prefix):
-            flat[k] = v + scale * rng.normal(size=v.shape).astype(np.float32)
-            hit += 1
-    assert hit, f"no param under {prefix}"
-    return traverse_util.unflatten_dict(flat, sep="/")
-
-
-def l2n(x):
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+from vlp_jax.models import make_model
 
 
 # ------------------------------------------------------------------------- full model
@@ -286,145 +203,3 @@ def test_fully_padded_query_is_finite():
     # It pools to zeros, so its embedding is the normalised projection bias.
     np.testing.assert_allclose(e[1], l2n(np.asarray(params["query_proj"]["bias"])), atol=1e-5)
     # (Finite gradients with a fully padded row: see the grad-step test.)
-
-
-def _toy_loss(out, b, key):
-    """A stand-in for the real losses that touches every output."""
-    logits = out["logit_scale"] * out["query_emb"] @ out["item_emb"].T
-    loss = -jnp.mean(jnp.diag(jax.nn.log_softmax(logits, -1)))
-    for name in ("title_mlm_logits", "query_mlm_logits"):
-        targets = jax.random.randint(jax.random.fold_in(key, len(name)), out[name].shape[:2], 0, V)
-        lp = jax.nn.log_softmax(out[name], -1)
-        loss -= jnp.mean(jnp.take_along_axis(lp, targets[..., None], -1))
-    mpm = jnp.sum((out["mpm_pred"] - out["mpm_target"]) ** 2, -1)
-    return loss + jnp.sum(mpm * b["patch_mask"]) / jnp.sum(b["patch_mask"])
-
-
-def test_jitted_grad_step_all_params_get_finite_nonzero_grads():
-    model, params = build(gated_config())
-    b = make_batch()
-    b["query_mask"][2] = False  # a fully padded query must not poison any gradient
-
-    @jax.jit(compiler_options=FAST_COMPILE)
-    def grad_fn(params, b):
-        def loss_fn(p):
-            out = model.apply({"params": p}, b, train=True, rngs={"dropout": jax.random.key(3)})
-            return _toy_loss(out, b, jax.random.key(4))
-
-        return jax.value_and_grad(loss_fn)(params)
-
-    loss, grads = grad_fn(params, b)
-    assert np.isfinite(loss)
-    flat = traverse_util.flatten_dict(grads, sep="/")
-    assert "mlm_head/decoder/kernel" in flat and "patch_embed/mask_token" in flat
-    bad = {k: float(np.abs(g).max()) for k, g in flat.items()
-           if not np.isfinite(g).all() or np.abs(g).max() == 0}
-    assert not bad, bad
-
-
-def test_logit_scale_is_clipped():
-    model, params = build()
-    b = make_batch()
-    for raw, expected in ((10.0, 100.0), (-2.0, 1.0)):
-        p = dict(params, logit_scale=jnp.asarray(raw, jnp.float32))
-        out = model.apply({"params": p}, b, train=False)
-        np.testing.assert_allclose(out["logit_scale"], expected, rtol=1e-5)
-    # Fixed temperature: a constant, not a param that weight decay could move.
-    model, params = build(text_only_shared_config())
-    assert "logit_scale" not in params
-    np.testing.assert_allclose(model.apply({"params": params}, b)["logit_scale"], 20.0, rtol=1e-5)
-
-
-def test_regression_mpm_post_ln_and_sincos_variant():
-    c = tiny_config(pre_norm=False, patch_pos_emb="sincos")
-    c.loss.mpm_type = "regression"
-    model, params = build(c)
-    enc = params["item_encoder"]
-    assert "embed_norm" in enc and "final_norm" not in enc
-    assert "pos_embed" not in params["patch_embed"]
-    b = make_batch()
-    out = model.apply({"params": params}, b, train=False)
-    assert out["mpm_pred"].shape == (B, N, PD)
-    np.testing.assert_array_equal(out["mpm_target"], b["patches"])
-    np.testing.assert_allclose(np.linalg.norm(out["item_emb"], axis=-1), 1.0, rtol=1e-5)
-
-
-def test_disabled_tasks_have_no_params_and_no_outputs():
-    c = tiny_config()
-    c.loss.mlm_weight = c.loss.query_mlm_weight = c.loss.mpm_weight = 0.0
-    model, shapes = param_shapes(c)
-    assert not {"mlm_head", "query_mlm_head", "mpm_head"} & set(shapes)
-    assert model.required_keys() == ("query_tokens", "query_mask", "title_tokens",
-                                     "title_mask", "patches")
-    b = {k: v for k, v in make_batch().items() if k in model.required_keys()}
-    params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    out = jax.eval_shape(lambda p: model.apply({"params": p}, b, train=False), params)
-    assert set(out) == {"query_emb", "item_emb", "logit_scale"}
-    expected = (PD * W + W) + W + N * W  # proj kernel+bias, mask token, learned positions
-    assert param_count(shapes["patch_embed"]) == expected
-    _, full = param_shapes(tiny_config())
-    assert param_count(full) - param_count(shapes) == param_count(
-        {k: full[k] for k in ("mlm_head", "query_mlm_head", "mpm_head")}
-    )
-
-
-def test_bad_inputs_raise_clear_errors():
-    model, params = build()
-    b = make_batch()
-    with pytest.raises(ValueError, match="patches must be"):
-        model.apply({"params": params}, dict(b, patches=b["patches"][:, :, :10]), train=False)
-    long = np.zeros((3, LT + 2), np.int32)
-    with pytest.raises(ValueError, match="exceeds the model's maximum"):
-        model.apply({"params": params}, long, long > -1, b["patches"], method="encode_item")
-    with pytest.raises(ValueError, match="missing keys"):
-        model.apply({"params": params}, {"query_tokens": b["query_tokens"]}, train=False)
-    with pytest.raises(ValueError, match="same shape"):
-        model.apply({"params": params}, b["query_tokens"], b["query_mask"][:, :2],
-                    method="encode_query")
-    with pytest.raises(ValueError, match="pooling"):
-        make_model(tiny_config(pooling="max"), V).init(jax.random.key(0), b, train=False)
-    with pytest.raises(ValueError, match="model.dtype"):
-        make_model(tiny_config(dtype="float16"), V).init(jax.random.key(0), b, train=False)
-    c = tiny_config()
-    c.data.image_size = 10
-    with pytest.raises(ValueError, match="not divisible by model.patch_size"):
-        make_model(c, V)
-
-
-def test_mlm_cap_gives_exactly_the_all_position_loss_and_grads():
-    """Logits only at the capped positions: same MLM losses and gradients as at every position."""
-    from vlp_jax.losses import masked
-    from vlp_jax.train_step import _mlm_labels
-
-    capped = tiny_config()
-    capped.data.mlm_max_fraction = 0.3  # query: ceil(1.5) = 2 of 5, title: ceil(2.1) = 3 of 7
-    full_model, params = build()
-    cap_model = make_model(capped, V)
-    assert (cap_model.query_mlm_predictions, cap_model.title_mlm_predictions) == (2, 3)
-    batch = make_batch()
-    rng = np.random.default_rng(5)
-    for prefix, length, cap in (("query", LQ, 2), ("title", LT, 3)):
-        weights = np.zeros((B, length), np.float32)
-        for row in range(B):  # row 0 at the cap, others fewer; targets anywhere
-            weights[row, rng.choice(length, cap - (row > 0), replace=False)] = 1.0
-        batch[f"{prefix}_mlm_weights"] = weights
-        batch[f"{prefix}_mlm_targets"] = rng.integers(5, V, (B, length)).astype(np.int32)
-
-    def mlm_losses(p, model):
-        out = model.apply({"params": p}, batch, train=False)
-        return sum(masked.mlm_loss(out[f"{k}_mlm_logits"], *_mlm_labels(out, batch, k))[0]
-                   for k in ("query", "title")), out
-
-    def grads(model):
-        fn = jax.value_and_grad(lambda p: mlm_losses(p, model), has_aux=True)
-        return jax.jit(fn, compiler_options=FAST_COMPILE)(params)
-
-    (full, out_full), g_full = grads(full_model)
-    (cap, out_cap), g_cap = grads(cap_model)
-    assert out_cap["title_mlm_logits"].shape == (B, 3, V)
-    assert out_full["title_mlm_logits"].shape == (B, LT, V)
-    np.testing.assert_allclose(cap, full, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 g_cap, g_full)
-    with pytest.raises(ValueError, match="title_mlm_weights"):
-        cap_model.apply({"params": params}, make_batch(), train=False)
