@@ -232,3 +232,23 @@ def test_index_job_skips_bad_records_and_resumes(run, bundle, tmp_path):
         json.dump({"items_sha256": "other"}, f)
     with pytest.raises(ValueError, match="different job"):
         index.build_index_dir(bundle, items_path, out, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax read noise
+def test_export_skips_an_unreadable_newest_checkpoint(run, bundle, tmp_path, caplog):
+    """--mode=export falls back to the newest readable step, like resume and --mode=eval."""
+    src = os.path.join(run.workdir, "checkpoints")
+    shutil.copytree(src, tmp_path / "checkpoints")
+    good = serve_fixtures.NUM_STEPS
+    bad = tmp_path / "checkpoints" / str(good + 1)
+    shutil.copytree(tmp_path / "checkpoints" / str(good), bad)  # a newer step, then damaged
+    data = sorted((bad / "state").rglob("d/*"), key=lambda p: p.stat().st_size)[-1]
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    with caplog.at_level("WARNING"):
+        out = export.export_from_checkpoint(run.config, str(tmp_path), out_dir=str(tmp_path / "b"))
+    assert any(f"checkpoints/{good + 1} is unusable" in r.getMessage() for r in caplog.records)
+    assert json.load(open(os.path.join(out, "manifest.json")))["step"] == good
+    texts = ["red cotton shirt", "a"]
+    np.testing.assert_array_equal(load_bundle(out).encode_queries(texts),
+                                  bundle.encode_queries(texts))

@@ -254,17 +254,27 @@ def export_from_checkpoint(
     config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
     out_dir: str | None = None,
 ) -> str:
-    """``--mode=export``: restore a checkpoint's params (latest by default) and export them."""
+    """``--mode=export``: restore a checkpoint's params and export them.
+
+    By default the newest *readable* checkpoint, as ``--mode=eval`` and resuming do: an
+    unreadable newest step (killed mid-write, disk error) is logged and skipped, never exported
+    half-read.  An explicit ``step`` is restored as asked, or fails.
+    """
     from vlp_jax import checkpointing, train  # lazy: train imports this module
 
     run = train.Run(config, workdir)
     try:
-        step = run.checkpointer.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {run.checkpointer.directory}")
-        state = run.checkpointer.restore_params_only(step, checkpointing.abstract_like(run.state))
+            step = run.restore_latest(check_config=False) or None
+            state = run.state
+        else:
+            state = run.checkpointer.restore_params_only(
+                step, checkpointing.abstract_like(run.state)
+            )
     finally:
         run.checkpointer.close()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {run.checkpointer.directory}")
     return export_bundle(  # run.config: the effective config (e.g. after text_init overrides)
         out_dir or os.path.join(workdir, "export"), params=state.params, config=run.config,
         tokenizer=run.tokenizer, step=int(step),
