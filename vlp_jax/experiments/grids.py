@@ -54,7 +54,7 @@ class Grid:
 
 
 # ------------------------------------------------------------------------------------- paper
-# Budget (see PAPER_BUDGET_NOTE): a small model so 10 variants x 3 seeds fit in ~1 hour on the
+# Budget (see PAPER_BUDGET_NOTE): a small model so 10 variants x 3 seeds take ~35 min on the
 # 2-core box, on the full 6,000-item built-in catalog (300 held-out test queries in 3 slices).
 _PAPER_STEPS = 150
 PAPER_COMMON: Overrides = {
