@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from checkpoint_helpers import saved_state
 
 from vlp_jax import checkpointing, metrics_log, nonfinite, resume_config, train, workdir_lock
 from vlp_jax.metrics_log import NonFiniteLossError
@@ -65,10 +65,7 @@ def _rows(workdir):
 
 
 def _state(workdir, step):
-    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    mngr.close()
-    return restored["state"]
+    return saved_state(workdir, step)[0]
 
 
 def _assert_trees_equal(a, b):

@@ -10,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import serve_fixtures
+from checkpoint_helpers import saved_state
 from PIL import Image
 
 from vlp_jax.data import dataset, preprocess
@@ -31,16 +32,12 @@ def bundle(run):
 @pytest.fixture(scope="module")
 def training_params(run):
     """(dataset handle, tokenizer, training model, params of the final checkpoint, step)."""
-    mngr = ocp.CheckpointManager(os.path.join(run.workdir, "checkpoints"),
-                                 item_names=("state", "data"))
-    step = mngr.latest_step()
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    mngr.close()
+    state, step = saved_state(run.workdir)
     handle = dataset.prepare_dataset(run.config.data)
     tok = tokenizer_lib.load_tokenizer(handle.tokenizer_dir)
     model = make_model(run.config, len(tok))
     return types.SimpleNamespace(data=handle, tokenizer=tok, model=model), \
-        state["state"]["params"], step
+        state["params"], step
 
 
 def _jit_apply(model, method):

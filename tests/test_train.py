@@ -6,8 +6,8 @@ import shutil
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from checkpoint_helpers import saved_state
 
 from vlp_jax import train
 
@@ -22,10 +22,7 @@ def _train_rows(workdir):
 
 
 def _final_state(workdir, step):
-    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    mngr.close()
-    return restored["state"]
+    return saved_state(workdir, step)[0]
 
 
 def test_run_writes_every_output_learns_and_eval_mode_agrees(tiny_config, tmp_path):

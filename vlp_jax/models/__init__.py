@@ -1,8 +1,9 @@
 """Pure-functional flax.linen models: text/vision encoders, the two towers and training heads."""
 
+from vlp_jax.models.build import dummy_batch, init_params, make_model, param_count
 from vlp_jax.models.heads import MLMHead, MPMHead
 from vlp_jax.models.text import TextTransformer, masked_attention, masked_mean_pool
-from vlp_jax.models.towers import VLPModel, dummy_batch, init_params, make_model, param_count
+from vlp_jax.models.towers import VLPModel
 from vlp_jax.models.vision import PatchEmbed, sincos_2d
 
 __all__ = [

@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vlp_jax.models import towers
+from vlp_jax.models import build, towers
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -60,7 +60,7 @@ def serving_model(config: ml_collections.ConfigDict, vocab_size: int) -> towers.
     ``encode_query`` / ``encode_item`` of this model read exactly the tower subtrees of
     :func:`tower_param_keys`, so the exported params are all it needs.
     """
-    return towers.make_model(config, vocab_size).clone(
+    return build.make_model(config, vocab_size).clone(
         compute_title_mlm=False, compute_query_mlm=False, mpm_type="none",
         learn_temperature=False, sigmoid_bias_init=None,
     )
@@ -107,7 +107,7 @@ def check_tower_shapes(parts: dict[str, Any], config: ml_collections.ConfigDict,
     """Fail before writing anything if the params do not fit the model ``config`` describes."""
     model = serving_model(config, vocab_size)
     expected = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), towers.dummy_batch(model), train=False))["params"]
+        lambda: model.init(jax.random.key(0), build.dummy_batch(model), train=False))["params"]
     for tower, tree in parts.items():
         want = {k: expected[k] for k in tree}
         got_shapes = jax.tree_util.tree_map(np.shape, tree)
