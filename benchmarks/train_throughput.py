@@ -20,6 +20,7 @@ Prints a table and writes ``benchmarks/results/train_throughput.json``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -38,7 +39,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vlp_jax import allocator, train_state, train_step  # noqa: E402
+from vlp_jax import allocator, runtime, train_state, train_step  # noqa: E402
 from vlp_jax.models import make_model  # noqa: E402
 from vlp_jax.parallel import mesh as mesh_lib  # noqa: E402
 from vlp_jax.synthetic import random_batch  # noqa: E402
@@ -157,6 +158,11 @@ def bench_one(config, batch_size: int, steps: int, vocab: int, peak: float) -> d
 def main(argv):
     del argv
     config = FLAGS.config
+    # The device layout `python -m vlp_jax.main` would pick (train.cpu_devices: one CPU device
+    # per core, dividing every benchmarked batch), before anything starts JAX's backend.
+    sizing = config.copy_and_resolve_references()
+    sizing.train.batch_size = math.gcd(*(int(b) for b in FLAGS.batch_sizes.split(",")))
+    runtime.set_cpu_devices(sizing)
     # This VM's clock (and so its peak) drifts by up to ~15 % over minutes: the peak is measured
     # before every batch size and at the end, and the MFU of every row uses the highest.
     peaks = [measure_matmul_peak()]

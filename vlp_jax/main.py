@@ -54,6 +54,10 @@ def main(argv):
     runtime.quiet_library_logs()
     logging.info("memory allocator: %s", allocator.active_allocator())
     runtime.enable_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR", ""))
+    if not FLAGS.num_processes:  # multi-process launchers set their own device counts
+        count = runtime.set_cpu_devices(FLAGS.config)
+        if count:
+            logging.info("CPU backend: %d device(s) (train.cpu_devices)", count)
     mesh_lib.maybe_initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
     )

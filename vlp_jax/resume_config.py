@@ -30,7 +30,7 @@ import ml_collections
 SAFE_TO_CHANGE = (
     "train.log_every_steps", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save",
     "data.prefetch", "data.cache_dir", "train.nonfinite_policy", "train.max_consecutive_skips",
-    "model.remat", "model.text_init", "train.mesh_shape",
+    "model.remat", "model.text_init", "train.mesh_shape", "train.cpu_devices",
 )
 SAFE_PREFIXES = ("eval.",)
 TRAJECTORY = (

@@ -6,6 +6,7 @@ Kept in one place so library code never mutates global JAX/logging state behind 
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import jax
@@ -39,3 +40,45 @@ def enable_compilation_cache(cache_dir: str = "") -> str:
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     return cache_dir
+
+
+def cpu_devices_for(config, cores: int | None = None) -> int:
+    """How many CPU devices ``train.cpu_devices`` asks for on this host (1 = one device).
+
+    0 (auto) = one device per core, reduced to the largest count that divides every sharded
+    size: the (micro-)batch, the eval batch and the memory bank.  Why per core: XLA:CPU runs
+    one device's ops on a shared thread pool, and a transformer step's many mid-sized ops then
+    leave cores waiting on each other; one device per core runs each half of the batch as its
+    own program (base config on 2 cores: 1.44-1.69 s -> 1.21-1.23 s per step at batch 256,
+    347 -> 289-321 ms at batch 64; README "Training speed").  The loss is unchanged: with
+    ``negatives.cross_device`` every query still sees every item of the global batch.
+    """
+    requested = int(config.train.cpu_devices)
+    if requested < 0:
+        raise ValueError(f"train.cpu_devices must be >= 0 (0 = one per core), got {requested}")
+    if requested:
+        return requested
+    explicit_mesh = [int(n) for n in config.train.mesh_shape]
+    if explicit_mesh and all(n > 0 for n in explicit_mesh):
+        return math.prod(explicit_mesh)  # the user sized the mesh: give it exactly its devices
+    if not cores:
+        affinity = getattr(os, "sched_getaffinity", None)
+        cores = len(affinity(0)) if affinity else (os.cpu_count() or 1)
+    sizes = [config.train.batch_size // max(1, config.train.accum_steps), config.eval.batch_size]
+    if config.negatives.bank_size > 0:
+        sizes.append(config.negatives.bank_size)
+    return max(d for d in range(1, cores + 1) if all(s % d == 0 for s in sizes))
+
+
+def set_cpu_devices(config) -> int:
+    """Give the CPU backend ``cpu_devices_for(config)`` devices; call before JAX starts.
+
+    Does nothing (returns 0) when ``XLA_FLAGS`` already fixes the device count (tests, the
+    ablation harness, multi-process launchers) -- the user's setting wins.  On GPU/TPU hosts
+    the setting only shapes the unused CPU backend.  Returns the count set.
+    """
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return 0
+    count = cpu_devices_for(config)
+    jax.config.update("jax_num_cpu_devices", count)
+    return count
