@@ -49,8 +49,8 @@ def cpu_devices_for(config, cores: int | None = None) -> int:
     size: the (micro-)batch, the eval batch and the memory bank.  Why per core: XLA:CPU runs
     one device's ops on a shared thread pool, and a transformer step's many mid-sized ops then
     leave cores waiting on each other; one device per core runs each half of the batch as its
-    own program (base config on 2 cores: 1.44-1.69 s -> 1.21-1.23 s per step at batch 256,
-    347 -> 289-321 ms at batch 64; README "Training speed").  The loss is unchanged: with
+    own program (base config on 2 cores: 1.40-1.69 s -> 1.19-1.23 s per step at batch 256;
+    within noise at batch 64; README "Training speed and memory").  The loss is unchanged: with
     ``negatives.cross_device`` every query still sees every item of the global batch.
     """
     requested = int(config.train.cpu_devices)
