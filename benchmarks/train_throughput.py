@@ -110,14 +110,15 @@ def _flops(compiled, num_devices: int = 1) -> float:
     return float(cost.get("flops", 0.0)) * num_devices
 
 
-def _row(model: str, batch_size: int, params: int, dt: float, flops: float, peak: float) -> dict:
+def _row(model: str, batch_size: int, params: int, dt: float, flops: float) -> dict:
+    """One table row; ``mfu`` is added once the run's highest peak is known."""
     return {
         "model": model, "batch_size": batch_size, "params": params, "ms_per_step": dt * 1e3,
-        "examples_per_sec": batch_size / dt, "step_gflops": flops / 1e9, "mfu": flops / dt / peak,
+        "examples_per_sec": batch_size / dt, "step_gflops": flops / 1e9,
     }
 
 
-def bench_reference(batch_size: int, steps: int, peak: float) -> dict:
+def bench_reference(batch_size: int, steps: int) -> dict:
     """The plain-JAX CLIP step (benchmarks/clip_reference.py) at ``batch_size``."""
     step, optimizer = clip_reference.make_step()
     params = clip_reference.init_params()
@@ -130,10 +131,10 @@ def bench_reference(batch_size: int, steps: int, peak: float) -> dict:
         holder["params"], holder["opt"], loss = step(holder["params"], holder["opt"], batch)
         return loss
 
-    return _row("clip_reference", batch_size, count, _time_steps(run_step, steps), flops, peak)
+    return _row("clip_reference", batch_size, count, _time_steps(run_step, steps), flops)
 
 
-def bench_one(config, batch_size: int, steps: int, vocab: int, peak: float) -> dict:
+def bench_one(config, batch_size: int, steps: int, vocab: int) -> dict:
     config = config.copy_and_resolve_references()
     config.train.batch_size = batch_size
     mesh = mesh_lib.make_mesh((-1,))
@@ -152,7 +153,7 @@ def bench_one(config, batch_size: int, steps: int, vocab: int, peak: float) -> d
 
     dt = _time_steps(run_step, steps)
     name = os.path.basename(config_flags.get_config_filename(FLAGS["config"]))
-    return _row(name, batch_size, count, dt, flops, peak)
+    return _row(name, batch_size, count, dt, flops)
 
 
 def main(argv):
@@ -168,9 +169,9 @@ def main(argv):
     peaks = [measure_matmul_peak()]
     rows = []
     for b in FLAGS.batch_sizes.split(","):
-        rows.append(bench_one(config, int(b), FLAGS.steps, FLAGS.vocab_size, peaks[0]))
+        rows.append(bench_one(config, int(b), FLAGS.steps, FLAGS.vocab_size))
         if FLAGS.reference:
-            rows.append(bench_reference(int(b), FLAGS.steps, peaks[0]))
+            rows.append(bench_reference(int(b), FLAGS.steps))
         peaks.append(measure_matmul_peak())
     peak = max(peaks)
     for r in rows:
