@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 
 import torch
@@ -91,7 +92,8 @@ def matmul_peak(n: int = 2048, repeats: int = 20) -> float:
     return 2 * n**3 / best
 
 
-def step_seconds(batch_size: int, steps: int) -> float:
+def step_seconds(batch_size: int, steps: int) -> list[float]:
+    """Seconds of each timed step (the median is reported, as in train_throughput.py)."""
     torch.manual_seed(0)
     model = Clip()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
@@ -106,10 +108,12 @@ def step_seconds(batch_size: int, steps: int) -> float:
 
     for _ in range(2):
         step()
-    t = time.perf_counter()
+    times = []
     for _ in range(steps):
+        t = time.perf_counter()
         step()
-    return (time.perf_counter() - t) / steps
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def jax_reference_gflops(path: str) -> dict[int, float]:
@@ -134,9 +138,11 @@ def main() -> None:
     gflops = jax_reference_gflops(args.jax_results)
     rows = []
     for b in (int(x) for x in args.batch_sizes.split(",")):
-        dt = step_seconds(b, args.steps)
+        times = step_seconds(b, args.steps)
+        dt = statistics.median(times)
         fl = gflops.get(b)
-        rows.append({"batch_size": b, "ms_per_step": dt * 1e3, "examples_per_sec": b / dt,
+        rows.append({"batch_size": b, "ms_per_step": dt * 1e3,
+                     "ms_per_step_mean": statistics.mean(times) * 1e3, "examples_per_sec": b / dt,
                      "step_gflops": fl, "mfu": fl * 1e9 / dt / peak if fl else None})
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s")

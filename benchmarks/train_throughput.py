@@ -88,15 +88,21 @@ def _best_seconds(fn, repeats: int) -> float:
     return best
 
 
-def _time_steps(run_step, steps: int) -> float:
-    """Seconds per step: 2 warm-up steps, then the mean of ``steps`` timed ones."""
+def _time_steps(run_step, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` timed steps (after 2 warm-up steps), each waited for.
+
+    Rows report the median: this VM's throughput drifts and stalls for whole steps at a time
+    (±10-15 % between runs), and the median is the statistic that noise moves least.  The mean
+    is kept in the JSON beside it.  Waiting for each step costs well under 1 ms of dispatch.
+    """
     for _ in range(2):
         jax.block_until_ready(run_step())
-    t = time.perf_counter()
+    times = []
     for _ in range(steps):
-        out = run_step()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t) / steps
+        t = time.perf_counter()
+        jax.block_until_ready(run_step())
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def _flops(compiled, num_devices: int = 1) -> float:
@@ -110,10 +116,13 @@ def _flops(compiled, num_devices: int = 1) -> float:
     return float(cost.get("flops", 0.0)) * num_devices
 
 
-def _row(model: str, batch_size: int, params: int, dt: float, flops: float) -> dict:
-    """One table row; ``mfu`` is added once the run's highest peak is known."""
+def _row(model: str, batch_size: int, params: int, times: list[float], flops: float) -> dict:
+    """One table row (median step time); ``mfu`` is added once the run's highest peak is known."""
+    dt = float(np.median(times))
     return {
         "model": model, "batch_size": batch_size, "params": params, "ms_per_step": dt * 1e3,
+        "ms_per_step_mean": float(np.mean(times)) * 1e3,
+        "ms_per_step_all": [t * 1e3 for t in times],
         "examples_per_sec": batch_size / dt, "step_gflops": flops / 1e9,
     }
 
@@ -151,9 +160,8 @@ def bench_one(config, batch_size: int, steps: int, vocab: int) -> dict:
         holder["state"], metrics = step(holder["state"], batch)
         return metrics
 
-    dt = _time_steps(run_step, steps)
     name = os.path.basename(config_flags.get_config_filename(FLAGS["config"]))
-    return _row(name, batch_size, count, dt, flops)
+    return _row(name, batch_size, count, _time_steps(run_step, steps), flops)
 
 
 def main(argv):
@@ -180,11 +188,12 @@ def main(argv):
           f"{', '.join(f'{p / 1e9:.0f}' for p in peaks)}  ({jax.devices()[0].platform}, "
           f"{jax.device_count()} device(s), {os.cpu_count()} cores, "
           f"allocator {allocator.active_allocator()})")
-    print(f"{'model':>16} {'params':>10} {'batch':>6} {'ms/step':>9} {'ex/s':>8} "
+    print(f"{'model':>16} {'params':>10} {'batch':>6} {'ms/step':>9} {'(mean)':>8} {'ex/s':>8} "
           f"{'GFLOP/step':>11} {'MFU':>6}")
     for r in rows:
         print(f"{r['model']:>16} {r['params']:>10,} {r['batch_size']:>6} {r['ms_per_step']:>9.1f} "
-              f"{r['examples_per_sec']:>8.1f} {r['step_gflops']:>11.2f} {r['mfu'] * 100:>5.1f}%")
+              f"{r['ms_per_step_mean']:>8.1f} {r['examples_per_sec']:>8.1f} "
+              f"{r['step_gflops']:>11.2f} {r['mfu'] * 100:>5.1f}%")
     os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
     result = {
         "config": config_flags.get_config_filename(FLAGS["config"]),

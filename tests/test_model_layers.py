@@ -74,5 +74,5 @@ def test_gelu_matches_jax_exact_gelu_in_value_and_derivative():
     ours = jax.vmap(jax.grad(gelu))(x)
     ref = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-7)
-    # Second order still differentiable (custom_jvp), e.g. for gradient penalties.
+    # Second order still differentiable (the VJP is plain jnp), e.g. for gradient penalties.
     assert np.isfinite(jax.grad(jax.grad(gelu))(0.3))

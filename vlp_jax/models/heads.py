@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlp_jax.models.dense import Dense, tied_decoder
 from vlp_jax.models.text import Dtype, dense_init, gelu
 
 
@@ -26,7 +27,7 @@ class _Transform(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=dense_init, name="dense")(x)
+        x = Dense(x.shape[-1], dtype=self.dtype, kernel_init=dense_init, name="dense")(x)
         x = gelu(x)
         return nn.LayerNorm(dtype=self.dtype, name="norm")(x)
 
@@ -45,9 +46,9 @@ class MLMHead(nn.Module):
             if embedding is None or embedding.shape[0] != self.vocab_size:
                 raise ValueError("a tied MLM head needs the [vocab_size, width] token table")
             bias = self.param("bias", nn.initializers.zeros, (self.vocab_size,))
-            logits = jnp.einsum("...w,vw->...v", x, embedding.astype(self.dtype))
+            logits = tied_decoder(x, embedding.astype(self.dtype))
             return logits.astype(jnp.float32) + bias
-        logits = nn.Dense(self.vocab_size, dtype=self.dtype, kernel_init=dense_init,
+        logits = Dense(self.vocab_size, dtype=self.dtype, kernel_init=dense_init,
                           name="decoder")(x)
         return logits.astype(jnp.float32)
 
@@ -61,5 +62,5 @@ class MPMHead(nn.Module):
     @nn.compact
     def __call__(self, hidden: jax.Array) -> jax.Array:
         x = _Transform(dtype=self.dtype, name="transform")(hidden)
-        out = nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=dense_init, name="out")(x)
+        out = Dense(self.out_dim, dtype=self.dtype, kernel_init=dense_init, name="out")(x)
         return out.astype(jnp.float32)

@@ -51,6 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlp_jax.models.dense import Dense
 from vlp_jax.models.heads import MLMHead, MPMHead
 from vlp_jax.models.text import (
     TextTransformer,
@@ -135,11 +136,11 @@ class VLPModel(nn.Module):
                 c.width, self.num_patches, self.patch_dim, pos_emb=self.patch_pos_emb, dtype=dt
             )
             if c.modal_adaptation:
-                self.modal_gate = nn.Dense(2, kernel_init=nn.initializers.zeros)
-        self.item_proj = nn.Dense(c.embed_dim, kernel_init=dense_init)
+                self.modal_gate = Dense(2, kernel_init=nn.initializers.zeros)
+        self.item_proj = Dense(c.embed_dim, kernel_init=dense_init)
         if not shared:
             self.query_encoder = text_transformer(c.query_depth, self.max_query_len, 1)
-        self.query_proj = nn.Dense(c.embed_dim, kernel_init=dense_init)
+        self.query_proj = Dense(c.embed_dim, kernel_init=dense_init)
 
         tied = c.tie_mlm_embeddings
         if self.compute_title_mlm:

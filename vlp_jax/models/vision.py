@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlp_jax.models.dense import Dense
 from vlp_jax.models.text import Dtype, dense_init, embed_init
 
 POS_EMB_KINDS = ("learned", "sincos")
@@ -57,7 +58,7 @@ class PatchEmbed(nn.Module):
     def setup(self):
         if self.pos_emb not in POS_EMB_KINDS:
             raise ValueError(f"pos_emb must be one of {POS_EMB_KINDS}, got {self.pos_emb!r}")
-        self.proj = nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init)
+        self.proj = Dense(self.width, dtype=self.dtype, kernel_init=dense_init)
         self.mask_token = self.param("mask_token", embed_init, (self.width,))
         if self.pos_emb == "learned":
             self.pos_embed = self.param("pos_embed", embed_init, (self.num_patches, self.width))
