@@ -167,8 +167,8 @@ def bench_one(config, batch_size: int, steps: int, vocab: int) -> dict:
 def main(argv):
     del argv
     config = FLAGS.config
-    # The device layout `python -m vlp_jax.main` would pick (train.cpu_devices: one CPU device
-    # per core, dividing every benchmarked batch), before anything starts JAX's backend.
+    # The device layout `python -m vlp_jax.main` would pick (train.cpu_devices; with 0, one CPU
+    # device per core dividing every benchmarked batch), before anything starts JAX's backend.
     sizing = config.copy_and_resolve_references()
     sizing.train.batch_size = math.gcd(*(int(b) for b in FLAGS.batch_sizes.split(",")))
     runtime.set_cpu_devices(sizing)

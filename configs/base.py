@@ -93,7 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
     t.grad_clip_norm = 1.0  # global-norm gradient clipping (0 = off)
     t.log_every_steps = 20  # metrics.jsonl / TensorBoard / progress-line period
     t.mesh_shape = (-1,)  # devices along the `data` axis (-1 = all devices)
-    t.cpu_devices = 0  # CPU backend devices: 0 = one per core (dividing the batch), N = N
+    t.cpu_devices = 1  # CPU backend devices: N = N; 0 = one per core (dividing the batch)
     t.accum_steps = 1  # GradCache: k micro-batches of batch_size/k, all k*B negatives kept
     t.nonfinite_policy = "stop"  # non-finite loss/grads: "stop" (dump, exit) or "skip" update
     t.max_consecutive_skips = 5  # with "skip": stop after this many non-finite steps in a row

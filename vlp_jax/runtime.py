@@ -46,11 +46,13 @@ def cpu_devices_for(config, cores: int | None = None) -> int:
     """How many CPU devices ``train.cpu_devices`` asks for on this host (1 = one device).
 
     0 (auto) = one device per core, reduced to the largest count that divides every sharded
-    size: the (micro-)batch, the eval batch and the memory bank.  Why per core: XLA:CPU runs
-    one device's ops on a shared thread pool, and a transformer step's many mid-sized ops then
-    leave cores waiting on each other; one device per core runs each half of the batch as its
-    own program (base config on 2 cores: 1.40-1.69 s -> 1.19-1.23 s per step at batch 256;
-    within noise at batch 64; README "Training speed and memory").  The loss is unchanged: with
+    size: the (micro-)batch, the eval batch and the memory bank: each core then runs its share
+    of the batch as its own program.  It was the default while the model's weight gradients
+    went through XLA:CPU's transposed-copy path (base config on 2 cores, batch 256: 1.19-1.23 s
+    vs 1.40-1.69 s on one device).  Since ``models/dense.py`` flattens Dense inputs, one device
+    is faster at every measured batch (batch 64: 297-351 vs 377-382 ms; 256: 1.24-1.27 vs
+    1.50-1.70 s; README "Training speed and memory"), so the default is 1 and 0 stays an
+    option for other models and hosts.  The loss is the same either way: with
     ``negatives.cross_device`` every query still sees every item of the global batch.
     """
     requested = int(config.train.cpu_devices)
