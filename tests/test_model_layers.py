@@ -76,3 +76,31 @@ def test_gelu_matches_jax_exact_gelu_in_value_and_derivative():
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-7)
     # Second order still differentiable (the VJP is plain jnp), e.g. for gradient penalties.
     assert np.isfinite(jax.grad(jax.grad(gelu))(0.3))
+
+
+def test_attention_fused_qkv_matches_separate_bert_projections():
+    """The layer runs one [W, 3W] matmul, but its parameters and values are BERT's three
+    separate query/key/value Dense layers (what the HF converter maps 1:1)."""
+    from vlp_jax.models.text import MultiHeadAttention
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
+    mask = jnp.asarray([[True] * 5, [True, True, True, False, False]])
+    mha = MultiHeadAttention(num_heads=4)
+    params = mha.init(jax.random.key(0), x, mask)["params"]
+    assert set(params) == {"query", "key", "value", "out"}
+    params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.normal(size=p.shape), p.dtype),
+                          params)  # non-zero biases
+
+    def reference(p):
+        def dense(name, h):
+            return h @ p[name]["kernel"] + p[name]["bias"]
+
+        q, k, v = (dense(n, x).reshape(2, 5, 4, 4) for n in ("query", "key", "value"))
+        return dense("out", masked_attention(q, k, v, mask).reshape(2, 5, 16))
+
+    got = mha.apply({"params": params}, x, mask)
+    np.testing.assert_allclose(got, reference(params), rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda p: jnp.sum(mha.apply({"params": p}, x, mask) ** 2))(params)
+    want = jax.grad(lambda p: jnp.sum(reference(p) ** 2))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, want)

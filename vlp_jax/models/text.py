@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlp_jax.models.dense import Dense
+from vlp_jax.models.dense import Dense, dot_general
 
 Dtype = Any
 
@@ -127,6 +127,18 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(sq, eps))
 
 
+class _DenseParams(nn.Module):
+    """A Dense layer's ``kernel`` [fan_in, features] and ``bias``, declared but not applied."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, fan_in: int):
+        kernel = self.param("kernel", dense_init, (fan_in, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        return kernel, bias
+
+
 class MultiHeadAttention(nn.Module):
     """Self-attention with separate [W, W] query/key/value/out projections (BERT layout)."""
 
@@ -140,11 +152,18 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
         head_dim = width // self.num_heads
 
-        def proj(name):
-            y = Dense(width, dtype=self.dtype, kernel_init=dense_init, name=name)(x)
-            return y.reshape(*y.shape[:-1], self.num_heads, head_dim)
-
-        out = masked_attention(proj("query"), proj("key"), proj("value"), key_mask)
+        # One [W, 3W] matmul instead of three [W, W] ones (forward, input and weight gradient):
+        # the parameters stay three BERT-named kernels, concatenated per call (a 3W-column copy
+        # of a tiny weight).  Bigger matmuls run closer to peak on CPU: base step, batch 256,
+        # ~3 % faster (same-process A/B, README "Training speed and memory").
+        parts = [_DenseParams(width, name=n)(width) for n in ("query", "key", "value")]
+        kernel = jnp.concatenate([k for k, _ in parts], axis=1)
+        bias = jnp.concatenate([b for _, b in parts])
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        qkv = dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
+        q, k, v = (t.reshape(*t.shape[:-1], self.num_heads, head_dim)
+                   for t in jnp.split(qkv, 3, axis=-1))
+        out = masked_attention(q, k, v, key_mask)
         out = out.reshape(*out.shape[:-2], width)
         return Dense(width, dtype=self.dtype, kernel_init=dense_init, name="out")(out)
 
