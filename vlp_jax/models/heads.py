@@ -49,7 +49,7 @@ class MLMHead(nn.Module):
             logits = tied_decoder(x, embedding.astype(self.dtype))
             return logits.astype(jnp.float32) + bias
         logits = Dense(self.vocab_size, dtype=self.dtype, kernel_init=dense_init,
-                          name="decoder")(x)
+                       name="decoder")(x)
         return logits.astype(jnp.float32)
 
 

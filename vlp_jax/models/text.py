@@ -80,8 +80,8 @@ def gelu(x: jax.Array) -> jax.Array:
     JVP, shares erfc's and exp's partial results between the forward and backward passes, and
     XLA:CPU materialises each shared piece as its own full-size array: five passes per layer
     where two suffice.  Here only the input ``x`` is saved and the backward pass recomputes
-    ``Phi(x) + x * phi(x)`` in the same loop that multiplies by the
-    incoming gradient: one pass forward, one backward.
+    ``Phi(x) + x * phi(x)`` in the same loop that multiplies by the incoming gradient: one pass
+    forward, one backward.
     """
     return x * _normal_cdf(x)
 
