@@ -7,10 +7,19 @@ symmetric InfoNCE with a learned logit scale; AdamW.  It is written the straight
 ``jnp`` ops on a params dict, no Flax, no project code — so it shows what XLA makes of an
 unoptimised formulation on this machine, and it keeps measuring the same thing while our own
 model code changes.  ``benchmarks/train_throughput.py`` times it beside the project's configs.
+
+``formulation="vlp_jax"`` is the same model, parameters and loss computed the way the project's
+own layers compute them (``vlp_jax.models.dense.dot_general``: every Dense matmul on a flattened
+2-D activation, so weight gradients avoid XLA:CPU's transposed-copy path; ``vlp_jax.models.text
+.gelu``: the erf GELU with a one-pass backward).  Timing both at the open_clip size shows what the
+project's formulation is worth on the exact model users compare with PyTorch eager
+(``benchmarks/torch_clip_reference.py``); ``tests/test_clip_reference.py`` checks that both give
+the same loss and gradients.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -19,8 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vlp_jax.models import dense, text
+
 IMAGE, PATCH, WIDTH, LAYERS, HEADS = 64, 16, 192, 4, 3
 TEXT_LEN, VOCAB, EMBED = 32, 30522, 192
+FORMULATIONS = ("plain", "vlp_jax")
 Params = dict[str, Any]
 
 
@@ -69,41 +81,53 @@ def _layer_norm(x: jax.Array, p: Params) -> jax.Array:
     return (x - mean) * jax.lax.rsqrt(var + 1e-5) * p["g"] + p["b"]
 
 
-def _block(x: jax.Array, p: Params, causal: bool) -> jax.Array:
+def _ops(formulation: str) -> tuple[Callable, Callable]:
+    """``(matmul, gelu)`` of a formulation: ``x [..., K] @ w [K, N]`` and the exact GELU."""
+    if formulation == "plain":
+        return jnp.matmul, functools.partial(jax.nn.gelu, approximate=False)
+    if formulation == "vlp_jax":
+        def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+            return dense.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+        return matmul, text.gelu
+    raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
+
+
+def _block(x: jax.Array, p: Params, causal: bool, formulation: str) -> jax.Array:
+    matmul, gelu = _ops(formulation)
     b, length, _ = x.shape
-    h = _layer_norm(x, p["ln1"]) @ p["qkv"]["w"] + p["qkv"]["b"]
+    h = matmul(_layer_norm(x, p["ln1"]), p["qkv"]["w"]) + p["qkv"]["b"]
     q, k, v = jnp.split(h.reshape(b, length, 3, HEADS, WIDTH // HEADS), 3, axis=2)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q[:, :, 0], k[:, :, 0]) * (WIDTH // HEADS) ** -0.5
     if causal:
         logits = jnp.where(jnp.tril(jnp.ones((length, length), bool)), logits, -jnp.inf)
     attn = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1), v[:, :, 0])
-    x = x + attn.reshape(b, length, WIDTH) @ p["out"]["w"] + p["out"]["b"]
-    h = jax.nn.gelu(_layer_norm(x, p["ln2"]) @ p["fc1"]["w"] + p["fc1"]["b"], approximate=False)
-    return x + h @ p["fc2"]["w"] + p["fc2"]["b"]
+    x = x + matmul(attn.reshape(b, length, WIDTH), p["out"]["w"]) + p["out"]["b"]
+    h = gelu(matmul(_layer_norm(x, p["ln2"]), p["fc1"]["w"]) + p["fc1"]["b"])
+    return x + matmul(h, p["fc2"]["w"]) + p["fc2"]["b"]
 
 
-def encode_image(p: Params, patches: jax.Array) -> jax.Array:
-    x = patches @ p["patch"]
+def encode_image(p: Params, patches: jax.Array, formulation: str = "plain") -> jax.Array:
+    x = _ops(formulation)[0](patches, p["patch"])
     cls = jnp.broadcast_to(p["cls"], (x.shape[0], 1, WIDTH))
     x = _layer_norm(jnp.concatenate([cls, x], axis=1) + p["pos"], p["ln_pre"])
     for block in p["blocks"]:
-        x = _block(x, block, causal=False)
+        x = _block(x, block, causal=False, formulation=formulation)
     return _layer_norm(x[:, 0], p["ln_post"]) @ p["proj"]
 
 
-def encode_text(p: Params, tokens: jax.Array) -> jax.Array:
+def encode_text(p: Params, tokens: jax.Array, formulation: str = "plain") -> jax.Array:
     x = p["tok"][tokens] + p["pos"]
     for block in p["blocks"]:
-        x = _block(x, block, causal=True)
+        x = _block(x, block, causal=True, formulation=formulation)
     x = _layer_norm(x, p["ln_final"])
     eot = x[jnp.arange(x.shape[0]), jnp.argmax(tokens, axis=-1)]  # EOT has the largest id
     return eot @ p["proj"]
 
 
-def clip_loss(p: Params, batch: dict[str, jax.Array]) -> jax.Array:
+def clip_loss(p: Params, batch: dict[str, jax.Array], formulation: str = "plain") -> jax.Array:
     """Symmetric InfoNCE over the batch, as open_clip's ClipLoss on one device."""
-    img = encode_image(p["visual"], batch["patches"])
-    txt = encode_text(p["text"], batch["tokens"])
+    img = encode_image(p["visual"], batch["patches"], formulation)
+    txt = encode_text(p["text"], batch["tokens"], formulation)
     img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
     txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
     logits = jnp.exp(p["logit_scale"]) * img @ txt.T
@@ -112,12 +136,14 @@ def clip_loss(p: Params, batch: dict[str, jax.Array]) -> jax.Array:
     return (xent(logits, labels).mean() + xent(logits.T, labels).mean()) / 2
 
 
-def make_step() -> tuple[Callable, optax.GradientTransformation]:
+def make_step(formulation: str = "plain") -> tuple[Callable, optax.GradientTransformation]:
     """``(params, opt_state, batch) -> (params, opt_state, loss)``, jitted, donating state."""
+    _ops(formulation)  # validate now, not at trace time
     optimizer = optax.adamw(1e-4, weight_decay=0.1)
+    loss_fn = functools.partial(clip_loss, formulation=formulation)
 
     def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(clip_loss)(params, batch)
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 

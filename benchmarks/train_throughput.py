@@ -10,7 +10,9 @@ same reference model in PyTorch eager (open_clip's way) for the comparison issue
 
 Beside the config it also times ``benchmarks/clip_reference.py``: a straightforward plain-JAX
 CLIP step at the open_clip size issue #8 compares against (9.6M params), so changes to our
-model code can be judged against a fixed yardstick measured in the same run.
+model code can be judged against a fixed yardstick measured in the same run — and the same CLIP
+model in the project's formulation (``clip_vlp_jax`` rows: identical loss and gradients), the
+number to hold against PyTorch eager on that model.
 
     python benchmarks/train_throughput.py --config=configs/base.py --batch_sizes=64,128,256
 
@@ -49,7 +51,7 @@ flags.DEFINE_string("batch_sizes", "64,128,256", "Comma-separated global batch s
 flags.DEFINE_integer("steps", 10, "Timed steps per batch size (after 2 warm-up steps).")
 flags.DEFINE_integer("vocab_size", 4000, "Vocabulary size (the built-in catalog's default).")
 flags.DEFINE_string("out", "benchmarks/results/train_throughput.json", "JSON output path.")
-flags.DEFINE_bool("reference", True, "Also time the plain-JAX CLIP reference step.")
+flags.DEFINE_bool("reference", True, "Also time the CLIP reference step, plain and vlp_jax.")
 FLAGS = flags.FLAGS
 
 
@@ -127,9 +129,9 @@ def _row(model: str, batch_size: int, params: int, times: list[float], flops: fl
     }
 
 
-def bench_reference(batch_size: int, steps: int) -> dict:
-    """The plain-JAX CLIP step (benchmarks/clip_reference.py) at ``batch_size``."""
-    step, optimizer = clip_reference.make_step()
+def bench_reference(batch_size: int, steps: int, formulation: str = "plain") -> dict:
+    """The CLIP reference step (benchmarks/clip_reference.py) at ``batch_size``."""
+    step, optimizer = clip_reference.make_step(formulation)
     params = clip_reference.init_params()
     count = clip_reference.param_count(params)
     holder = {"params": params, "opt": optimizer.init(params)}
@@ -140,7 +142,8 @@ def bench_reference(batch_size: int, steps: int) -> dict:
         holder["params"], holder["opt"], loss = step(holder["params"], holder["opt"], batch)
         return loss
 
-    return _row("clip_reference", batch_size, count, _time_steps(run_step, steps), flops)
+    name = "clip_reference" if formulation == "plain" else f"clip_{formulation}"
+    return _row(name, batch_size, count, _time_steps(run_step, steps), flops)
 
 
 def bench_one(config, batch_size: int, steps: int, vocab: int) -> dict:
@@ -179,7 +182,8 @@ def main(argv):
     for b in FLAGS.batch_sizes.split(","):
         rows.append(bench_one(config, int(b), FLAGS.steps, FLAGS.vocab_size))
         if FLAGS.reference:
-            rows.append(bench_reference(int(b), FLAGS.steps))
+            for formulation in clip_reference.FORMULATIONS:
+                rows.append(bench_reference(int(b), FLAGS.steps, formulation))
         peaks.append(measure_matmul_peak())
     peak = max(peaks)
     for r in rows:
