@@ -39,10 +39,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vlp_jax import train_state, train_step  # noqa: E402
-from vlp_jax.models import make_model  # noqa: E402
-from vlp_jax.parallel import mesh as mesh_lib  # noqa: E402
-from vlp_jax.synthetic import random_batch  # noqa: E402
+from vlp_jax import step_harness  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config to measure.")
 flags.DEFINE_string("batch_sizes", "128,256", "Comma-separated global batch sizes.")
@@ -97,16 +94,12 @@ def measure(config, batch_size: int, remat: str, accum: int, vocab: int, steps: 
             rss: bool) -> dict:
     """Compile the train step for one combination; XLA memory analysis (+ RSS when ``rss``)."""
     config = config.copy_and_resolve_references()
-    config.train.batch_size = batch_size
     config.model.remat = remat
     config.train.accum_steps = accum
-    mesh = mesh_lib.make_mesh((-1,))
-    model = make_model(config, vocab_size=vocab)
-    optimizer, state, shardings = train_state.init_model_state(model, config, mesh)
-    step = train_step.make_train_step(model, optimizer, config, mesh, shardings)
-    batch = mesh_lib.shard_host_batch(random_batch(config, batch_size, vocab), mesh)
+    harness = step_harness.build(config, batch_size, vocab)
+    state, batch = harness.state, harness.batch
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = harness.lower().compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     row = {

@@ -41,10 +41,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vlp_jax import allocator, runtime, train_state, train_step  # noqa: E402
-from vlp_jax.models import make_model  # noqa: E402
+from vlp_jax import allocator, runtime, step_harness  # noqa: E402
 from vlp_jax.parallel import mesh as mesh_lib  # noqa: E402
-from vlp_jax.synthetic import random_batch  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config to benchmark.")
 flags.DEFINE_string("batch_sizes", "64,128,256", "Comma-separated global batch sizes.")
@@ -147,24 +145,15 @@ def bench_reference(batch_size: int, steps: int, formulation: str = "plain") -> 
 
 
 def bench_one(config, batch_size: int, steps: int, vocab: int) -> dict:
-    config = config.copy_and_resolve_references()
-    config.train.batch_size = batch_size
-    mesh = mesh_lib.make_mesh((-1,))
-    model = make_model(config, vocab_size=vocab)
-    optimizer, state, shardings = train_state.init_model_state(model, config, mesh)
-    host_batch = random_batch(config, batch_size, vocab)
-    step = train_step.make_train_step(model, optimizer, config, mesh, shardings)
-    batch = mesh_lib.shard_host_batch(host_batch, mesh)
-    flops = _flops(step.lower(state, batch).compile(), mesh.size)
-    count = train_state.param_count(state.params)
-    holder = {"state": state}
+    harness = step_harness.build(config, batch_size, vocab)
+    flops = _flops(harness.lower().compile(), harness.mesh.size)
 
     def run_step():
-        holder["state"], metrics = step(holder["state"], batch)
+        harness.state, metrics = harness.step(harness.state, harness.batch)
         return metrics
 
     name = os.path.basename(config_flags.get_config_filename(FLAGS["config"]))
-    return _row(name, batch_size, count, _time_steps(run_step, steps), flops)
+    return _row(name, batch_size, harness.param_count(), _time_steps(run_step, steps), flops)
 
 
 def main(argv):

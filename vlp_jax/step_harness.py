@@ -1,0 +1,48 @@
+"""The real train step on a random batch: what the speed, memory and profile benchmarks measure.
+
+``benchmarks/train_throughput.py``, ``benchmarks/memory.py`` and ``benchmarks/step_profile.py``
+all need the step exactly as training runs it (``train_step.make_train_step``: loss, gradients,
+AdamW update, state donated) on the device mesh training would use, fed a synthetic batch with
+the train-batch contract — so it is built in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import ml_collections
+
+from vlp_jax import train_state, train_step
+from vlp_jax.models import make_model
+from vlp_jax.parallel import mesh as mesh_lib
+from vlp_jax.synthetic import random_batch
+
+
+@dataclasses.dataclass
+class StepHarness:
+    """A jitted train step, its initial state and one sharded random batch."""
+
+    step: Any  # jitted (state, batch) -> (state, metrics); donates the state
+    state: Any
+    batch: dict[str, jax.Array]
+    mesh: jax.sharding.Mesh
+
+    def lower(self) -> Any:
+        return self.step.lower(self.state, self.batch)
+
+    def param_count(self) -> int:
+        return train_state.param_count(self.state.params)
+
+
+def build(config: ml_collections.ConfigDict, batch_size: int, vocab_size: int) -> StepHarness:
+    """The train step of ``config`` at global ``batch_size`` on all devices (a data mesh)."""
+    config = config.copy_and_resolve_references()
+    config.train.batch_size = batch_size
+    mesh = mesh_lib.make_mesh((-1,))
+    model = make_model(config, vocab_size=vocab_size)
+    optimizer, state, shardings = train_state.init_model_state(model, config, mesh)
+    step = train_step.make_train_step(model, optimizer, config, mesh, shardings)
+    batch = mesh_lib.shard_host_batch(random_batch(config, batch_size, vocab_size), mesh)
+    return StepHarness(step, state, batch, mesh)
