@@ -39,7 +39,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vlp_jax import step_harness  # noqa: E402
+from vlp_jax import atomic_io, step_harness  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config to measure.")
 flags.DEFINE_string("batch_sizes", "128,256", "Comma-separated global batch sizes.")
@@ -193,12 +193,7 @@ def main(argv):
                            "rss_step_added = max sampled RSS during the steps - RSS before them",
         "rows": rows,
     }
-    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-    tmp = FLAGS.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, FLAGS.out)
+    atomic_io.write_json(FLAGS.out, result)
     print(f"wrote {FLAGS.out}")
 
 

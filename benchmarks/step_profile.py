@@ -16,7 +16,6 @@ Prints the table and writes ``benchmarks/results/step_profile.json`` (the trace 
 from __future__ import annotations
 
 import glob
-import json
 import os
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vlp_jax import allocator, profiling, runtime, step_harness  # noqa: E402
+from vlp_jax import allocator, atomic_io, profiling, runtime, step_harness  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config to profile.")
 flags.DEFINE_integer("batch_size", 256, "Global batch size.")
@@ -86,11 +85,7 @@ def main(argv):
     summary.update(config=config_flags.get_config_filename(FLAGS["config"]),
                    batch_size=FLAGS.batch_size, devices=jax.device_count(),
                    xla_flags=os.environ.get("XLA_FLAGS", ""), trace=traces[-1])
-    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-    tmp = FLAGS.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, FLAGS.out)
+    atomic_io.write_json(FLAGS.out, summary)
 
 
 if __name__ == "__main__":

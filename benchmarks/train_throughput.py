@@ -21,7 +21,6 @@ Prints a table and writes ``benchmarks/results/train_throughput.json``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -41,7 +40,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vlp_jax import allocator, runtime, step_harness  # noqa: E402
+from vlp_jax import allocator, atomic_io, runtime, step_harness  # noqa: E402
 from vlp_jax.parallel import mesh as mesh_lib  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config to benchmark.")
@@ -187,7 +186,6 @@ def main(argv):
         print(f"{r['model']:>16} {r['params']:>10,} {r['batch_size']:>6} {r['ms_per_step']:>9.1f} "
               f"{r['ms_per_step_mean']:>8.1f} {r['examples_per_sec']:>8.1f} "
               f"{r['step_gflops']:>11.2f} {r['mfu'] * 100:>5.1f}%")
-    os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
     result = {
         "config": config_flags.get_config_filename(FLAGS["config"]),
         "platform": platform.platform(), "backend": jax.devices()[0].platform,
@@ -196,10 +194,7 @@ def main(argv):
         "matmul_peak_gflops": peak / 1e9, "matmul_peaks_gflops": [p / 1e9 for p in peaks],
         "rows": rows,
     }
-    tmp = FLAGS.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, FLAGS.out)
+    atomic_io.write_json(FLAGS.out, result)
 
 
 if __name__ == "__main__":

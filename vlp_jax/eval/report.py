@@ -12,29 +12,14 @@ import io
 import json
 import os
 import re
-import tempfile
-from collections.abc import Callable
-from typing import IO, Any
+from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
+from vlp_jax import atomic_io
 from vlp_jax.eval.retrieval import RECALL_DEFINITION
-
-
-def _atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; reports are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _ks(results: dict[str, Any]) -> list[int]:
@@ -115,8 +100,8 @@ def write_report(
     if extra is not None:
         payload["extra"] = extra
     text = json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n"
-    _atomic_write(os.path.join(out_dir, "recall.json"), lambda f: f.write(text.encode()))
+    atomic_io.write_bytes(os.path.join(out_dir, "recall.json"), text.encode())
     md = _markdown(results, title, extra)
-    _atomic_write(os.path.join(out_dir, "report.md"), lambda f: f.write(md.encode()))
+    atomic_io.write_bytes(os.path.join(out_dir, "report.md"), md.encode())
     png = _plot_png(results, title)
-    _atomic_write(os.path.join(out_dir, "recall_at_k.png"), lambda f: f.write(png))
+    atomic_io.write_bytes(os.path.join(out_dir, "recall_at_k.png"), png)

@@ -22,19 +22,13 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from vlp_jax import atomic_io
 from vlp_jax.experiments import grids
 
 METRICS = ("R@1", "R@10", "R@100")
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 NOT_RUN = "not run"  # a side of the claim has no finished run yet
 CHART = "recall_bars.png"
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -271,9 +265,9 @@ def write_report(workdir: str, grid: grids.Grid, jobs: Sequence[Any], command: s
         with open(notes_path) as f:
             notes = f.read()
     paths = [os.path.join(workdir, n) for n in ("results.json", "RESULTS.md", CHART)]
-    _atomic_write(paths[0], (json.dumps(payload, indent=2, allow_nan=True) + "\n").encode())
+    atomic_io.write_bytes(paths[0], (json.dumps(payload, indent=2, allow_nan=True) + "\n").encode())
     md = _markdown(grid, runs, summary, claims, variants, seeds, command, devices, notes)
-    _atomic_write(paths[1], md.encode())
-    _atomic_write(paths[2], _bars_png(summary, variants, slices_of(runs), "R@10",
+    atomic_io.write_bytes(paths[1], md.encode())
+    atomic_io.write_bytes(paths[2], _bars_png(summary, variants, slices_of(runs), "R@10",
                                         f"Ablation grid '{grid.name}': {metric_title(runs)}"))
     return paths
