@@ -53,7 +53,7 @@ def test_set_flags_and_override_errors(tiny_config):
     assert ablate.parse_set_flags(["train.num_steps=600", "model.pooling=cls",
                                    "train.mesh_shape=(8,)"]) == {
         "train.num_steps": 600, "model.pooling": "cls", "train.mesh_shape": (8,)}
-    with pytest.raises(ValueError, match="--set expects KEY=VALUE with a dotted KEY, got 'steps'"):
+    with pytest.raises(ValueError, match=r"KEY=VALUE with a dotted KEY .*, got 'steps'"):
         ablate.parse_set_flags(["steps"])
     with pytest.raises(KeyError, match=r"unknown config field\(s\) \['model.widht'\]"):
         ablate.apply_overrides(tiny_config, {"model.widht": 3})

@@ -8,7 +8,9 @@ the train-batch contract — so it is built in one place.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -46,3 +48,23 @@ def build(config: ml_collections.ConfigDict, batch_size: int, vocab_size: int) -
     step = train_step.make_train_step(model, optimizer, config, mesh, shardings)
     batch = mesh_lib.shard_host_batch(random_batch(config, batch_size, vocab_size), mesh)
     return StepHarness(step, state, batch, mesh)
+
+
+def parse_compiler_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["xla_cpu_use_onednn=true", "xla_cpu_prefer_vector_width=128"]`` -> the
+    ``compile(compiler_options=...)`` dict (XLA debug options, per compiled program, so two
+    variants can be compared in one process); true/false become bools, numbers numbers."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.startswith("xla_"):
+            raise ValueError(f"a compiler option is xla_NAME=VALUE, got {item!r}")
+        if raw.lower() in ("true", "false"):
+            options[key] = raw.lower() == "true"
+            continue
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        options[key] = value if isinstance(value, int | float) else raw
+    return options
