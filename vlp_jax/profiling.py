@@ -11,9 +11,13 @@ create_perfetto_trace=True)`` writes).
 
 On XLA:CPU the per-op events only exist with ``--xla_cpu_enable_xprof_traceme=true``.  Ops run
 concurrently (XLA's thunk executor overlaps independent ops), so op times add up to more than
-the wall time; the table reports both.  Matmuls XLA:CPU leaves to Eigen (plain ``dot`` ops, here
-the weight gradients) are their own category because they run asynchronously: their event only
-covers the dispatch, so their time shows up as near zero and their cost as slower neighbours.
+the wall time; the table reports both.  Tracing also slows ops, by an amount that varies from
+run to run (base config, batch 256: 1.4–2.7 s of summed op time for a 1.1–1.2 s step over four
+runs), so compare shares between runs, not absolute op times.
+
+Matmuls XLA:CPU leaves to Eigen (plain ``dot`` ops, here the weight gradients) are their own
+category because they run asynchronously: their event only covers the dispatch, so their time
+shows up as near zero and their cost as slower neighbours.
 """
 
 from __future__ import annotations
