@@ -1,7 +1,7 @@
 """The real train step on a random batch: what the speed, memory and profile benchmarks measure.
 
-``benchmarks/train_throughput.py``, ``benchmarks/memory.py`` and ``benchmarks/step_profile.py``
-all need the step exactly as training runs it (``train_step.make_train_step``: loss, gradients,
+``benchmarks/train_throughput.py``, ``memory.py``, ``step_profile.py`` and ``step_ab.py`` all
+need the step exactly as training runs it (``train_step.make_train_step``: loss, gradients,
 AdamW update, state donated) on the device mesh training would use, fed a synthetic batch with
 the train-batch contract — so it is built in one place.
 """
