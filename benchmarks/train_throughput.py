@@ -2,11 +2,12 @@
 
 MFU = (FLOPs of one compiled train step, from XLA's cost analysis) / (step time) / (matmul peak
 measured on this machine in the same run: the highest of a measurement before every batch size
-and one at the end).  Using a *measured* peak rather than a datasheet number makes the figure
-comparable across CPUs, GPUs and TPUs.  Like ``make train``, the script re-executes itself under
-a caching malloc when one is installed (``vlp_jax/allocator.py``; ``VLP_ALLOCATOR=system`` for
-glibc), and records which one in the JSON.  ``benchmarks/torch_clip_reference.py`` times the
-same reference model in PyTorch eager (open_clip's way) for the comparison issue #8 asks for.
+and one at the end; ``vlp_jax/mfu.py``).  ``benchmarks/mfu_ceiling.py`` gives the highest MFU
+the step's matmuls alone reach on the machine.  Like ``make train``, the script re-executes
+itself under a caching malloc when one is installed (``vlp_jax/allocator.py``;
+``VLP_ALLOCATOR=system`` for glibc), and records which one in the JSON.
+``benchmarks/torch_clip_reference.py`` times the same reference model in PyTorch eager
+(open_clip's way) for the comparison issue #8 asks for.
 
 Beside the config it also times ``benchmarks/clip_reference.py``: a straightforward plain-JAX
 CLIP step at the open_clip size issue #8 compares against (9.6M params), so changes to our
@@ -35,13 +36,11 @@ if __name__ == "__main__":  # as `make train` does: step time depends on it (vlp
 
 import clip_reference  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vlp_jax import allocator, atomic_io, runtime, step_harness  # noqa: E402
-from vlp_jax.parallel import mesh as mesh_lib  # noqa: E402
+from vlp_jax import allocator, atomic_io, mfu, runtime, step_harness  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config to benchmark.")
 flags.DEFINE_string("batch_sizes", "64,128,256", "Comma-separated global batch sizes.")
@@ -50,41 +49,6 @@ flags.DEFINE_integer("vocab_size", 4000, "Vocabulary size (the built-in catalog'
 flags.DEFINE_string("out", "benchmarks/results/train_throughput.json", "JSON output path.")
 flags.DEFINE_bool("reference", True, "Also time the CLIP reference step, plain and vlp_jax.")
 FLAGS = flags.FLAGS
-
-
-def measure_matmul_peak(n: int = 2048, repeats: int = 20) -> float:
-    """The machine's best measured float32 FLOP/s for n×n×n matmuls.
-
-    Two ways, keeping the faster: one matmul on the default device (XLA's thread pool over all
-    cores), and, with several devices, one matmul per device at once.  The second matters when
-    each (fake) CPU device is single-threaded (``--xla_cpu_multi_thread_eigen=false``): the
-    machine's peak is then only reached by all devices together, and measuring one device alone
-    would understate the peak and inflate the MFU.
-    """
-    rng = np.random.default_rng(0)
-    a = jnp.asarray(rng.standard_normal((n, n)), jnp.float32)
-    one = jax.jit(lambda x, y: x @ y)
-    best = _best_seconds(lambda: one(a, a), repeats)
-    peak = 2 * n**3 / best
-    devices = jax.devices()
-    if len(devices) > 1:
-        mesh = mesh_lib.make_mesh((len(devices),))
-        stacked = jax.device_put(
-            np.tile(np.asarray(a)[None], (len(devices), 1, 1)), mesh_lib.batch_sharding(mesh)
-        )
-        each = jax.jit(lambda x: jnp.einsum("dij,djk->dik", x, x))
-        peak = max(peak, 2 * n**3 * len(devices) / _best_seconds(lambda: each(stacked), repeats))
-    return peak
-
-
-def _best_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def _time_steps(run_step, steps: int) -> list[float]:
@@ -102,17 +66,6 @@ def _time_steps(run_step, steps: int) -> list[float]:
         jax.block_until_ready(run_step())
         times.append(time.perf_counter() - t)
     return times
-
-
-def _flops(compiled, num_devices: int = 1) -> float:
-    """FLOPs of one step on all devices: XLA's cost analysis is of the per-device program.
-
-    Replicated work (the optimizer update) is counted once per device, a negligible overcount
-    next to the matmuls of the data-parallel forward and backward passes.
-    """
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost.get("flops", 0.0)) * num_devices
 
 
 def _row(model: str, batch_size: int, params: int, times: list[float], flops: float) -> dict:
@@ -133,7 +86,7 @@ def bench_reference(batch_size: int, steps: int, formulation: str = "plain") -> 
     count = clip_reference.param_count(params)
     holder = {"params": params, "opt": optimizer.init(params)}
     batch = jax.device_put(clip_reference.random_batch(batch_size))
-    flops = _flops(step.lower(holder["params"], holder["opt"], batch).compile())
+    flops = mfu.step_flops(step.lower(holder["params"], holder["opt"], batch).compile())
 
     def run_step():
         holder["params"], holder["opt"], loss = step(holder["params"], holder["opt"], batch)
@@ -145,7 +98,7 @@ def bench_reference(batch_size: int, steps: int, formulation: str = "plain") -> 
 
 def bench_one(config, batch_size: int, steps: int, vocab: int) -> dict:
     harness = step_harness.build(config, batch_size, vocab)
-    flops = _flops(harness.lower().compile(), harness.mesh.size)
+    flops = mfu.step_flops(harness.lower().compile(), harness.mesh.size)
 
     def run_step():
         harness.state, metrics = harness.step(harness.state, harness.batch)
@@ -165,14 +118,14 @@ def main(argv):
     runtime.set_cpu_devices(sizing)
     # This VM's clock (and so its peak) drifts by up to ~15 % over minutes: the peak is measured
     # before every batch size and at the end, and the MFU of every row uses the highest.
-    peaks = [measure_matmul_peak()]
+    peaks = [mfu.measure_matmul_peak()]
     rows = []
     for b in FLAGS.batch_sizes.split(","):
         rows.append(bench_one(config, int(b), FLAGS.steps, FLAGS.vocab_size))
         if FLAGS.reference:
             for formulation in clip_reference.FORMULATIONS:
                 rows.append(bench_reference(int(b), FLAGS.steps, formulation))
-        peaks.append(measure_matmul_peak())
+        peaks.append(mfu.measure_matmul_peak())
     peak = max(peaks)
     for r in rows:
         r["mfu"] = r["step_gflops"] * 1e9 / (r["ms_per_step"] / 1e3) / peak
