@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vlp_jax import allocator, atomic_io, runtime, step_harness  # noqa: E402
+from vlp_jax import allocator, atomic_io, mfu, runtime, step_harness  # noqa: E402
 from vlp_jax.config_overrides import apply_overrides, parse_set_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config both variants start from.")
@@ -51,8 +51,6 @@ def _variant(config, overrides: list[str], xla: list[str]) -> dict:
     harness = step_harness.build(cfg, FLAGS.batch_size, FLAGS.vocab_size)
     options = step_harness.parse_compiler_options(xla)
     compiled = harness.lower().compile(compiler_options=options or None)
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
 
     def run() -> dict:
         harness.state, metrics = compiled(harness.state, harness.batch)
@@ -61,7 +59,7 @@ def _variant(config, overrides: list[str], xla: list[str]) -> dict:
     metrics = [run() for _ in range(2)]
     return {"run": run, "overrides": overrides, "xla": options, "times": [],
             "label": " ".join(overrides + xla) or "(config as is)",
-            "gflop": float(cost.get("flops", 0.0)) * harness.mesh.size / 1e9,
+            "gflop": mfu.step_flops(compiled, harness.mesh.size) / 1e9,
             "loss_first_step": float(metrics[0]["loss"])}
 
 
