@@ -88,15 +88,15 @@ def config_row(config, batch_size: int) -> dict:
     if harness.mesh.size != 1:
         raise ValueError(f"mfu_ceiling runs on one device, got a mesh of {harness.mesh.size}; "
                          "pass --config.train.cpu_devices=1")
-    flops = mfu.step_flops(harness.lower().compile())
+    compiled = harness.lower().compile()
     args = (harness.state, harness.batch)  # traced before the first run donates the state
 
     def advance():
-        harness.state, metrics = harness.step(harness.state, harness.batch)
+        harness.state, metrics = compiled(harness.state, harness.batch)
         return metrics
 
     name = os.path.basename(config_flags.get_config_filename(FLAGS["config"]))
-    return measure(name, batch_size, harness.step, args, advance, flops)
+    return measure(name, batch_size, harness.step, args, advance, mfu.step_flops(compiled))
 
 
 def reference_row(batch_size: int) -> dict:
@@ -105,13 +105,13 @@ def reference_row(batch_size: int) -> dict:
     holder = {"params": params, "opt": optimizer.init(params)}
     batch = jax.device_put(clip_reference.random_batch(batch_size))
     args = (holder["params"], holder["opt"], batch)
-    flops = mfu.step_flops(step.lower(*args).compile())
+    compiled = step.lower(*args).compile()
 
     def advance():
-        holder["params"], holder["opt"], loss = step(holder["params"], holder["opt"], batch)
+        holder["params"], holder["opt"], loss = compiled(holder["params"], holder["opt"], batch)
         return loss
 
-    return measure("clip_vlp_jax", batch_size, step, args, advance, flops)
+    return measure("clip_vlp_jax", batch_size, step, args, advance, mfu.step_flops(compiled))
 
 
 def main(argv):
