@@ -55,8 +55,7 @@ class DotSpec:
 
     @property
     def flops(self) -> int:
-        """2 x (output elements) x (contracted size), per execution."""
-        (lhs_contract, _), (lhs_batch, _) = self.dimension_numbers
+        """2 x (output elements) x (contracted size) = 2 x |lhs| x |rhs free dims|, per run."""
         (_, rhs_contract), (_, rhs_batch) = self.dimension_numbers
         rhs_free = [d for i, d in enumerate(self.rhs_shape)
                     if i not in rhs_contract and i not in rhs_batch]
