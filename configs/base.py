@@ -76,8 +76,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.negatives = n = ml_collections.ConfigDict()
     n.cross_device = True  # CDNS: all_gather items across devices (False = local batch only)
     n.bank_size = 0  # MBNS: memory-bank entries (global, sharded on `data`; 0 = no bank)
-    n.bank_warmup_steps = 100  # steps before bank negatives enter the loss
-    n.momentum = 0.0  # EMA decay of the momentum item tower producing bank keys (0 = no EMA)
+    n.bank_warmup_steps = -1  # first step using the bank; -1 = train.warmup_steps (LR warm-up end)
+    n.bank_item_grad = "full"  # "batch": items' gradient from the in-batch softmax only (MBNS)
+    n.momentum = 0.0  # EMA decay of the momentum tower producing bank keys (0 = no EMA)
+    n.momentum_keys = False  # True: query->item positives/in-batch keys from the EMA tower too
+    n.mask_same_query = False  # items clicked for the identical query text are not negatives
+    n.keyword_control = "off"  # title holds every query keyword: "off" | "mask" | "positive"
+    n.keyword_bits = 256  # bits of the keyword signatures (keyword_control)
+    n.filter_margin = -1.0  # drop negatives scoring above positive - margin (< 0 = off)
+    n.stale_probe = 32  # bank staleness diagnostic: items of each step compared with the bank
+    n.relevance_probe = True  # built-in catalog: log false negatives (fn_mass, *_fn_count)
+    n.oracle_fn_mask = False  # built-in catalog: mask relevant negatives (diagnostic bound only)
     n.ring = False  # memory-lean ring (ppermute) instead of all_gather for cross-device negatives
     n.bank_dtype = "float32"  # storage dtype of bank embeddings ("bfloat16" halves its memory)
 

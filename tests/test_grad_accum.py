@@ -50,7 +50,8 @@ def _random_params(model, *args, seed=0):
 
 def _value_and_grad(config, model, mesh, params, batch, extra=None):
     loss_fn = train_step.make_loss_fn(model, config, mesh)
-    fn = jax.jit(grad_cache.make_value_and_grad(model, config, mesh, loss_fn))
+    fn = jax.jit(grad_cache.make_value_and_grad(model, config, mesh, loss_fn,
+                                                     train_step.compute_losses))
     sharded = mesh_lib.shard_host_batch(batch, mesh)
     params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
     (loss, metrics), grads = fn(params, sharded, np.int32(0), extra)
@@ -83,6 +84,8 @@ def _full_bank(size, dim, batch, mesh):
     bank = {
         "embeddings": emb / np.linalg.norm(emb, axis=1, keepdims=True),
         "item_ids": ids,
+        "query_ids": np.full(size, -1, np.int32),
+        "steps": np.zeros(size, np.int32),
         "valid": np.ones(size, bool),
         "ptr": np.arange(8, dtype=np.int32) % 3,
     }
@@ -142,6 +145,21 @@ def test_accum_local_mpm_on_one_device():
     assert full[1]["mpm_loss"] > 0 and full[1]["mpm_num_masked"] == 16 * 4
     config.train.accum_steps = 4
     _assert_same(full, _value_and_grad(config, model, mesh, params, batch))
+
+
+def test_accum_sigmoid_bias_gets_its_gradient():
+    """Sigmoid QIC: the learned bias enters the loss directly (not through the towers), so the
+    accumulated step must cache its cotangent like the scale's — it once got 0 at k > 1."""
+    config = _config(qic_type="sigmoid", mlm_weight=0.0, query_mlm_weight=0.0, mpm_weight=0.0)
+    mesh = mesh_lib.make_mesh((1,))
+    model = make_model(config, vocab_size=VOCAB)
+    batch = random_batch(config, 16, VOCAB, seed=4)
+    params = _random_params(model, {k: v[:2] for k, v in batch.items()}, seed=2)
+    full = _value_and_grad(config, model, mesh, params, batch)
+    assert abs(float(full[2]["sigmoid_bias"])) > 0.1  # d loss / d bias is far from 0
+    config.train.accum_steps = 2
+    accum = _value_and_grad(config, model, mesh, params, batch)
+    _assert_same(full, accum)
 
 
 def test_remat_block_changes_nothing_but_memory():

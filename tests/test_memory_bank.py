@@ -137,6 +137,8 @@ def data():
     bank = {
         "embeddings": bank_emb,
         "item_ids": bank_ids,
+        "query_ids": np.full(K, -1, np.int32),
+        "steps": np.zeros(K, np.int32),
         "valid": valid,
         "ptr": np.zeros(N, np.int32),
     }
@@ -249,7 +251,7 @@ def test_inactive_bank_gives_exactly_the_no_bank_loss(mesh, data, ring):
     assert float(off) == float(ref)
     assert float(on) > float(off) + 0.1  # the same compiled step does use the bank when on
     for g, r in zip(off_g, ref_g, strict=True):
-        np.testing.assert_allclose(g, r, rtol=0, atol=1e-7)
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
     for key in ref_m:
         assert float(off_m[key]) == pytest.approx(float(ref_m[key]), abs=1e-7), key
 

@@ -17,6 +17,8 @@ _CHOICES = {
     "data.builtin_lang": ("en", "zh"),
     "eval.split": ("valid", "test"),
     "negatives.bank_dtype": ("float32", "bfloat16"),
+    "negatives.bank_item_grad": ("full", "batch"),
+    "negatives.keyword_control": ("off", "mask", "positive"),
     "model.text_init_towers": ("query", "item", "both"),
     "model.remat": ("none", "block"),
     "train.nonfinite_policy": ("stop", "skip"),
@@ -33,7 +35,7 @@ _POSITIVE = (
 
 _NON_NEGATIVE = (
     "loss.qic_weight", "loss.mlm_weight", "loss.query_mlm_weight", "loss.mpm_weight",
-    "loss.margin", "negatives.bank_size", "negatives.bank_warmup_steps", "train.warmup_steps",
+    "loss.margin", "negatives.bank_size", "train.warmup_steps",
     "train.weight_decay", "train.grad_clip_norm", "train.learning_rate", "eval.every_steps",
     "eval.max_queries", "data.worker_count", "data.builtin_num_items",
 )
@@ -76,8 +78,31 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     neg = config.negatives
     if neg.ring and not neg.cross_device:
         problems.append("negatives.ring=True needs negatives.cross_device=True")
-    if neg.momentum > 0 and neg.bank_size == 0:
-        problems.append("negatives.momentum > 0 only produces bank keys: set negatives.bank_size")
+    if neg.momentum > 0 and neg.bank_size == 0 and not neg.get("momentum_keys", False):
+        problems.append("negatives.momentum > 0 only produces keys for the bank or for "
+                        "negatives.momentum_keys: set negatives.bank_size or momentum_keys")
+    if neg.get("momentum_keys", False):
+        if neg.momentum <= 0:
+            problems.append("negatives.momentum_keys=True needs negatives.momentum > 0 (the "
+                            "EMA tower that produces the keys)")
+        if not config.loss.symmetric:
+            problems.append("negatives.momentum_keys=True needs loss.symmetric=True: with "
+                            "momentum keys the item tower learns from the item->query term")
+    fn_rules = (neg.get("mask_same_query", False) or neg.get("keyword_control", "off") != "off"
+                or neg.get("filter_margin", -1.0) >= 0)
+    if fn_rules and config.loss.qic_type == "sigmoid":
+        problems.append("negatives.mask_same_query / keyword_control / filter_margin are "
+                        "implemented for the softmax kinds, not loss.qic_type='sigmoid'")
+    if neg.ring and (neg.get("filter_margin", -1.0) >= 0
+                     or neg.get("keyword_control", "off") == "positive"):
+        problems.append("negatives.ring supports only the id and keyword masks: set "
+                        "filter_margin < 0 and keyword_control != 'positive'")
+    if neg.bank_warmup_steps < -1:
+        problems.append(f"negatives.bank_warmup_steps={neg.bank_warmup_steps} must be >= 0, "
+                        "or -1 for the end of the learning-rate warm-up")
+    bits = int(neg.get("keyword_bits", 256))
+    if bits < 32 or bits & (bits - 1):
+        problems.append(f"negatives.keyword_bits={bits} must be a power of two >= 32")
     m = config.model
     if m.width > 0 and m.num_heads > 0 and m.width % m.num_heads:
         problems.append(f"model.width={m.width} must be divisible by model.num_heads={m.num_heads}")

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vlp_jax.parallel import memory_bank
 from vlp_jax.parallel.mesh import DATA_AXIS
 
 Batch = dict[str, jax.Array]
@@ -118,26 +119,31 @@ def make_value_and_grad(
     config: ml_collections.ConfigDict,
     mesh: Mesh,
     loss_fn: Callable[..., tuple[jax.Array, Metrics]],
+    compute_losses: Callable[..., tuple[jax.Array, Metrics]],
 ) -> ValueAndGrad:
-    """``(params, batch, step, extra) -> ((loss, metrics), grads)`` for the train step.
+    """``(params, batch, step, extra, item_keys) -> ((loss, metrics), grads)`` for the step.
 
     ``train.accum_steps == 1``: ``jax.value_and_grad(loss_fn, has_aux=True)`` unchanged.
     Otherwise the two-pass accumulation of the module docstring, with the same outputs
-    (``metrics["_item_emb"]`` included, for the memory-bank update).
+    (``metrics["_item_emb"]`` included, for the memory-bank update).  ``compute_losses`` is
+    the objective (``train_step.compute_losses``), handed in so that this module does not
+    import the train step that uses it.
     """
     k = int(config.train.accum_steps)
     if k == 1:
         return jax.value_and_grad(loss_fn, has_aux=True)
     check_accum_divisible(int(config.train.batch_size), k, mesh.shape[DATA_AXIS])
-    return accumulated_value_and_grad(model, config, mesh, k)
+    return accumulated_value_and_grad(model, config, mesh, k, compute_losses)
 
 
 def accumulated_value_and_grad(
-    model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh, accum_steps: int
+    model: nn.Module,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    accum_steps: int,
+    compute_losses: Callable[..., tuple[jax.Array, Metrics]],
 ) -> ValueAndGrad:
     """The GradCache step for ``accum_steps`` micro-batches (see the module docstring)."""
-    from vlp_jax.train_step import compute_losses  # train_step imports this module
-
     k, n = int(accum_steps), mesh.shape[DATA_AXIS]
     cache_mpm = caches_mpm(config)
     use_image = bool(config.model.use_image)
@@ -154,7 +160,8 @@ def accumulated_value_and_grad(
     caps = {prefix: int(getattr(model, cap, 0) or 0) if cap else 0
             for prefix, _, _, cap in _LOCAL_TASKS}
     base_key = jax.random.key(config.train.seed + 1)  # as train_step.make_loss_fn
-    warmup = config.negatives.bank_warmup_steps
+    sigmoid_bias = config.loss.qic_type == "sigmoid" and config.loss.qic_weight > 0
+    warmup = memory_bank.bank_start_step(config)
 
     def embed(module, micro):
         """Pass-1 outputs, calling the towers in ``__call__``'s order (same dropout rngs)."""
@@ -169,7 +176,7 @@ def accumulated_value_and_grad(
     def task_of(name: str) -> str | None:
         return next((t[0] for t in _LOCAL_TASKS if name.startswith(t[0])), None)
 
-    def value_and_grad(params, batch, step, extra=None):
+    def value_and_grad(params, batch, step, extra=None, item_keys=None):
         size = next(iter(batch.values())).shape[0]
         check_accum_divisible(size, k, n)
         variables = {"params": params}
@@ -185,15 +192,18 @@ def accumulated_value_and_grad(
         _, cached = jax.lax.scan(embed_one, None, (micro, keys))
         cached = {key: _merge(v, k, n, mesh) for key, v in cached.items()}
         cached["logit_scale"] = model.apply(variables, method=lambda m: m._logit_scale())
+        if sigmoid_bias:  # a learned scalar like the scale: its cotangent is cached too
+            cached["sigmoid_bias"] = params["sigmoid_bias"]
 
         bank = (extra or {}).get("sharded_bank")
         active = step >= warmup if bank is not None else None
 
         def global_loss(outputs):
-            return compute_losses(outputs, batch, global_cfg, mesh, bank, active)
+            return compute_losses(outputs, batch, global_cfg, mesh, bank, active, item_keys)
 
         (global_total, metrics), cot = jax.value_and_grad(global_loss, has_aux=True)(cached)
         scale_cot = cot.pop("logit_scale") / k
+        bias_cot = cot.pop("sigmoid_bias", None)
         cot.pop("mpm_target", None)  # stop-gradient target: zero cotangent
         cot = {key: _split(v, k, n, mesh) for key, v in cot.items()}
         totals = {p: _count(batch[key], caps[p]) for p, _, key, _ in _LOCAL_TASKS if key in batch}
@@ -231,6 +241,8 @@ def accumulated_value_and_grad(
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
         grads, per_micro = jax.lax.scan(accumulate, zeros, (micro, cot, keys))
+        if bias_cot is not None:  # the bias enters the loss directly, not through the towers
+            grads = {**grads, "sigmoid_bias": grads["sigmoid_bias"] + bias_cot}
         local = {name: jnp.sum(v, axis=0) for name, v in per_micro.items()}
         loss = global_total + local.pop("_local_total")
         metrics.update(local)

@@ -23,6 +23,10 @@ from typing import Any
 import jax
 import numpy as np
 
+# Metrics that are NaN at steps where there is nothing to measure (e.g. no bank entry of this
+# step's items yet): averaged over the steps that measured something, left out if none did.
+SPARSE_METRICS = frozenset({"qic_bank_stale_cos"})
+
 
 class NonFiniteLossError(RuntimeError):
     """Raised when a logged loss is NaN/Inf; the message names the first bad step.
@@ -185,8 +189,14 @@ class MetricsLogger:
         row: dict[str, Any] = {"step": last}
         kept = [m for m, ok in zip(host, good, strict=True) if ok]
         for key in kept[-1] if kept else ():
-            if key != "nonfinite":
-                row[key] = float(np.mean([float(m[key]) for m in kept]))
+            if key == "nonfinite":
+                continue
+            values = np.asarray([float(m[key]) for m in kept])
+            if key in SPARSE_METRICS:  # NaN = nothing to measure at that step
+                values = values[np.isfinite(values)]
+                if not values.size:
+                    continue
+            row[key] = float(np.mean(values))
         if self.nonfinite_policy == "skip":
             row["skipped_steps"] = len(host) - len(kept)
         row["steps_per_sec"] = steps_per_sec

@@ -32,7 +32,7 @@ from vlp_jax import (
     train_step,
     workdir_lock,
 )
-from vlp_jax.data import dataset, pipeline
+from vlp_jax.data import catalog_relevance, dataset, pipeline
 from vlp_jax.data import tokenizer as tokenizer_lib
 from vlp_jax.data.device_prefetch import DevicePrefetchIterator
 from vlp_jax.eval import embed
@@ -184,7 +184,8 @@ def _train(
     _save_config(cfg, workdir)  # after the resume check: the file describes the live run
     if start_step:
         logging.info("resuming from step %d", start_step)
-    step_fn = train_step.make_train_step(run.model, run.optimizer, cfg, run.mesh, run.shardings)
+    step_fn = train_step.make_train_step(run.model, run.optimizer, cfg, run.mesh, run.shardings,
+                                         relevance_tables=_relevance_tables(run))
     logger = metrics_log.MetricsLogger(
         workdir, cfg.train.num_steps, cfg.train.batch_size, is_main=jax.process_index() == 0,
         nonfinite_policy=cfg.train.nonfinite_policy,
@@ -231,6 +232,23 @@ def _train(
         logger.close()
         run.checkpointer.close()
     return results
+
+
+def _relevance_tables(run: Run) -> catalog_relevance.RelevanceTables | None:
+    """The built-in catalog's relevance oracle for the false-negative diagnostics, or None
+    (user catalog, ``negatives.relevance_probe`` off, or no contrastive loss)."""
+    cfg = run.config
+    if not cfg.negatives.get("relevance_probe", False) or cfg.loss.qic_weight <= 0:
+        return None
+    if cfg.data.catalog_dir or cfg.negatives.ring:
+        return None
+    items = run.data.sources["items"]
+    tables = catalog_relevance.relevance_tables(
+        dataset.builtin_catalog_dir(cfg.data), run.item_ids(range(len(items))))
+    if tables is not None:
+        logging.info("false-negative diagnostics on: %d query combinations, %d items",
+                     len(tables.query_hashes), len(tables.item_attrs))
+    return tables
 
 
 def _save_on_preemption(

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vlp_jax.parallel import memory_bank
+from vlp_jax.parallel import fn_control, memory_bank
 from vlp_jax.parallel import mesh as mesh_lib
 from vlp_jax.synthetic import dummy_batch
 
@@ -142,11 +142,15 @@ def init_extra(params: PyTree, config: ml_collections.ConfigDict, mesh: Mesh) ->
     neg = config.negatives
     extra = {}
     if neg.bank_size > 0:
+        # One bank shard per device of the `data` axis (not per device of the mesh: other
+        # axes hold replicas of the same shard).
         extra["sharded_bank"] = memory_bank.init_bank(
-            neg.bank_size, config.model.embed_dim, mesh.devices.size, jnp.dtype(neg.bank_dtype)
+            neg.bank_size, config.model.embed_dim, mesh.shape[mesh_lib.DATA_AXIS],
+            jnp.dtype(neg.bank_dtype),
+            sig_words=fn_control.NegativeFilter.from_config(neg).sig_words,
         )
-        if neg.momentum > 0:
-            extra["momentum_params"] = jax.tree_util.tree_map(jnp.copy, params)
+    if neg.momentum > 0:
+        extra["momentum_params"] = jax.tree_util.tree_map(jnp.copy, params)
     return extra
 
 

@@ -4,13 +4,19 @@ The step runs on *global* arrays sharded on ``data``.  The query-item contrastiv
 computed inside ``shard_map`` by ``parallel.negatives``: with ``negatives.cross_device`` each
 device scores its queries against every device's items (all_gather, or a ppermute ring when
 ``negatives.ring``), otherwise against its own items only; with ``negatives.bank_size > 0`` the
-sharded memory bank in ``state.extra`` adds detached negatives and is refreshed after the
-update with this step's item embeddings (from the EMA item tower when ``negatives.momentum``).
+sharded memory bank in ``state.extra`` adds detached negatives from ``bank_start_step`` on and
+is refreshed after the update with this step's item keys.
+
+Keys: with ``negatives.momentum > 0`` an EMA copy of the model embeds the batch's items once,
+*before* the loss (MoCo order); those embeddings are the bank's keys and, with
+``negatives.momentum_keys``, also the query→item positives and in-batch negatives, so every
+candidate a query is scored against comes from the same slowly moving encoder.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -20,9 +26,10 @@ import optax
 from jax.sharding import Mesh
 
 from vlp_jax import grad_cache, nonfinite
+from vlp_jax.data import catalog_relevance
 from vlp_jax.data.preprocess import num_masked_patches
 from vlp_jax.losses import masked
-from vlp_jax.parallel import memory_bank, negatives
+from vlp_jax.parallel import fn_control, memory_bank, negatives
 from vlp_jax.parallel import mesh as mesh_lib
 from vlp_jax.train_state import TrainState, learning_rate_schedule
 
@@ -48,13 +55,30 @@ def compute_losses(
     mesh: Mesh,
     bank: dict | None = None,
     bank_active: jax.Array | bool | None = None,
+    item_keys: jax.Array | None = None,
+    relevance_tables: catalog_relevance.RelevanceTables | None = None,
 ) -> tuple[jax.Array, Metrics]:
-    """Weighted sum of the enabled tasks, with per-task values for logging."""
+    """Weighted sum of the enabled tasks, with per-task values for logging.
+
+    ``item_keys``: momentum-tower item embeddings used as query→item keys (see the module doc).
+    ``relevance_tables``: the built-in catalog's oracle, for the false-negative diagnostics.
+    """
     lcfg = config.loss
+    neg = config.negatives
+    filt = fn_control.NegativeFilter.from_config(neg)
     metrics: Metrics = {}
     total = jnp.zeros((), jnp.float32)
 
     if lcfg.qic_weight > 0:
+        relevance = None
+        if relevance_tables is not None and not neg.ring:
+            table = jnp.asarray(relevance_tables.item_attrs)
+            relevance = {
+                "constraints": catalog_relevance.constraints_for(relevance_tables,
+                                                                 batch["query_id"]),
+                "attrs": table[jnp.clip(batch["item_index"], 0, table.shape[0] - 1)],
+                "table": table,
+            }
         qic, qic_metrics = negatives.sharded_qic_loss(
             mesh,
             outputs["query_emb"],
@@ -70,6 +94,13 @@ def compute_losses(
             bank=bank,
             bank_active=bank_active,
             sigmoid_bias=outputs.get("sigmoid_bias", 0.0),
+            item_keys=item_keys if neg.get("momentum_keys", False) else None,
+            bank_item_grad=neg.get("bank_item_grad", "full"),
+            filt=filt,
+            signatures=fn_control.pair_signatures(batch, filt),
+            stale_probe=int(neg.get("stale_probe", 0)),
+            relevance=relevance,
+            oracle_mask=bool(neg.get("oracle_fn_mask", False)) and relevance is not None,
         )
         total += lcfg.qic_weight * qic
         metrics["qic_loss"] = qic
@@ -117,13 +148,21 @@ def compute_losses(
     metrics["loss"] = total
     metrics["query_emb_norm"] = jnp.mean(jnp.linalg.norm(outputs["query_emb"], axis=-1))
     metrics["item_emb_norm"] = jnp.mean(jnp.linalg.norm(outputs["item_emb"], axis=-1))
+    # Norm of the *mean* embedding: ≈0 for embeddings spread over the sphere, →1 when they
+    # collapse towards one direction (the drift a stale bank causes).
+    metrics["item_mean_norm"] = jnp.linalg.norm(jnp.mean(outputs["item_emb"], axis=0))
+    metrics["query_mean_norm"] = jnp.linalg.norm(jnp.mean(outputs["query_emb"], axis=0))
     return total, metrics
 
 
 def make_loss_fn(
-    model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh
+    model: nn.Module,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    losses: Callable[..., tuple[jax.Array, Metrics]] = compute_losses,
 ) -> Callable[..., tuple[jax.Array, Metrics]]:
-    """``(params, batch, step, extra=None) -> (loss, metrics)``, differentiable w.r.t. params.
+    """``(params, batch, step, extra=None, item_keys=None) -> (loss, metrics)``, differentiable
+    w.r.t. params.
 
     ``metrics["_item_emb"]`` carries this step's item embeddings out for the bank update (the
     train step removes it before logging).  Dropout rng is ``fold_in(seed, step)``: it depends
@@ -132,14 +171,14 @@ def make_loss_fn(
     """
     base_key = jax.random.key(config.train.seed + 1)
 
-    bank_cfg = config.negatives
+    start = memory_bank.bank_start_step(config)
 
-    def loss_fn(params, batch, step, extra=None):
+    def loss_fn(params, batch, step, extra=None, item_keys=None):
         rngs = {"dropout": jax.random.fold_in(base_key, step)}
         outputs = model.apply({"params": params}, batch, train=True, rngs=rngs)
         bank = (extra or {}).get("sharded_bank")
-        active = step >= bank_cfg.bank_warmup_steps if bank is not None else None
-        loss, metrics = compute_losses(outputs, batch, config, mesh, bank, active)
+        active = step >= start if bank is not None else None
+        loss, metrics = losses(outputs, batch, config, mesh, bank, active, item_keys)
         metrics["_item_emb"] = outputs["item_emb"]
         return loss, metrics
 
@@ -152,16 +191,31 @@ def make_train_step(
     config: ml_collections.ConfigDict,
     mesh: Mesh,
     state_shardings: TrainState,
+    relevance_tables: catalog_relevance.RelevanceTables | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """Jitted ``(state, batch) -> (state, metrics)`` with the state donated."""
+    """Jitted ``(state, batch) -> (state, metrics)`` with the state donated.
+
+    ``relevance_tables`` (built-in catalogs only) add the false-negative diagnostics.
+    """
     learning_rate_fn = learning_rate_schedule(config.train)
-    loss_fn = make_loss_fn(model, config, mesh)
+    losses = partial(compute_losses, relevance_tables=relevance_tables)
+    loss_fn = make_loss_fn(model, config, mesh, losses)
     # accum_steps > 1: GradCache two-pass accumulation, all B items stay negatives.
-    grad_fn = grad_cache.make_value_and_grad(model, config, mesh, loss_fn)
+    grad_fn = grad_cache.make_value_and_grad(model, config, mesh, loss_fn, losses)
     momentum = config.negatives.momentum
+    filt = fn_control.NegativeFilter.from_config(config.negatives)
+
+    def momentum_keys(momentum_params, batch):
+        return jax.lax.stop_gradient(model.apply(
+            {"params": momentum_params}, batch["title_tokens"], batch["title_mask"],
+            batch["patches"] if config.model.use_image else None, method=model.encode_item,
+        )["embedding"])
 
     def step_fn(state: TrainState, batch: Batch):
-        (_, metrics), grads = grad_fn(state.params, batch, state.step, state.extra)
+        keys = None
+        if "momentum_params" in state.extra:  # MoCo order: keys before the update
+            keys = momentum_keys(state.extra["momentum_params"], batch)
+        (_, metrics), grads = grad_fn(state.params, batch, state.step, state.extra, keys)
         item_emb = metrics.pop("_item_emb")
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -171,14 +225,15 @@ def make_train_step(
                 params, extra["momentum_params"], step_size=1.0 - momentum
             )
         if "sharded_bank" in extra:
-            keys = item_emb
-            if "momentum_params" in extra:
-                keys = model.apply(
-                    {"params": extra["momentum_params"]}, batch["title_tokens"],
-                    batch["title_mask"], batch["patches"], method=model.encode_item,
-                )["embedding"]
+            bank = extra["sharded_bank"]
+            valid = bank["valid"].astype(jnp.float32)
+            age = (state.step - bank["steps"]).astype(jnp.float32)
+            metrics["bank_age_mean"] = jnp.sum(age * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+            sigs = fn_control.pair_signatures(batch, filt)
             extra["sharded_bank"] = memory_bank.enqueue(
-                mesh, extra["sharded_bank"], jax.lax.stop_gradient(keys), batch["item_index"]
+                mesh, bank, jax.lax.stop_gradient(item_emb if keys is None else keys),
+                batch["item_index"], batch["query_id"],
+                None if sigs is None else sigs[1], state.step,
             )
             metrics["bank_fill"] = jnp.mean(extra["sharded_bank"]["valid"].astype(jnp.float32))
         metrics["grad_norm"] = optax.tree.norm(grads)

@@ -35,76 +35,33 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from vlp_jax.losses.contrastive import KINDS, softmax_xent_with_masks
-from vlp_jax.parallel import memory_bank
+from vlp_jax.data import catalog_relevance
+from vlp_jax.losses.contrastive import KINDS
+from vlp_jax.parallel import fn_control, memory_bank
 from vlp_jax.parallel.mesh import DATA_AXIS
+from vlp_jax.parallel.qic_blocks import (
+    add_lse,
+    add_lse_any,
+    block_parts,
+    mean_ratio,
+    neg_stats,
+    row_lse,
+    sigmoid_block,
+    softmax_block,
+)
 from vlp_jax.parallel.ring import ring_reduce, to_varying
 
 Metrics = dict[str, jax.Array]
 
 
-def _softmax_block(rows, cols, row_keys, col_keys, params, pos_col, *, precision):
-    """Masked logits of rows vs cols: a column is a candidate iff all its keys differ from the
-    row's (not a duplicate) or it is the row's positive, which gets the additive margin."""
-    scale, margin, _ = params
-    cos = jnp.dot(rows, cols.T, precision=precision)
-    is_pos = pos_col[:, None] == jnp.arange(cols.shape[0])[None, :]
-    logits = scale * (cos - margin * is_pos.astype(jnp.float32))
-    differs = jnp.all(row_keys[:, None, :] != col_keys[None, :, :], axis=-1)
-    keep = differs | is_pos
-    z = jnp.where(keep, logits, -jnp.inf)
-    return z, jax.lax.stop_gradient(scale * cos), differs & ~is_pos
+def _local_loss(q, it, keys, item_keys, scale, margin, bias, bank, active, rel, *, kind, n,
+                cross_device, ring, symmetric, use_bank, use_item_keys, bank_item_grad, filt,
+                stale_probe, use_rel, oracle_mask, precision):
+    """Per-device body of ``sharded_qic_loss`` (inside shard_map over DATA_AXIS).
 
-
-def _sigmoid_block(rows, cols, row_keys, col_keys, params, pos_col, *, precision):
-    """Per-pair SigLIP log-loss; label 1 iff the column has the row positive's item id."""
-    del pos_col  # the positive is found by its id, like every in-batch duplicate
-    scale, _, bias = params
-    logits = scale * jnp.dot(rows, cols.T, precision=precision) + bias
-    same = row_keys[:, None, 0] == col_keys[None, :, 0]
-    lab = same.astype(jnp.float32)
-    nll = -(lab * jax.nn.log_sigmoid(logits) + (1.0 - lab) * jax.nn.log_sigmoid(-logits))
-    return nll, jax.lax.stop_gradient(logits), ~same
-
-
-def _add_lse(a: jax.Array, b: jax.Array) -> jax.Array:
-    """log(e^a + e^b) for finite ``a``; exactly ``a`` (and zero gradient to b) if b = -inf."""
-    m = jax.lax.stop_gradient(jnp.maximum(a, b))
-    return m + jnp.log(jnp.exp(a - m) + jnp.exp(b - m))
-
-
-def _neg_stats(metric, neg):
-    """Per-row (sum, count, max) of the negatives' logits, for the metrics."""
-    negf = neg.astype(jnp.float32)
-    return (
-        jnp.sum(metric * negf, axis=1),
-        jnp.sum(negf, axis=1),
-        jnp.max(jnp.where(neg, metric, -jnp.inf), axis=1),
-    )
-
-
-def _local_loss(
-    q,
-    it,
-    qid,
-    iid,
-    scale,
-    margin,
-    bias,
-    bank_emb,
-    bank_ids,
-    bank_valid,
-    active,
-    *,
-    kind,
-    n,
-    cross_device,
-    ring,
-    symmetric,
-    use_bank,
-    precision,
-):
-    """Per-device body of ``sharded_qic_loss`` (inside shard_map over DATA_AXIS)."""
+    Query→item rows are ``lse(kept candidates) − lse(positives)``: the positive (with its
+    margin) plus, in keyword-"positive" mode, the keyword matches of the batch and the bank.
+    """
     b = q.shape[0]
     q, it = q.astype(jnp.float32), it.astype(jnp.float32)
     params = tuple(
@@ -118,71 +75,132 @@ def _local_loss(
         return jax.lax.all_gather(x, DATA_AXIS, tiled=True) if cross_device else x
 
     is_sig = kind == "sigmoid"
-    block = partial(_sigmoid_block if is_sig else _softmax_block, precision=precision)
-    mode = "sum" if is_sig else "lse"
-    pos_cos = jnp.einsum("bd,bd->b", q, it, precision=precision)
     scale_f, margin_f, bias_f = params
-    pos_logit = scale_f * (pos_cos - margin_f)  # softmax kinds: the margin-ed positive logit
+    # The query→item keys: the momentum tower's (detached) or the online items.
+    key_it = jax.lax.stop_gradient(item_keys.astype(jnp.float32)) if use_item_keys else it
+    pos_cos = jnp.einsum("bd,bd->b", q, key_it, precision=precision)
     pos_metric = jax.lax.stop_gradient(scale_f * pos_cos + (bias_f if is_sig else 0.0))
-    keys = iid[:, None]
+    thr = (jax.lax.stop_gradient(pos_cos) - filt.filter_margin) if filt.model_filter else None
+    decouple = use_bank and bank_item_grad == "batch" and not is_sig and not use_item_keys
+    metrics: Metrics = {}
 
-    # ---- in-batch query -> item term
-    if ring:
-        red, *stats = ring_reduce(block, mode, DATA_AXIS, n, q, it, keys, keys, params)
-        stats = tuple(jax.lax.stop_gradient(s) for s in stats)
-        row = red if is_sig else red - pos_logit
-    else:
-        z, metric, neg = block(q, gather(it), keys, gather(iid)[:, None], params, pos_col)
-        stats = _neg_stats(metric, neg)
-        row = jnp.sum(z, axis=1) if is_sig else softmax_xent_with_masks(z, pos_col, neg)
+    # ---- in-batch query -> item term: (lse over kept, lse over positives) per row
+    def q2i_terms(rows, cols, prm):
+        if is_sig:
+            block = partial(sigmoid_block, precision=precision)
+            if ring:
+                red, *st = ring_reduce(block, "sum", DATA_AXIS, n, rows, cols, keys, keys, prm)
+                return red, None, tuple(jax.lax.stop_gradient(s) for s in st), None
+            z, metric, neg = block(rows, gather(cols), keys, gather(keys), prm, pos_col)
+            return jnp.sum(z, axis=1), None, neg_stats(metric, neg), None
+        if ring:
+            block = partial(softmax_block, precision=precision, filt=filt, direction="q2i")
+            red, *st = ring_reduce(block, "lse", DATA_AXIS, n, rows, cols, keys, keys, prm)
+            pos_lse = prm[0] * (jnp.einsum("bd,bd->b", rows, cols, precision=precision) - prm[1])
+            return red, pos_lse, tuple(jax.lax.stop_gradient(s) for s in st), None
+        logits, metric, is_pos, neg, extra = block_parts(
+            rows, gather(cols), keys, gather(keys), prm, pos_col, thr, precision=precision,
+            filt=filt, direction="q2i")
+        if use_rel:  # the built-in catalog's oracle: which candidates are relevant
+            relevant = catalog_relevance.is_relevant(rel["constraints"], gather(rel["attrs"]))
+            if oracle_mask:
+                neg &= ~relevant
+            fn_terms.append((jnp.where(neg & relevant, metric, -jnp.inf), neg & relevant))
+        lse_all = row_lse(jnp.where(neg | is_pos | extra, logits, -jnp.inf))
+        lse_pos = row_lse(jnp.where(is_pos | extra, logits, -jnp.inf))
+        base = ~jnp.logical_or(is_pos, keys[:, None, 0] == gather(keys)[None, :, 0])
+        dropped = jnp.sum((base & ~neg).astype(jnp.float32), axis=1)
+        return lse_all, lse_pos, neg_stats(metric, neg), dropped
+
+    fn_terms: list = []  # (masked logits, mask) of the false negatives, batch then bank
+    sg_key = jax.lax.stop_gradient(key_it) if decouple else key_it
+    lse_all, lse_pos, stats, dropped = q2i_terms(q, sg_key, params)
+    fn_lse = row_lse(fn_terms[0][0]) if fn_terms else None
+    fn_count = jnp.sum(fn_terms[0][1].astype(jnp.float32), axis=1) if fn_terms else None
+    fn_terms.clear()
+    batch_stats = stats
+    if dropped is not None:
+        metrics["batch_fn_dropped"] = jax.lax.pmean(jnp.mean(dropped), DATA_AXIS)
 
     # ---- memory bank negatives for the same rows
     if use_bank:
         q_all = jax.lax.all_gather(q, DATA_AXIS, tiled=True)
-        pos_all = jax.lax.all_gather(iid, DATA_AXIS, tiled=True)
+        keys_all = jax.lax.all_gather(keys, DATA_AXIS, tiled=True)
+        pcos_all = jax.lax.all_gather(jax.lax.stop_gradient(pos_cos), DATA_AXIS, tiled=True)
+        rel_args = None
+        if use_rel:
+            rel_args = (jax.lax.all_gather(rel["constraints"], DATA_AXIS, tiled=True),
+                        rel["table"])
         bstats = memory_bank.bank_row_stats(
-            q_all,
-            pos_all,
-            bank_emb,
-            bank_ids,
-            bank_valid,
-            scale_f,
-            bias_f,
-            kind=kind,
-            num_chunks=n if ring else 1,
-            precision=precision,
-        )
+            q_all, keys_all, pcos_all, bank, scale_f, bias_f, kind=kind, filt=filt,
+            num_chunks=n if ring else 1, precision=precision, relevance=rel_args,
+            oracle_mask=oracle_mask)
         own = {k: jax.lax.dynamic_slice_in_dim(v, idx * b, b) for k, v in bstats.items()}
         if is_sig:
-            row = row + jnp.where(active, own["nll"], 0.0)
+            lse_all = lse_all + jnp.where(active, own["nll"], 0.0)
         else:
-            row = _add_lse(row, jnp.where(active, own["lse"], -jnp.inf) - pos_logit)
-        stats = (
-            stats[0] + jnp.where(active, own["neg_sum"], 0.0),
-            stats[1] + jnp.where(active, own["neg_count"], 0.0),
-            jnp.maximum(stats[2], jnp.where(active, own["neg_max"], -jnp.inf)),
-        )
+            lse_all = add_lse(lse_all, jnp.where(active, own["lse"], -jnp.inf))
+            lse_pos = add_lse(lse_pos, jnp.where(active, own["pos_lse"], -jnp.inf))
+            mass = jnp.exp(jax.lax.stop_gradient(jnp.where(active, own["lse"], -jnp.inf)
+                                                 - lse_all))
+            metrics["bank_mass"] = jax.lax.pmean(jnp.mean(mass), DATA_AXIS)
+            metrics["bank_fn_dropped"] = jax.lax.pmean(
+                jnp.mean(jnp.where(active, own["dropped"], 0.0)), DATA_AXIS)
+            if use_rel:
+                fn_lse = add_lse_any(fn_lse, jnp.where(active, own["fn_lse"], -jnp.inf))
+                metrics["bank_fn_count"] = jax.lax.pmean(
+                    jnp.mean(jnp.where(active, own["fn_count"], 0.0)), DATA_AXIS)
+        zero = jnp.zeros_like(own["neg_sum"])
+        bank_stats = (jnp.where(active, own["neg_sum"], zero),
+                      jnp.where(active, own["neg_count"], zero),
+                      jnp.where(active, own["neg_max"], -jnp.inf))
+        metrics["bank_neg_logit_mean"] = mean_ratio(bank_stats[0], bank_stats[1])
+        stats = (stats[0] + bank_stats[0], stats[1] + bank_stats[1],
+                 jnp.maximum(stats[2], bank_stats[2]))
+        if stale_probe:
+            probe = jax.lax.all_gather(key_it, DATA_AXIS, tiled=True)[:stale_probe]
+            stale_sum, stale_cnt = memory_bank.staleness(
+                probe, keys_all[:stale_probe, 0], bank)
+            metrics["bank_stale_cos"] = jnp.where(stale_cnt > 0, stale_sum / stale_cnt, jnp.nan)
+            metrics["bank_stale_pairs"] = stale_cnt
 
+    row = lse_all if is_sig else lse_all - lse_pos
+    if fn_lse is not None and not is_sig:
+        # Softmax mass on relevant items kept as negatives (the oracle's false negatives).
+        fn_mass = jnp.exp(fn_lse - jax.lax.stop_gradient(lse_all))
+        metrics["fn_mass"] = jax.lax.pmean(jnp.mean(fn_mass), DATA_AXIS)
+        metrics["batch_fn_count"] = jax.lax.pmean(jnp.mean(fn_count), DATA_AXIS)
+    if decouple:
+        # Item-side gradient from the in-batch softmax alone: the current items' gradients then
+        # sum to zero again, as without a bank (module docstring); value and query gradient
+        # are those of the full loss.
+        frozen = tuple(jax.lax.stop_gradient(x) for x in params)
+        i_all, i_pos, _, _ = q2i_terms(jax.lax.stop_gradient(q), it, frozen)
+        item_row = i_all - i_pos
+        row = row + item_row - jax.lax.stop_gradient(item_row)
     loss = jax.lax.pmean(jnp.mean(row), DATA_AXIS)
-    metrics: Metrics = {}
     if not is_sig:
         metrics["q2i_loss"] = loss
         if symmetric:
-            keys2 = jnp.stack([qid, iid], axis=1)
+            block = partial(softmax_block, precision=precision, filt=filt, direction="i2q")
             if ring:
-                lse_t, *_ = ring_reduce(block, "lse", DATA_AXIS, n, it, q, keys2, keys2, params)
-                row_t = lse_t - pos_logit
+                lse_t, *_ = ring_reduce(block, "lse", DATA_AXIS, n, it, q, keys, keys, params)
+                row_t = lse_t - scale_f * (jnp.einsum("bd,bd->b", q, it, precision=precision)
+                                           - margin_f)
             else:
-                z, _, neg = block(it, gather(q), keys2, gather(keys2), params, pos_col)
-                row_t = softmax_xent_with_masks(z, pos_col, neg)
+                logits, _, is_pos, neg, extra = block_parts(
+                    it, gather(q), keys, gather(keys), params, pos_col, None,
+                    precision=precision, filt=filt, direction="i2q")
+                row_t = (row_lse(jnp.where(neg | is_pos | extra, logits, -jnp.inf))
+                         - row_lse(jnp.where(is_pos | extra, logits, -jnp.inf)))
             metrics["i2q_loss"] = jax.lax.pmean(jnp.mean(row_t), DATA_AXIS)
             loss = 0.5 * (loss + metrics["i2q_loss"])
 
     neg_sum, neg_cnt, neg_max = stats
     metrics["pos_logit_mean"] = jax.lax.pmean(jnp.mean(pos_metric), DATA_AXIS)
-    metrics["neg_logit_mean"] = jax.lax.psum(jnp.sum(neg_sum), DATA_AXIS) / jnp.maximum(
-        jax.lax.psum(jnp.sum(neg_cnt), DATA_AXIS), 1.0
-    )
+    metrics["neg_logit_mean"] = mean_ratio(neg_sum, neg_cnt)
+    if use_bank:
+        metrics["batch_neg_logit_mean"] = mean_ratio(batch_stats[0], batch_stats[1])
     correct = (pos_metric >= neg_max).astype(jnp.float32)
     metrics["accuracy"] = jax.lax.pmean(jnp.mean(correct), DATA_AXIS)
     return loss, metrics
@@ -204,12 +222,19 @@ def sharded_qic_loss(
     bank: memory_bank.Bank | None = None,
     bank_active: jax.Array | bool | None = None,
     sigmoid_bias: jax.Array | float = 0.0,
+    item_keys: jax.Array | None = None,
+    bank_item_grad: str = "full",
+    filt: fn_control.NegativeFilter | None = None,
+    signatures: tuple[jax.Array, jax.Array] | None = None,
+    stale_probe: int = 0,
+    relevance: dict[str, jax.Array] | None = None,
+    oracle_mask: bool = False,
     precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
 ) -> tuple[jax.Array, Metrics]:
     """Query→item contrastive loss over a ``data``-sharded global batch; see the module doc.
 
     Args:
-      mesh: the 1-D ``data`` mesh (``parallel.mesh.make_mesh``).
+      mesh: a mesh with a ``data`` axis (``parallel.mesh.make_mesh``).
       query_emb, item_emb: [B, d] global embeddings, row i of each a positive pair, sharded on
         ``data`` (B = global batch, divisible by the number of devices N).
       query_ids: [B] int query-text ids; item_ids: [B] int product ids (duplicates masked).
@@ -221,15 +246,42 @@ def sharded_qic_loss(
       bank: a ``memory_bank.init_bank`` dict sharded on ``data``; None = no bank negatives.
       bank_active: traced bool scalar (e.g. ``step >= warmup``); False gives exactly the
         no-bank loss.  Default True.
+      item_keys: [B] momentum-tower item embeddings; when given, the query→item positives and
+        in-batch negatives are these (detached) keys, consistent with the bank's (MoCo/ALBEF);
+        the item tower then learns from the item→query term and the other tasks.
+      bank_item_grad: "full" (the items' gradient includes the bank's share of the softmax) or
+        "batch" (the items' gradient comes from the in-batch softmax only; softmax kinds).
+      filt: false-negative rules (``fn_control.NegativeFilter``); None = same item id only.
+      signatures: (query, title) keyword signatures [B, W] when ``filt`` uses keywords.
+      stale_probe: with a bank, measure the keys' staleness on the first this-many items.
+      relevance: built-in catalog oracle (``data.catalog_relevance``): ``constraints`` [B, 5]
+        of the queries, ``attrs`` [B, 5] of the items, ``table`` [items, 5]; adds the metrics
+        ``fn_mass`` (softmax mass on relevant items kept as negatives), ``batch_fn_count``
+        and ``bank_fn_count``.  Not with ``ring``.
+      oracle_mask: with ``relevance``, remove those items from the negatives instead
+        (a diagnostic upper bound for false-negative control, not a recipe).
       precision: matmul precision; HIGHEST matches ``qic_loss`` on every backend.
 
     Returns:
       ``(loss, metrics)``, scalars replicated on every device.
     """
+    filt = filt or fn_control.NegativeFilter()
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if ring and not cross_device:
         raise ValueError("ring=True is a way of doing cross-device negatives; set cross_device")
+    if bank_item_grad not in ("full", "batch"):
+        raise ValueError(f"bank_item_grad must be 'full' or 'batch', got {bank_item_grad!r}")
+    if filt.any and kind == "sigmoid":
+        raise ValueError("false-negative control beyond the item id is implemented for the "
+                         "softmax kinds; loss.qic_type='sigmoid' supports none of it")
+    if ring and (filt.model_filter or filt.keyword == "positive"):
+        raise ValueError("negatives.ring supports the id and keyword masks only; the model "
+                         "filter and keyword_control='positive' need the all-gather path")
+    if relevance is not None and ring:
+        raise ValueError("the relevance diagnostics need the all-gather path, not ring")
+    if oracle_mask and relevance is None:
+        raise ValueError("oracle_mask needs the relevance tables of a built-in catalog")
     if DATA_AXIS not in mesh.shape:
         raise ValueError(f"mesh must have a '{DATA_AXIS}' axis, got axes {tuple(mesh.shape)}")
     n = mesh.shape[DATA_AXIS]
@@ -239,6 +291,9 @@ def sharded_qic_loss(
             f"{item_emb.shape}"
         )
     batch, dim = query_emb.shape
+    if item_keys is not None and item_keys.shape != item_emb.shape:
+        raise ValueError(f"item_keys must have item_emb's shape {item_emb.shape}, got "
+                         f"{item_keys.shape}")
     if jnp.shape(query_ids) != (batch,) or jnp.shape(item_ids) != (batch,):
         raise ValueError(
             f"query_ids and item_ids must have shape ({batch},), got {jnp.shape(query_ids)} "
@@ -255,17 +310,22 @@ def sharded_qic_loss(
     ):
         if jnp.ndim(value) != 0:
             raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
+    if filt.sig_words:
+        if signatures is None:
+            raise ValueError("keyword control needs the batch's keyword signatures")
+        if any(jnp.shape(x) != (batch, filt.sig_words) for x in signatures):
+            raise ValueError(f"signatures must be two [{batch}, {filt.sig_words}] arrays, got "
+                             f"{[jnp.shape(x) for x in signatures]}")
+    keys = fn_control.pack_keys(item_ids, query_ids, signatures if filt.sig_words else None)
 
     use_bank = bank is not None
     if use_bank:
         memory_bank.check_bank(bank, mesh, dim=dim)
-        bank_args = (bank["embeddings"], bank["item_ids"], bank["valid"])
-    else:  # placeholders keep one shard_map signature; never read
-        bank_args = (
-            jnp.zeros((n, 1), jnp.float32),
-            jnp.zeros((n,), jnp.int32),
-            jnp.zeros((n,), jnp.bool_),
-        )
+        if filt.sig_words and "title_sig" not in bank:
+            raise ValueError("keyword control needs a bank built with sig_words (title_sig)")
+        bank_args = {k: v for k, v in bank.items() if k != "ptr"}
+    else:  # a placeholder keeps one shard_map signature; never read
+        bank_args = {"embeddings": jnp.zeros((n, 1), jnp.float32)}
     active = jnp.asarray(True if bank_active is None else bank_active, jnp.bool_)
     if active.ndim != 0:
         raise ValueError(f"bank_active must be a scalar bool, got shape {active.shape}")
@@ -279,23 +339,36 @@ def sharded_qic_loss(
         ring=ring,
         symmetric=symmetric and kind != "sigmoid",
         use_bank=use_bank,
+        use_item_keys=item_keys is not None,
+        bank_item_grad=bank_item_grad,
+        filt=filt,
+        stale_probe=min(int(stale_probe), batch),
+        use_rel=relevance is not None,
+        oracle_mask=bool(oracle_mask),
         precision=precision,
     )
     shard, rep = PartitionSpec(DATA_AXIS), PartitionSpec()
+    if relevance is None:
+        rel_args, rel_spec = {}, {}
+    else:
+        rel_args = {k: jnp.asarray(relevance[k], jnp.int32)
+                    for k in ("constraints", "attrs", "table")}
+        rel_spec = {"constraints": shard, "attrs": shard, "table": rep}
     fn = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(shard,) * 4 + (rep,) * 3 + (shard,) * 3 + (rep,),
+        in_specs=(shard,) * 4 + (rep,) * 3 + (shard, rep, rel_spec),
         out_specs=rep,
     )
     return fn(
         query_emb,
         item_emb,
-        jnp.asarray(query_ids, jnp.int32),
-        jnp.asarray(item_ids, jnp.int32),
+        keys,
+        item_emb if item_keys is None else item_keys,
         jnp.asarray(logit_scale, jnp.float32),
         jnp.asarray(margin_used, jnp.float32),
         jnp.asarray(sigmoid_bias, jnp.float32),
-        *bank_args,
+        bank_args,
         active,
+        rel_args,
     )
