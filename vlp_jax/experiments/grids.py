@@ -161,7 +161,41 @@ MICRO = Grid(
     "smoke test: 300 items, 4 steps x 16 pairs, 1 device",
 )
 
-GRIDS: dict[str, Grid] = {g.name: g for g in (PAPER, MICRO)}
+# ------------------------------------------------------------------------------------- mbns
+# The recommended CDNS + MBNS recipe (configs/mbns.py applies exactly these fields to base.py).
+MBNS_RECIPE: Overrides = {
+    "negatives.bank_size": 2048,  # 16 x the global batch of 128
+    "negatives.momentum": 0.99,  # EMA item tower producing the keys
+    "negatives.momentum_keys": True,  # positives, in-batch and bank keys all from the EMA tower
+    "negatives.bank_warmup_steps": -1,  # bank joins when the LR warm-up ends
+    "negatives.mask_same_query": True,  # items clicked for the same query text: not negatives
+}
+_NO_BANK = {"negatives.bank_size": 0}
+_LOCAL_RECIPE = {**MBNS_RECIPE, "negatives.cross_device": False}
+MBNS_VARIANTS = (
+    Variant("cdns", {**MBNS_RECIPE, **_NO_BANK},
+            "CDNS alone: the recipe without a bank (127 cross-device negatives, momentum keys)"),
+    Variant("cdns_mbns", dict(MBNS_RECIPE),
+            "CDNS + MBNS: configs/mbns.py (+ a 2,048-entry bank of momentum keys)"),
+    Variant("cdns_mbns_online", {"negatives.bank_size": 2048},
+            "CDNS + MBNS with online keys (in-batch keys from this step, bank from past steps)"),
+    Variant("local", {**_LOCAL_RECIPE, **_NO_BANK},
+            "local in-batch negatives only (15 per query), momentum keys"),
+    Variant("local_mbns", dict(_LOCAL_RECIPE),
+            "local in-batch negatives + the 2,048-entry bank"),
+)
+MBNS_CLAIMS = (
+    Claim("3b", "CDNS + MBNS beats CDNS alone", "cdns_mbns", "cdns", source="claim 3"),
+    Claim("3b-local", "MBNS beats in-batch negatives alone (15 per query)", "local_mbns",
+          "local", source="claim 3"),
+    Claim("3b-keys", "consistent (momentum) bank keys beat online keys", "cdns_mbns",
+          "cdns_mbns_online", source="method.md: what makes a bank help"),
+)
+MBNS = Grid("mbns", PAPER_COMMON, MBNS_VARIANTS, MBNS_CLAIMS,
+            PAPER_BUDGET_NOTE + " Bank: 2,048 entries (16 x the batch) from the end of the "
+            "LR warm-up (step 15).")
+
+GRIDS: dict[str, Grid] = {g.name: g for g in (PAPER, MICRO, MBNS)}
 
 
 def get_grid(name: str) -> Grid:

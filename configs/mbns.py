@@ -1,0 +1,29 @@
+"""CDNS + MBNS: the recommended recipe with a memory bank of past item keys (large catalogs).
+
+Starts from ``configs/base.py`` and changes only the ``negatives`` fields below
+(``vlp_jax.experiments.grids.MBNS_RECIPE``, which the ablation grid ``mbns`` tests):
+
+* a 2,048-entry bank (16 × the global batch of 128), sharded over the ``data`` devices;
+* keys from a momentum (EMA, decay 0.99) copy of the item tower — for the bank *and* for the
+  query→item positives and in-batch negatives, so every candidate a query is scored against comes
+  from the same slowly moving encoder (MoCo/ALBEF).  With online in-batch keys and older bank
+  keys the loss loses its invariance to a common shift of the item embeddings and training drifts
+  (docs/results/negatives.md);
+* the bank joins the loss when the learning-rate warm-up ends (``bank_warmup_steps = -1``);
+* items clicked for the identical query text are not negatives (``mask_same_query``).
+
+``--config.negatives.bank_size=0`` gives the same recipe without a bank (CDNS with momentum
+keys), the baseline the bank is measured against.
+
+    python -m vlp_jax.main --config=configs/mbns.py --workdir=runs/mbns
+"""
+
+import ml_collections
+
+from configs import base
+from vlp_jax.config_overrides import apply_overrides
+from vlp_jax.experiments.grids import MBNS_RECIPE
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return apply_overrides(base.get_config(), MBNS_RECIPE)
