@@ -15,6 +15,16 @@ are not a prediction of accelerator step time.
     python benchmarks/negatives_scaling.py --batch=256 --dim=128
 
 Prints a table and writes ``benchmarks/results/negatives_scaling.json``.
+
+``--train_step`` instead measures the whole train step of ``configs/mbns.py`` (global batch
+``--step_batch``, all devices) for each bank size in ``--step_banks``, the steps of all variants
+alternating in one process (the VM drifts ±5–15 % between runs): median step time, overhead
+over the same recipe without a bank (CDNS with momentum keys) and over ``configs/base.py``
+(CDNS with online keys, no EMA tower), and per-device state and XLA temp bytes, which must grow
+by ≈ K·(d·4 + 16)/N bytes (the bank shard) and not by K·d (no gather of the bank).
+Writes ``benchmarks/results/negatives_scaling_step.json``.
+
+    python benchmarks/negatives_scaling.py --train_step --step_banks=0,16384,65536
 """
 
 from __future__ import annotations
@@ -49,6 +59,12 @@ flags.DEFINE_string("kind", "softmax", "softmax | am_softmax | sigmoid.")
 flags.DEFINE_bool("symmetric", False, "Add the item->query term.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per configuration (median reported).")
 flags.DEFINE_string("out", "benchmarks/results/negatives_scaling.json", "JSON output path.")
+flags.DEFINE_bool("train_step", False, "Time whole train steps of configs/mbns.py instead.")
+flags.DEFINE_list("step_banks", ["0", "16384", "65536"], "Bank sizes K for --train_step.")
+flags.DEFINE_integer("step_batch", 128, "Global batch for --train_step.")
+flags.DEFINE_integer("step_repeats", 8, "Alternating timed steps per variant (--train_step).")
+flags.DEFINE_string("step_out", "benchmarks/results/negatives_scaling_step.json",
+                    "JSON output path of --train_step.")
 FLAGS = flags.FLAGS
 
 
@@ -117,8 +133,69 @@ def run_one(n: int, bank_size: int, ring: bool) -> dict:
     }
 
 
+def _state_bytes_per_device(state) -> int:
+    """Bytes of the state that device 0 holds (replicated leaves count in full)."""
+    return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree_util.tree_leaves(state))
+
+
+def train_step_overhead() -> dict:
+    """Whole train steps of configs/mbns.py per bank size (and of configs/base.py), alternating."""
+    from configs import base, mbns
+    from vlp_jax import step_harness
+    from vlp_jax.config_overrides import apply_overrides
+
+    variants = {"base (CDNS, online keys)": base.get_config()}
+    for k in [int(x) for x in FLAGS.step_banks]:
+        variants[f"mbns K={k}"] = apply_overrides(mbns.get_config(), {"negatives.bank_size": k})
+    built = {}
+    for name, cfg in variants.items():
+        harness = step_harness.build(cfg, FLAGS.step_batch, 4000)
+        compiled = harness.lower().compile()
+        mem = compiled.memory_analysis()
+        built[name] = {"harness": harness, "compiled": compiled, "times": [],
+                       "state_bytes": _state_bytes_per_device(harness.state),
+                       "temp_bytes": int(mem.temp_size_in_bytes)}
+        for _ in range(2):  # warm-up
+            harness.state, m = compiled(harness.state, harness.batch)
+            jax.block_until_ready(m)
+    for _ in range(FLAGS.step_repeats):
+        for v in built.values():
+            h = v["harness"]
+            t = time.perf_counter()
+            h.state, m = v["compiled"](h.state, h.batch)
+            jax.block_until_ready(m)
+            v["times"].append(time.perf_counter() - t)
+    n = jax.device_count()
+    rows = []
+    ref_base = float(np.median(built["base (CDNS, online keys)"]["times"]))
+    no_bank = [v for k, v in built.items() if k == "mbns K=0"]
+    ref_cdns = float(np.median(no_bank[0]["times"])) if no_bank else float("nan")
+    print(f"{'variant':<26} {'step ms':>8} {'vs CDNS':>8} {'vs base':>8} "
+          f"{'state MB/dev':>12} {'temp MB/dev':>11}")
+    for name, v in built.items():
+        ms = float(np.median(v["times"])) * 1e3
+        row = {"variant": name, "step_ms_median": ms, "step_ms_all": [t * 1e3 for t in v["times"]],
+               "overhead_vs_cdns": ms / (ref_cdns * 1e3) - 1.0,
+               "overhead_vs_base": ms / (ref_base * 1e3) - 1.0,
+               "state_bytes_per_device": v["state_bytes"], "temp_bytes_per_device": v["temp_bytes"]}
+        rows.append(row)
+        print(f"{name:<26} {ms:>8.1f} {row['overhead_vs_cdns']:>+8.1%} "
+              f"{row['overhead_vs_base']:>+8.1%} {v['state_bytes'] / 2**20:>12.2f} "
+              f"{v['temp_bytes'] / 2**20:>11.2f}", flush=True)
+    return {"batch": FLAGS.step_batch, "devices": n, "repeats": FLAGS.step_repeats,
+            "note": "median of alternating steps in one process; fake CPU devices share 2 cores",
+            "rows": rows}
+
+
 def main(argv):
     del argv
+    if FLAGS.train_step:
+        result = train_step_overhead()
+        os.makedirs(os.path.dirname(FLAGS.step_out) or ".", exist_ok=True)
+        with open(FLAGS.step_out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {FLAGS.step_out}")
+        return
     devices = [int(x) for x in FLAGS.devices]
     if max(devices) > jax.device_count():
         raise ValueError(f"asked for {max(devices)} devices, only {jax.device_count()} exist")

@@ -195,7 +195,22 @@ MBNS = Grid("mbns", PAPER_COMMON, MBNS_VARIANTS, MBNS_CLAIMS,
             PAPER_BUDGET_NOTE + " Bank: 2,048 entries (16 x the batch) from the end of the "
             "LR warm-up (step 15).")
 
-GRIDS: dict[str, Grid] = {g.name: g for g in (PAPER, MICRO, MBNS)}
+# Scaling: bank size (0, 1, 4, 16, 64 x the global batch of 128) x catalog size, recipe keys.
+SCALING_BANKS = (0, 128, 512, 2048, 8192)
+SCALING_CATALOGS = (6000, 60000)
+SCALING_VARIANTS = tuple(
+    Variant(f"n{n // 1000}k_k{k}",
+            {**MBNS_RECIPE, "data.builtin_num_items": n, "negatives.bank_size": k},
+            f"{n:,}-item catalog, bank of {k:,} ({k // 128} x the batch)")
+    for n in SCALING_CATALOGS for k in SCALING_BANKS
+)
+MBNS_SCALING = Grid(
+    "mbns_scaling", PAPER_COMMON, SCALING_VARIANTS, (),
+    "model and steps as the paper grid (width 64, 2 + 2 layers, 150 steps x 128 pairs on 8 fake "
+    "devices); the catalog (6,000 or 60,000 built-in items, 300 test queries each, candidates = "
+    "the whole catalog) and the bank size vary by variant; momentum keys, bank from step 15.")
+
+GRIDS: dict[str, Grid] = {g.name: g for g in (PAPER, MICRO, MBNS, MBNS_SCALING)}
 
 
 def get_grid(name: str) -> Grid:
