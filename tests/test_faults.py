@@ -216,6 +216,24 @@ def test_check_resume_classifies_fields(tiny_config):
     assert resume_config.check_resume(None, changed, 1, 1, "old ckpt") == []
 
 
+def test_checkpoints_written_before_the_negatives_fields_still_resume(tiny_config):
+    """A checkpoint whose config predates a field resumes when the field keeps the value that
+    reproduces the old behaviour; a memory bank of the old layout is refused with a message."""
+    old = resume_config.resume_metadata(tiny_config, num_devices=1, process_count=1)
+    for field in resume_config.ADDED_FIELDS:
+        del old["config"][field]
+    assert resume_config.check_resume(old, tiny_config, 1, 1, "old ckpt") == []
+    changed = ml_collections.ConfigDict(tiny_config.to_dict())
+    changed.negatives.momentum_keys = True
+    with pytest.raises(resume_config.ConfigMismatchError, match="negatives.momentum_keys"):
+        resume_config.check_resume(old, changed, 1, 1, "old ckpt")
+    old["config"]["negatives.bank_size"] = 64
+    with_bank = ml_collections.ConfigDict(tiny_config.to_dict())
+    with_bank.negatives.bank_size = 64
+    with pytest.raises(resume_config.ConfigMismatchError, match="layout of an older vlp_jax"):
+        resume_config.check_resume(old, with_bank, 1, 1, "old ckpt")
+
+
 # ------------------------------------------------------------------ corrupt checkpoints
 
 

@@ -267,3 +267,25 @@ def test_bfloat16_bank_scores_the_rounded_entries(mesh, data):
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     with pytest.raises(ValueError, match="dim 8 but the embeddings have 4"):
         sharded_qic_loss(mesh, q[:, :4], it[:, :4], qid, iid, 12.0, bank=bank)
+
+
+def test_bank_has_one_shard_per_data_device_on_a_2d_mesh():
+    """init_extra and check_bank agree on a mesh with a second axis: K/4 rows per data shard,
+    replicated over the other axis (the bank used to be sized by all 8 devices)."""
+    from jax.sharding import Mesh
+
+    from configs import tiny
+    from vlp_jax import train_state
+
+    mesh2d = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), (DATA_AXIS, "model"))
+    config = tiny.get_config()
+    config.negatives.bank_size = 64
+    extra = train_state.init_extra({}, config, mesh2d)
+    bank = extra["sharded_bank"]
+    assert bank["ptr"].shape == (4,)
+    assert memory_bank.check_bank(bank, mesh2d) == (64, 16)
+    emb = _unit(np.random.default_rng(0).normal(size=(8, config.model.embed_dim)))
+    out = jax.jit(lambda b: memory_bank.enqueue(mesh2d, b, emb, np.arange(8, dtype=np.int32)))(
+        jax.device_put(bank, NamedSharding(mesh2d, P(DATA_AXIS))))
+    np.testing.assert_array_equal(np.asarray(out["ptr"]), np.full(4, 2))
+    assert int(np.asarray(out["valid"]).sum()) == 8

@@ -31,7 +31,17 @@ SAFE_TO_CHANGE = (
     "train.log_every_steps", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save",
     "data.prefetch", "data.cache_dir", "train.nonfinite_policy", "train.max_consecutive_skips",
     "model.remat", "model.text_init", "train.mesh_shape", "train.cpu_devices",
+    "negatives.stale_probe", "negatives.relevance_probe",  # diagnostics only
 )
+# Fields added after checkpoints were already being written, with the value that reproduces the
+# behaviour of the code that wrote them: a checkpoint without the field resumes if the field
+# still has that value.
+ADDED_FIELDS = {
+    "negatives.momentum_keys": False, "negatives.bank_item_grad": "full",
+    "negatives.mask_same_query": False, "negatives.keyword_control": "off",
+    "negatives.keyword_bits": 256, "negatives.filter_margin": -1.0,
+    "negatives.oracle_fn_mask": False,
+}
 SAFE_PREFIXES = ("eval.",)
 TRAJECTORY = (
     "train.num_steps", "train.learning_rate", "train.warmup_steps", "train.end_lr_fraction",
@@ -104,7 +114,7 @@ def check_resume(
     errors, warnings = [], []
     for field in sorted(set(old_cfg) | set(new_cfg)):
         old, new = old_cfg.get(field, "<absent>"), new_cfg.get(field, "<absent>")
-        if old == new:
+        if old == new or (old == "<absent>" and ADDED_FIELDS.get(field, old) == new):
             continue
         change = f"{field}: {old!r} (checkpoint) -> {new!r} (now)"
         kind = _classify(field, old, new)
@@ -112,6 +122,9 @@ def check_resume(
             errors.append(change)
         elif kind == "trajectory":
             warnings.append(change)
+    if old_cfg.get("negatives.bank_size", 0) and "negatives.mask_same_query" not in old_cfg:
+        errors.append("negatives.bank_size: the checkpoint's memory bank has the layout of an "
+                      "older vlp_jax (no query ids or write steps per entry)")
     runtime = saved.get(RUNTIME_KEY, {})
     old_procs = runtime.get("process_count", process_count)
     if old_procs != process_count:
