@@ -10,7 +10,11 @@ Starts from ``configs/base.py`` and changes only the ``negatives`` fields below
   keys the loss loses its invariance to a common shift of the item embeddings and training drifts
   (docs/results/negatives.md);
 * the bank joins the loss when the learning-rate warm-up ends (``bank_warmup_steps = -1``);
-* items clicked for the identical query text are not negatives (``mask_same_query``).
+* items clicked for the identical query text are not negatives (``mask_same_query``);
+* keyword control (MAKE's keyword enhancement as false-negative control): an item whose title
+  holds every keyword of the query counts as one more positive, in the batch and in the bank
+  (``keyword_control = "positive"``), so the bank's many candidates add positives as well as
+  negatives.
 
 ``--config.negatives.bank_size=0`` gives the same recipe without a bank (CDNS with momentum
 keys), the baseline the bank is measured against.

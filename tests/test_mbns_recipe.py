@@ -23,7 +23,7 @@ def test_recipe_is_base_plus_the_declared_fields():
     # bank_size=0 on it: the same recipe without a bank (the grid's CDNS baseline).
     no_bank = apply_overrides(mbns.get_config(), {"negatives.bank_size": 0})
     config_check.validate_config(no_bank)
-    assert grids.get_grid("mbns").variant("cdns").overrides == {
+    assert grids.get_grid("mbns").variant("cdns_kw").overrides == {
         **grids.MBNS_RECIPE, "negatives.bank_size": 0}
 
 
