@@ -6,6 +6,8 @@ from deep inside JAX; here it is one line naming the field and the allowed value
 
 from __future__ import annotations
 
+import logging
+
 import ml_collections
 
 _CHOICES = {
@@ -139,3 +141,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+    if neg.bank_size > 0 and not neg.get("momentum_keys", False) and (
+            neg.get("bank_item_grad", "full") == "full"):
+        logging.warning(
+            "negatives.bank_size=%d with online in-batch keys and bank keys from past steps: "
+            "such a bank makes training drift (docs/results/negatives.md); start from "
+            "configs/mbns.py (negatives.momentum_keys=True)", neg.bank_size)

@@ -22,9 +22,20 @@ The item→query (symmetric) term never uses the bank.  Sigmoid + bank is suppor
 bank entry is one more (query, item) pair, label 1 iff it has the positive's item id — the same
 rule the sigmoid loss applies to in-batch duplicates.
 
+Keys (the MBNS lesson): bank entries are detached and come from earlier steps, so if the
+positives and in-batch negatives come from the online item tower the items' gradients no longer
+sum to zero over a common shift — every step pulls all current items towards the queries and
+training drifts.  ``item_keys`` (the momentum tower's embeddings of this batch) makes every
+query→item candidate come from one slowly moving encoder (MoCo/ALBEF); ``bank_item_grad=
+"batch"`` keeps online keys but takes the items' gradient from the in-batch softmax alone.
+False-negative rules (``fn_control``) apply to batch and bank alike.
+
 Metrics match ``qic_loss``: ``pos_logit_mean``, ``neg_logit_mean`` (pooled over all kept
 negatives of all devices, bank included when active), ``accuracy`` (top-1 over the kept
-candidates), and for the softmax kinds ``q2i_loss`` / ``i2q_loss``.
+candidates), and for the softmax kinds ``q2i_loss`` / ``i2q_loss``; with a bank also
+``batch_neg_logit_mean`` / ``bank_neg_logit_mean`` apart, ``bank_mass`` (softmax mass on bank
+entries), ``*_fn_dropped`` (candidates removed by the rules beyond the item id),
+``bank_stale_cos``; with the built-in catalog's oracle ``fn_mass`` and ``*_fn_count``.
 """
 
 from __future__ import annotations
