@@ -71,6 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
     lo.mpm_weight = 0.5  # masked-patch loss weight
     lo.mpm_temperature = 0.1  # MPM_R InfoNCE temperature
     lo.mpm_candidates = "batch"  # MPM_R candidates: "batch" (all masked patches) or "image"
+    lo.mpm_dup_threshold = 1.0  # MPM_R: candidates with target cosine > this are not negatives
+    lo.mpm_norm_target = False  # regression MPM: MAE per-patch normalised pixel targets
 
     # ---------------------------------------------------------------- negatives
     c.negatives = n = ml_collections.ConfigDict()

@@ -40,13 +40,15 @@ ADDED_FIELDS = {
     "negatives.momentum_keys": False, "negatives.bank_item_grad": "full",
     "negatives.mask_same_query": False, "negatives.keyword_control": "off",
     "negatives.keyword_bits": 256, "negatives.filter_margin": -1.0,
-    "negatives.oracle_fn_mask": False,
+    "negatives.oracle_fn_mask": False, "loss.mpm_dup_threshold": 1.0,
+    "loss.mpm_norm_target": False,
 }
 SAFE_PREFIXES = ("eval.",)
 TRAJECTORY = (
     "train.num_steps", "train.learning_rate", "train.warmup_steps", "train.end_lr_fraction",
     "train.weight_decay", "train.accum_steps", "negatives.bank_warmup_steps", "loss.temperature",
-    "loss.margin", "loss.mpm_temperature", "loss.sigmoid_bias_init",
+    "loss.margin", "loss.mpm_temperature", "loss.sigmoid_bias_init", "loss.mpm_dup_threshold",
+    "loss.mpm_norm_target",
 )
 ON_OFF_TRAJECTORY = (
     "loss.qic_weight", "loss.mlm_weight", "loss.query_mlm_weight", "loss.mpm_weight",

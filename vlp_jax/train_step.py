@@ -136,10 +136,12 @@ def compute_losses(
                 max_masked_per_image=num_masked_patches(
                     batch["patch_mask"].shape[1], config.data.patch_mask_ratio
                 ),
+                dup_threshold=float(lcfg.get("mpm_dup_threshold", 1.0)),
             )
         else:
             mpm, mpm_metrics = masked.mpm_regression_loss(
-                outputs["mpm_pred"], outputs["mpm_target"], batch["patch_mask"]
+                outputs["mpm_pred"], outputs["mpm_target"], batch["patch_mask"],
+                normalize_target=bool(lcfg.get("mpm_norm_target", False)),
             )
         total += lcfg.mpm_weight * mpm
         metrics["mpm_loss"] = mpm

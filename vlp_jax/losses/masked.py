@@ -88,6 +88,7 @@ def mpm_contrastive_loss(
     candidates: str = "batch",
     *,
     max_masked_per_image: int | None = None,
+    dup_threshold: float = 1.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """MPM_R: InfoNCE of each masked patch's prediction against candidate patch features.
 
@@ -108,6 +109,9 @@ def mpm_contrastive_loss(
         exactly the same as the full matrix **provided no image has more than K masked patches**
         (the pipeline masks exactly round(ratio * N) per image, so pass that).  With concrete
         (non-traced) inputs the count is checked and a violation raises ValueError.
+      dup_threshold: a candidate whose *target* has cosine > this with the row's own target is
+        not a negative (near-duplicate patches — plain background — can never be told apart,
+        so treating them as negatives only adds noise).  >= 1 keeps every candidate.
 
     Returns:
       (loss, {"accuracy", "num_masked"}); loss 0 when nothing is masked.
@@ -124,11 +128,15 @@ def mpm_contrastive_loss(
     inv_t = 1.0 / jnp.asarray(temperature, jnp.float32)
     hi = jax.lax.Precision.HIGHEST
 
+    dedup = not (isinstance(dup_threshold, int | float) and dup_threshold >= 1.0)
     if candidates == "image":
         logits = jnp.einsum("bnd,bmd->bnm", p, t, precision=hi) * inv_t  # [B, N, N]
         logits = logits.reshape(b * n, n)
         pos = jnp.tile(jnp.arange(n), b)
         keep = jnp.ones((b * n, n), jnp.bool_)
+        if dedup:
+            tt = jnp.einsum("bnd,bmd->bnm", t, t, precision=hi).reshape(b * n, n)
+            keep &= tt <= dup_threshold
         row_w = mask.reshape(b * n)
     else:
         if max_masked_per_image is not None:
@@ -138,6 +146,8 @@ def mpm_contrastive_loss(
         logits = jnp.dot(flat_p, flat_t.T, precision=hi) * inv_t  # [B*n, B*n]
         pos = jnp.arange(b * n)
         keep = jnp.broadcast_to(row_w[None, :], logits.shape)
+        if dedup:
+            keep &= jnp.dot(flat_t, flat_t.T, precision=hi) <= dup_threshold
 
     per_row = softmax_xent_with_masks(logits, pos, keep)
     w = row_w.astype(jnp.float32)
@@ -167,16 +177,22 @@ def _gather_masked(p, t, mask, k: int):
 
 
 def mpm_regression_loss(
-    pred: jax.Array, target: jax.Array, patch_mask: jax.Array
+    pred: jax.Array, target: jax.Array, patch_mask: jax.Array, *, normalize_target: bool = False
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Regression MPM baseline: mean squared error over masked patches (target stop-gradient).
 
     Loss = sum over masked patches of mean_D (pred - target)^2, divided by the number of masked
-    patches (0 when nothing is masked).  Returns (loss, {"num_masked"}).
+    patches (0 when nothing is masked).  ``normalize_target``: MAE's per-patch normalisation,
+    target = (x − mean_D x) / sqrt(var_D x + 1e-6), so the task is the patch's local structure
+    (edges, texture) rather than its mean colour, at a loss scale of ≈1 instead of ≈0.1.
+    Returns (loss, {"num_masked"}).
     """
     _check_patch_args(pred, target, patch_mask)
     p = jnp.asarray(pred, jnp.float32)
     t = jax.lax.stop_gradient(jnp.asarray(target, jnp.float32))
+    if normalize_target:
+        mean = jnp.mean(t, axis=-1, keepdims=True)
+        t = (t - mean) * jax.lax.rsqrt(jnp.var(t, axis=-1, keepdims=True) + 1e-6)
     w = jnp.asarray(patch_mask, jnp.float32)
     per_patch = jnp.mean(jnp.square(p - t), axis=-1)
     total = w.sum()
