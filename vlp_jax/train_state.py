@@ -137,6 +137,26 @@ def init_model_state(
     return optimizer, state, shardings
 
 
+def abstract_model_state(
+    model: nn.Module, config: ml_collections.ConfigDict, mesh: Mesh
+) -> TrainState:
+    """The train state's shapes, dtypes and shardings, without allocating anything: the restore
+    target of a checkpoint for readers (eval, export) that never train."""
+    optimizer = make_optimizer(config.train)
+    init_batch = dummy_batch(config)
+
+    def init(key):
+        params = model.init({"params": key, "dropout": key}, init_batch, train=False)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.init(params),
+                          extra=init_extra(params, config, mesh))
+
+    abstract = jax.eval_shape(init, jax.random.key(config.train.seed))
+    shardings = state_shardings(abstract, mesh)
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
 def init_extra(params: PyTree, config: ml_collections.ConfigDict, mesh: Mesh) -> dict:
     """Optional state: the sharded memory bank and the EMA ("momentum") params for its keys."""
     neg = config.negatives

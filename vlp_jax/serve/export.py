@@ -260,22 +260,31 @@ def export_from_checkpoint(
     unreadable newest step (killed mid-write, disk error) is logged and skipped, never exported
     half-read.  An explicit ``step`` is restored as asked, or fails.
     """
-    from vlp_jax import checkpointing, train  # lazy: train imports this module
+    from vlp_jax import checkpointing, config_check, train_state
+    from vlp_jax.data import dataset
+    from vlp_jax.models import make_model, pretrained
+    from vlp_jax.parallel import mesh as mesh_lib
 
-    run = train.Run(config, workdir)
+    # The checkpointing layer restores into the state's abstract shapes; nothing of the
+    # training loop is needed (and nothing is allocated before the restore).
+    config = pretrained.configure_text_init(config)
+    config_check.validate_config(config)
+    mesh = mesh_lib.make_mesh(tuple(config.train.mesh_shape))
+    tokenizer = _load_tokenizer(dataset.prepare_dataset(config.data).tokenizer_dir)
+    model = make_model(config, vocab_size=len(tokenizer))
+    abstract = train_state.abstract_model_state(model, config, mesh)
+    checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint)
     try:
         if step is None:
-            step = run.restore_latest(check_config=False) or None
-            state = run.state
+            found = checkpointer.restore_newest(abstract)
+            step, state = found if found is not None else (None, None)
         else:
-            state = run.checkpointer.restore_params_only(
-                step, checkpointing.abstract_like(run.state)
-            )
+            state = checkpointer.restore_params_only(step, abstract)
     finally:
-        run.checkpointer.close()
+        checkpointer.close()
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {run.checkpointer.directory}")
-    return export_bundle(  # run.config: the effective config (e.g. after text_init overrides)
-        out_dir or os.path.join(workdir, "export"), params=state.params, config=run.config,
-        tokenizer=run.tokenizer, step=int(step),
+        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+    return export_bundle(  # the effective config (e.g. after text_init overrides)
+        out_dir or os.path.join(workdir, "export"), params=state.params, config=config,
+        tokenizer=tokenizer, step=int(step),
     )
