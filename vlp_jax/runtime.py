@@ -51,7 +51,7 @@ def cpu_devices_for(config, cores: int | None = None) -> int:
     went through XLA:CPU's transposed-copy path (base config on 2 cores, batch 256: 1.19-1.23 s
     vs 1.40-1.69 s on one device).  Since ``models/dense.py`` flattens Dense inputs, one device
     is faster at every measured batch (batch 64: 297-351 vs 377-382 ms; 256: 1.24-1.27 vs
-    1.50-1.70 s; README "Training speed and memory"), so the default is 1 and 0 stays an
+    1.50-1.70 s; docs/performance.md), so the default is 1 and 0 stays an
     option for other models and hosts.  The loss is the same either way: with
     ``negatives.cross_device`` every query still sees every item of the global batch.
     """

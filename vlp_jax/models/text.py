@@ -162,7 +162,7 @@ class MultiHeadAttention(nn.Module):
         # One [W, 3W] matmul instead of three [W, W] ones (forward, input and weight gradient):
         # the parameters stay three BERT-named kernels, concatenated per call (a 3W-column copy
         # of a tiny weight).  Bigger matmuls run closer to peak on CPU: base step, batch 256,
-        # ~3 % faster (same-process A/B, README "Training speed and memory").
+        # ~3 % faster (same-process A/B, docs/performance.md).
         parts = [_DenseParams(width, name=n)(width) for n in ("query", "key", "value")]
         kernel = jnp.concatenate([k for k, _ in parts], axis=1)
         bias = jnp.concatenate([b for _, b in parts])
