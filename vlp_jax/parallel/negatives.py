@@ -101,14 +101,14 @@ def _local_loss(q, it, keys, item_keys, scale, margin, bias, bank, active, rel, 
             block = partial(sigmoid_block, precision=precision)
             if ring:
                 red, *st = ring_reduce(block, "sum", DATA_AXIS, n, rows, cols, keys, keys, prm)
-                return red, None, tuple(jax.lax.stop_gradient(s) for s in st), None
+                return red, None, tuple(jax.lax.stop_gradient(s) for s in st), None, None
             z, metric, neg = block(rows, gather(cols), keys, gather(keys), prm, pos_col)
-            return jnp.sum(z, axis=1), None, neg_stats(metric, neg), None
+            return jnp.sum(z, axis=1), None, neg_stats(metric, neg), None, None
         if ring:
             block = partial(softmax_block, precision=precision, filt=filt, direction="q2i")
             red, *st = ring_reduce(block, "lse", DATA_AXIS, n, rows, cols, keys, keys, prm)
             pos_lse = prm[0] * (jnp.einsum("bd,bd->b", rows, cols, precision=precision) - prm[1])
-            return red, pos_lse, tuple(jax.lax.stop_gradient(s) for s in st), None
+            return red, pos_lse, tuple(jax.lax.stop_gradient(s) for s in st), None, None
         logits, metric, is_pos, neg, extra = block_parts(
             rows, gather(cols), keys, gather(keys), prm, pos_col, thr, precision=precision,
             filt=filt, direction="q2i")
@@ -116,19 +116,20 @@ def _local_loss(q, it, keys, item_keys, scale, margin, bias, bank, active, rel, 
             relevant = catalog_relevance.is_relevant(rel["constraints"], gather(rel["attrs"]))
             if oracle_mask:
                 neg &= ~relevant
-            fn_terms.append((jnp.where(neg & relevant, metric, -jnp.inf), neg & relevant))
+            fn = neg & relevant  # the oracle's false negatives still kept as negatives
+            fn_stats = (row_lse(jnp.where(fn, metric, -jnp.inf)),
+                        jnp.sum(fn.astype(jnp.float32), axis=1))
+        else:
+            fn_stats = None
         lse_all = row_lse(jnp.where(neg | is_pos | extra, logits, -jnp.inf))
         lse_pos = row_lse(jnp.where(is_pos | extra, logits, -jnp.inf))
         base = ~jnp.logical_or(is_pos, keys[:, None, 0] == gather(keys)[None, :, 0])
         dropped = jnp.sum((base & ~neg).astype(jnp.float32), axis=1)
-        return lse_all, lse_pos, neg_stats(metric, neg), dropped
+        return lse_all, lse_pos, neg_stats(metric, neg), dropped, fn_stats
 
-    fn_terms: list = []  # (masked logits, mask) of the false negatives, batch then bank
     sg_key = jax.lax.stop_gradient(key_it) if decouple else key_it
-    lse_all, lse_pos, stats, dropped = q2i_terms(q, sg_key, params)
-    fn_lse = row_lse(fn_terms[0][0]) if fn_terms else None
-    fn_count = jnp.sum(fn_terms[0][1].astype(jnp.float32), axis=1) if fn_terms else None
-    fn_terms.clear()
+    lse_all, lse_pos, stats, dropped, fn_stats = q2i_terms(q, sg_key, params)
+    fn_lse, fn_count = fn_stats if fn_stats is not None else (None, None)
     batch_stats = stats
     if dropped is not None:
         metrics["batch_fn_dropped"] = jax.lax.pmean(jnp.mean(dropped), DATA_AXIS)
@@ -186,7 +187,7 @@ def _local_loss(q, it, keys, item_keys, scale, margin, bias, bank, active, rel, 
         # sum to zero again, as without a bank (module docstring); value and query gradient
         # are those of the full loss.
         frozen = tuple(jax.lax.stop_gradient(x) for x in params)
-        i_all, i_pos, _, _ = q2i_terms(jax.lax.stop_gradient(q), it, frozen)
+        i_all, i_pos, *_ = q2i_terms(jax.lax.stop_gradient(q), it, frozen)
         item_row = i_all - i_pos
         row = row + item_row - jax.lax.stop_gradient(item_row)
     loss = jax.lax.pmean(jnp.mean(row), DATA_AXIS)
