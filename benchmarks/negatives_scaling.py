@@ -141,8 +141,8 @@ def _state_bytes_per_device(state) -> int:
 def train_step_overhead() -> dict:
     """Whole train steps of configs/mbns.py per bank size (and of configs/base.py), alternating."""
     from configs import base, mbns
-    from vlp_jax import step_harness
-    from vlp_jax.config_overrides import apply_overrides
+    from vlp_jax.config.overrides import apply_overrides
+    from vlp_jax.perf import step_harness
 
     variants = {"base (CDNS, online keys)": base.get_config()}
     for k in [int(x) for x in FLAGS.step_banks]:

@@ -67,7 +67,7 @@ MALFORMED = {
 
 
 def good_targets(rng: np.random.Generator, n: int) -> list[str]:
-    from vlp_jax.data import catalog_vocab
+    from vlp_jax.data.catalog import vocab as catalog_vocab
 
     words = catalog_vocab.word_lists("en")
     out = []

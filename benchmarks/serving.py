@@ -92,7 +92,8 @@ def untrained_bundle(out_dir: str) -> str:
     import jax
 
     from configs import base
-    from vlp_jax.data import catalog_vocab, tokenizer
+    from vlp_jax.data import tokenizer
+    from vlp_jax.data.catalog import vocab as catalog_vocab
     from vlp_jax.models import init_params
     from vlp_jax.serve import export
 
@@ -107,7 +108,7 @@ def untrained_bundle(out_dir: str) -> str:
 
 
 def query_strings(n: int, seed: int = 0) -> list[str]:
-    from vlp_jax.data import catalog_vocab
+    from vlp_jax.data.catalog import vocab as catalog_vocab
 
     words = catalog_vocab.word_lists("en")
     rng = np.random.default_rng(seed)
@@ -124,7 +125,7 @@ def main(argv):
     del argv
     import faiss
 
-    from vlp_jax import runtime
+    from vlp_jax.runtime import devices as runtime
     from vlp_jax.serve import load_bundle
 
     runtime.quiet_library_logs()

@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if __name__ == "__main__":  # as `make train` does: step time depends on it
-    from vlp_jax import allocator
+    from vlp_jax.runtime import allocator
 
     allocator.reexec_with_fast_allocator()
 
@@ -30,8 +30,13 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vlp_jax import allocator, atomic_io, mfu, runtime, step_harness  # noqa: E402
-from vlp_jax.config_overrides import apply_overrides, parse_set_flags  # noqa: E402
+from vlp_jax.config.overrides import apply_overrides, parse_set_flags  # noqa: E402
+from vlp_jax.perf import mfu, step_harness
+from vlp_jax.runtime import (
+    allocator,  # noqa: E402
+    atomic_io,
+)
+from vlp_jax.runtime import devices as runtime
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config both variants start from.")
 flags.DEFINE_integer("batch_size", 256, "Global batch size.")

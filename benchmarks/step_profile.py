@@ -1,7 +1,7 @@
 """Where the train step's time goes: a ``jax.profiler`` trace attributed to model parts.
 
-Traces a few steps of the config's real train step (``vlp_jax/step_harness.py``) and joins the
-per-op durations with the compiled HLO (``vlp_jax/profiling.py``): time per category (matmul,
+Traces a few steps of the config's real train step (``vlp_jax/perf/step_harness.py``) and joins the
+per-op durations with the compiled HLO (``vlp_jax/perf/profiling.py``): time per category (matmul,
 attention core, LayerNorm, GELU + bias, MLM/MPM heads, losses, optimizer), forward vs backward,
 matmul GFLOP/s, and the most expensive ops with their layer.  This is the table issue #8's
 profiling was done with.  On CPU the script turns on ``--xla_cpu_enable_xprof_traceme`` (per-op
@@ -23,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if __name__ == "__main__":
-    from vlp_jax import allocator
+    from vlp_jax.runtime import allocator
 
     allocator.reexec_with_fast_allocator()
     if "xla_cpu_enable_xprof_traceme" not in os.environ.get("XLA_FLAGS", ""):
@@ -34,7 +34,12 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vlp_jax import allocator, atomic_io, profiling, runtime, step_harness  # noqa: E402
+from vlp_jax.perf import profiling, step_harness
+from vlp_jax.runtime import (
+    allocator,  # noqa: E402
+    atomic_io,
+)
+from vlp_jax.runtime import devices as runtime
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config to profile.")
 flags.DEFINE_integer("batch_size", 256, "Global batch size.")

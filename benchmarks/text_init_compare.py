@@ -33,9 +33,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs import base  # noqa: E402
-from vlp_jax import runtime, train  # noqa: E402
-from vlp_jax.convert import hf_bert  # noqa: E402
-from vlp_jax.models import pretrained  # noqa: E402
+from vlp_jax.convert import hf_bert, pretrained  # noqa: E402
+from vlp_jax.runtime import devices as runtime  # noqa: E402
+from vlp_jax.train import loop as train  # noqa: E402
 
 flags.DEFINE_string("text_init", "", "Converted checkpoint; '' = convert the MiniLM package.")
 flags.DEFINE_list("variants", ["init", "scratch"], "Any of init, scratch, small.")

@@ -2,9 +2,9 @@
 
 MFU = (FLOPs of one compiled train step, from XLA's cost analysis) / (step time) / (matmul peak
 measured on this machine in the same run: the highest of a measurement before every batch size
-and one at the end; ``vlp_jax/mfu.py``).  ``benchmarks/mfu_ceiling.py`` gives the highest MFU
+and one at the end; ``vlp_jax/perf/mfu.py``).  ``benchmarks/mfu_ceiling.py`` gives the highest MFU
 the step's matmuls alone reach on the machine.  Like ``make train``, the script re-executes
-itself under a caching malloc when one is installed (``vlp_jax/allocator.py``;
+itself under a caching malloc when one is installed (``vlp_jax/runtime/allocator.py``;
 ``VLP_ALLOCATOR=system`` for glibc), and records which one in the JSON.
 ``benchmarks/torch_clip_reference.py`` times the same reference model in PyTorch eager
 (open_clip's way) for the comparison issue #8 asks for.
@@ -29,8 +29,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if __name__ == "__main__":  # as `make train` does: step time depends on it (vlp_jax/allocator.py)
-    from vlp_jax import allocator
+if __name__ == "__main__":  # as `make train` does: step time depends on it (runtime/allocator.py)
+    from vlp_jax.runtime import allocator
 
     allocator.reexec_with_fast_allocator()
 
@@ -40,7 +40,12 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vlp_jax import allocator, atomic_io, mfu, runtime, step_harness  # noqa: E402
+from vlp_jax.perf import mfu, step_harness
+from vlp_jax.runtime import (
+    allocator,  # noqa: E402
+    atomic_io,
+)
+from vlp_jax.runtime import devices as runtime
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config to benchmark.")
 flags.DEFINE_string("batch_sizes", "64,128,256", "Comma-separated global batch sizes.")

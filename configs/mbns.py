@@ -25,7 +25,7 @@ keys), the baseline the bank is measured against.
 import ml_collections
 
 from configs import base
-from vlp_jax.config_overrides import apply_overrides
+from vlp_jax.config.overrides import apply_overrides
 from vlp_jax.experiments.grids import MBNS_RECIPE
 
 

@@ -60,7 +60,7 @@ def pytest_configure(config):
     """Share compiled programs across the many tiny runs of the suite (same shapes recur)."""
     import tempfile
 
-    from vlp_jax import runtime
+    from vlp_jax.runtime import devices as runtime
 
     runtime.enable_compilation_cache(tempfile.mkdtemp(prefix="vlp_xla_cache_"))
 

@@ -42,14 +42,14 @@ def serving_run(tmp_path_factory, data_cache_dir: str) -> types.SimpleNamespace:
     global _RUN
     if _RUN is not None:
         return _RUN
-    from vlp_jax import train
     from vlp_jax.data import dataset
-    from vlp_jax.serve import export
+    from vlp_jax.train import export_checkpoint
+    from vlp_jax.train import loop as train
 
     config = serving_config(data_cache_dir)
     workdir = str(tmp_path_factory.mktemp("serve_run"))
     train.train_and_evaluate(config, workdir)
-    bundle_dir = export.export_from_checkpoint(config, workdir)
+    bundle_dir = export_checkpoint.export_from_checkpoint(config, workdir)
     catalog_dir = dataset.builtin_catalog_dir(config.data)
     index_dir = os.path.join(workdir, "index")
     cmd = [sys.executable, "-m", "vlp_jax.serve.index", f"--bundle={bundle_dir}",

@@ -185,7 +185,7 @@ def test_micro_grid_report_and_resume(tmp_path):
 def test_micro_run_with_the_real_trainer(tiny_config, tmp_path):
     """One micro-grid job through the harness with the real trainer, in process (no 8-device
     subprocess): the report reads the recall.json the trainer wrote."""
-    from vlp_jax import train
+    from vlp_jax.train import loop as train
 
     grid = grids.get_grid("micro")
     workdir = str(tmp_path / "ablate")

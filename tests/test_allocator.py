@@ -1,4 +1,4 @@
-"""vlp_jax.allocator: finding a caching malloc and re-executing under it exactly once."""
+"""vlp_jax.runtime.allocator: finding a caching malloc and re-executing under it exactly once."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from vlp_jax import allocator
+from vlp_jax.runtime import allocator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,7 +60,7 @@ def test_reexec_runs_the_command_again_once_with_the_library_preloaded(tmp_path)
         sys.path.insert(0, {REPO!r})
         with open({str(log)!r}, "a") as f:
             f.write(os.environ.get("LD_PRELOAD", "-") + " " + " ".join(sys.argv[1:]) + "\\n")
-        from vlp_jax import allocator
+        from vlp_jax.runtime import allocator
         allocator.reexec_with_fast_allocator()
         print("active:", allocator.active_allocator())
     """))

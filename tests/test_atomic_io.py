@@ -1,4 +1,4 @@
-"""vlp_jax.atomic_io: whole-file replacement, and a failed write leaves the old file alone."""
+"""vlp_jax.runtime.atomic_io: whole-file replacement; a failed write leaves the old file alone."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from vlp_jax import atomic_io
+from vlp_jax.runtime import atomic_io
 
 
 def test_write_json_round_trips_and_creates_the_folder(tmp_path):

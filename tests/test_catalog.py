@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlp_jax.data import catalog, catalog_render, catalog_text, catalog_vocab
+from vlp_jax.data import catalog
+from vlp_jax.data.catalog import render as catalog_render
+from vlp_jax.data.catalog import text as catalog_text
+from vlp_jax.data.catalog import vocab as catalog_vocab
 
 N_ITEMS = 600
 PROB = 0.3

@@ -28,9 +28,10 @@ import numpy as np
 import pytest
 from checkpoint_helpers import saved_state
 
-from vlp_jax import checkpointing, metrics_log, nonfinite, resume_config, train, workdir_lock
-from vlp_jax.metrics_log import NonFiniteLossError
-from vlp_jax.train_state import TrainState
+from vlp_jax.train import checkpointing, metrics_log, nonfinite, resume_config, workdir_lock
+from vlp_jax.train import loop as train
+from vlp_jax.train.metrics_log import NonFiniteLossError
+from vlp_jax.train.state import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = ("steps_per_sec", "examples_per_sec")
@@ -247,6 +248,33 @@ def _tiny_state(seed: int) -> TrainState:
 # Orbax leaves un-awaited read coroutines behind when a read fails; they are collected (and
 # reported by pytest) later.  They are noise here: the failure itself is what is tested.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_checkpoint_written_before_the_package_move_resumes(tiny_config, tmp_path, caplog):
+    """tests/data/checkpoint_pre_layout.tar.gz: 2 steps of this tiny config, written by the
+    flat-module layout (vlp_jax/train.py, train_state.py, ...).  The packaged layout restores
+    exactly its params, optimizer state and data position, and trains on from step 3."""
+    import tarfile
+
+    workdir = tmp_path / "old"
+    with tarfile.open(os.path.join(os.path.dirname(__file__), "data",
+                                   "checkpoint_pre_layout.tar.gz")) as tar:
+        tar.extractall(workdir, filter="data")
+    before, step = saved_state(str(workdir), 2)
+    tiny_config.train.num_steps = 4
+    tiny_config.train.warmup_steps = 2
+    tiny_config.checkpoint.every_steps = 2
+    with caplog.at_level("INFO"):
+        train.train_and_evaluate(tiny_config, str(workdir))
+    assert any(r.getMessage() == "resuming from step 2" for r in caplog.records)
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    again, _ = saved_state(str(workdir), 2)  # the old step is read, not rewritten
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before, again)
+    after, _ = saved_state(str(workdir), 4)
+    assert not np.array_equal(jax.tree_util.tree_leaves(before["params"])[0],
+                              jax.tree_util.tree_leaves(after["params"])[0])
+
+
 def test_corrupt_latest_checkpoints_fall_back_then_fail_clearly(tmp_path, caplog):
     cfg = ml_collections.ConfigDict({"keep": 5, "async_save": True})
     ck = checkpointing.Checkpointer(str(tmp_path), cfg, cleanup_tmp=True)

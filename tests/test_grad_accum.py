@@ -12,12 +12,14 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import tiny
-from vlp_jax import config_check, grad_cache, train_step
+from vlp_jax.config import check as config_check
 from vlp_jax.models import make_model
 from vlp_jax.models.text import TextTransformer
 from vlp_jax.parallel import memory_bank
 from vlp_jax.parallel import mesh as mesh_lib
-from vlp_jax.synthetic import random_batch
+from vlp_jax.perf.synthetic import random_batch
+from vlp_jax.train import grad_cache
+from vlp_jax.train import step as train_step
 
 VOCAB = 300
 

@@ -17,9 +17,9 @@ from safetensors.numpy import save_file
 from scipy.special import erf
 
 from configs import tiny
-from vlp_jax.convert import hf_bert, hf_tokenizer
+from vlp_jax.convert import hf_bert, hf_tokenizer, pretrained
 from vlp_jax.data import tokenizer as tokenizer_lib
-from vlp_jax.models import init_params, make_model, pretrained
+from vlp_jax.models import init_params, make_model
 from vlp_jax.models.text import l2_normalize, masked_mean_pool
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "data", "minilm_reference.npz")

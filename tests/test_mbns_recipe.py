@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from configs import base, mbns
-from vlp_jax import config_check, train
-from vlp_jax.config_overrides import apply_overrides
+from vlp_jax.config import check as config_check
+from vlp_jax.config.overrides import apply_overrides
 from vlp_jax.experiments import grids
 from vlp_jax.parallel import memory_bank
+from vlp_jax.train import loop as train
 
 
 def test_recipe_is_base_plus_the_declared_fields():

@@ -17,7 +17,7 @@ from vlp_jax.losses.contrastive import qic_loss
 from vlp_jax.parallel import memory_bank
 from vlp_jax.parallel.mesh import DATA_AXIS
 from vlp_jax.parallel.negatives import sharded_qic_loss
-from vlp_jax.train_state import create_sharded_state
+from vlp_jax.train.state import create_sharded_state
 
 N, B, D, K = 8, 16, 8, 40  # b = 2 per device, K/N = 5 rows per device, K % B != 0
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -275,7 +275,7 @@ def test_bank_has_one_shard_per_data_device_on_a_2d_mesh():
     from jax.sharding import Mesh
 
     from configs import tiny
-    from vlp_jax import train_state
+    from vlp_jax.train import state as train_state
 
     mesh2d = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), (DATA_AXIS, "model"))
     config = tiny.get_config()

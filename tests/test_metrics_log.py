@@ -6,7 +6,7 @@ import math
 import jax.numpy as jnp
 import pytest
 
-from vlp_jax import metrics_log
+from vlp_jax.train import metrics_log
 
 
 def test_rows_average_the_interval_and_report_throughput(tmp_path):

@@ -1,4 +1,4 @@
-"""vlp_jax.mfu: which matmuls a step runs (exact counts and FLOPs), the dots-only program."""
+"""vlp_jax.perf.mfu: which matmuls a step runs (exact counts and FLOPs), the dots-only program."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from jax import lax
 
 from configs import tiny
-from vlp_jax import mfu, step_harness
+from vlp_jax.perf import mfu, step_harness
 
 
 @jax.custom_vjp

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from vlp_jax import train
+from vlp_jax.train import loop as train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""vlp_jax.profiling: HLO parsing (matmul FLOPs), attribution to model parts, trace reading."""
+"""vlp_jax.perf.profiling: HLO parsing (matmul FLOPs), attribution to model parts, trace reading."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from vlp_jax import profiling
+from vlp_jax.perf import profiling
 
 
 def _op(op_name: str, flops: float = 0.0, opcode: str = "fusion") -> profiling.HloOp:

@@ -1,4 +1,4 @@
-"""vlp_jax.runtime.cpu_devices_for / set_cpu_devices: one CPU device per core, sized to divide."""
+"""runtime.devices.cpu_devices_for / set_cpu_devices: one CPU device per core, sized to divide."""
 
 import os
 import subprocess
@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from configs import base
-from vlp_jax import runtime
+from vlp_jax.runtime import devices as runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,7 +50,7 @@ def test_set_cpu_devices_gives_jax_that_many_devices_unless_xla_flags_fix_it(tmp
         sys.path.insert(0, {REPO!r})
         import jax
         from configs import base
-        from vlp_jax import runtime
+        from vlp_jax.runtime import devices as runtime
         c = base.get_config()
         c.train.cpu_devices = 3
         c.train.batch_size = 3

@@ -17,6 +17,7 @@ from vlp_jax.data import dataset, preprocess
 from vlp_jax.data import tokenizer as tokenizer_lib
 from vlp_jax.models import init_params, make_model
 from vlp_jax.serve import ann, export, index, load_bundle
+from vlp_jax.train import export_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +244,8 @@ def test_export_skips_an_unreadable_newest_checkpoint(run, bundle, tmp_path, cap
     with open(data, "r+b") as f:
         f.truncate(data.stat().st_size // 2)
     with caplog.at_level("WARNING"):
-        out = export.export_from_checkpoint(run.config, str(tmp_path), out_dir=str(tmp_path / "b"))
+        out = export_checkpoint.export_from_checkpoint(
+            run.config, str(tmp_path), out_dir=str(tmp_path / "b"))
     assert any(f"checkpoints/{good + 1} is unusable" in r.getMessage() for r in caplog.records)
     assert json.load(open(os.path.join(out, "manifest.json")))["step"] == good
     texts = ["red cotton shirt", "a"]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import serve_fixtures
 
-from vlp_jax.data import catalog_vocab
+from vlp_jax.data.catalog import vocab as catalog_vocab
 from vlp_jax.serve import server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

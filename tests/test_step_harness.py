@@ -1,10 +1,10 @@
-"""vlp_jax.step_harness: compiler options for per-variant compilation (benchmarks/step_ab)."""
+"""vlp_jax.perf.step_harness: compiler options for per-variant compilation (benchmarks/step_ab)."""
 
 from __future__ import annotations
 
 import pytest
 
-from vlp_jax import step_harness
+from vlp_jax.perf import step_harness
 
 
 def test_parse_compiler_options_types_values_like_xla_expects():

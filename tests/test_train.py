@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from checkpoint_helpers import saved_state
 
-from vlp_jax import train
+from vlp_jax.train import loop as train
 
 
 def _metrics(workdir):

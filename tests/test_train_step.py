@@ -4,10 +4,11 @@ import jax
 import numpy as np
 import pytest
 
-from vlp_jax import train_state, train_step
 from vlp_jax.models import make_model
 from vlp_jax.parallel import mesh as mesh_lib
-from vlp_jax.synthetic import random_batch
+from vlp_jax.perf.synthetic import random_batch
+from vlp_jax.train import state as train_state
+from vlp_jax.train import step as train_step
 
 VOCAB = 300
 

@@ -8,10 +8,10 @@ import unicodedata
 
 import numpy as np
 
-from vlp_jax import train
 from vlp_jax.data import dataset
 from vlp_jax.data import tokenizer as tokenizer_lib
 from vlp_jax.eval import retrieval
+from vlp_jax.train import loop as train
 
 
 def _is_cjk(ch: str) -> bool:

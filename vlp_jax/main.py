@@ -10,24 +10,24 @@ import os
 import sys
 
 if __name__ == "__main__":  # first, before 4 s of imports: re-exec under a caching malloc
-    from vlp_jax import allocator
+    from vlp_jax.runtime import allocator
 
     allocator.reexec_with_fast_allocator()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vlp_jax import (  # noqa: E402
-    allocator,
+from vlp_jax.parallel import mesh as mesh_lib  # noqa: E402
+from vlp_jax.runtime import allocator  # noqa: E402
+from vlp_jax.runtime import devices as runtime  # noqa: E402
+from vlp_jax.train import (  # noqa: E402
     checkpointing,
+    export_checkpoint,
     metrics_log,
     resume_config,
-    runtime,
-    train,
     workdir_lock,
 )
-from vlp_jax.parallel import mesh as mesh_lib  # noqa: E402
-from vlp_jax.serve import export  # noqa: E402
+from vlp_jax.train import loop as train  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file: python, get_config().")
@@ -65,7 +65,7 @@ def main(argv):
         if FLAGS.mode == "eval":
             train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
         elif FLAGS.mode == "export":
-            export.export_from_checkpoint(FLAGS.config, FLAGS.workdir)
+            export_checkpoint.export_from_checkpoint(FLAGS.config, FLAGS.workdir)
         else:
             train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except tuple(cls for cls, _ in EXIT_CODES) as err:

@@ -18,8 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from vlp_jax import atomic_io
 from vlp_jax.eval.retrieval import RECALL_DEFINITION
+from vlp_jax.runtime import atomic_io
 
 
 def _ks(results: dict[str, Any]) -> list[int]:

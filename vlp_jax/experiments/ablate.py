@@ -29,7 +29,7 @@ from typing import Any
 import ml_collections
 from absl import app, flags
 
-from vlp_jax.config_overrides import apply_overrides, load_config_file, parse_set_flags
+from vlp_jax.config.overrides import apply_overrides, load_config_file, parse_set_flags
 from vlp_jax.experiments import grids
 from vlp_jax.experiments import report as report_lib
 
@@ -124,7 +124,7 @@ def plan_runs(grid: grids.Grid, seeds: int, workdir: str, base_config: str,
 
 def validate_jobs(jobs: Sequence[RunJob], base: ml_collections.ConfigDict) -> None:
     """Check every job's resolved config up front: a typo fails now, not after an hour."""
-    from vlp_jax import config_check
+    from vlp_jax.config import check as config_check
 
     for job in jobs:
         try:

@@ -22,8 +22,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from vlp_jax import atomic_io
 from vlp_jax.experiments import grids
+from vlp_jax.runtime import atomic_io
 
 METRICS = ("R@1", "R@10", "R@100")
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"

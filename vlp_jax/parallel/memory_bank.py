@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from vlp_jax.data import catalog_relevance
+from vlp_jax.data.catalog import relevance as catalog_relevance
 from vlp_jax.parallel import fn_control
 from vlp_jax.parallel.mesh import DATA_AXIS
 
@@ -223,7 +223,7 @@ def bank_row_stats(
       num_chunks: score Q/num_chunks queries at a time (rematerialised in the backward pass),
         bounding the logits block to ``Q/num_chunks × K/N``.
       relevance: (row constraints [Q, 5], item attribute table [items, 5]) of the built-in
-        catalog's oracle (``data.catalog_relevance``): adds ``fn_lse``/``fn_count`` over the
+        catalog's oracle (``data.catalog.relevance``): adds ``fn_lse``/``fn_count`` over the
         relevant entries kept as negatives; ``oracle_mask`` removes them instead.
 
     Masks: empty slots never count; an entry is a negative iff ``fn_control.candidate_masks``

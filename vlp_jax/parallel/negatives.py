@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from vlp_jax.data import catalog_relevance
+from vlp_jax.data.catalog import relevance as catalog_relevance
 from vlp_jax.losses.contrastive import KINDS
 from vlp_jax.parallel import fn_control, memory_bank
 from vlp_jax.parallel.mesh import DATA_AXIS
@@ -266,7 +266,7 @@ def sharded_qic_loss(
       filt: false-negative rules (``fn_control.NegativeFilter``); None = same item id only.
       signatures: (query, title) keyword signatures [B, W] when ``filt`` uses keywords.
       stale_probe: with a bank, measure the keys' staleness on the first this-many items.
-      relevance: built-in catalog oracle (``data.catalog_relevance``): ``constraints`` [B, 5]
+      relevance: built-in catalog oracle (``data.catalog.relevance``): ``constraints`` [B, 5]
         of the queries, ``attrs`` [B, 5] of the items, ``table`` [items, 5]; adds the metrics
         ``fn_mass`` (softmax mass on relevant items kept as negatives), ``batch_fn_count``
         and ``bank_fn_count``.  Not with ``ring``.

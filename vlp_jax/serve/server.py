@@ -297,7 +297,7 @@ def _define_flags() -> None:
 def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from vlp_jax import runtime
+    from vlp_jax.runtime import devices as runtime
 
     runtime.quiet_library_logs()
     if FLAGS.faiss_threads:

@@ -145,7 +145,7 @@ def _load_tower(current: Any, converted: dict[str, np.ndarray], name: str, direc
         raise ValueError(
             f"cannot initialise {name} from model.text_init={directory!r}: "
             f"not in the checkpoint {missing}{hint}; shape mismatches {mismatched}. Apply "
-            "vlp_jax.models.pretrained.configure_text_init(config) before building the model"
+            "vlp_jax.convert.pretrained.configure_text_init(config) before building the model"
         )
     unused = sorted({p.split("/")[0] for p in converted} - {p.split("/")[0] for p in flat})
     if unused:

@@ -25,13 +25,13 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from vlp_jax import grad_cache, nonfinite
-from vlp_jax.data import catalog_relevance
+from vlp_jax.data.catalog import relevance as catalog_relevance
 from vlp_jax.data.preprocess import num_masked_patches
 from vlp_jax.losses import masked
 from vlp_jax.parallel import fn_control, memory_bank, negatives
 from vlp_jax.parallel import mesh as mesh_lib
-from vlp_jax.train_state import TrainState, learning_rate_schedule
+from vlp_jax.train import grad_cache, nonfinite
+from vlp_jax.train.state import TrainState, learning_rate_schedule
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]

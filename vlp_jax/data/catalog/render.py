@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlp_jax.data.catalog_vocab import CATEGORIES, COLORS, PATTERNS
+from vlp_jax.data.catalog.vocab import CATEGORIES, COLORS, PATTERNS
 
 _Poly = tuple[np.ndarray, bool]  # (points [n, 2] in the unit box, True = fill / False = cut a hole)
 

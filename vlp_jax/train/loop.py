@@ -21,24 +21,26 @@ from typing import Any
 import jax
 import ml_collections
 
-from vlp_jax import (
+from vlp_jax.config import check as config_check
+from vlp_jax.convert import pretrained
+from vlp_jax.data import dataset, pipeline
+from vlp_jax.data import tokenizer as tokenizer_lib
+from vlp_jax.data.catalog import relevance as catalog_relevance
+from vlp_jax.data.device_prefetch import DevicePrefetchIterator
+from vlp_jax.eval import embed
+from vlp_jax.models import make_model
+from vlp_jax.parallel import mesh as mesh_lib
+from vlp_jax.serve import export
+from vlp_jax.train import (
     checkpointing,
-    config_check,
     metrics_log,
     nonfinite,
     preemption,
     resume_config,
-    train_state,
-    train_step,
     workdir_lock,
 )
-from vlp_jax.data import catalog_relevance, dataset, pipeline
-from vlp_jax.data import tokenizer as tokenizer_lib
-from vlp_jax.data.device_prefetch import DevicePrefetchIterator
-from vlp_jax.eval import embed
-from vlp_jax.models import make_model, pretrained
-from vlp_jax.parallel import mesh as mesh_lib
-from vlp_jax.serve import export
+from vlp_jax.train import state as train_state
+from vlp_jax.train import step as train_step
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:

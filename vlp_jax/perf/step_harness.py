@@ -16,10 +16,11 @@ from typing import Any
 import jax
 import ml_collections
 
-from vlp_jax import train_state, train_step
 from vlp_jax.models import make_model
 from vlp_jax.parallel import mesh as mesh_lib
-from vlp_jax.synthetic import random_batch
+from vlp_jax.perf.synthetic import random_batch
+from vlp_jax.train import state as train_state
+from vlp_jax.train import step as train_step
 
 
 @dataclasses.dataclass

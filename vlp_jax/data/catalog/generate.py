@@ -14,8 +14,8 @@ and demonstrated without a real marketplace:
 Items. Item i's attributes are a pure function of (seed, i): they are drawn for whole blocks of
 `BLOCK_SIZE` items from a generator seeded by (seed, stream, block), so any block can be made
 alone, and all attributes of a million items take ~10 MB and a second to recompute. Each category
-has its own silhouette, colour and pattern live in the pixels (`catalog_render`), while titles
-mention colour and pattern only with probability `color_in_title_prob` (`catalog_text`).
+has its own silhouette, colour and pattern live in the pixels (`catalog.render`), while titles
+mention colour and pattern only with probability `color_in_title_prob` (`catalog.text`).
 
 Queries and honest evaluation. A query is a *combination*: a template (which attribute fields:
 e.g. colour + pattern) with values, always plus the category, e.g. "red striped dress"; slices:
@@ -51,10 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vlp_jax.data import catalog_queries as queries
-from vlp_jax.data import catalog_render as render
-from vlp_jax.data import catalog_text as text
-from vlp_jax.data import catalog_vocab as vocab
+from vlp_jax.data.catalog import queries, render, text, vocab
 
 BLOCK_SIZE = 1000  # items per generator block and per image folder
 _RADIX = queries.RADIX
@@ -359,13 +356,3 @@ def _main(argv: list[str]) -> None:
     print(f"wrote {stats['num_items']} items to {stats['out_dir']} in {stats['seconds']:.1f} s "
           f"({stats['items_per_sec']:.0f} items/s)")
 
-
-if __name__ == "__main__":
-    from absl import app
-
-    # Use the importable module's functions (not this __main__ copy) so worker processes find them.
-    from vlp_jax.data.catalog import _define_flags as define_flags
-    from vlp_jax.data.catalog import _main as main
-
-    define_flags()
-    app.run(main)

@@ -10,8 +10,7 @@ strings disjoint (see `vlp_jax.data.catalog`).
 
 import numpy as np
 
-from vlp_jax.data import catalog_text as text
-from vlp_jax.data import catalog_vocab as vocab
+from vlp_jax.data.catalog import text, vocab
 
 FIELDS = ("category", "color", "pattern", "brand", "material")  # columns of the attribute array
 RADIX = (len(vocab.CATEGORIES), len(vocab.COLORS), len(vocab.PATTERNS), len(vocab.BRANDS),

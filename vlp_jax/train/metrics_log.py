@@ -4,11 +4,11 @@ Per-step metrics stay on device until a log step, then are fetched in one transf
 the host from blocking the asynchronous dispatch of every step, while the non-finite check can
 still name the exact step at which the loss first became NaN/Inf.
 
-Non-finite steps follow ``train.nonfinite_policy`` (see ``vlp_jax.nonfinite``): ``stop`` raises
-at the first bad step; ``skip`` leaves bad steps out of the averages, counts them in the row's
-``skipped_steps`` and raises after ``max_consecutive_skips`` in a row.  On resume the rows after
-the restored step (written by the interrupted run) are dropped, so ``metrics.jsonl`` reads as if
-the run had never stopped.
+Non-finite steps follow ``train.nonfinite_policy`` (see ``vlp_jax.train.nonfinite``): ``stop``
+raises at the first bad step; ``skip`` leaves bad steps out of the averages, counts them in the
+row's ``skipped_steps`` and raises after ``max_consecutive_skips`` in a row.  On resume the rows
+after the restored step (written by the interrupted run) are dropped, so ``metrics.jsonl`` reads
+as if the run had never stopped.
 """
 
 from __future__ import annotations

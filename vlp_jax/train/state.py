@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlp_jax.parallel import fn_control, memory_bank
 from vlp_jax.parallel import mesh as mesh_lib
-from vlp_jax.synthetic import dummy_batch
+from vlp_jax.train.batch_contract import dummy_batch
 
 PyTree = Any
 

@@ -1,8 +1,5 @@
-"""Synthetic batches with the train-batch contract (docs/architecture.md).
-
-Used to initialise parameters (shapes only), and by benchmarks and tests that need a realistic
-batch without building a dataset.
-"""
+"""Random batches with the train-batch contract, for benchmarks and tests that need a realistic
+batch without building a dataset."""
 
 from __future__ import annotations
 
@@ -10,27 +7,7 @@ import ml_collections
 import numpy as np
 
 from vlp_jax.data.preprocess import mlm_max_predictions
-
-
-def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 2) -> dict[str, np.ndarray]:
-    """Zero batch with the train-batch contract's shapes, for ``init``/``eval_shape``."""
-    d = config.data
-    n = (d.image_size // config.model.patch_size) ** 2
-    pdim = config.model.patch_size**2 * 3
-    lq, lt = d.query_len, d.title_len
-    def z(*shape, dt=np.int32):
-        return np.zeros((batch_size, *shape), dt)
-
-    ids = np.arange(batch_size, dtype=np.int32)
-    f32 = np.float32
-    return {
-        "query_tokens": z(lq), "query_mask": z(lq, dt=bool),
-        "query_mlm_tokens": z(lq), "query_mlm_targets": z(lq), "query_mlm_weights": z(lq, dt=f32),
-        "title_tokens": z(lt), "title_mask": z(lt, dt=bool),
-        "title_mlm_tokens": z(lt), "title_mlm_targets": z(lt), "title_mlm_weights": z(lt, dt=f32),
-        "patches": z(n, pdim, dt=f32), "patch_mask": z(n, dt=bool),
-        "item_index": ids, "query_id": ids.copy(),
-    }
+from vlp_jax.train.batch_contract import dummy_batch
 
 
 def random_batch(

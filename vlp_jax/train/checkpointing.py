@@ -29,7 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from vlp_jax.train_state import TrainState
+from vlp_jax.train.state import TrainState
 
 CORRUPT_DIR = "checkpoints_corrupt"
 

@@ -1,7 +1,7 @@
 """Relevance oracle of the built-in catalog, for training diagnostics of false negatives.
 
 On the built-in catalog every query is an attribute combination and an item is relevant to it iff
-it has all the combination's attributes (``catalog_queries``).  A click gives one positive per
+it has all the combination's attributes (``catalog.queries``).  A click gives one positive per
 query, so the other relevant items that land among the contrastive loss's candidates (in the
 batch, or in the memory bank) are *false negatives*.  These tables let the train step measure,
 per query, how many such items it scores as negatives and how much softmax mass lands on them —
@@ -23,8 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlp_jax.data import catalog, preprocess
-from vlp_jax.data import catalog_queries as queries
-from vlp_jax.data import catalog_text as text
+from vlp_jax.data.catalog import queries, text
 
 NUM_FIELDS = len(queries.FIELDS)
 MAX_ITEMS = 500_000  # the tables become constants of the compiled step: keep them small

@@ -13,7 +13,7 @@ disjoint), which is what lets the generator hold out whole combinations for vali
 
 import functools
 
-from vlp_jax.data import catalog_vocab as vocab
+from vlp_jax.data.catalog import vocab
 
 # Query templates: (slice, attribute fields besides the category, which every query includes).
 TEMPLATES: tuple[tuple[str, tuple[str, ...]], ...] = (

@@ -1,0 +1,95 @@
+"""The package layout is a stack: a module imports only its own package or the ones below it,
+and no two modules import each other, directly or around a circle (docs/architecture.md)."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# Bottom to top; each package may import the ones listed before it.
+LAYERS = ("runtime", "config", "data", "models", "convert", "losses", "parallel", "eval",
+          "serve", "train", "perf", "experiments", "main")
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: pathlib.Path, name: str, modules: set[str]) -> set[str]:
+    """vlp_jax modules imported anywhere in the file (function-level imports included)."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("vlp_jax")}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            if base.startswith("vlp_jax"):
+                # `from vlp_jax.train import step` imports the module vlp_jax.train.step.
+                found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base
+                          for a in node.names}
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    """Module -> the modules it imports, without edges to its own enclosing packages (Python
+    runs a package's ``__init__`` before any of its modules anyway; that is not a circle)."""
+    files = {_module_name(p): p for p in (ROOT / "vlp_jax").rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        deps = _imports(path, name, set(files))
+        graph[name] = {m for m in deps if m != name and not name.startswith(m + ".")}
+    return graph
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[1] if "." in module else ""
+    if top not in LAYERS:
+        raise AssertionError(f"{module}: package {top!r} has no place in LAYERS")
+    return LAYERS.index(top)
+
+
+def test_no_module_imports_a_package_above_its_own():
+    upward = [f"{a} imports {b}" for a, deps in _graph().items() if a != "vlp_jax"
+              for b in deps if b != "vlp_jax" and _layer(b) > _layer(a)]
+    assert upward == []
+
+
+def test_no_import_circles_between_modules():
+    graph = _graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node, stack):
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert cycles == []
+
+
+@pytest.mark.parametrize("module, flag", [
+    ("vlp_jax.main", "--workdir"), ("vlp_jax.data.catalog", "--num_items"),
+    ("vlp_jax.serve.server", "--bundle"), ("vlp_jax.serve.index", "--base_dir"),
+    ("vlp_jax.convert.hf_bert", "--src"), ("vlp_jax.experiments.ablate", "--grid"),
+])
+def test_public_entry_points_still_run(module, flag):
+    """``python -m`` of every documented entry point imports and lists its flags (absl's help
+    exits 1 by design)."""
+    out = subprocess.run([sys.executable, "-m", module, "--helpfull"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and f"  {flag}" in out.stdout, out.stderr[-2000:]

@@ -1,0 +1,6 @@
+"""Performance tooling used by ``benchmarks/``: model FLOPs and MFU (``mfu``), step profiles
+(``profiling``), a harness that times one compiled train step (``step_harness``) and random
+batches with the train-batch contract (``synthetic``).
+
+May import: everything except experiments; nothing outside benchmarks and tests imports it.
+"""
