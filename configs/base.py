@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     d.mlm_prob = 0.15  # fraction of (non-special) tokens selected for MLM (BERT 80/10/10 rule)
     d.mlm_max_fraction = 0.3  # at most ceil(0.3 * len) MLM targets per sequence; 1.0 = no cap
     d.patch_mask_ratio = 0.25  # fraction of image patches replaced by the mask token (MPM)
+    d.patch_mask_shape = "random"  # "random" patches or "block" (BEiT blockwise rectangles)
     d.worker_count = 0  # Grain worker processes (0 = in-process; >0 for multi-core hosts)
     d.prefetch = 2  # batches prepared and placed on device ahead of the step
 
@@ -73,6 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
     lo.mpm_candidates = "batch"  # MPM_R candidates: "batch" (all masked patches) or "image"
     lo.mpm_dup_threshold = 1.0  # MPM_R: candidates with target cosine > this are not negatives
     lo.mpm_norm_target = False  # regression MPM: MAE per-patch normalised pixel targets
+    lo.mpm_target = "patch_embed"  # MPM_R targets: "patch_embed" | "teacher" (EMA item tower)
+    lo.mpm_teacher_momentum = 0.996  # EMA rate of the MPM_R teacher (1.0 = frozen at init)
 
     # ---------------------------------------------------------------- negatives
     c.negatives = n = ml_collections.ConfigDict()

@@ -16,6 +16,8 @@ _CHOICES = {
     "loss.qic_type": ("softmax", "am_softmax", "sigmoid"),
     "loss.mpm_type": ("contrastive", "regression", "none"),
     "loss.mpm_candidates": ("batch", "image"),
+    "loss.mpm_target": ("patch_embed", "teacher"),
+    "data.patch_mask_shape": ("random", "block"),
     "data.builtin_lang": ("en", "zh"),
     "eval.split": ("valid", "test"),
     "negatives.bank_dtype": ("float32", "bfloat16"),
@@ -77,6 +79,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if not 0.0 <= config.negatives.momentum < 1.0:
         problems.append(f"negatives.momentum={config.negatives.momentum!r} must be in [0, 1)")
+    lo = config.loss
+    if not 0.0 <= lo.mpm_teacher_momentum <= 1.0:
+        problems.append(f"loss.mpm_teacher_momentum={lo.mpm_teacher_momentum!r} must be in [0, 1]")
+    if lo.mpm_target == "teacher" and lo.mpm_type != "contrastive":
+        problems.append("loss.mpm_target='teacher' gives MPM_R its targets: it needs "
+                        "loss.mpm_type='contrastive'")
     neg = config.negatives
     if neg.ring and not neg.cross_device:
         problems.append("negatives.ring=True needs negatives.cross_device=True")

@@ -155,6 +155,7 @@ class PreprocessBatch(grain.transforms.Map):
         self._mlm_prob = float(data_cfg.mlm_prob)
         self._mlm_max_fraction = float(data_cfg.get("mlm_max_fraction", 1.0))
         self._ratio = float(data_cfg.patch_mask_ratio)
+        self._mask_shape = str(data_cfg.get("patch_mask_shape", "random"))
         self._patch_size = int(patch_size)
         self._num_patches = (self._image_size // self._patch_size) ** 2
         self._seed = int(seed)
@@ -176,7 +177,8 @@ class PreprocessBatch(grain.transforms.Map):
         # Draw order per record is fixed: query MLM, title MLM, patch mask.
         q_mlm, q_tgt, q_w = self._mlm(q_tok, q_mask, rngs)
         t_mlm, t_tgt, t_w = self._mlm(t_tok, t_mask, rngs)
-        patch_mask = preprocess.patch_mask(self._num_patches, self._ratio, rngs)
+        patch_mask = preprocess.patch_mask(self._num_patches, self._ratio, rngs,
+                                              self._mask_shape)
         images = stack_images([r["image"] for r in records], self._image_size)
         return {
             "query_tokens": q_tok, "query_mask": q_mask, "query_mlm_tokens": q_mlm,

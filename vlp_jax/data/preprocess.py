@@ -225,12 +225,62 @@ def num_masked_patches(num_patches: int, ratio: float) -> int:
     return count
 
 
-def patch_mask(num_patches: int, ratio: float, rngs: Sequence[np.random.Generator]) -> np.ndarray:
-    """bool ``[B, N]`` with exactly ``round(ratio * N)`` True per row, positions uniform per row."""
+MASK_SHAPES = ("random", "block")
+
+
+def patch_mask(
+    num_patches: int, ratio: float, rngs: Sequence[np.random.Generator], shape: str = "random"
+) -> np.ndarray:
+    """bool ``[B, N]`` with exactly ``round(ratio * N)`` True per row.
+
+    ``shape="random"``: positions uniform per row.  ``shape="block"``: BEiT's blockwise masking
+    on the ``sqrt(N) x sqrt(N)`` grid — rectangles of random area and aspect ratio until the
+    count is reached — so a masked patch's neighbours are mostly masked too and cannot simply
+    give its content away (with random masking of a small grid most masked patches have a
+    visible neighbour).  The count stays exact in both cases: the MPM_R loss gathers exactly
+    that many patches per image.
+    """
+    if shape not in MASK_SHAPES:
+        raise ValueError(f"patch mask shape must be one of {MASK_SHAPES}, got {shape!r}")
     count = num_masked_patches(num_patches, ratio)
     out = np.zeros((len(rngs), num_patches), dtype=bool)
     if count == 0:
         return out
+    if shape == "block":
+        side = math.isqrt(num_patches)
+        if side * side != num_patches:
+            raise ValueError(f"block masking needs a square patch grid, got {num_patches} patches")
+        for row, rng in enumerate(rngs):
+            out[row] = _block_mask(side, count, rng).reshape(-1)
+        return out
     for row, rng in enumerate(rngs):
         out[row, np.argpartition(rng.random(num_patches), count - 1)[:count]] = True
     return out
+
+
+def _block_mask(side: int, count: int, rng: np.random.Generator,
+                min_area: int = 2, max_aspect: float = 3.0) -> np.ndarray:
+    """``[side, side]`` bool with exactly ``count`` True cells, grown from random rectangles.
+
+    Each rectangle has an area drawn uniformly in [min_area, remaining] and a log-uniform aspect
+    ratio in [1/max_aspect, max_aspect] (BEiT, Bao et al. 2022, Algorithm 1); its cells not yet
+    masked are added in raster order, stopping at ``count``.
+    """
+    grid = np.zeros((side, side), dtype=bool)
+    masked = 0
+    for _ in range(100 * count):  # each draw almost always adds a cell; bounded regardless
+        if masked == count:
+            return grid
+        remaining = count - masked
+        area = rng.uniform(min(min_area, remaining), remaining)
+        aspect = math.exp(rng.uniform(-math.log(max_aspect), math.log(max_aspect)))
+        h = min(side, max(1, int(round(math.sqrt(area * aspect)))))
+        w = min(side, max(1, int(round(math.sqrt(area / aspect)))))
+        top, left = int(rng.integers(0, side - h + 1)), int(rng.integers(0, side - w + 1))
+        block = ~grid[top:top + h, left:left + w]
+        free = np.argwhere(block)[:remaining]
+        grid[top + free[:, 0], left + free[:, 1]] = True
+        masked += len(free)
+    free = np.flatnonzero(~grid.reshape(-1))[: count - masked]  # unreachable in practice
+    grid.reshape(-1)[free] = True
+    return grid

@@ -54,6 +54,24 @@ def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> VLPModel:
     )
 
 
+def towers_only(model: VLPModel) -> VLPModel:
+    """``model`` with every training-only part switched off (no heads, no temperature params):
+    its ``encode_query`` / ``encode_item`` read only the subtrees of :func:`tower_param_keys`."""
+    return model.clone(compute_title_mlm=False, compute_query_mlm=False, mpm_type="none",
+                       learn_temperature=False, sigmoid_bias_init=None)
+
+
+def tower_param_keys(model_cfg: Any) -> dict[str, tuple[str, ...]]:
+    """Top-level param subtrees each tower reads (see the param tree in ``models/towers.py``)."""
+    query_text = "item_encoder" if model_cfg.shared_query_encoder else "query_encoder"
+    item = ["item_encoder", "item_proj"]
+    if model_cfg.use_image:
+        item.append("patch_embed")
+        if model_cfg.modal_adaptation:
+            item.append("modal_gate")
+    return {"query": (query_text, "query_proj"), "item": tuple(item)}
+
+
 def _mlm_cap(data_cfg: ml_collections.ConfigDict, length: int) -> int:
     """The pipeline's per-row MLM cap for sequences of ``length`` (0 = no cap)."""
     cap = mlm_max_predictions(length, data_cfg.get("mlm_max_fraction", 1.0))

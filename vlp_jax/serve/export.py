@@ -36,6 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vlp_jax.models import build, towers
+from vlp_jax.models.build import tower_param_keys
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -60,21 +61,7 @@ def serving_model(config: ml_collections.ConfigDict, vocab_size: int) -> towers.
     ``encode_query`` / ``encode_item`` of this model read exactly the tower subtrees of
     :func:`tower_param_keys`, so the exported params are all it needs.
     """
-    return build.make_model(config, vocab_size).clone(
-        compute_title_mlm=False, compute_query_mlm=False, mpm_type="none",
-        learn_temperature=False, sigmoid_bias_init=None,
-    )
-
-
-def tower_param_keys(model_cfg: Any) -> dict[str, tuple[str, ...]]:
-    """Top-level param subtrees each tower reads (see the param tree in ``models/towers.py``)."""
-    query_text = "item_encoder" if model_cfg.shared_query_encoder else "query_encoder"
-    item = ["item_encoder", "item_proj"]
-    if model_cfg.use_image:
-        item.append("patch_embed")
-        if model_cfg.modal_adaptation:
-            item.append("modal_gate")
-    return {"query": (query_text, "query_proj"), "item": tuple(item)}
+    return build.towers_only(build.make_model(config, vocab_size))
 
 
 def _host_numpy(tree: Any) -> Any:

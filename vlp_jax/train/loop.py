@@ -85,7 +85,7 @@ class Run:
         )
         if config.model.text_init:
             self.state = train_state.replace_params(
-                self.state, pretrained.apply_text_init(config, self.state.params)
+                self.state, pretrained.apply_text_init(config, self.state.params), config
             )
         self.encode_fns = embed.make_encode_fns(self.model, self.mesh)
         logging.info(

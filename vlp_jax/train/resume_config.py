@@ -41,14 +41,15 @@ ADDED_FIELDS = {
     "negatives.mask_same_query": False, "negatives.keyword_control": "off",
     "negatives.keyword_bits": 256, "negatives.filter_margin": -1.0,
     "negatives.oracle_fn_mask": False, "loss.mpm_dup_threshold": 1.0,
-    "loss.mpm_norm_target": False,
+    "loss.mpm_norm_target": False, "loss.mpm_target": "patch_embed",
+    "loss.mpm_teacher_momentum": 0.996, "data.patch_mask_shape": "random",
 }
 SAFE_PREFIXES = ("eval.",)
 TRAJECTORY = (
     "train.num_steps", "train.learning_rate", "train.warmup_steps", "train.end_lr_fraction",
     "train.weight_decay", "train.accum_steps", "negatives.bank_warmup_steps", "loss.temperature",
     "loss.margin", "loss.mpm_temperature", "loss.sigmoid_bias_init", "loss.mpm_dup_threshold",
-    "loss.mpm_norm_target",
+    "loss.mpm_norm_target", "loss.mpm_teacher_momentum", "data.patch_mask_shape",
 )
 ON_OFF_TRAJECTORY = (
     "loss.qic_weight", "loss.mlm_weight", "loss.query_mlm_weight", "loss.mpm_weight",

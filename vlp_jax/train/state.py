@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vlp_jax.models.build import tower_param_keys
 from vlp_jax.parallel import fn_control, memory_bank
 from vlp_jax.parallel import mesh as mesh_lib
 from vlp_jax.train.batch_contract import dummy_batch
@@ -157,8 +158,22 @@ def abstract_model_state(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
 
 
+def uses_mpm_teacher(config: ml_collections.ConfigDict) -> bool:
+    """MPM_R takes its targets from an EMA teacher of the item tower (``loss.mpm_target``)."""
+    lo = config.loss
+    return bool(config.model.use_image and lo.mpm_type == "contrastive" and lo.mpm_weight > 0
+                and lo.get("mpm_target", "patch_embed") == "teacher")
+
+
+def teacher_params(params: PyTree, config: ml_collections.ConfigDict) -> PyTree:
+    """The item tower's subtrees of ``params`` (what the MPM_R teacher runs), copied."""
+    keys = tower_param_keys(config.model)["item"]
+    return {k: jax.tree_util.tree_map(jnp.copy, params[k]) for k in keys}
+
+
 def init_extra(params: PyTree, config: ml_collections.ConfigDict, mesh: Mesh) -> dict:
-    """Optional state: the sharded memory bank and the EMA ("momentum") params for its keys."""
+    """Optional state: the sharded memory bank, the EMA ("momentum") params for its keys, and
+    the MPM_R teacher (an EMA copy of the item tower only)."""
     neg = config.negatives
     extra = {}
     if neg.bank_size > 0:
@@ -171,16 +186,24 @@ def init_extra(params: PyTree, config: ml_collections.ConfigDict, mesh: Mesh) ->
         )
     if neg.momentum > 0:
         extra["momentum_params"] = jax.tree_util.tree_map(jnp.copy, params)
+    if uses_mpm_teacher(config):
+        extra["mpm_teacher"] = teacher_params(params, config)
     return extra
 
 
-def replace_params(state: TrainState, params: PyTree) -> TrainState:
+def replace_params(
+    state: TrainState, params: PyTree, config: ml_collections.ConfigDict | None = None
+) -> TrainState:
     """Swap in new params (e.g. pretrained text layers) and re-derive what copies them.
 
-    The optimizer moments are still zero at this point; the EMA tower must start from the new
-    params too, or the bank keys would come from the random initialisation.
+    The optimizer moments are still zero at this point; the EMA towers (bank keys, MPM_R
+    teacher) must start from the new params too, not from the random initialisation.
     """
     extra = dict(state.extra)
     if "momentum_params" in extra:
         extra["momentum_params"] = jax.tree_util.tree_map(jnp.copy, params)
+    if "mpm_teacher" in extra:
+        if config is None:
+            raise ValueError("replace_params needs the config to re-derive the MPM_R teacher")
+        extra["mpm_teacher"] = teacher_params(params, config)
     return state.replace(params=params, extra=extra)

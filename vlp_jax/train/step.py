@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 from vlp_jax.data.catalog import relevance as catalog_relevance
 from vlp_jax.data.preprocess import num_masked_patches
 from vlp_jax.losses import masked
+from vlp_jax.models.build import towers_only
 from vlp_jax.parallel import fn_control, memory_bank, negatives
 from vlp_jax.parallel import mesh as mesh_lib
 from vlp_jax.train import grad_cache, nonfinite
@@ -35,6 +36,8 @@ from vlp_jax.train.state import TrainState, learning_rate_schedule
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+# Batch key of the MPM_R teacher's targets [B, N, W] (``loss.mpm_target='teacher'``).
+TEACHER_TARGET_KEY = "mpm_teacher_target"
 
 
 def _mlm_labels(outputs: dict, batch: Batch, prefix: str) -> tuple[jax.Array, jax.Array]:
@@ -127,9 +130,12 @@ def compute_losses(
 
     if config.model.use_image and lcfg.mpm_type != "none" and lcfg.mpm_weight > 0:
         if lcfg.mpm_type == "contrastive":
+            # The EMA teacher's targets ride in the batch (so accumulation splits them with
+            # the rows they belong to); otherwise the online patch projection's.
+            target = batch.get(TEACHER_TARGET_KEY, outputs["mpm_target"])
             mpm, mpm_metrics = masked.mpm_contrastive_loss(
                 outputs["mpm_pred"],
-                outputs["mpm_target"],
+                target,
                 batch["patch_mask"],
                 lcfg.mpm_temperature,
                 lcfg.mpm_candidates,
@@ -213,10 +219,24 @@ def make_train_step(
             batch["patches"] if config.model.use_image else None, method=model.encode_item,
         )["embedding"])
 
+    teacher_momentum = float(config.loss.get("mpm_teacher_momentum", 0.996))
+    teacher_model = towers_only(model)
+
+    def teacher_targets(teacher, batch):
+        """Patch outputs of the EMA item tower on the *unmasked* image (iBOT/ConMIM style):
+        contextual features that move slowly, instead of the online patch projection."""
+        return jax.lax.stop_gradient(teacher_model.apply(
+            {"params": teacher}, batch["title_tokens"], batch["title_mask"], batch["patches"],
+            method=teacher_model.encode_item,
+        )["patch_hidden"].astype(jnp.float32))
+
     def step_fn(state: TrainState, batch: Batch):
         keys = None
         if "momentum_params" in state.extra:  # MoCo order: keys before the update
             keys = momentum_keys(state.extra["momentum_params"], batch)
+        if "mpm_teacher" in state.extra:
+            batch = {**batch, TEACHER_TARGET_KEY: teacher_targets(state.extra["mpm_teacher"],
+                                                                  batch)}
         (_, metrics), grads = grad_fn(state.params, batch, state.step, state.extra, keys)
         item_emb = metrics.pop("_item_emb")
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -225,6 +245,11 @@ def make_train_step(
         if "momentum_params" in extra:
             extra["momentum_params"] = optax.incremental_update(
                 params, extra["momentum_params"], step_size=1.0 - momentum
+            )
+        if "mpm_teacher" in extra and teacher_momentum < 1.0:  # 1.0: a frozen teacher
+            extra["mpm_teacher"] = optax.incremental_update(
+                {k: params[k] for k in extra["mpm_teacher"]}, extra["mpm_teacher"],
+                step_size=1.0 - teacher_momentum,
             )
         if "sharded_bank" in extra:
             bank = extra["sharded_bank"]
