@@ -250,6 +250,17 @@ def test_cache_hit_then_rebuild_on_change(built, tmp_path):
     assert len(e.sources["train"]) == 5 and e.report == d.report
 
 
+def test_cache_key_follows_the_vocab_training_recipe(built, monkeypatch):
+    # A build holds its trained vocab: a new recipe (or tokenizers release) must not reuse it.
+    catalog, _, first = built
+    trained = builder.catalog_fingerprint(catalog, S, "", 300)
+    given = builder.catalog_fingerprint(catalog, S, first.tokenizer_dir, 300)
+    monkeypatch.setattr(tokenizer_lib, "WORDPIECE_TRAINER", "another-recipe")
+    assert builder.catalog_fingerprint(catalog, S, "", 300) != trained
+    assert builder.catalog_fingerprint(catalog, S, first.tokenizer_dir, 300) == given
+    assert first.dataset_dir.endswith(f"s{S}_{trained}/1.0.0")
+
+
 def test_given_tokenizer_is_copied(built, tmp_path):
     catalog, _, first = built
     handle = builder.build_dataset(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -117,3 +119,45 @@ def test_bad_tokenizer_folders_raise(tmp_path):
         tokenizer_lib.load_tokenizer(str(no_mask))
     with pytest.raises(ValueError, match="too small"):
         tokenizer_lib.train_wordpiece(["a b"], 3, str(tmp_path / "small"))
+
+
+_TRAIN_IN_FRESH_PROCESS = """
+import json, sys
+from vlp_jax.data import tokenizer
+tokenizer.train_wordpiece(json.load(open(sys.argv[1])), 600, sys.argv[2])
+"""
+
+
+def test_fresh_processes_train_byte_identical_vocabularies(tmp_path):
+    # The trainer alone numbered its "##" pieces in a per-process hash order and broke merge ties
+    # by those numbers: on this corpus every fresh process got another vocab (tokenizers#1794).
+    corpus = tmp_path / "corpus.json"
+    corpus.write_text(json.dumps(_corpus()))
+    outs = []
+    for seed in ("0", "1", "2"):
+        out = tmp_path / f"tok{seed}"
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        proc = subprocess.run(
+            [sys.executable, "-c", _TRAIN_IN_FRESH_PROCESS, str(corpus), str(out)],
+            env=env, capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert "tokenizer.json" in outs[0]
+    assert outs[1] == outs[0] and outs[2] == outs[0]
+
+
+def test_trained_vocab_lists_specials_then_characters_then_merges(trained):
+    _, tok = trained
+    vocab = sorted(tok.get_vocab(), key=tok.get_vocab().get)
+    assert vocab[:5] == list(tokenizer_lib.SPECIAL_TOKENS)
+    n_single = sum(len(p) == 1 for p in vocab) + sum(len(p) == 3 and p[:2] == "##" for p in vocab)
+    singles = vocab[5 : 5 + n_single]
+    plain = [p for p in singles if not p.startswith("##")]
+    assert singles == plain + sorted(p for p in singles if p.startswith("##"))
+    assert plain == sorted(plain) and {"a", "##a", "红", "色", "~", "##~"} <= set(singles)
+    assert all(len(p.removeprefix("##")) > 1 for p in vocab[5 + n_single :])
+    # Only the BERT specials are added tokens: "##a" in raw text is text, not a token.
+    assert sorted(tok.added_tokens_encoder) == sorted(tokenizer_lib.SPECIAL_TOKENS)
+    ids = tok("x##a", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["x", "#", "#", "a"]

@@ -11,8 +11,8 @@ bytes (``TextSource`` reshapes them; pair records carry ``b""``): at 64×64 a PN
 
 The build lives in ``data_dir/vlp_catalog/<s{size}_{fingerprint}>/1.0.0``; the fingerprint
 covers the catalog files (content), the images (size + mtime), the image size and tokenizer
-settings, so unchanged inputs reuse the build.  It holds ``tokenizer/`` and ``build_report.json``
-and is written to a temporary folder renamed when complete (a crash leaves no half build).
+settings (with a trained vocab's recipe), so unchanged inputs reuse the build.  It holds
+``tokenizer/`` and ``build_report.json``; written to a temporary folder renamed when complete.
 """
 
 from __future__ import annotations
@@ -238,7 +238,8 @@ def catalog_fingerprint(catalog_dir: str, image_size: int, tokenizer: str, vocab
     h = hashlib.sha256()
     settings = {"format": BUILD_FORMAT, "image_size": image_size,
                 "tokenizer": os.path.abspath(tokenizer) if tokenizer else "",
-                "vocab_size": vocab_size if not tokenizer else 0}
+                "vocab_size": vocab_size if not tokenizer else 0,  # + how the vocab is trained:
+                "trainer": tokenizer_lib.WORDPIECE_TRAINER if not tokenizer else ""}
     h.update(json.dumps(settings, sort_keys=True).encode())
     image_refs: set[str] = set()
     for name in ("items",) + records.PAIR_SPLITS:

@@ -14,6 +14,7 @@ import os
 import string
 from collections.abc import Iterable
 
+import tokenizers
 from tokenizers import (
     Tokenizer,
     decoders,
@@ -31,20 +32,47 @@ MODEL_MAX_LENGTH = 512
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
 _REQUIRED = ("pad", "unk", "cls", "sep", "mask")
 _ALPHABET = string.ascii_lowercase + string.digits + string.punctuation
+# Names how train_wordpiece turns texts into a vocabulary; dataset builds key their cache on it
+# (with the library version), so a build made by another recipe is never reused.
+WORDPIECE_TRAINER = f"fixed-alphabet-v2/tokenizers-{tokenizers.__version__}"
 
 
-def _add_ascii_alphabet(tok: Tokenizer) -> None:
-    """Make every ASCII letter/digit/punctuation a token, alone and as ``##`` continuation.
+def _base_tokenizer(vocab: dict[str, int] | None = None) -> Tokenizer:
+    """An uncased BERT WordPiece pipeline (empty model when ``vocab`` is None).
 
-    WordPiece turns a whole word into [UNK] when one of its characters has no piece, so without
-    this an unseen brand name or model number in a query ("xz7") would vanish entirely.
+    CJK characters are split into single characters by the normalizer (as in Chinese BERT), so a
+    vocab trained on Chinese text covers unseen Chinese words character by character.
     """
-    vocab = tok.get_vocab()
-    for c in _ALPHABET:
-        for piece in (c, "##" + c):
-            if piece not in vocab:
-                vocab[piece] = len(vocab)
-    tok.model = models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100)
+    if vocab is None:
+        model = models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100)
+    else:
+        model = models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100)
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+def _initial_pieces(tok: Tokenizer, texts: list[str], ascii_alphabet: bool) -> list[str]:
+    """Every character of the pre-tokenized corpus as a piece, and as a ``##`` continuation.
+
+    Sorted by code point, so their ids are a function of the corpus alone.  The trainer would
+    assign the ``##`` ids in the iteration order of a Rust hash map (random per process), and
+    merge ties are broken by those ids: fresh builds of one catalog got different vocabularies
+    (huggingface/tokenizers#1794).  With ``ascii_alphabet``, every ASCII letter/digit/punctuation
+    is a piece too: WordPiece turns a whole word into [UNK] when one of its characters has no
+    piece, so an unseen brand name or model number in a query ("xz7") would otherwise vanish.
+    """
+    first: set[str] = set(_ALPHABET) if ascii_alphabet else set()
+    rest = set(first)
+    for text in texts:
+        for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)):
+            first.update(word)  # the trainer's alphabet: every character of every word
+            rest.update(word[1:])
+    return sorted(first) + ["##" + c for c in sorted(rest)]
 
 
 def train_wordpiece(
@@ -52,33 +80,35 @@ def train_wordpiece(
 ) -> PreTrainedTokenizerFast:
     """Train an uncased BERT WordPiece vocab on ``texts`` and save it to ``out_dir``.
 
-    CJK characters are split into single characters by the normalizer (as in Chinese BERT), so a
-    vocab trained on Chinese text covers unseen Chinese words character by character.
+    Deterministic: the same texts give the same files byte for byte in any process.  The special
+    tokens and every single-character piece get fixed ids before training (``_initial_pieces``),
+    which leaves the trainer nothing ordered by hashing: merges are chosen by count, ties broken
+    by the ids of the merged pieces.  ``WORDPIECE_TRAINER`` names this recipe in build caches.
     """
     if vocab_size < len(SPECIAL_TOKENS) + 1:
         raise ValueError(f"vocab_size={vocab_size} is too small (need > {len(SPECIAL_TOKENS)})")
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+    texts = [t for t in texts if t]
+    tok = _base_tokenizer()
+    # Tiny vocabs (tests) skip the ASCII alphabet rather than spend most of their budget on it.
+    fixed = list(SPECIAL_TOKENS) + _initial_pieces(
+        tok, texts, ascii_alphabet=vocab_size >= 4 * 2 * len(_ALPHABET)
     )
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    # Room for the ASCII alphabet added after training, so len(tokenizer) <= vocab_size; tiny
-    # vocabs (tests) skip the alphabet rather than spend most of their budget on it.
-    reserve = 2 * len(_ALPHABET) if vocab_size >= 4 * 2 * len(_ALPHABET) else 0
     trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size - reserve,
+        vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=fixed,  # registered first, in this order: ids 0 .. len(fixed) - 1
         continuing_subword_prefix="##",
         show_progress=False,
     )
-    tok.train_from_iterator((t for t in texts if t), trainer=trainer)
-    if reserve:
-        _add_ascii_alphabet(tok)
-    for i, name in enumerate(SPECIAL_TOKENS):
-        if tok.token_to_id(name) != i:  # the trainer adds specials first; checked, not assumed
-            raise RuntimeError(f"special token {name} got id {tok.token_to_id(name)}, expected {i}")
+    tok.train_from_iterator(texts, trainer=trainer)
+    vocab = tok.get_vocab(with_added_tokens=False)
+    for i, piece in enumerate(fixed):  # checked, not assumed: the determinism rests on it
+        if vocab.get(piece) != i:
+            raise RuntimeError(f"piece {piece!r} got id {vocab.get(piece)}, expected {i}")
+    # A fresh pipeline on the trained vocab: the trainer also made every fixed piece an added
+    # (special) token, which would match "##a" in raw text; only the BERT specials stay special.
+    tok = _base_tokenizer(vocab)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
