@@ -32,9 +32,10 @@ MODEL_MAX_LENGTH = 512
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
 _REQUIRED = ("pad", "unk", "cls", "sep", "mask")
 _ALPHABET = string.ascii_lowercase + string.digits + string.punctuation
+_ASCII_PIECES = frozenset(_ALPHABET) | {"##" + c for c in _ALPHABET}
 # Names how train_wordpiece turns texts into a vocabulary; dataset builds key their cache on it
 # (with the library version), so a build made by another recipe is never reused.
-WORDPIECE_TRAINER = f"fixed-alphabet-v2/tokenizers-{tokenizers.__version__}"
+WORDPIECE_TRAINER = f"code-point-alphabet-v2/tokenizers-{tokenizers.__version__}"
 
 
 def _base_tokenizer(vocab: dict[str, int] | None = None) -> Tokenizer:
@@ -56,23 +57,25 @@ def _base_tokenizer(vocab: dict[str, int] | None = None) -> Tokenizer:
     return tok
 
 
-def _initial_pieces(tok: Tokenizer, texts: list[str], ascii_alphabet: bool) -> list[str]:
-    """Every character of the pre-tokenized corpus as a piece, and as a ``##`` continuation.
-
-    Sorted by code point, so their ids are a function of the corpus alone.  The trainer would
-    assign the ``##`` ids in the iteration order of a Rust hash map (random per process), and
-    merge ties are broken by those ids: fresh builds of one catalog got different vocabularies
-    (huggingface/tokenizers#1794).  With ``ascii_alphabet``, every ASCII letter/digit/punctuation
-    is a piece too: WordPiece turns a whole word into [UNK] when one of its characters has no
-    piece, so an unseen brand name or model number in a query ("xz7") would otherwise vanish.
-    """
-    first: set[str] = set(_ALPHABET) if ascii_alphabet else set()
-    rest = set(first)
+def _corpus_pieces(tok: Tokenizer, texts: list[str]) -> set[str]:
+    """The trainer's alphabet: every character of every pre-tokenized word as a piece, and every
+    non-initial one as a ``##`` continuation piece."""
+    pieces: set[str] = set()
     for text in texts:
         for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)):
-            first.update(word)  # the trainer's alphabet: every character of every word
-            rest.update(word[1:])
-    return sorted(first) + ["##" + c for c in sorted(rest)]
+            pieces.update(word)
+            pieces.update("##" + c for c in word[1:])
+    return pieces
+
+
+def _code_point_order(pieces: set[str]) -> list[str]:
+    """Single-character pieces, then ``##`` pieces, each by code point: ids from the set alone.
+
+    The trainer would number the ``##`` pieces in the iteration order of a Rust hash map (random
+    per process) and break merge ties by those numbers, so fresh builds of one catalog got
+    different vocabularies (huggingface/tokenizers#1794).
+    """
+    return sorted(p for p in pieces if len(p) == 1) + sorted(p for p in pieces if len(p) > 1)
 
 
 def train_wordpiece(
@@ -81,20 +84,30 @@ def train_wordpiece(
     """Train an uncased BERT WordPiece vocab on ``texts`` and save it to ``out_dir``.
 
     Deterministic: the same texts give the same files byte for byte in any process.  The special
-    tokens and every single-character piece get fixed ids before training (``_initial_pieces``),
+    tokens and every single-character piece get fixed ids before training (``_code_point_order``),
     which leaves the trainer nothing ordered by hashing: merges are chosen by count, ties broken
     by the ids of the merged pieces.  ``WORDPIECE_TRAINER`` names this recipe in build caches.
+
+    Every ASCII letter/digit/punctuation is a piece, alone and as ``##`` continuation: WordPiece
+    turns a whole word into [UNK] when one of its characters has no piece, so an unseen brand
+    name or model number in a query ("xz7") would otherwise vanish.  Tiny vocabs (tests) skip
+    that alphabet rather than spend most of their budget on it.
     """
     if vocab_size < len(SPECIAL_TOKENS) + 1:
         raise ValueError(f"vocab_size={vocab_size} is too small (need > {len(SPECIAL_TOKENS)})")
     texts = [t for t in texts if t]
     tok = _base_tokenizer()
-    # Tiny vocabs (tests) skip the ASCII alphabet rather than spend most of their budget on it.
-    fixed = list(SPECIAL_TOKENS) + _initial_pieces(
-        tok, texts, ascii_alphabet=vocab_size >= 4 * 2 * len(_ALPHABET)
-    )
+    pieces = _corpus_pieces(tok, texts)
+    budget = vocab_size
+    if vocab_size >= 4 * len(_ASCII_PIECES):
+        # As many merges as the first recipe made (it trained vocab_size - len(_ASCII_PIECES)
+        # tokens, then appended the ASCII pieces the corpus lacked): a config keeps its vocab
+        # size, hence its parameter count and the shapes of its checkpoints.
+        budget += len(_ASCII_PIECES - pieces) - len(_ASCII_PIECES)
+        pieces |= _ASCII_PIECES
+    fixed = list(SPECIAL_TOKENS) + _code_point_order(pieces)
     trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
+        vocab_size=budget,
         min_frequency=min_frequency,
         special_tokens=fixed,  # registered first, in this order: ids 0 .. len(fixed) - 1
         continuing_subword_prefix="##",
