@@ -11,10 +11,16 @@ start-up (``cleanup_tmp``).  A finished step can still be damaged afterwards (a 
 truncated file); that only shows when it is read, so ``restore_newest`` tries the newest step
 first and falls back to older ones, naming each unusable step, and raises
 ``CheckpointRestoreError`` (no Orbax/tensorstore trace) when none can be read.
+
+The "data" item (one JSON file per process) also carries the train loop's host counters
+(``loop_state``, e.g. the non-finite skip streak): they live on the host, not in the
+``TrainState`` pytree, yet a resumed run must continue them.  Files written before the counters
+existed hold the bare iterator state; they restore with ``loop_state == {}``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -32,6 +38,43 @@ from jax.experimental import multihost_utils
 from vlp_jax.train.state import TrainState
 
 CORRUPT_DIR = "checkpoints_corrupt"
+_DATA_FORMAT_KEY = "vlp_jax_data_item"  # marks a data item holding iterator + loop_state
+
+
+class _DataItem:
+    """The data iterator and the loop's host counters as one Grain checkpoint item.
+
+    Speaks the byte-state protocol of Grain's Orbax handler (``get_state() -> bytes``,
+    ``set_state(bytes)``, ``start_prefetch``) and forwards the iterator part to the wrapped
+    iterator in the protocol *it* speaks (a Grain ``DatasetIterator`` takes a dict, the others
+    bytes), so the JSON of the iterator is the same as when it was saved alone.
+    """
+
+    def __init__(self, iterator: Any, loop_state: dict[str, Any] | None = None):
+        self.iterator = iterator
+        self.loop_state = json.loads(json.dumps(loop_state or {}))  # a snapshot, JSON-safe
+
+    def get_state(self) -> bytes:
+        state = self.iterator.get_state()
+        if isinstance(state, bytes | bytearray):
+            state = json.loads(state.decode())
+        record = {_DATA_FORMAT_KEY: 1, "iterator": state, "loop_state": self.loop_state}
+        return json.dumps(record, indent=1).encode()
+
+    def set_state(self, state: bytes) -> None:
+        record = json.loads(state.decode())
+        if isinstance(record, dict) and _DATA_FORMAT_KEY in record:
+            iterator_state, self.loop_state = record["iterator"], record["loop_state"]
+        else:  # written before loop_state existed: the bare iterator state
+            iterator_state, self.loop_state = record, {}
+        if isinstance(self.iterator, grain.DatasetIterator):
+            self.iterator.set_state(iterator_state)
+        else:
+            self.iterator.set_state(json.dumps(iterator_state).encode())
+
+    def start_prefetch(self) -> None:
+        if hasattr(self.iterator, "start_prefetch"):
+            self.iterator.start_prefetch()
 
 
 class CheckpointRestoreError(RuntimeError):
@@ -74,6 +117,7 @@ class Checkpointer:
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, "checkpoints")
         self.metadata = metadata
+        self.loop_state: dict[str, Any] = {}  # of the step last restored with its iterator
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep,
             save_interval_steps=1,  # the train loop decides when to save
@@ -100,11 +144,20 @@ class Checkpointer:
         except Exception:  # unreadable metadata: the restore attempt will name the problem
             return None
 
-    def save(self, step: int, state: TrainState, data_iterator: Any, force: bool = False) -> bool:
-        """Start saving ``step`` (async: returns once the arrays are copied off the device)."""
+    def save(
+        self, step: int, state: TrainState, data_iterator: Any, force: bool = False,
+        loop_state: dict[str, Any] | None = None,
+    ) -> bool:
+        """Start saving ``step`` (async: returns once the arrays are copied off the device).
+
+        ``loop_state`` (small, JSON-able host counters) is stored with the iterator's state, so
+        it needs a ``data_iterator``; ``restore`` puts it back in ``self.loop_state``.
+        """
         args = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
-            args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            args["data"] = grain.checkpoint.CheckpointSave(_DataItem(data_iterator, loop_state))
+        elif loop_state:
+            raise ValueError("loop_state is saved in the data item: pass the data iterator")
         saved = self.manager.save(
             step, args=ocp.args.Composite(**args), force=force, custom_metadata=self.metadata
         )
@@ -115,11 +168,14 @@ class Checkpointer:
     def restore(
         self, step: int, abstract_state: TrainState, data_iterator: Any
     ) -> TrainState:
-        """Restore into ``abstract_state``'s shapes/shardings; the iterator is updated in place."""
+        """Restore into ``abstract_state``'s shapes/shardings; the iterator is updated in place
+        and the step's ``loop_state`` (``{}`` if it has none) is put in ``self.loop_state``."""
         args = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        item = None if data_iterator is None else _DataItem(data_iterator)
+        if item is not None:
+            args["data"] = grain.checkpoint.CheckpointRestore(item)
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        self.loop_state = item.loop_state if item is not None else {}
         logging.info("checkpoint: restored step %d from %s", step, self.directory)
         return restored["state"]
 

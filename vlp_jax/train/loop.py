@@ -192,6 +192,7 @@ def _train(
         workdir, cfg.train.num_steps, cfg.train.batch_size, is_main=jax.process_index() == 0,
         nonfinite_policy=cfg.train.nonfinite_policy,
         max_consecutive_skips=cfg.train.max_consecutive_skips, resume_step=start_step,
+        skip_state=run.checkpointer.loop_state.get("nonfinite"),
     )
     results: dict[str, Any] = {}
     state = run.state
@@ -208,7 +209,8 @@ def _train(
             saved = step % cfg.checkpoint.every_steps == 0 or is_last
             if saved:
                 logger.flush()  # never checkpoint a state whose loss went non-finite
-                run.checkpointer.save(step, state, data_iter, force=True)
+                run.checkpointer.save(step, state, data_iter, force=True,
+                                      loop_state=_loop_state(logger))
             if watcher.should_stop(step):
                 _save_on_preemption(run, logger, state, data_iter, step, saved)
                 return {"preempted_at_step": step}
@@ -236,6 +238,13 @@ def _train(
     return results
 
 
+def _loop_state(logger: metrics_log.MetricsLogger) -> dict[str, Any]:
+    """Host counters a checkpoint keeps beside the iterator (not in the state pytree): the skip
+    streak of ``nonfinite_policy="skip"`` must survive a resume, or a run that keeps going
+    non-finite across preemptions would never reach ``max_consecutive_skips``."""
+    return {"nonfinite": logger.skip_state()}
+
+
 def _relevance_tables(run: Run) -> catalog_relevance.RelevanceTables | None:
     """The built-in catalog's relevance oracle for the false-negative diagnostics, or None
     (user catalog, ``negatives.relevance_probe`` off, or no contrastive loss)."""
@@ -260,7 +269,8 @@ def _save_on_preemption(
     """Checkpoint ``step`` (after any save in flight) so a rerun of the command resumes it."""
     logger.flush()  # a non-finite state raises here instead of being saved
     if not already_saved:
-        run.checkpointer.save(step, state, data_iter, force=True)  # waits for an earlier save
+        run.checkpointer.save(step, state, data_iter, force=True,  # waits for an earlier save
+                              loop_state=_loop_state(logger))
     run.checkpointer.wait()
     logging.warning(
         "preemption: SIGTERM received; saved checkpoint of step %d to %s. Exiting; rerun the "

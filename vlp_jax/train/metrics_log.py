@@ -8,7 +8,8 @@ Non-finite steps follow ``train.nonfinite_policy`` (see ``vlp_jax.train.nonfinit
 raises at the first bad step; ``skip`` leaves bad steps out of the averages, counts them in the
 row's ``skipped_steps`` and raises after ``max_consecutive_skips`` in a row.  On resume the rows
 after the restored step (written by the interrupted run) are dropped, so ``metrics.jsonl`` reads
-as if the run had never stopped.
+as if the run had never stopped; the skip counters (``skip_state``) are saved with each
+checkpoint and given back on resume, so a streak that spans an interruption still stops the run.
 """
 
 from __future__ import annotations
@@ -100,15 +101,18 @@ class MetricsLogger:
     def __init__(
         self, workdir: str, total_steps: int, global_batch: int, is_main: bool = True, *,
         nonfinite_policy: str = "stop", max_consecutive_skips: int = 5,
-        resume_step: int | None = None,
+        resume_step: int | None = None, skip_state: dict[str, int] | None = None,
     ):
+        """``skip_state``: the ``skip_state()`` saved with the checkpoint being resumed (``None``
+        or missing keys, e.g. a checkpoint older than these counters: start from 0)."""
         self.total_steps = total_steps
         self.global_batch = global_batch
         self.is_main = is_main
         self.nonfinite_policy = nonfinite_policy
         self.max_consecutive_skips = max_consecutive_skips
-        self.consecutive_skips = 0
-        self.skipped_total = 0
+        skip_state = skip_state or {}
+        self.consecutive_skips = int(skip_state.get("consecutive_skips", 0))
+        self.skipped_total = int(skip_state.get("skipped_total", 0))
         self._pending: list[tuple[int, dict[str, Any], dict[str, Any] | None]] = []
         self._last_time = time.perf_counter()
         self._last_step: int | None = None
@@ -128,6 +132,10 @@ class MetricsLogger:
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
             except ImportError:  # pragma: no cover - tensorboardX is a declared dependency
                 logging.warning("tensorboardX not installed: no TensorBoard events")
+
+    def skip_state(self) -> dict[str, int]:
+        """The non-finite counters as of the last flush, for the checkpoint of that step."""
+        return {"consecutive_skips": self.consecutive_skips, "skipped_total": self.skipped_total}
 
     def record(
         self, step: int, metrics: dict[str, Any], batch_ids: dict[str, Any] | None = None
