@@ -68,8 +68,9 @@ def pytest_configure(config):
 # Slowest files first (measured with --durations): with `-n 2 --dist loadfile` (make test) a file
 # runs on one worker, so starting the long ones early keeps both workers busy to the end.
 _SLOW_FILES_FIRST = (
-    "test_multiprocess.py", "test_train.py", "test_faults.py", "test_serve_export.py",
-    "test_serve_server.py", "test_train_step.py", "test_zh_catalog.py", "test_grad_accum.py",
+    "test_multiprocess.py", "test_train.py", "test_faults.py", "test_skip_resume.py",
+    "test_serve_export.py", "test_serve_server.py", "test_train_step.py", "test_zh_catalog.py",
+    "test_grad_accum.py",
 )
 
 
