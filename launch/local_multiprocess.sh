@@ -6,13 +6,16 @@
 #   launch/local_multiprocess.sh 2 --config=configs/tiny.py --workdir=runs/mp
 #
 # Logs go to WORKDIR-less files /tmp/vlp_jax_mp.<pid>.<i>.log; process 0 also prints to stdout.
+# Interpreter: PYTHON=/path/to/python if set, else the active python3/python if it has vlp_jax,
+# else ./.venv/bin/python (launch/find_python.sh).
 set -euo pipefail
 if [ $# -lt 1 ]; then
   echo "usage: $0 NUM_PROCESSES [vlp_jax.main flags...]" >&2
   exit 2
 fi
 N=$1; shift
-PY=${PYTHON:-.venv/bin/python}
+# shellcheck source=launch/find_python.sh
+. "$(dirname "${BASH_SOURCE[0]}")/find_python.sh"
 PORT=${PORT:-$((20000 + RANDOM % 20000))}
 DEVICES_PER_PROCESS=${DEVICES_PER_PROCESS:-2}
 export XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS} ${XLA_FLAGS:-}"

@@ -8,6 +8,9 @@
 # Prerequisites: the repo is checked out at $REPO_DIR on every worker (or use --scp below), the
 # workdir is on storage all workers share (a GCS bucket), and the built-in catalog/TFDS cache is
 # either shared (--config.data.cache_dir=gs://...) or generated on process 0 beforehand.
+# Interpreter on each worker: PYTHON if set there, else its python3/python if it has vlp_jax,
+# else $REPO_DIR/.venv/bin/python (made if missing); the TPU build of the installed jax version
+# (libtpu) is added to that environment.
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}"
 : "${ZONE:?set ZONE}"
@@ -18,7 +21,8 @@ args=$(printf ' %q' "$@")
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" $PROJECT_FLAG --worker=all --command="
   set -e
   cd $REPO_DIR
-  [ -x .venv/bin/python ] || make venv
-  .venv/bin/pip install -q 'jax[tpu]' >/dev/null
-  .venv/bin/python -m vlp_jax.main $args
+  VLP_MAKE_VENV=1 . launch/find_python.sh
+  jax_version=\$(\"\$PY\" -c 'import jax; print(jax.__version__)')
+  \"\$PY\" -m pip install -q \"jax[tpu]==\$jax_version\" >/dev/null
+  \"\$PY\" -m vlp_jax.main $args
 "
