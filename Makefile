@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	# A caching malloc: XLA:CPU frees each step's activations, and under glibc every step
 	# page-faults them back in (~1.3x slower steps; vlp_jax/runtime/allocator.py).  Best effort: a
 	# system library, so it needs root and apt; training runs without it, only slower.
-	@$(PY) -c "from vlp_jax import allocator; raise SystemExit(allocator.find_allocator('auto') is None)" \
+	@$(PY) -c "from vlp_jax.runtime import allocator; raise SystemExit(allocator.find_allocator('auto') is None)" \
 		|| (apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null) \
 		|| echo "libtcmalloc-minimal4 not installed: CPU training will use glibc malloc (slower)"
 	touch $@

@@ -1,10 +1,13 @@
-"""pyproject.toml: installs without setuptools' license deprecation warning, and its accelerator
-extras pull the GPU/TPU build of the same jax the package pins (never another jax)."""
+"""Set-up files: pyproject.toml installs without setuptools' license deprecation warning, its
+accelerator extras pull the GPU/TPU build of the jax the package pins (never another jax), and
+the Makefile's Python one-liners run."""
 
 from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import tomllib
 
 from packaging.requirements import Requirement
@@ -40,3 +43,15 @@ def test_accelerator_extras_pin_the_same_jax_range():
     import jax
 
     assert core["jax"].specifier.contains(re.sub(r"\.dev.*", "", jax.__version__))
+
+
+def test_makefile_python_snippets_run():
+    # `make venv` probes for tcmalloc with `$(PY) -c "..."`; an import moved by a refactor made
+    # the probe fail every time, so make ran apt-get even when the library was installed.
+    with open(os.path.join(REPO, "Makefile")) as f:
+        snippets = re.findall(r'\$\(PY\) -c "([^"]+)"', f.read())
+    assert snippets
+    for code in snippets:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr, (code, proc.stderr)
