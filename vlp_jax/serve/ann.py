@@ -1,17 +1,30 @@
-"""faiss indexes over item embeddings: build, save, load, search.
+"""faiss indexes over item embeddings: build, update in place, save, load, search.
 
 Inner product is the training similarity (cosine, as the towers L2-normalise), so every index uses
 ``METRIC_INNER_PRODUCT``.  ``flat`` (``IndexFlatIP``) is exact and the reference for recall;
 ``hnsw`` (``IndexHNSWFlat``) and ``ivf`` (``IndexIVFFlat``) are the approximate options, with
 their parameters stored beside the index so a service searches with what was measured.
 
-An index directory written by ``vlp_jax.serve.index`` holds::
+**Labels.**  Every vector carries a stable int64 label (the item's ``id`` in ``items.jsonl``):
+``flat`` and ``hnsw`` are wrapped in ``IndexIDMap2``, ``ivf`` stores labels natively.  Stable
+labels are what make incremental updates cheap: delisting an item removes one label, a new item
+adds one, nothing else is touched or re-embedded.  A fresh build labels rows ``0..N-1``.
 
-    embeddings.npy   float32 [N, d] item embeddings (row r = faiss id r)
-    items.jsonl      one line per row: {"row", "item_id", "title", "image"}
-    index_flat.faiss exact index
-    index_<ann>.faiss  optional approximate index (hnsw or ivf)
-    index_info.json  written last: counts, parameters, base_dir of the images, timings
+**HNSW deletions are tombstones.**  faiss cannot delete nodes from an HNSW graph, so a removed
+``hnsw`` label stays in the graph (still traversed, keeping it connected) and an ``IDSelector``
+drops it from every result.  ``update.py`` rebuilds the graph from the stored embeddings (no
+re-embedding) once tombstones pass a fraction of it.
+
+An index directory (written by ``vlp_jax.serve.index``; format 2)::
+
+    embeddings.npy        float32 [N, d] item embeddings (row r = line r of items.jsonl)
+    items.jsonl           one line per row: {"row", "id", "item_id", "title", "image", "source"}
+    index_flat.faiss      exact index
+    index_<ann>.faiss     optional approximate index (hnsw or ivf)
+    tombstones_hnsw.npy   optional: labels removed from the HNSW graph
+    index_info.json       written last: format/version, counts, parameters, base_dir, timings
+
+Format 1 directories (no ``id``, unwrapped indexes) are still read, with label = row.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ KINDS = ("flat", "hnsw", "ivf")
 INFO_FILE = "index_info.json"
 ITEMS_FILE = "items.jsonl"
 EMBEDDINGS_FILE = "embeddings.npy"
+FORMAT_VERSION = 2
 
 
 def _faiss():
@@ -66,9 +80,17 @@ def ivf_nlist(n: int, requested: int = 0) -> int:
     return max(1, min(nlist, n // 39))
 
 
+def _as_ids(ids: Any, n: int) -> np.ndarray:
+    out = np.ascontiguousarray(ids, dtype=np.int64)
+    if out.shape != (n,):
+        raise ValueError(f"need one int64 id per vector ({n}), got shape {out.shape}")
+    return out
+
+
 def build_index(vectors: np.ndarray, kind: str, params: AnnParams | None = None,
-                seed: int = 0) -> Any:
-    """A faiss inner-product index of ``kind`` over float32 ``vectors`` [N, d]."""
+                seed: int = 0, ids: np.ndarray | None = None) -> Any:
+    """A faiss inner-product index of ``kind`` over float32 ``vectors`` [N, d], labelled
+    ``ids`` (default ``0..N-1``)."""
     faiss = _faiss()
     params = params or AnnParams()
     params.validate()
@@ -78,12 +100,14 @@ def build_index(vectors: np.ndarray, kind: str, params: AnnParams | None = None,
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"vectors must be a non-empty [N, d] array, got shape {x.shape}")
     n, d = x.shape
+    labels = _as_ids(np.arange(n) if ids is None else ids, n)
     if kind == "flat":
-        index = faiss.IndexFlatIP(d)
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
     elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = params.hnsw_ef_construction
-        index.hnsw.efSearch = params.hnsw_ef_search
+        inner = faiss.IndexHNSWFlat(d, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        inner.hnsw.efConstruction = params.hnsw_ef_construction
+        inner.hnsw.efSearch = params.hnsw_ef_search
+        index = faiss.IndexIDMap2(inner)
     else:
         nlist = ivf_nlist(n, params.ivf_nlist)
         quantizer = faiss.IndexFlatIP(d)
@@ -92,7 +116,34 @@ def build_index(vectors: np.ndarray, kind: str, params: AnnParams | None = None,
         sample = x if n <= params.train_sample else x[rng.choice(n, params.train_sample, False)]
         index.train(sample)
         index.nprobe = min(params.ivf_nprobe, nlist)  # faiss's wrapper keeps `quantizer` alive
-    index.add(x)
+    index.add_with_ids(x, labels)
+    return index
+
+
+def add_vectors(index: Any, vectors: np.ndarray, ids: np.ndarray) -> None:
+    """Add labelled vectors to an index built by :func:`build_index` (any kind)."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if x.shape[0]:
+        index.add_with_ids(x, _as_ids(ids, x.shape[0]))
+
+
+def remove_ids(index: Any, kind: str, ids: np.ndarray) -> int:
+    """Remove labels from a ``flat`` or ``ivf`` index; returns how many were present.
+
+    ``hnsw`` graphs cannot lose nodes: record its removed labels as tombstones instead.
+    """
+    if kind == "hnsw":
+        raise ValueError("faiss HNSW graphs cannot remove nodes; record tombstones instead")
+    labels = np.ascontiguousarray(ids, dtype=np.int64)
+    return int(index.remove_ids(labels)) if labels.size else 0
+
+
+def _inner(index: Any) -> Any:
+    """The index under an ``IndexIDMap2`` wrapper, downcast to its concrete type."""
+    faiss = _faiss()
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIDMap2 | faiss.IndexIDMap):
+        index = faiss.downcast_index(index.index)
     return index
 
 
@@ -100,29 +151,42 @@ def configure(index: Any, kind: str, params: AnnParams) -> None:
     """Apply search-time parameters to a loaded index."""
     faiss = _faiss()
     if kind == "hnsw":
-        faiss.downcast_index(index).hnsw.efSearch = params.hnsw_ef_search
+        _inner(index).hnsw.efSearch = params.hnsw_ef_search
     elif kind == "ivf":
         ivf = faiss.extract_index_ivf(index)
         ivf.nprobe = min(params.ivf_nprobe, ivf.nlist)
 
 
-def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(scores float32 [q, k'], rows int64 [q, k'])`` with k' = min(k, ntotal)."""
-    k = min(int(k), index.ntotal)
+def search(index: Any, queries: np.ndarray, k: int,
+           params: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores float32 [q, k'], labels int64 [q, k'])`` with k' = min(k, ntotal); faiss pads
+    with label -1 when it finds fewer."""
+    k = max(1, min(int(k), index.ntotal))
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    scores, rows = index.search(q, k)
-    return scores, rows
+    if params is None:
+        return index.search(q, k)
+    return index.search(q, k, params=params)
 
 
 def write_index(index: Any, path: str) -> None:
+    """Write a faiss index atomically (temporary file, then rename)."""
     faiss = _faiss()
     tmp = path + ".tmp"
     faiss.write_index(index, tmp)
     os.replace(tmp, path)
 
 
+def read_index(path: str) -> Any:
+    """A faiss index written by :func:`write_index`."""
+    return _faiss().read_index(path)
+
+
 def index_file(kind: str) -> str:
     return f"index_{kind}.faiss"
+
+
+def tombstone_file(kind: str) -> str:
+    return f"tombstones_{kind}.npy"
 
 
 @dataclasses.dataclass
@@ -132,42 +196,86 @@ class ItemRow:
     image: str
 
 
+def read_info(directory: str) -> dict[str, Any]:
+    """``index_info.json`` of a finished index directory (ValueError otherwise)."""
+    info_path = os.path.join(directory, INFO_FILE)
+    if not os.path.isfile(info_path):
+        raise ValueError(f"{directory!r} is not a finished index directory (no {INFO_FILE}; "
+                         "run python -m vlp_jax.serve.index)")
+    try:
+        with open(info_path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{info_path} is not valid JSON: {e}") from e
+
+
+def read_rows(directory: str) -> list[dict[str, Any]]:
+    """``items.jsonl`` rows, with ``id`` filled in (= row) for format-1 directories."""
+    rows = []
+    with open(os.path.join(directory, ITEMS_FILE), encoding="utf-8") as f:
+        for r, line in enumerate(f):
+            row = json.loads(line)
+            row.setdefault("id", r)
+            rows.append(row)
+    return rows
+
+
+def read_tombstones(directory: str, kind: str) -> np.ndarray:
+    path = os.path.join(directory, tombstone_file(kind))
+    return np.load(path).astype(np.int64) if os.path.isfile(path) else np.zeros(0, np.int64)
+
+
 class SearchIndex:
-    """An index directory opened for search: faiss index + item metadata + images' base dir."""
+    """An index directory opened for search: faiss index + item metadata + images' base dir.
+
+    The directory's symlinks are resolved once, first, so a directory swapped underneath (a
+    ``current -> vN`` link flipped mid-load) can never yield files of two versions.
+    """
 
     def __init__(self, directory: str, kind: str | None = None):
-        self.directory = os.path.abspath(directory)
-        info_path = os.path.join(self.directory, INFO_FILE)
-        if not os.path.isfile(info_path):
-            raise ValueError(f"{directory!r} is not a finished index directory (no {INFO_FILE}; "
-                             "run python -m vlp_jax.serve.index)")
-        with open(info_path) as f:
-            self.info = json.load(f)
-        built = list(self.info["indexes"])
+        self.source = directory
+        self.directory = os.path.realpath(directory)
+        self.info = read_info(self.directory)
+        built = list(self.info.get("indexes", []))
         self.kind = kind or next((k for k in built if k != "flat"), "flat")
         if self.kind not in built:
             raise ValueError(f"index kind {self.kind!r} was not built in {directory} "
                              f"(built: {built})")
+        self.version = int(self.info.get("version", 1))
         self.params = AnnParams(**self.info.get("ann_params", {}))
-        self.index = _faiss().read_index(os.path.join(self.directory, index_file(self.kind)))
+        self.index = read_index(os.path.join(self.directory, index_file(self.kind)))
         configure(self.index, self.kind, self.params)
         self.base_dir = self.info["base_dir"]
-        self.items: list[ItemRow] = []
-        with open(os.path.join(self.directory, ITEMS_FILE), encoding="utf-8") as f:
-            for line in f:
-                row = json.loads(line)
-                self.items.append(ItemRow(row["item_id"], row["title"], row["image"]))
+        rows = read_rows(self.directory)
+        self.items = [ItemRow(r["item_id"], r["title"], r["image"]) for r in rows]
+        self.ids = np.asarray([r["id"] for r in rows], np.int64)
         self.row_of = {item.item_id: r for r, item in enumerate(self.items)}
-        if self.index.ntotal != len(self.items):
+        self._row_of_label = {int(label): r for r, label in enumerate(self.ids)}
+        self.tombstones = read_tombstones(self.directory, self.kind)
+        if self.index.ntotal != len(self.items) + len(self.tombstones):
             raise ValueError(f"index has {self.index.ntotal} vectors but {ITEMS_FILE} has "
-                             f"{len(self.items)} rows")
+                             f"{len(self.items)} rows (+{len(self.tombstones)} tombstones)")
         self.dim = int(self.index.d)
+        self._search_params = None
+        if len(self.tombstones):  # the selector objects must outlive every search
+            faiss = _faiss()
+            self._selector_batch = faiss.IDSelectorBatch(self.tombstones)
+            self._selector = faiss.IDSelectorNot(self._selector_batch)
+            self._search_params = faiss.SearchParametersHNSW(
+                efSearch=self.params.hnsw_ef_search, sel=self._selector)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return search(self.index, queries, k)
+        """``(scores, labels)`` of the top ``min(k, len(self))``; label -1 = no result."""
+        k = min(int(k), max(len(self), 1))
+        return search(self.index, queries, k, self._search_params)
+
+    def item(self, label: int) -> ItemRow | None:
+        """The item with faiss label ``label`` (None for -1 padding)."""
+        row = self._row_of_label.get(int(label))
+        return None if row is None else self.items[row]
 
 
 def timed(fn, *args, **kwargs) -> tuple[Any, float]:

@@ -13,11 +13,13 @@ progress bar, and writes the index directory described in ``ann.py``.
   written atomically to ``DIR/chunks/`` with its own counts.  A rerun with the same bundle and
   items file skips finished chunks, so an interrupted job costs at most one chunk; a rerun with
   a different bundle or items file refuses to mix results unless ``--overwrite``.
+* **Incremental.**  ``--update_from=OLD_INDEX`` embeds only the catalog's new and changed items
+  and removes delisted ones, writing a new directory ``--out`` (``update.py``); the base index's
+  ANN kind and parameters are kept (``--ann`` and the ANN flags apply to full builds).
 """
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import logging
@@ -25,14 +27,13 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 from absl import app, flags
 
 from vlp_jax.data import records
-from vlp_jax.serve import ann
+from vlp_jax.serve import ann, index_files, item_embed, update
 from vlp_jax.serve import bundle as bundle_lib
 
 CHUNKS_DIR = "chunks"
@@ -86,54 +87,6 @@ def _chunk_path(chunks_dir: str, c: int) -> str:
     return os.path.join(chunks_dir, f"chunk_{c:06d}.npz")
 
 
-def _load(meta: records.ItemMeta, base_dir: str, size: int):
-    """(image, fix notes, skip reason): the builder's decoder, so the same items are kept.
-
-    Images are checked even for a text-only model: the builder skips unreadable ones, so the
-    model never trained with such items and the index should not contain them either.
-    """
-    try:
-        image, notes = records.load_item_image(base_dir, meta, size)
-        return image, notes, None
-    except records.BadRecord as e:
-        return None, [], e.reason
-
-
-def _shown_image(meta: records.ItemMeta, base_dir: str, size: int) -> str:
-    """The image path the item was embedded with (the first readable one, as the builder)."""
-    if len(meta.image_paths) > 1:  # rare: re-find the fallback the decoder used
-        for rel in meta.image_paths:
-            try:
-                records.load_image(os.path.join(base_dir, rel), size)
-                return rel
-            except records.BadRecord:
-                continue
-    return meta.image_paths[0]
-
-
-def _embed_chunk(bundle, metas, start, base_dir, batch_size, pool, bar) -> dict[str, Any]:
-    """Embed ``metas`` (rows ``start..``); returns arrays + this chunk's image-level counts."""
-    rows, embs = [], []
-    skipped: collections.Counter = collections.Counter()
-    fixed: collections.Counter = collections.Counter()
-    for b0 in range(0, len(metas), batch_size):
-        batch = metas[b0:b0 + batch_size]
-        loaded = list(pool.map(lambda m: _load(m, base_dir, bundle.image_size), batch))
-        keep = [i for i, (_, _, reason) in enumerate(loaded) if reason is None]
-        for _, notes, reason in loaded:
-            fixed.update(notes)
-            if reason is not None:
-                skipped[reason] += 1
-        if keep:
-            images = np.stack([loaded[i][0] for i in keep]) if bundle.use_image else None
-            embs.append(bundle.encode_item_arrays([batch[i].title for i in keep], images))
-            rows.extend(start + b0 + i for i in keep)
-        bar.update(len(batch))
-    emb = np.concatenate(embs) if embs else np.zeros((0, bundle.embed_dim), np.float32)
-    return {"emb": emb, "rows": np.asarray(rows, np.int64), "skipped": dict(skipped),
-            "fixed": dict(fixed)}
-
-
 def _save_chunk(path: str, chunk: dict[str, Any]) -> None:
     tmp = path + ".tmp.npz"
     np.savez(tmp, emb=chunk["emb"], rows=chunk["rows"],
@@ -178,7 +131,7 @@ def embed_catalog(
 
     computed = reused = 0
     parts = []
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool, tqdm(
+    with item_embed.worker_pool() as pool, tqdm(
         total=len(metas), unit="item", desc="embedding items", disable=not progress,
         file=sys.stderr,
     ) as bar:
@@ -192,8 +145,8 @@ def embed_catalog(
             if max_chunks is not None and computed >= max_chunks:
                 break
             start = c * chunk_size
-            chunk = _embed_chunk(bundle, metas[start:start + chunk_size], start, base_dir,
-                                 batch_size, pool, bar)
+            chunk = item_embed.embed_metas(bundle, metas[start:start + chunk_size], start,
+                                           base_dir, batch_size, pool, bar)
             _save_chunk(path, chunk)
             parts.append(chunk)
             computed += 1
@@ -227,10 +180,7 @@ def build_index_dir(
     ann_params = ann_params or ann.AnnParams()
     ann_params.validate()
     start = time.perf_counter()
-    os.makedirs(out_dir, exist_ok=True)
-    info_path = os.path.join(out_dir, ann.INFO_FILE)
-    if os.path.exists(info_path):
-        os.remove(info_path)  # the directory is "finished" again only when rewritten
+    index_files.begin(out_dir)  # the directory is "finished" again only when rewritten
     res = embed_catalog(bundle, items_path, out_dir, **embed_kwargs)
     stats = res["stats"]
     counts = {**stats.as_dict(), "total_skipped": int(sum(stats.skipped.values()))}
@@ -244,43 +194,30 @@ def build_index_dir(
         raise ValueError(f"no usable item in {items_path}: skipped {counts['skipped']}")
     embed_seconds = time.perf_counter() - start
     emb, metas = res["embeddings"], res["metas"]
-    np.save(os.path.join(out_dir, ann.EMBEDDINGS_FILE + ".tmp.npy"), emb)
-    os.replace(os.path.join(out_dir, ann.EMBEDDINGS_FILE + ".tmp.npy"),
-               os.path.join(out_dir, ann.EMBEDDINGS_FILE))
-    items_tmp = os.path.join(out_dir, ann.ITEMS_FILE + ".tmp")
-    with open(items_tmp, "w", encoding="utf-8") as f:
-        for r, meta_row in enumerate(res["rows"]):
-            m = metas[int(meta_row)]
-            f.write(json.dumps({"row": r, "item_id": m.item_id, "title": m.title,
-                                "image": _shown_image(m, res["base_dir"], bundle.image_size)},
-                               ensure_ascii=False) + "\n")
-    os.replace(items_tmp, os.path.join(out_dir, ann.ITEMS_FILE))
+    rows = [item_embed.item_row(metas[int(r)], res["base_dir"], bundle.image_size)
+            for r in res["rows"]]
+    ids = np.arange(len(rows), dtype=np.int64)  # a fresh build labels rows 0..N-1
     kinds = ["flat"] + ([] if ann_kind == "none" else [ann_kind])
-    build_seconds = {}
-    for kind in kinds:
-        index, seconds = ann.timed(ann.build_index, emb, kind, ann_params)
-        ann.write_index(index, os.path.join(out_dir, ann.index_file(kind)))
-        build_seconds[kind] = round(seconds, 3)
-    info = {
+    indexes, build_seconds = index_files.build_indexes(emb, ids, kinds, ann_params)
+    info = index_files.write_index_dir(out_dir, embeddings=emb, ids=ids, rows=rows,
+                                       indexes=indexes, tombstones={}, info={
         "complete": True,
-        "indexes": kinds,
+        "version": 1,
+        "next_id": len(rows),
         "ann_params": dict(vars(ann_params)),
-        "num_items": int(emb.shape[0]),
-        "embed_dim": int(emb.shape[1]),
+        "ann_trained_items": len(rows),
         "base_dir": res["base_dir"],
         "items_path": os.path.abspath(items_path),
         "bundle": bundle.path,
         "bundle_step": bundle.step,
+        "bundle_created_at": bundle.manifest.get("created_at"),
         "counts": counts,
         "chunks_computed": res["chunks_computed"],
         "chunks_reused": res["chunks_reused"],
         "embed_seconds": round(embed_seconds, 3),
         "build_seconds": build_seconds,
         "items_per_sec": round(emb.shape[0] / embed_seconds, 1) if embed_seconds > 0 else None,
-    }
-    with open(info_path + ".tmp", "w") as f:
-        json.dump(info, f, indent=2, sort_keys=True)
-    os.replace(info_path + ".tmp", info_path)
+    })
     if not keep_chunks:
         shutil.rmtree(os.path.join(out_dir, CHUNKS_DIR), ignore_errors=True)
     return info
@@ -310,6 +247,10 @@ def _define_flags() -> None:
     flags.DEFINE_bool("overwrite", False, "Discard partial results of a different job.")
     flags.DEFINE_bool("keep_chunks", False, "Keep DIR/chunks/ after success.")
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
+    flags.DEFINE_string("update_from", "", "Existing index directory to update incrementally "
+                        "(only new/changed items are embedded); --out must be a new directory.")
+    flags.DEFINE_float("max_deleted_fraction", 0.2, "With --update_from: rebuild the HNSW graph "
+                       "(from stored embeddings) once removed items exceed this fraction of it.")
     flags.mark_flags_as_required(["bundle", "items", "out"])
 
 
@@ -322,6 +263,14 @@ def _main(argv: list[str]) -> None:
     bundle = bundle_lib.load_bundle(FLAGS.bundle, towers=("item",),
                                     num_devices=FLAGS.num_devices or None,
                                     buckets=(FLAGS.batch_size,))
+    if FLAGS.update_from:
+        info = update.update_index_dir(
+            bundle, FLAGS.items, FLAGS.update_from, FLAGS.out, base_dir=FLAGS.base_dir or None,
+            batch_size=bundle.buckets[-1], max_deleted_fraction=FLAGS.max_deleted_fraction,
+            progress=FLAGS.progress)
+        print(json.dumps({k: info[k] for k in ("num_items", "version", "update", "counts",
+                                               "update_seconds")}, indent=2))
+        return
     params = ann.AnnParams(
         hnsw_m=FLAGS.hnsw_m, hnsw_ef_construction=FLAGS.hnsw_ef_construction,
         hnsw_ef_search=FLAGS.hnsw_ef_search, ivf_nlist=FLAGS.ivf_nlist,
