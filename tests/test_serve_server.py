@@ -1,5 +1,5 @@
 """HTTP search service on a tiny trained bundle: API, relevance, malformed requests, concurrency,
-and the HTML page rendered by headless Chromium."""
+OpenAPI, metrics, and the HTML page rendered by headless Chromium."""
 
 import html.parser
 import http.client
@@ -19,6 +19,7 @@ from vlp_jax.data.catalog import vocab as catalog_vocab
 from vlp_jax.serve import server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+TEST_BUCKETS = (1, 4, 16)  # fewer programs to compile than the service default
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +29,19 @@ def run(tmp_path_factory, data_cache_dir):
 
 @pytest.fixture(scope="module")
 def service(run):
-    return server.load_service(run.bundle_dir, run.index_dir)
+    return server.load_service(run.bundle_dir, run.index_dir, buckets=TEST_BUCKETS)
 
 
 @pytest.fixture(scope="module")
-def base(service):
-    srv = server.make_server(service, "127.0.0.1", 0)
-    server.serve_in_thread(srv)
-    yield f"127.0.0.1:{srv.server_port}"
-    srv.shutdown()
-    srv.server_close()
+def srv(service):
+    running = server.RunningServer(service, admin_port=0)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def base(srv):
+    return srv.address
 
 
 def get(base, target, method="GET", body=None, headers=None):
@@ -71,9 +75,9 @@ def search(base, q, k=10):
 
 def test_search_api_matches_exact_search(run, service, base):
     out = search(base, "black leather handbag", k=5)
-    assert set(out) == {"query", "k", "took_ms", "index", "results"}
+    assert set(out) == {"query", "k", "took_ms", "index", "index_version", "results"}
     assert out["query"] == "black leather handbag" and out["index"] == "hnsw"
-    assert out["took_ms"] > 0
+    assert out["took_ms"] > 0 and out["index_version"] == 1
     emb = np.load(os.path.join(run.index_dir, "embeddings.npy"))
     scores = emb @ service.bundle.encode_queries(["black leather handbag"])[0]
     top = np.argsort(-scores)[:5]
@@ -88,7 +92,9 @@ def test_search_api_matches_exact_search(run, service, base):
     status, _, body = get(base, "/healthz")
     assert status == 200
     assert json.loads(body) == {"status": "ok", "items": 300, "index": "hnsw", "embed_dim": 32,
-                                "bundle_step": serve_fixtures.NUM_STEPS}
+                                "bundle_step": serve_fixtures.NUM_STEPS, "index_version": 1}
+    status, _, body = get(base, "/readyz")
+    assert status == 200 and json.loads(body)["ready"] is True
     status, ctype, body = get(base, "/")
     assert (status, ctype) == (200, "text/html; charset=utf-8")
     assert b'id="search-form"' in body
@@ -125,8 +131,10 @@ MALFORMED = [
     ("/search?q=%C3", 400, "not valid UTF-8"),
     ("/search?q=a%00b", 400, "control characters"),
     ("/nothing", 404, "no route"),
+    ("/%FFpath", 400, "the path is not valid UTF-8"),
     ("/items/P9999999/image", 404, "unknown item id"),
     ("/items/..%2F..%2F..%2Fetc%2Fpasswd/image", 404, "unknown item id"),
+    ("/admin/reload", 404, "no route"),  # admin routes exist only on the admin listener
     ("/" + "x" * 5000, 414, "longer than 4096"),
 ]
 
@@ -147,19 +155,25 @@ def test_bad_methods_bodies_and_raw_bytes(base):
         (get(base, "/search?q=a", "PUT"), 405),
         (get(base, "/search?q=a", "DELETE"), 405),
         (get(base, "/search?q=a", "BREW"), 405),
+        (get(base, "/admin/reload", "POST"), 404),
     ]
     for (status, ctype, body), want in cases:
         assert status == want, body
         assert ctype == "application/json; charset=utf-8" and b"Traceback" not in body
     for request, want in [
         (b"GET /search?q=\xff\xfe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 400),
+        (b"GET /se\xffarch HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         (b"GET /search?q=ok HTTP/9.9\r\nHost: x\r\n\r\n", 400),
+        (b"GET /search?q=ok HTTP/2.0\r\nHost: x\r\n\r\n", 400),
+        (b"GET /search?q=ok\r\n\r\n", 400),  # HTTP/0.9
         (b"NONSENSE\r\n\r\n", 400),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400),  # TLS hello
         (b"GET /search?q=ok HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
          413),
+        (b"GET /search?q=ok HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 20000 + b"\r\n\r\n", 431),
     ]:
         status, body = raw(base, request)
-        assert status == want, (request, body)
+        assert status == want, (request[:40], body)
         assert json.loads(body)["status"] == want
 
 
@@ -184,6 +198,44 @@ def test_concurrent_requests_are_answered_correctly(base):
     for t in threads:
         t.join(timeout=120)
     assert not errors
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    """Value of one Prometheus sample (labels must match exactly those given)."""
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            got = dict(p.split("=", 1) for p in series[len(name):].strip("{}").split(",") if p)
+            if series.split("{")[0] == name and got == {k: f'"{v}"' for k, v in labels.items()}:
+                return float(value)
+    raise AssertionError(f"no sample {name}{labels}")
+
+
+def test_metrics_and_openapi(base, srv):
+    search(base, "red dress")
+    get(base, "/search?q=")
+    raw(base, b"BREW /search HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, ctype, body = get(base, "/metrics")
+    assert status == 200 and ctype.startswith("text/plain")
+    text = body.decode()
+    assert _metric(text, "vlp_http_requests_total", method="GET", route="/search",
+                   status="200") >= 1
+    assert _metric(text, "vlp_http_requests_total", method="GET", route="/search",
+                   status="400") >= 1
+    assert _metric(text, "vlp_http_requests_total", method="", route="unparsed",
+                   status="405") >= 1
+    assert _metric(text, "vlp_http_request_duration_seconds_count", route="/search") >= 2
+    assert _metric(text, "vlp_search_batch_size_count") >= 1
+    assert _metric(text, "vlp_index_items") == 300
+    assert _metric(text, "vlp_index_version") == 1
+    status, _, body = get(base, "/openapi.json")
+    doc = json.loads(body)
+    assert status == 200 and doc["openapi"].startswith("3.")
+    # Every route of the app is documented, and nothing else (admin: this server has one).
+    app_routes = {r.path for r in srv.server.config.app.app.app.routes} - {"/index.html"}
+    assert set(doc["paths"]) == app_routes
+    q, k = doc["paths"]["/search"]["get"]["parameters"]
+    assert (q["schema"]["maxLength"], k["schema"]["maximum"]) == (256, 100)
 
 
 class _Dom(html.parser.HTMLParser):

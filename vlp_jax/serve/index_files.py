@@ -54,7 +54,9 @@ def write_index_dir(out_dir: str, *, embeddings: np.ndarray, ids: np.ndarray,
     _atomic_npy(os.path.join(out_dir, ann.EMBEDDINGS_FILE),
                 np.ascontiguousarray(embeddings, np.float32))
     _atomic_text(os.path.join(out_dir, ann.ITEMS_FILE), [
-        json.dumps({"row": r, "id": int(label), **row}, ensure_ascii=False) + "\n"
+        json.dumps({"row": r, "id": int(label),
+                    **{k: v for k, v in row.items() if k not in ("row", "id")}},
+                   ensure_ascii=False) + "\n"
         for r, (label, row) in enumerate(zip(ids, rows, strict=True))])
     for kind, index in indexes.items():
         ann.write_index(index, os.path.join(out_dir, ann.index_file(kind)))

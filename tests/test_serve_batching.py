@@ -1,0 +1,126 @@
+"""Dynamic batching of query encodes: the batcher's gathering rules (fake work, no model) and
+the service's batched search returning what one-at-a-time searches return."""
+
+import concurrent.futures
+import threading
+import time
+
+import numpy as np
+import pytest
+import serve_fixtures
+
+from vlp_jax.serve import batcher as batcher_lib
+from vlp_jax.serve import server
+
+
+class Recorder:
+    """A batch function that records batch sizes and can be held back by a gate."""
+
+    def __init__(self):
+        self.sizes, self.gate = [], threading.Event()
+        self.gate.set()
+
+    def __call__(self, items):
+        self.gate.wait(10)
+        self.sizes.append(len(items))
+        return [x * 10 for x in items]
+
+
+def test_batcher_gathers_queued_requests_up_to_max_batch():
+    fn = Recorder()
+    b = batcher_lib.Batcher(fn, max_batch=4, max_wait_ms=0)
+    fn.gate.clear()  # hold the worker on the first batch while ten more queue up
+    first = b.submit(0)
+    while not b._queue.empty():
+        time.sleep(0.001)
+    futures = [b.submit(i) for i in range(1, 11)]
+    fn.gate.set()
+    assert first.result(10) == 0 and [f.result(10) for f in futures] == [i * 10 for i in
+                                                                          range(1, 11)]
+    assert fn.sizes == [1, 4, 4, 2]  # queued requests share calls, never more than max_batch
+    b.close()
+    with pytest.raises(batcher_lib.BatcherClosed):
+        b.submit(1)
+
+
+def test_batcher_waits_only_under_concurrency():
+    fn = Recorder()
+    b = batcher_lib.Batcher(fn, max_batch=8, max_wait_ms=300)
+    start = time.perf_counter()
+    assert b.submit(1).result(10) == 10
+    assert time.perf_counter() - start < 0.25  # a lone request never waits for company
+    fn.gate.clear()
+    held = b.submit(2)
+    while not b._queue.empty():
+        time.sleep(0.001)
+    pair = [b.submit(3), b.submit(4)]  # queue behind the held batch: the next batch is 2
+    fn.gate.set()
+    assert [f.result(10) for f in [held, *pair]] == [20, 30, 40]
+    start = time.perf_counter()
+    late = b.submit(5)  # after a batch of 2, the batcher waits up to max_wait for more
+    time.sleep(0.1)
+    also = b.submit(6)
+    assert (late.result(10), also.result(10)) == (50, 60)
+    assert fn.sizes[-1] == 2 and time.perf_counter() - start < 1.0
+    b.close()
+
+
+def test_batcher_errors_reach_every_caller_and_cancelled_requests_are_skipped():
+    calls = []
+
+    def fn(items):
+        calls.append(list(items))
+        if "boom" in items:
+            raise ValueError("bad batch")
+        return items
+
+    gate = threading.Event()
+    b = batcher_lib.Batcher(lambda items: (gate.wait(10), fn(items))[1], max_batch=8,
+                            max_wait_ms=0)
+    first = b.submit("a")
+    while not b._queue.empty():
+        time.sleep(0.001)
+    x, boom, gone = b.submit("x"), b.submit("boom"), b.submit("gone")
+    assert gone.cancel()  # the caller gave up (an asyncio task cancelled) before its batch
+    gate.set()
+    assert first.result(10) == "a"
+    for f in (x, boom):
+        with pytest.raises(ValueError, match="bad batch"):
+            f.result(10)
+    assert calls == [["a"], ["x", "boom"]]
+    assert b.submit("after").result(10) == "after"  # the worker survives a failed batch
+    b.close()
+    assert not b.running
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data_cache_dir):
+    return serve_fixtures.serving_run(tmp_path_factory, data_cache_dir)
+
+
+def test_batched_search_is_identical_to_one_at_a_time(run):
+    service = server.load_service(run.bundle_dir, run.index_dir, buckets=(1, 4, 16),
+                                  max_batch=16, max_wait_ms=50)
+    try:
+        queries = [("red dress", 5), ("blue hat", 10), ("leather bag", 5), ("striped shirt", 3),
+                   ("black", 10), ("green cotton socks", 5), ("a", 1), ("silk scarf", 10),
+                   ("wool coat", 5), ("running shoes", 7), ("mug", 5)]
+        requests = [service.request(q, k) for q, k in queries]
+        batched = service.search_batch(requests)  # one encoder call, padded to bucket 16
+        single = [service.search_batch([r])[0] for r in requests]  # bucket 1 each
+        for b, s in zip(batched, single, strict=True):
+            assert [r["item_id"] for r in b["results"]] == [r["item_id"] for r in s["results"]]
+            np.testing.assert_allclose([r["score"] for r in b["results"]],
+                                       [r["score"] for r in s["results"]], atol=2e-6)
+            assert (b["query"], b["k"], len(b["results"])) == (s["query"], s["k"], s["k"])
+        # The same through the batcher with concurrent callers: results equal, batches formed.
+        with concurrent.futures.ThreadPoolExecutor(len(queries)) as pool:
+            futures = [pool.submit(service.search, q, k) for q, k in queries * 3]
+            through = [f.result(60) for f in futures]
+        for got, want in zip(through, single * 3, strict=True):
+            assert [r["item_id"] for r in got["results"]] == [r["item_id"] for r in
+                                                              want["results"]]
+        assert service.batcher.items == len(queries) * 3
+        assert service.batcher.batches < len(queries) * 3  # some requests shared a call
+    finally:
+        service.close()

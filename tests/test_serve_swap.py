@@ -1,0 +1,219 @@
+"""Hot index swaps and graceful shutdown: swaps under concurrent requests, failed loads keeping
+the old index, in-flight requests finishing on the index (and server) they started on, and the
+command line's SIGHUP / SIGTERM."""
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+import numpy as np
+import pytest
+import serve_fixtures
+
+from vlp_jax.serve import ann, index_files, load_bundle, server, update
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data_cache_dir):
+    return serve_fixtures.serving_run(tmp_path_factory, data_cache_dir)
+
+
+@pytest.fixture(scope="module")
+def v2(run, tmp_path_factory):
+    """The fixture index with its last 50 items delisted (an incremental update: version 2)."""
+    root = tmp_path_factory.mktemp("swap")
+    items = root / "items.jsonl"
+    items.write_text("".join(json.dumps(x) + "\n" for x in run.items[:250]))
+    bundle = load_bundle(run.bundle_dir, towers=("item",), num_devices=1, buckets=(8,))
+    update.update_index_dir(bundle, str(items), run.index_dir, str(root / "v2"),
+                            base_dir=run.catalog_dir, progress=False)
+    return str(root / "v2")
+
+
+def call(address, target, method="GET"):
+    conn = http.client.HTTPConnection(address, timeout=60)
+    try:
+        conn.request(method, target)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def admin_reload(srv, directory=None):
+    target = "/admin/reload" + (f"?index={urllib.parse.quote(directory)}" if directory else "")
+    return call(f"127.0.0.1:{srv.admin_port}", target, "POST")
+
+
+def test_swaps_under_concurrent_requests(run, v2):
+    service = server.load_service(run.bundle_dir, run.index_dir, buckets=(1, 4, 16))
+    srv = server.RunningServer(service, admin_port=0)
+    items = {1: {x["item_id"] for x in run.items}, 2: {x["item_id"] for x in run.items[:250]}}
+    errors, seen, stop = [], set(), threading.Event()
+
+    def client(i):
+        while not stop.is_set():
+            status, out = call(srv.address, f"/search?q=red+dress+{i}&k=100")
+            if status != 200:
+                errors.append(out)
+                continue
+            got = {r["item_id"] for r in out["results"]}
+            seen.add(out["index_version"])
+            if len(got) != 100 or not got <= items[out["index_version"]]:
+                errors.append(("results of another index", out["index_version"]))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        for directory, version in [(v2, 2), (run.index_dir, 1), (v2, 2), (None, 2)]:
+            time.sleep(0.3)
+            status, out = admin_reload(srv, directory)
+            assert status == 200, out
+            assert out["serving"]["version"] == version and out["serving"]["items"] == len(
+                items[version])
+            status, after = call(srv.address, "/search?q=hat&k=5")  # starts after the swap
+            assert after["index_version"] == version
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        srv.stop()
+    assert not errors and seen == {1, 2}
+    assert service.metrics.reloads.labels("ok")._value.get() == 4
+
+
+def test_failed_reload_keeps_serving_and_says_why(run, v2, tmp_path):
+    service = server.load_service(run.bundle_dir, run.index_dir, buckets=(1, 4, 16))
+    srv = server.RunningServer(service, admin_port=0)
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(v2, unfinished)
+    os.remove(unfinished / "index_info.json")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(v2, corrupt)
+    with open(corrupt / "index_hnsw.faiss", "r+b") as f:
+        f.truncate(1000)
+    wrong_dim = tmp_path / "wrong_dim"
+    emb, ids = np.eye(40, 8, dtype=np.float32), np.arange(40)
+    indexes, _ = index_files.build_indexes(emb, ids, ["flat", "hnsw"], ann.AnnParams())
+    index_files.write_index_dir(str(wrong_dim), embeddings=emb, ids=ids,
+                                rows=ann.read_rows(v2)[:40], indexes=indexes, tombstones={},
+                                info={"base_dir": run.catalog_dir, "version": 9})
+    try:
+        for directory, reason in [(tmp_path / "missing", "not a finished index directory"),
+                                  (unfinished, "not a finished index directory"),
+                                  (corrupt, "RuntimeError"),
+                                  (wrong_dim, "d=8 but the bundle embeds to d=32")]:
+            status, out = admin_reload(srv, str(directory))
+            assert status == 422 and reason in out["error"], out
+            assert out["serving"]["version"] == 1 and "still serving" in out["error"]
+            status, health = call(srv.address, "/healthz")
+            assert (health["items"], health["index_version"]) == (300, 1)
+        status, ready = call(srv.address, "/readyz")
+        assert status == 200 and "d=8" in ready["last_reload_error"]
+        with service.holder._lock:  # a reload is running: a second one is refused
+            status, out = admin_reload(srv, v2)
+        assert status == 409 and "in progress" in out["error"]
+        assert call(srv.address, "/search?q=hat")[0] == 200
+    finally:
+        srv.stop()
+
+
+def test_in_flight_requests_finish_on_their_index_and_through_shutdown(run, v2):
+    service = server.load_service(run.bundle_dir, run.index_dir, buckets=(1, 4, 16))
+    srv = server.RunningServer(service, admin_port=0)
+    gate, entered = threading.Event(), threading.Event()
+    encode = service.batcher.fn
+
+    def held(requests):  # the encoder is busy until the test opens the gate
+        entered.set()
+        gate.wait(60)
+        return encode(requests)
+
+    service.batcher.fn = held
+    submitted = []  # queries handed to the batcher (each holds its index snapshot)
+    submit = service.batcher.submit
+    service.batcher.submit = lambda request: (submitted.append(request.query), submit(request))[1]
+    answers = {}
+
+    def client(name):
+        answers[name] = call(srv.address, f"/search?q={name}&k=3")
+
+    threads = [threading.Thread(target=client, args=(f"old{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    assert entered.wait(30)
+    while len(submitted) < 3:
+        time.sleep(0.01)
+    assert admin_reload(srv, v2)[0] == 200  # the swap does not wait for them
+    threads.append(threading.Thread(target=client, args=("new",)))
+    threads[-1].start()
+    while len(submitted) < 4:
+        time.sleep(0.01)
+    stopper = threading.Thread(target=srv.stop)  # what SIGTERM does
+    stopper.start()
+    time.sleep(0.5)
+    assert stopper.is_alive()  # shutdown waits for the in-flight requests
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", srv.port), timeout=5).close()
+    gate.set()
+    for t in [*threads, stopper]:
+        t.join(60)
+    assert not stopper.is_alive() and not service.batcher.running
+    assert {name: (status, out["index_version"]) for name, (status, out) in answers.items()} == {
+        "old0": (200, 1), "old1": (200, 1), "old2": (200, 1), "new": (200, 2)}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_command_line_reloads_on_sighup_and_drains_on_sigterm(run, v2, tmp_path):
+    current = tmp_path / "current"
+    os.symlink(run.index_dir, current)
+    port = _free_port()
+    cmd = [sys.executable, "-m", "vlp_jax.serve.server", f"--bundle={run.bundle_dir}",
+           f"--index={current}", f"--port={port}", "--buckets=1,4"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    address = f"127.0.0.1:{port}"
+
+    def health():
+        try:
+            return call(address, "/healthz")[1]
+        except OSError:
+            return None
+
+    try:
+        deadline = time.time() + 240
+        while health() is None:
+            assert proc.poll() is None and time.time() < deadline, "server did not start"
+            time.sleep(0.5)
+        assert call(address, "/search?q=hat")[1]["index_version"] == 1
+        os.symlink(v2, tmp_path / "next")
+        os.replace(tmp_path / "next", current)  # atomic flip, then SIGHUP
+        proc.send_signal(signal.SIGHUP)
+        while health()["index_version"] != 2:
+            assert time.time() < deadline, "SIGHUP did not reload"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = proc.stderr.read()
+    access = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert any(a["route"] == "/search" and a["status"] == 200 for a in access), log[-2000:]
+    assert "index swapped" in log and "Shutting down" in log

@@ -1,0 +1,193 @@
+"""The request-independent part of the search service: validation, batched encode + search,
+item images, health.  No HTTP here (``http_app.py``), so it is testable and reusable alone.
+
+A search request is validated on the event loop, then handed to the :class:`~batcher.Batcher`
+together with the index snapshot it started on (``swap.IndexHolder.current``).  The batch
+function encodes all queries of a batch in one bundle call and searches each index snapshot
+once per distinct ``k`` — faiss searches every query row independently, so a batched search
+returns exactly what one-at-a-time searches would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import mimetypes
+import os
+import time
+import urllib.parse
+from typing import Any
+
+import numpy as np
+
+from vlp_jax.serve import batcher as batcher_lib
+from vlp_jax.serve import bundle as bundle_lib
+from vlp_jax.serve import metrics as metrics_lib
+from vlp_jax.serve import swap
+
+MAX_IMAGE_BYTES = 20 << 20  # larger image files are not served
+
+
+class ApiError(Exception):
+    """A client error: HTTP ``status`` and a message safe to show."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def utf8(raw: str, what: str) -> str:
+    """Undo a latin-1 decoding (bytes kept 1:1 as code points) and decode UTF-8 strictly."""
+    try:
+        return raw.encode("latin-1").decode("utf-8")
+    except UnicodeError as e:
+        raise ApiError(400, f"{what} is not valid UTF-8") from e
+
+
+def query_params(query_string: bytes | str) -> dict[str, list[str]]:
+    """Parameters of a raw query string; values stay latin-1 (decode with :func:`utf8`)."""
+    if isinstance(query_string, bytes):
+        query_string = query_string.decode("latin-1")
+    try:
+        pairs = urllib.parse.parse_qsl(query_string, keep_blank_values=True,
+                                       encoding="latin-1", errors="strict")
+    except ValueError as e:
+        raise ApiError(400, f"malformed query string: {e}") from e
+    params: dict[str, list[str]] = {}
+    for key, value in pairs:
+        params.setdefault(utf8(key, "a parameter name"), []).append(value)
+    return params
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchRequest:
+    query: str
+    k: int
+    loaded: swap.Loaded  # the index snapshot this request started on
+    start: float  # perf_counter at submit: took_ms includes the wait for the batch
+
+
+class SearchService:
+    """Validation, batched search, item lookup; call :meth:`close` to stop the batch worker."""
+
+    def __init__(self, bundle: bundle_lib.Bundle, holder: swap.IndexHolder, *, max_k: int = 100,
+                 default_k: int = 10, max_query_chars: int = 256, max_batch: int = 32,
+                 max_wait_ms: float = 2.0, metrics: metrics_lib.Metrics | None = None):
+        if not 1 <= default_k <= max_k:
+            raise ValueError(f"need 1 <= default_k <= max_k, got {default_k}, {max_k}")
+        self.bundle, self.holder = bundle, holder
+        self.max_k, self.default_k, self.max_query_chars = max_k, default_k, max_query_chars
+        self.metrics = metrics or metrics_lib.Metrics()
+        self.metrics.set_index(holder.current)
+        holder.on_swap = self.metrics.set_index
+        self.batcher: batcher_lib.Batcher[SearchRequest, dict[str, Any]] = batcher_lib.Batcher(
+            self.search_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
+            name="vlp-search-batcher", on_batch=self.metrics.observe_batch)
+
+    @property
+    def index(self):
+        """The serving index (a new request's snapshot)."""
+        return self.holder.current.index
+
+    # ------------------------------------------------------------------ validation
+    def parse_search(self, query_string: bytes | str) -> tuple[str, int]:
+        params = query_params(query_string)
+        for name in ("q", "k"):
+            if len(params.get(name, [])) > 1:
+                raise ApiError(400, f"parameter {name!r} given more than once")
+        if "q" not in params:
+            raise ApiError(400, "missing query parameter 'q'")
+        query = utf8(params["q"][0], "query 'q'").strip()
+        if not query:
+            raise ApiError(400, "query 'q' is empty")
+        if len(query) > self.max_query_chars:
+            raise ApiError(400, f"query 'q' is {len(query)} characters; the limit is "
+                                f"{self.max_query_chars}")
+        if any(ord(c) < 32 and c not in "\t\n\r" for c in query):
+            raise ApiError(400, "query 'q' contains control characters")
+        k = self.default_k
+        if "k" in params:
+            raw = utf8(params["k"][0], "'k'").strip()
+            if not (raw.isascii() and raw.lstrip("-").isdigit()) or len(raw) > 9:
+                raise ApiError(400, f"'k' must be an integer in [1, {self.max_k}], got {raw!r}")
+            k = int(raw)
+            if not 1 <= k <= self.max_k:
+                raise ApiError(400, f"'k' must be in [1, {self.max_k}], got {k}")
+        return query, k
+
+    # ------------------------------------------------------------------ search
+    def request(self, query: str, k: int) -> SearchRequest:
+        return SearchRequest(query, k, self.holder.current, time.perf_counter())
+
+    async def search_async(self, query: str, k: int) -> dict[str, Any]:
+        """One search through the batcher (the event loop never blocks on the encoder)."""
+        return await self.batcher.run(self.request(query, k))
+
+    def search(self, query: str, k: int) -> dict[str, Any]:
+        """One search through the batcher, blocking (scripts, tests)."""
+        return self.batcher.submit(self.request(query, k)).result()
+
+    def search_batch(self, requests: list[SearchRequest]) -> list[dict[str, Any]]:
+        """Encode all queries in one call; search each (index snapshot, k) group once."""
+        emb = self.bundle.encode_queries([r.query for r in requests])
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((id(r.loaded), r.k), []).append(i)
+        out: list[dict[str, Any] | None] = [None] * len(requests)
+        for members in groups.values():
+            first = requests[members[0]]
+            index = first.loaded.index
+            scores, labels = index.search(emb[members], first.k)
+            done = time.perf_counter()
+            for row, i in enumerate(members):
+                out[i] = self._result(requests[i], index, scores[row], labels[row], done)
+        return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _result(r: SearchRequest, index, scores: np.ndarray, labels: np.ndarray,
+                done: float) -> dict[str, Any]:
+        results = []
+        for score, label in zip(scores.tolist(), labels.tolist(), strict=True):
+            item = index.item(label)
+            if item is None:  # faiss pads with -1 when an ANN search finds fewer than k
+                continue
+            results.append({
+                "item_id": item.item_id,
+                "score": round(score, 6),
+                "title": item.title,
+                "image_url": f"/items/{urllib.parse.quote(item.item_id, safe='')}/image",
+            })
+        return {"query": r.query, "k": r.k, "took_ms": round((done - r.start) * 1000.0, 3),
+                "index": index.kind, "index_version": index.version, "results": results}
+
+    # ------------------------------------------------------------------ other routes
+    def image(self, quoted_id: str) -> tuple[bytes, str]:
+        """Image bytes + content type of an item; ``quoted_id`` is the raw path segment."""
+        index = self.holder.current.index
+        item_id = utf8(urllib.parse.unquote(quoted_id, encoding="latin-1"), "item id")
+        row = index.row_of.get(item_id)
+        if row is None:
+            raise ApiError(404, f"unknown item id {item_id!r}")
+        base = os.path.realpath(index.base_dir)
+        path = os.path.realpath(os.path.join(base, index.items[row].image))
+        if os.path.commonpath([base, path]) != base or not os.path.isfile(path):
+            raise ApiError(404, f"no image file for item {item_id!r}")
+        if os.path.getsize(path) > MAX_IMAGE_BYTES:
+            raise ApiError(404, f"image of item {item_id!r} is too large to serve")
+        with open(path, "rb") as f:
+            data = f.read()
+        return data, mimetypes.guess_type(path)[0] or "application/octet-stream"
+
+    def health(self) -> dict[str, Any]:
+        index = self.holder.current.index
+        return {"status": "ok", "items": len(index), "index": index.kind,
+                "embed_dim": self.bundle.embed_dim, "bundle_step": self.bundle.step,
+                "index_version": index.version}
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Readiness: the batch worker runs (buckets were compiled before it started)."""
+        ok = self.batcher.running
+        return ok, {"ready": ok, "index": self.holder.current.describe(),
+                    "last_reload_error": self.holder.last_error}
+
+    def close(self) -> None:
+        self.batcher.close(timeout=30)
