@@ -264,7 +264,9 @@ def test_checkpoint_written_before_the_package_move_resumes(tiny_config, tmp_pat
     tiny_config.checkpoint.every_steps = 2
     with caplog.at_level("INFO"):
         train.train_and_evaluate(tiny_config, str(workdir))
-    assert any(r.getMessage() == "resuming from step 2" for r in caplog.records)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "resuming from step 2" in messages
+    assert any("does not record which vocabulary" in m for m in messages)
     rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
@@ -273,6 +275,30 @@ def test_checkpoint_written_before_the_package_move_resumes(tiny_config, tmp_pat
     after, _ = saved_state(str(workdir), 4)
     assert not np.array_equal(jax.tree_util.tree_leaves(before["params"])[0],
                               jax.tree_util.tree_leaves(after["params"])[0])
+
+
+def test_resume_refuses_a_checkpoint_of_another_vocabulary(tiny_config, tmp_path):
+    """A rebuilt dataset can come with another vocabulary of the same size: same shapes, other
+    tokens.  The checkpoint records its vocabulary's fingerprint and resuming checks it."""
+    from vlp_jax.data import tokenizer as tokenizer_lib
+
+    workdir = str(tmp_path / "run")
+    tiny_config.train.num_steps = 2
+    tiny_config.checkpoint.every_steps = 2
+    train.train_and_evaluate(tiny_config, workdir)
+    run = train.Run(tiny_config, workdir)
+    try:
+        saved = run.checkpointer.step_metadata(2)
+        assert saved[resume_config.VOCAB_KEY] == tokenizer_lib.vocab_fingerprint(run.tokenizer)
+        assert resume_config.check_resume(saved, tiny_config, 1, 1, "ckpt", run.vocab) == []
+        with pytest.raises(resume_config.ConfigMismatchError,
+                           match="another vocabulary.*--config.data.tokenizer=DIR"):
+            resume_config.check_resume(saved, tiny_config, 1, 1, "ckpt", "0" * 64)
+        old = {k: v for k, v in saved.items() if k != resume_config.VOCAB_KEY}
+        warnings = resume_config.check_resume(old, tiny_config, 1, 1, "ckpt", run.vocab)
+        assert len(warnings) == 1 and "does not record which vocabulary" in warnings[0]
+    finally:
+        run.checkpointer.close()
 
 
 def test_corrupt_latest_checkpoints_fall_back_then_fail_clearly(tmp_path, caplog):

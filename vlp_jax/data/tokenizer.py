@@ -10,6 +10,7 @@ constructor silently maps every token to [UNK].
 
 from __future__ import annotations
 
+import hashlib
 import os
 import string
 from collections.abc import Iterable
@@ -176,3 +177,11 @@ def unk_fraction(tok: PreTrainedTokenizerFast, texts: Iterable[str]) -> float:
     total = sum(len(x) for x in ids)
     unk = sum(x.count(tok.unk_token_id) for x in ids)
     return unk / total if total else 0.0
+
+
+def vocab_fingerprint(tok: PreTrainedTokenizerFast) -> str:
+    """sha256 of the vocabulary as ``id<TAB>token`` lines in id order: two tokenizers with the
+    same fingerprint map every token to the same embedding row (what a checkpoint depends on)."""
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    text = "\n".join(f"{i}\t{t}" for t, i in vocab)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

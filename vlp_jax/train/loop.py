@@ -69,7 +69,8 @@ class Run:
                 config, self.mesh.devices.size, jax.process_count()
             ),
         )
-        self._checked_steps: set[int] = set()
+        self._checked_steps: set[tuple[int, str | None]] = set()
+        self.vocab: str | None = None  # known once the dataset is prepared
         newest = self.checkpointer.latest_step()
         if writer and newest is not None:  # fail fast, before the data build and compiles
             try:
@@ -79,6 +80,10 @@ class Run:
                 raise
         self.data = dataset.prepare_dataset(config.data)
         self.tokenizer = tokenizer_lib.load_tokenizer(self.data.tokenizer_dir)
+        # Checkpoints record the vocabulary they were trained on; resuming checks it.
+        self.vocab = tokenizer_lib.vocab_fingerprint(self.tokenizer)
+        self.checkpointer.metadata = resume_config.resume_metadata(
+            config, self.mesh.devices.size, jax.process_count(), self.vocab)
         self.model = make_model(config, vocab_size=len(self.tokenizer))
         self.optimizer, self.state, self.shardings = train_state.init_model_state(
             self.model, config, self.mesh
@@ -117,12 +122,12 @@ class Run:
     def check_resume(self, step: int, saved: dict[str, Any] | None) -> None:
         """Raise ``ConfigMismatchError`` if this config cannot resume ``step``; warn on
         allowed changes (see ``resume_config``), once per step."""
-        if step in self._checked_steps:
+        if (step, self.vocab) in self._checked_steps:
             return
-        self._checked_steps.add(step)
+        self._checked_steps.add((step, self.vocab))
         where = f"checkpoint step {step} in {self.checkpointer.directory}"
         for warning in resume_config.check_resume(
-            saved, self.config, self.mesh.devices.size, jax.process_count(), where
+            saved, self.config, self.mesh.devices.size, jax.process_count(), where, self.vocab
         ):
             logging.warning(warning)
 

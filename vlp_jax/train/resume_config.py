@@ -56,6 +56,7 @@ ON_OFF_TRAJECTORY = (
     "train.grad_clip_norm",
 )
 RUNTIME_KEY = "_runtime"
+VOCAB_KEY = "vocab_fingerprint"
 
 
 class ConfigMismatchError(ValueError):
@@ -79,13 +80,18 @@ def flatten_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def resume_metadata(
-    config: ml_collections.ConfigDict, num_devices: int, process_count: int
+    config: ml_collections.ConfigDict, num_devices: int, process_count: int,
+    vocab: str | None = None,
 ) -> dict[str, Any]:
-    """What a checkpoint records about the run that wrote it."""
-    return {
+    """What a checkpoint records about the run that wrote it (``vocab``: the vocabulary's
+    fingerprint, once the dataset is prepared)."""
+    meta = {
         "config": flatten_config(config),
         RUNTIME_KEY: {"num_devices": num_devices, "process_count": process_count},
     }
+    if vocab is not None:
+        meta[VOCAB_KEY] = vocab
+    return meta
 
 
 def _classify(field: str, old: Any, new: Any) -> str:
@@ -105,16 +111,31 @@ def check_resume(
     num_devices: int,
     process_count: int,
     where: str,
+    vocab: str | None = None,
 ) -> list[str]:
     """Raise ``ConfigMismatchError`` for forbidden changes; return warnings for allowed ones.
 
     ``saved`` is the checkpoint's metadata (``None`` for checkpoints written before it was
-    recorded: nothing to compare).  ``where`` names the checkpoint in messages.
+    recorded: nothing to compare).  ``where`` names the checkpoint in messages.  ``vocab``: this
+    run's ``tokenizer.vocab_fingerprint`` once the dataset is prepared (``None`` before): a
+    checkpoint trained on another vocabulary has the same shapes but means other tokens by
+    every row of its embedding tables, so resuming it is refused.
     """
     if not saved or "config" not in saved:
         return []
     old_cfg, new_cfg = saved["config"], flatten_config(config)
     errors, warnings = [], []
+    old_vocab = saved.get(VOCAB_KEY)
+    if vocab is not None and old_vocab is not None and old_vocab != vocab:
+        raise ConfigMismatchError(
+            f"cannot resume from {where}: it was trained on another vocabulary (fingerprint "
+            f"{old_vocab[:12]}, now {vocab[:12]}), so its token embeddings would be read as "
+            "other tokens. Pass the checkpoint's tokenizer with --config.data.tokenizer=DIR "
+            "(a serving export holds it in export/tokenizer), or start a new run with another "
+            "--workdir.")
+    if vocab is not None and old_vocab is None:
+        warnings.append("vocabulary: the checkpoint does not record which vocabulary it was "
+                        "trained on (written by an older vlp_jax); make sure it is this one")
     for field in sorted(set(old_cfg) | set(new_cfg)):
         old, new = old_cfg.get(field, "<absent>"), new_cfg.get(field, "<absent>")
         if old == new or (old == "<absent>" and ADDED_FIELDS.get(field, old) == new):
