@@ -47,18 +47,21 @@ class BatcherClosed(RuntimeError):
 class Batcher(Generic[T, R]):
     """Gathers concurrent ``submit`` calls into batched ``fn`` calls on a worker thread.
 
-    ``on_batch(size, queue_waits_s, run_s)`` (optional) observes every batch (metrics).
+    ``on_batch(size, queue_waits_s, run_s)`` (optional) observes every batch (metrics);
+    ``init()`` (optional) runs first on the worker thread, for per-thread settings such as
+    OpenMP's thread count (``omp_set_num_threads`` applies to the calling thread only).
     """
 
     def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, max_batch: int = 32,
                  max_wait_ms: float = 2.0, name: str = "batcher",
-                 on_batch: Callable[[int, list[float], float], None] | None = None):
+                 on_batch: Callable[[int, list[float], float], None] | None = None,
+                 init: Callable[[], None] | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         self.fn, self.max_batch, self.max_wait = fn, int(max_batch), max_wait_ms / 1000.0
-        self.on_batch = on_batch
+        self.on_batch, self.init = on_batch, init
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._close_lock = threading.Lock()
@@ -117,6 +120,8 @@ class Batcher(Generic[T, R]):
         return batch, False
 
     def _run(self) -> None:
+        if self.init is not None:
+            self.init()
         stop = False
         while not stop:
             first = self._queue.get()

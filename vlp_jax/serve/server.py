@@ -53,7 +53,7 @@ def load_service(bundle_dir: str, index_dir: str, *, kind: str | None = None,
     when ``warmup``, so the first requests do not pay for compilation).
 
     ``options``: ``max_k``, ``default_k``, ``max_query_chars``, ``max_batch``, ``max_wait_ms``,
-    ``metrics``.
+    ``faiss_threads``, ``metrics``.
     """
     bundle = bundle_lib.load_bundle(bundle_dir, towers=("query",), num_devices=num_devices,
                                     buckets=buckets)
@@ -171,10 +171,6 @@ def _main(argv: list[str]) -> None:
     from vlp_jax.runtime import devices as runtime
 
     runtime.quiet_library_logs()
-    if FLAGS.faiss_threads:
-        import faiss
-
-        faiss.omp_set_num_threads(FLAGS.faiss_threads)
     if FLAGS.admin_port and FLAGS.admin_port == FLAGS.port:
         raise app.UsageError("--admin_port must differ from --port")
     sockets = [bind(FLAGS.host, FLAGS.port)]  # bind before the slow load: fail fast if taken
@@ -182,7 +178,7 @@ def _main(argv: list[str]) -> None:
         sockets.append(bind(FLAGS.admin_host, FLAGS.admin_port))
     service = load_service(FLAGS.bundle, FLAGS.index, kind=FLAGS.kind, max_k=FLAGS.max_k,
                            max_query_chars=FLAGS.max_query_chars, max_batch=FLAGS.max_batch,
-                           max_wait_ms=FLAGS.max_wait_ms,
+                           max_wait_ms=FLAGS.max_wait_ms, faiss_threads=FLAGS.faiss_threads,
                            buckets=[int(b) for b in FLAGS.buckets])
     if FLAGS.access_log:
         _access_log_to_stderr()
