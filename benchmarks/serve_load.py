@@ -1,13 +1,25 @@
-"""Load run against the search service: many concurrent requests, a share of them malformed.
+"""Load test of the search service with locust: the new server vs the old one, side by side.
 
-    python benchmarks/serve_load.py --bundle=RUN/export --index=INDEX_DIR \
-        [--requests=2000 --concurrency=8 --malformed=0.2]
+    python benchmarks/serve_load.py [--num_items=100000 --requests=10000 --concurrency=1,8,32]
 
-Starts ``python -m vlp_jax.serve.server`` on 127.0.0.1 (a free port; or use ``--url`` for a
-running server), sends the requests from ``--concurrency`` threads over raw sockets (so broken
-bytes reach the server unchanged), and counts responses per status code and per request kind.
-The run fails (exit 1) on any 5xx, any connection error, any good request not answered 200, or
-any malformed request answered 2xx.  Writes ``benchmarks/results/serve_load.json``.
+Prepares (cached in ``--work_dir``) a base-config bundle (untrained ``configs/base.py``, as
+``serving.py``: same shapes, so the same speed; or ``--bundle``), a catalog of ``--num_items``
+items over the built-in catalog's images with clustered synthetic embeddings (speed does not
+depend on what they mean), its flat + HNSW index (v1), and v2 = v1 with 1 % of the items
+delisted and 1 % new ones, made by the real incremental job (``vlp_jax.serve.index
+--update_from``, which embeds only the new items).
+
+Then, per server and per concurrency, ``--requests`` requests (``--malformed`` of them broken in
+17 ways, sent as raw bytes) are driven by locust users (its library runner, headless: one
+process, gevent), good ones over keep-alive connections.  The new server swaps v1 <-> v2
+(``POST /admin/reload``) when half of each run is done.  The baseline is the pre-ASGI server
+checked out with ``git archive --baseline_ref`` and run on a format-1 copy of v1 (it cannot read
+labelled indexes).  Each run is a child process (``--role=load``) because locust monkey-patches
+the interpreter for gevent.
+
+A run fails on any 5xx, any request without a response, any good request not answered 200 with
+its results, or any malformed one answered 2xx.  Prints a table, writes ``--out`` (JSON), exits
+1 on a failure.
 """
 
 from __future__ import annotations
@@ -15,27 +27,37 @@ from __future__ import annotations
 import collections
 import json
 import os
-import socket
+import resource
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
 
-flags.DEFINE_string("url", "", "host:port of a running server ('' = start one).")
-flags.DEFINE_string("bundle", "", "Bundle for the started server.")
-flags.DEFINE_string("index", "", "Index directory for the started server.")
-flags.DEFINE_integer("requests", 2000, "Total requests.")
-flags.DEFINE_integer("concurrency", 8, "Client threads.")
+flags.DEFINE_enum("role", "driver", ["driver", "load"], "driver = everything; load = one run "
+                  "(internal).")
+flags.DEFINE_string("work_dir", "/tmp/vlp_serve_load", "Cache of bundle, catalogs, indexes.")
+flags.DEFINE_string("bundle", "", "Serving bundle ('' = untrained configs/base.py export).")
+flags.DEFINE_integer("num_items", 100_000, "Items in the index.")
+flags.DEFINE_integer("requests", 10_000, "Requests per run.")
+flags.DEFINE_list("concurrency", ["1", "8", "32"], "Concurrent clients (locust users) per run.")
 flags.DEFINE_float("malformed", 0.2, "Fraction of malformed requests.")
+flags.DEFINE_string("baseline_ref", "dac4320", "Commit of the old (ThreadingHTTPServer) server "
+                    "('' = skip the baseline).")
 flags.DEFINE_integer("seed", 0, "Request mix seed.")
-flags.DEFINE_float("timeout", 30.0, "Per-request socket timeout (s).")
 flags.DEFINE_string("out", "benchmarks/results/serve_load.json", "JSON output path.")
+# --role=load
+flags.DEFINE_string("url", "", "host:port of the server (--role=load).")
+flags.DEFINE_string("admin_url", "", "host:port of its admin listener ('' = no swap).")
+flags.DEFINE_string("swap_to", "", "Index directory to swap to at half-time.")
+flags.DEFINE_integer("users", 1, "Concurrent users (--role=load).")
+flags.DEFINE_string("load_out", "", "Result JSON of one run (--role=load).")
 FLAGS = flags.FLAGS
 
 
@@ -66,140 +88,310 @@ MALFORMED = {
 }
 
 
-def good_targets(rng: np.random.Generator, n: int) -> list[str]:
-    from vlp_jax.data.catalog import vocab as catalog_vocab
+def plan(total: int, malformed: float, seed: int) -> list[tuple[str, str]]:
+    """Shuffled ``(kind, target-or-latin-1 raw request)``; good targets ask for k in 1..100."""
+    import serving  # benchmarks/serving.py: query strings from the catalog vocabulary
 
-    words = catalog_vocab.word_lists("en")
-    out = []
-    for _ in range(n):
-        parts = [str(rng.choice(words[f])) for f in ("color", "brand", "material", "pattern")
-                 if rng.random() < 0.4]
-        q = " ".join(parts + [str(rng.choice(words["category"]))])
-        out.append(f"/search?q={urllib.parse.quote(q)}&k={int(rng.integers(1, 101))}")
-    return out
-
-
-def send(address: tuple[str, int], request: bytes, timeout: float) -> tuple[int | None, bytes]:
-    """Status code (None if no parsable answer) and body of one request."""
-    with socket.create_connection(address, timeout=timeout) as s:
-        s.sendall(request)
-        data = bytearray()
-        while chunk := s.recv(65536):
-            data += chunk
-    head, _, body = bytes(data).partition(b"\r\n\r\n")
-    parts = head.split(b" ", 2)
-    try:
-        return int(parts[1]), body
-    except (IndexError, ValueError):
-        return None, body
+    rng = np.random.default_rng(seed)
+    num_bad = int(round(total * malformed))
+    good = [("good", f"/search?q={urllib.parse.quote(q)}&k={int(rng.integers(1, 101))}")
+            for q in serving.query_strings(total - num_bad, seed)]
+    bad = [(str(k), MALFORMED[k].decode("latin-1")) for k in rng.choice(list(MALFORMED), num_bad)]
+    items = good + bad
+    return [items[i] for i in rng.permutation(len(items))]
 
 
-def start_server(bundle: str, index: str) -> tuple[subprocess.Popen, tuple[str, int]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "vlp_jax.serve.server", f"--bundle={bundle}",
-           f"--index={index}", "--host=127.0.0.1", f"--port={port}"]
-    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    address = ("127.0.0.1", port)
-    deadline = time.time() + 180
+# ----------------------------------------------------------------------------- one run (locust)
+def load_role() -> None:
+    import gevent
+    import gevent.event
+    from locust import FastHttpUser, constant, events, task
+    from locust.env import Environment
+    from locust.exception import StopUser
+
+    requests = plan(FLAGS.requests, FLAGS.malformed, FLAGS.seed + FLAGS.users)
+    host, port = FLAGS.url.rsplit(":", 1)
+    state = {"next": 0, "done": 0}
+    records: list[tuple[str, int | None, float, bool, int | None]] = []
+    swap: dict = {}
+    go = gevent.event.Event()
+
+    def do_swap() -> None:
+        import http.client
+
+        start = time.perf_counter()
+        conn = http.client.HTTPConnection(FLAGS.admin_url, timeout=120)
+        conn.request("POST", f"/admin/reload?index={urllib.parse.quote(FLAGS.swap_to)}")
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+        swap.update(at_request=state["done"], status=resp.status,
+                    ms=round((time.perf_counter() - start) * 1000, 1),
+                    to_version=body.get("serving", {}).get("version"),
+                    from_version=body.get("previous", {}).get("version"))
+
+    def raw(kind: str, payload: bytes) -> None:
+        import socket
+
+        start = time.perf_counter()
+        status, data = None, b""
+        try:
+            with socket.create_connection((host, int(port)), timeout=60) as s:
+                s.sendall(payload)
+                while chunk := s.recv(65536):
+                    data += chunk
+            status = int(data.split(b" ", 2)[1])
+        except (OSError, IndexError, ValueError):
+            pass
+        ms = (time.perf_counter() - start) * 1000
+        ok = status is not None and 400 <= status < 500 and b"Traceback" not in data
+        events.request.fire(request_type="RAW", name=kind, response_time=ms,
+                            response_length=len(data), context={},
+                            exception=None if ok else RuntimeError(f"status {status}"))
+        records.append((kind, status, ms, ok, None))
+
+    class Client(FastHttpUser):
+        host = f"http://{FLAGS.url}"
+        wait_time = constant(0)
+        network_timeout = connection_timeout = 60.0
+
+        def on_start(self) -> None:
+            go.wait()
+
+        @task
+        def step(self) -> None:
+            if state["next"] >= len(requests):
+                raise StopUser()
+            kind, payload = requests[state["next"]]
+            state["next"] += 1
+            if kind == "good":
+                start = time.perf_counter()
+                with self.client.get(payload, name="good", catch_response=True) as resp:
+                    ms = (time.perf_counter() - start) * 1000
+                    version, ok = None, resp.status_code == 200
+                    try:
+                        body = json.loads(resp.content)
+                        ok = ok and isinstance(body.get("results"), list)
+                        version = body.get("index_version")
+                    except (ValueError, TypeError, AttributeError):
+                        ok = False
+                    if ok:
+                        resp.success()
+                    else:
+                        resp.failure(f"status {resp.status_code}")
+                records.append(("good", resp.status_code or None, ms, ok, version))
+            else:
+                raw(kind, payload.encode("latin-1"))
+            state["done"] += 1
+            if FLAGS.admin_url and state["done"] == len(requests) // 2:
+                gevent.spawn(do_swap)
+
+    env = Environment(user_classes=[Client], events=events)
+    runner = env.create_local_runner()
+    runner.start(FLAGS.users, spawn_rate=100)
+    while runner.user_count < FLAGS.users:
+        gevent.sleep(0.01)
+    start = time.perf_counter()
+    go.set()
+    while state["done"] < len(requests):
+        gevent.sleep(0.02)
+    seconds = time.perf_counter() - start
+    while FLAGS.admin_url and not swap:
+        gevent.sleep(0.05)
+    runner.quit()
+    good_ms = np.asarray([r[2] for r in records if r[0] == "good" and r[3]])
+    by_kind: dict = collections.defaultdict(collections.Counter)
+    for kind, status, *_ in records:
+        by_kind[kind][str(status)] += 1
+    result = {
+        "requests": len(records), "concurrency": FLAGS.users, "seconds": round(seconds, 2),
+        "requests_per_s": round(len(records) / seconds, 1),
+        "by_status": dict(collections.Counter(str(r[1]) for r in records)),
+        "by_kind": {k: dict(v) for k, v in sorted(by_kind.items())},
+        "num_5xx": sum(1 for r in records if r[1] is not None and r[1] >= 500),
+        "num_no_response": sum(1 for r in records if r[1] is None),
+        "failed_good": sum(1 for r in records if r[0] == "good" and not r[3]),
+        "malformed_2xx": sum(1 for r in records if r[0] != "good" and r[1] and r[1] < 300),
+        "good_versions": dict(collections.Counter(str(r[4]) for r in records if r[0] == "good")),
+        "good_latency_ms": {f"p{p}": round(float(np.percentile(good_ms, p)), 2)
+                            for p in (50, 90, 99)} if good_ms.size else {},
+        "locust": {"requests": env.stats.total.num_requests,
+                   "failures": env.stats.total.num_failures,
+                   "median_ms": env.stats.total.median_response_time},
+        "swap": swap,
+    }
+    with open(FLAGS.load_out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+# ----------------------------------------------------------------------------- preparation
+def prepare(work: str) -> dict:
+    """Bundle, catalogs v1/v2, index v1 (+ format-1 copy), index v2 by the incremental job."""
+    import serving
+
+    from configs import base
+    from vlp_jax.data import dataset
+    from vlp_jax.serve import ann, load_bundle
+
+    os.makedirs(work, exist_ok=True)
+    bundle_dir = FLAGS.bundle or os.path.join(work, "export")
+    if not FLAGS.bundle and not os.path.isdir(bundle_dir):
+        serving.untrained_bundle(work)
+    bundle = load_bundle(bundle_dir, towers=("query",), num_devices=1)
+    catalog_dir = dataset.builtin_catalog_dir(base.get_config().data)
+    with open(os.path.join(catalog_dir, "items.jsonl")) as f:
+        source = [json.loads(line) for line in f]
+    tag = f"n{FLAGS.num_items}"
+    v1, legacy, v2 = (os.path.join(work, f"{name}_{tag}") for name in ("v1", "v1_format1", "v2"))
+    v1_items, v2_items = (os.path.join(work, f"{name}_{tag}.jsonl") for name in ("v1", "v2"))
+    n = FLAGS.num_items
+    rng = np.random.default_rng(0)
+    catalog = [{"item_id": f"S{i:07d}", "title": source[i % len(source)]["title"],
+                "image": source[i % len(source)]["image"]} for i in range(n)]
+    if not os.path.isfile(os.path.join(v1, ann.INFO_FILE)):
+        with open(v1_items, "w") as f:
+            f.writelines(json.dumps(x) + "\n" for x in catalog)
+        serving.synthetic_index_dir(v1, bundle, catalog, catalog_dir, rng, legacy_copy=legacy)
+    if not os.path.isfile(os.path.join(v2, ann.INFO_FILE)):
+        gone = set(rng.choice(n, n // 100, replace=False).tolist())
+        new = [{"item_id": f"N{i:07d}", "title": "new " + source[i]["title"],
+                "image": source[i]["image"]} for i in range(n // 100)]
+        with open(v2_items, "w") as f:
+            f.writelines(json.dumps(x) + "\n" for i, x in enumerate(catalog) if i not in gone)
+            f.writelines(json.dumps(x) + "\n" for x in new)
+        cmd = [sys.executable, "-m", "vlp_jax.serve.index", f"--bundle={bundle_dir}",
+               f"--items={v2_items}", f"--update_from={v1}", f"--out={v2}",
+               f"--base_dir={catalog_dir}", "--progress=false"]
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    info = ann.read_info(v2)
+    return {"bundle": bundle_dir, "v1": v1, "v1_format1": legacy, "v2": v2,
+            "update": info["update"], "update_seconds": info["update_seconds"]}
+
+
+def start_server(cmd: list[str], cwd: str, env: dict, log: str, url: str) -> subprocess.Popen:
+    import http.client
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(log, "w"))
+    deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"server exited; see {log}")
         try:
-            if send(address, _get("/healthz"), 5)[0] == 200:
-                return proc, address
+            conn = http.client.HTTPConnection(url, timeout=5)
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                return proc
         except OSError:
             time.sleep(0.5)
     proc.kill()
-    raise RuntimeError("server did not become healthy in 180 s")
+    raise RuntimeError(f"server did not become healthy; see {log}")
 
 
-def run_load(address: tuple[str, int], total: int, concurrency: int, malformed: float,
-             seed: int, timeout: float) -> dict:
-    rng = np.random.default_rng(seed)
-    num_bad = int(round(total * malformed))
-    bad_names = list(MALFORMED)
-    plan = [("good", _get(t)) for t in good_targets(rng, total - num_bad)]
-    plan += [(name, MALFORMED[name]) for name in rng.choice(bad_names, num_bad)]
-    order = rng.permutation(len(plan))
-    plan = [plan[i] for i in order]
-    lock = threading.Lock()
-    by_status: collections.Counter = collections.Counter()
-    by_kind: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    latencies, failures = [], []
-    cursor = iter(range(len(plan)))
+def _free_port() -> int:
+    from vlp_jax.serve.server import bind
 
-    def worker():
-        while True:
-            with lock:
-                i = next(cursor, None)
-            if i is None:
-                return
-            kind, request = plan[i]
-            start = time.perf_counter()
-            try:
-                status, body = send(address, request, timeout)
-            except OSError as e:
-                status, body = None, repr(e).encode()
-            ms = (time.perf_counter() - start) * 1000
-            with lock:
-                by_status[str(status)] += 1
-                by_kind[kind][str(status)] += 1
-                if kind == "good":
-                    latencies.append(ms)
-                bad = (status is None or status >= 500 or (kind == "good") != (status == 200)
-                       or b"Traceback" in body)
-                if bad and len(failures) < 20:
-                    failures.append({"kind": kind, "status": status, "body": body[:300].decode(
-                        "utf-8", "replace")})
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - start
-    lat = np.asarray(latencies)
-    return {
-        "requests": len(plan), "concurrency": concurrency, "malformed": num_bad,
-        "seconds": round(seconds, 2), "requests_per_s": round(len(plan) / seconds, 1),
-        "by_status": dict(sorted(by_status.items())),
-        "by_kind": {k: dict(sorted(v.items())) for k, v in sorted(by_kind.items())},
-        "num_5xx": sum(v for k, v in by_status.items() if k != "None" and int(k) >= 500),
-        "num_no_response": by_status.get("None", 0),
-        "good_latency_ms": {"p50": round(float(np.percentile(lat, 50)), 2),
-                            "p99": round(float(np.percentile(lat, 99)), 2)} if lat.size else {},
-        "failures": failures,
-    }
+    with bind("127.0.0.1", 0) as s:
+        return s.getsockname()[1]
 
 
-def main(argv):
-    del argv
-    proc = None
-    if FLAGS.url:
-        host, port = FLAGS.url.rsplit(":", 1)
-        address = (host, int(port))
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a running process (Linux /proc), to report CPU per request."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_server(name: str, data: dict, work: str) -> list[dict]:
+    """All concurrency levels against one server (started once, stopped with SIGTERM)."""
+    port, admin = _free_port(), _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "vlp_jax.serve.server", f"--bundle={data['bundle']}",
+           f"--port={port}"]
+    if name == "baseline":
+        src = os.path.join(work, f"baseline_{FLAGS.baseline_ref}")
+        if not os.path.isdir(src):
+            os.makedirs(src)
+            archive = subprocess.run(["git", "archive", FLAGS.baseline_ref, "vlp_jax"], cwd=ROOT,
+                                     check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
+        cmd.append(f"--index={data['v1_format1']}")
+        cwd, env["PYTHONPATH"] = src, src
     else:
-        if not (FLAGS.bundle and FLAGS.index):
-            raise app.UsageError("give --url, or --bundle and --index to start a server")
-        proc, address = start_server(FLAGS.bundle, FLAGS.index)
+        cmd += [f"--index={data['v1']}", f"--admin_port={admin}"]
+        cwd = ROOT
+    proc = start_server(cmd, cwd, env, os.path.join(work, f"{name}.log"), f"127.0.0.1:{port}")
+    runs, target = [], data["v2"]
     try:
-        result = run_load(address, FLAGS.requests, FLAGS.concurrency, FLAGS.malformed,
-                          FLAGS.seed, FLAGS.timeout)
+        for users in [int(c) for c in FLAGS.concurrency]:
+            out = os.path.join(work, f"run_{name}_{users}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), "--role=load",
+                   f"--url=127.0.0.1:{port}", f"--users={users}", f"--requests={FLAGS.requests}",
+                   f"--malformed={FLAGS.malformed}", f"--seed={FLAGS.seed}", f"--load_out={out}"]
+            if name == "new":
+                cmd += [f"--admin_url=127.0.0.1:{admin}", f"--swap_to={target}"]
+                target = data["v1"] if target == data["v2"] else data["v2"]
+            load, cpu = os.getloadavg(), _cpu_seconds(proc.pid)
+            client = resource.getrusage(resource.RUSAGE_CHILDREN)
+            subprocess.run(cmd, cwd=ROOT, check=True)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            with open(out) as f:
+                runs.append({"server": name, "load_average_before": [round(x, 2) for x in load],
+                             **json.load(f)})
+            ms = {"server": _cpu_seconds(proc.pid) - cpu, "client": after.ru_utime
+                  + after.ru_stime - client.ru_utime - client.ru_stime}  # client incl. startup
+            runs[-1]["cpu_ms_per_request"] = {k: round(v * 1000 / FLAGS.requests, 3)
+                                              for k, v in ms.items()}
+            print(name, users, {k: runs[-1][k] for k in ("requests_per_s", "good_latency_ms",
+                                                          "num_5xx", "failed_good")}, flush=True)
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
-    print(json.dumps({k: v for k, v in result.items() if k != "by_kind"}, indent=2))
-    print(json.dumps(result["by_kind"]))
+        start = time.perf_counter()
+        proc.terminate()  # SIGTERM: the new server drains and exits 0
+        code = proc.wait(60)
+        for r in runs:
+            r["server_exit"] = {"code": code, "seconds": round(time.perf_counter() - start, 2)}
+    return runs
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if FLAGS.role == "load":
+        return load_role()
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    work = FLAGS.work_dir
+    data = prepare(work)
+    runs = (run_server("baseline", data, work) if FLAGS.baseline_ref else []) + run_server(
+        "new", data, work)
+    by = {(r["server"], r["concurrency"]): r for r in runs}
+    top = max(int(c) for c in FLAGS.concurrency)
+    ratio = (by[("new", top)]["requests_per_s"] / by[("baseline", top)]["requests_per_s"]
+             if ("baseline", top) in by else None)
+    failures = sum(r["num_5xx"] + r["num_no_response"] + r["failed_good"] + r["malformed_2xx"]
+                   for r in runs)
+    result = {"num_items": FLAGS.num_items, "requests_per_run": FLAGS.requests,
+              "malformed": FLAGS.malformed, "malformed_kinds": len(MALFORMED), "k": "1..100",
+              "baseline_ref": FLAGS.baseline_ref, "prepare": data, "runs": runs,
+              "load_average_start": load_start,
+              "load_average_end": [round(x, 2) for x in os.getloadavg()],
+              "cpu_count": os.cpu_count(),
+              "summary": {"throughput_ratio_at_max_concurrency": ratio and round(ratio, 2),
+                          "failures": failures}}
+    print(f"{'server':>9} {'clients':>7} {'req/s':>7} {'good p50':>8} {'p90':>7} {'p99':>7} "
+          f"{'5xx':>4} {'no resp':>7} {'bad good':>8} {'swap':>14} {'srv cpu ms':>10} "
+          f"{'load avg':>8}")
+    for r in runs:
+        lat, sw = r["good_latency_ms"], r["swap"]
+        swap = f"v{sw['from_version']}->v{sw['to_version']} {sw['ms']:.0f}ms" if sw else "-"
+        print(f"{r['server']:>9} {r['concurrency']:>7} {r['requests_per_s']:>7.1f} "
+              f"{lat.get('p50', 0):>8.2f} {lat.get('p90', 0):>7.2f} {lat.get('p99', 0):>7.2f} "
+              f"{r['num_5xx']:>4} {r['num_no_response']:>7} {r['failed_good']:>8} {swap:>14} "
+              f"{r['cpu_ms_per_request']['server']:>10.2f} {r['load_average_before'][0]:>8.2f}")
+    print("throughput ratio at", top, "clients:", result["summary"]["throughput_ratio_at_max_"
+                                                                  "concurrency"])
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w") as f:
         json.dump(result, f, indent=2)
-    ok = (result["num_5xx"] == 0 and result["num_no_response"] == 0 and not result["failures"])
-    sys.exit(0 if ok else 1)
+    print("wrote", FLAGS.out)
+    sys.exit(1 if failures else 0)
 
 
 if __name__ == "__main__":

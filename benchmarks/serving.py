@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -32,24 +33,29 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vlp_jax.serve import ann  # noqa: E402
 
-flags.DEFINE_list("sizes", ["100000", "1000000"], "Catalogue sizes N.")
-flags.DEFINE_list("kinds", ["hnsw", "ivf"], "Approximate index kinds to measure.")
-flags.DEFINE_integer("dim", 128, "Embedding size d (a --bundle's embed_dim overrides it).")
-flags.DEFINE_integer("k", 100, "Top-k for recall.")
-flags.DEFINE_integer("num_queries", 200, "Queries for recall and ms/query.")
-flags.DEFINE_integer("hnsw_m", 32, "HNSW M.")
-flags.DEFINE_integer("hnsw_ef_construction", 80, "HNSW efConstruction.")
-flags.DEFINE_integer("hnsw_ef_search", 128, "HNSW efSearch.")
-flags.DEFINE_integer("ivf_nlist", 0, "IVF cells (0 = 4*sqrt(N)).")
-flags.DEFINE_integer("ivf_nprobe", 16, "IVF cells probed.")
-flags.DEFINE_list("hnsw_ef_search_sweep", ["32", "128", "512"], "efSearch values measured.")
-flags.DEFINE_list("ivf_nprobe_sweep", ["16", "64", "256"], "nprobe values measured.")
-flags.DEFINE_enum("data", "random", ["random", "clustered"],
-                  "random unit vectors, or a mixture of 1000 clusters (closer to embeddings).")
-flags.DEFINE_string("bundle", "", "Serving bundle for end-to-end latency ('' = untrained base).")
-flags.DEFINE_integer("e2e_queries", 300, "Queries timed end to end (0 = skip).")
-flags.DEFINE_string("out", "benchmarks/results/serving.json", "JSON output path.")
 FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """Flags of the command line only: other benchmarks import this module's helpers."""
+    flags.DEFINE_list("sizes", ["100000", "1000000"], "Catalogue sizes N.")
+    flags.DEFINE_list("kinds", ["hnsw", "ivf"], "Approximate index kinds to measure.")
+    flags.DEFINE_integer("dim", 128, "Embedding size d (a --bundle's embed_dim overrides it).")
+    flags.DEFINE_integer("k", 100, "Top-k for recall.")
+    flags.DEFINE_integer("num_queries", 200, "Queries for recall and ms/query.")
+    flags.DEFINE_integer("hnsw_m", 32, "HNSW M.")
+    flags.DEFINE_integer("hnsw_ef_construction", 80, "HNSW efConstruction.")
+    flags.DEFINE_integer("hnsw_ef_search", 128, "HNSW efSearch.")
+    flags.DEFINE_integer("ivf_nlist", 0, "IVF cells (0 = 4*sqrt(N)).")
+    flags.DEFINE_integer("ivf_nprobe", 16, "IVF cells probed.")
+    flags.DEFINE_list("hnsw_ef_search_sweep", ["32", "128", "512"], "efSearch values measured.")
+    flags.DEFINE_list("ivf_nprobe_sweep", ["16", "64", "256"], "nprobe values measured.")
+    flags.DEFINE_enum("data", "random", ["random", "clustered"], "random unit vectors, or a "
+                      "mixture of 1000 clusters (closer to embeddings).")
+    flags.DEFINE_string("bundle", "", "Serving bundle for end-to-end latency "
+                        "('' = untrained base).")
+    flags.DEFINE_integer("e2e_queries", 300, "Queries timed end to end (0 = skip).")
+    flags.DEFINE_string("out", "benchmarks/results/serving.json", "JSON output path.")
 
 
 def unit_vectors(rng: np.random.Generator, n: int, d: int, block: int = 65536) -> np.ndarray:
@@ -105,6 +111,37 @@ def untrained_bundle(out_dir: str) -> str:
     params = init_params(model, jax.random.key(0))
     return export.export_bundle(os.path.join(out_dir, "export"), params=params, config=config,
                                 tokenizer=tok, step=0)
+
+
+def synthetic_index_dir(out: str, bundle, catalog: list[dict], base_dir: str,
+                        rng: np.random.Generator, legacy_copy: str = "") -> None:
+    """An index directory (flat + HNSW) of ``catalog`` records with clustered random
+    embeddings, as the index job writes it; ``legacy_copy`` also writes a format-1 copy
+    (unlabelled faiss indexes), the only kind the pre-ASGI server can read."""
+    import faiss
+
+    from vlp_jax.data import records
+    from vlp_jax.serve import index_files, item_embed
+
+    n, params = len(catalog), ann.AnnParams()
+    emb = clustered_vectors(rng, n, bundle.embed_dim)
+    rows = [item_embed.item_row(records.ItemMeta(x["item_id"], x["title"], [x["image"]]),
+                                base_dir, bundle.image_size) for x in catalog]
+    ids = np.arange(n, dtype=np.int64)
+    indexes, seconds = index_files.build_indexes(emb, ids, ["flat", "hnsw"], params)
+    index_files.write_index_dir(out, embeddings=emb, ids=ids, rows=rows, indexes=indexes,
+                                tombstones={}, info={
+        "complete": True, "version": 1, "next_id": n, "ann_trained_items": n,
+        "ann_params": dict(vars(params)), "base_dir": base_dir, "bundle": bundle.path,
+        "bundle_step": bundle.step, "bundle_created_at": bundle.manifest.get("created_at"),
+        "build_seconds": seconds, "synthetic_embeddings": "clustered"})
+    if legacy_copy:
+        os.makedirs(legacy_copy, exist_ok=True)
+        for name in (ann.EMBEDDINGS_FILE, ann.ITEMS_FILE, ann.INFO_FILE):
+            shutil.copy(os.path.join(out, name), os.path.join(legacy_copy, name))
+        for kind, index in indexes.items():
+            ann.write_index(faiss.downcast_index(index.index),
+                            os.path.join(legacy_copy, ann.index_file(kind)))
 
 
 def query_strings(n: int, seed: int = 0) -> list[str]:
@@ -213,4 +250,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
