@@ -252,6 +252,15 @@ MPM_VARIANTS = (
     Variant("mpmr_block", dict(_BLOCK50), "MPM_R, block masks of 50% of the patches"),
     Variant("mpmr_teacher_block", {**_TEACHER, **_BLOCK50}, "MPM_R, EMA teacher + 50% block "
             "masks"),
+    Variant("mpmr_r50", {"data.patch_mask_ratio": 0.5}, "MPM_R, random masks of 50% of the "
+            "patches"),
+    Variant("mpmr_image", {"loss.mpm_candidates": "image"}, "MPM_R, candidates = the 16 "
+            "patches of the same image (instead of the 512 masked patches of the global batch)"),
+    Variant("mpmr_t02", {"loss.mpm_temperature": 0.2}, "MPM_R, temperature 0.2 (base 0.1)"),
+    Variant("mpmr_dup095", {"loss.mpm_dup_threshold": 0.95}, "MPM_R, candidates whose target "
+            "has cosine > 0.95 with the row's own target are not negatives"),
+    Variant("mpmr_frozen", {**_TEACHER, "loss.mpm_teacher_momentum": 1.0}, "MPM_R, targets "
+            "from the item tower frozen at initialisation (a fixed random target network)"),
 )
 MPM_CLAIMS = (
     Claim("2", "MPM_R beats regression MPM (both as in configs/base.py)", "mpmr", "reg",
