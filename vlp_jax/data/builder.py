@@ -21,13 +21,12 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -37,8 +36,8 @@ from etils import epath
 
 from vlp_jax.data import records
 from vlp_jax.data import tokenizer as tokenizer_lib
+from vlp_jax.data.fingerprint import BUILD_FORMAT, catalog_fingerprint
 
-BUILD_FORMAT = 1  # bump when records or build rules change: invalidates every cached build
 SPLITS = ("items",) + records.PAIR_SPLITS
 REPORT_FILE = "build_report.json"
 TOKENIZER_DIR = "tokenizer"
@@ -77,6 +76,7 @@ class VLPCatalog(tfds.core.GeneratorBasedBuilder):
         self._images: np.ndarray | None = None
         self._stage_dir = ""
         self._tokenizer_report: dict = {}
+        self._report_extra: dict = {}  # how the build ran, when not in this process (Beam)
 
     def _info(self) -> tfds.core.DatasetInfo:
         text = tfds.features.Text()
@@ -116,7 +116,8 @@ class VLPCatalog(tfds.core.GeneratorBasedBuilder):
             raise ValueError(
                 f"catalog {cfg.catalog_dir!r} has no usable item: {self._stats['items'].as_dict()}"
             )
-        self._prepare_tokenizer()
+        self._prepare_tokenizer([item.title for item in self._kept],
+                                [p.query for p in self._pairs["train"]])
         logging.info("catalog parsed and images decoded in %.1fs", time.perf_counter() - t0)
         # TFDS cannot write an empty split; load_dataset gives such a split an empty source.
         return {
@@ -155,17 +156,17 @@ class VLPCatalog(tfds.core.GeneratorBasedBuilder):
                     self._kept.append(item)
         stats.kept = len(self._kept)
 
-    def _prepare_tokenizer(self) -> None:
-        """Train (titles + train queries only: no eval leakage) or copy the given tokenizer."""
+    def _prepare_tokenizer(self, titles: list[str], train_queries: list[str]) -> None:
+        """Train (kept titles + kept train queries only: no eval leakage) or copy the given
+        tokenizer."""
         cfg = self.builder_config
         out = os.path.join(os.fspath(self.data_dir), TOKENIZER_DIR)
-        titles = [item.title for item in self._kept]
         if cfg.tokenizer:
             tok = tokenizer_lib.load_tokenizer(cfg.tokenizer)
             tok.save_pretrained(out)
             source = os.path.abspath(cfg.tokenizer)
         else:
-            texts = titles + [p.query for p in self._pairs["train"]]
+            texts = titles + train_queries
             tok = tokenizer_lib.train_wordpiece(texts, cfg.vocab_size, out)
             source = f"wordpiece trained on {len(texts)} texts (item titles + train queries)"
         self._tokenizer_report = {
@@ -208,59 +209,11 @@ class VLPCatalog(tfds.core.GeneratorBasedBuilder):
             image_size=cfg.image_size,
             image_encoding="uint8 [S, S, 3] raw bytes (tfds Tensor(shape=(), dtype=object))",
             tokenizer=self._tokenizer_report,
+            **self._report_extra,
         )
         with open(os.path.join(os.fspath(self.data_dir), REPORT_FILE), "w") as f:
             json.dump(report, f, indent=1, ensure_ascii=False)
         records.log_report(report)
-
-
-# ---------------------------------------------------------------------- fingerprint
-def _hash_file(h: Any, path: str) -> None:
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-
-
-def _stat_key(path: str) -> str:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return "missing"
-    return f"{st.st_size}:{st.st_mtime_ns}"
-
-
-def catalog_fingerprint(catalog_dir: str, image_size: int, tokenizer: str, vocab_size: int) -> str:
-    """Hash of everything the build reads: jsonl contents, image and tokenizer-file stats, settings.
-
-    Images are keyed by size + mtime rather than content: hashing every image would cost as much
-    as decoding it, and a changed image file gets a new mtime.
-    """
-    h = hashlib.sha256()
-    settings = {"format": BUILD_FORMAT, "image_size": image_size,
-                "tokenizer": os.path.abspath(tokenizer) if tokenizer else "",
-                "vocab_size": vocab_size if not tokenizer else 0,  # + how the vocab is trained:
-                "trainer": tokenizer_lib.WORDPIECE_TRAINER if not tokenizer else ""}
-    h.update(json.dumps(settings, sort_keys=True).encode())
-    image_refs: set[str] = set()
-    for name in ("items",) + records.PAIR_SPLITS:
-        path = os.path.join(catalog_dir, f"{name}.jsonl")
-        h.update(f"\n{name}:".encode())
-        if not os.path.isfile(path):
-            h.update(b"missing")
-            continue
-        _hash_file(h, path)
-        if name == "items":
-            for _, obj in records.iter_json_lines(path, records.SplitStats()):
-                refs = [obj.get("image")] + (obj.get("images") or [] if isinstance(
-                    obj.get("images"), list) else [])
-                image_refs.update(r for r in refs if isinstance(r, str))
-    for ref in sorted(image_refs):
-        h.update(f"\n{ref}={_stat_key(os.path.join(catalog_dir, ref))}".encode())
-    if tokenizer and os.path.isdir(tokenizer):
-        for name in sorted(os.listdir(tokenizer)):
-            path = os.path.join(tokenizer, name)
-            h.update(f"\ntok:{name}={_stat_key(path)}".encode())
-    return h.hexdigest()[:20]
 
 
 # ---------------------------------------------------------------------- public entry point
@@ -364,8 +317,15 @@ def build_dataset(
     vocab_size: int = 4000,
     *,
     num_workers: int = 0,
+    builder_cls: Callable[..., VLPCatalog] | None = None,
+    beam_runner: Any = None,
+    beam_options: Any = None,
 ) -> DatasetHandle:
-    """Build (or reuse) the TFDS dataset of ``catalog_dir`` under ``data_dir``."""
+    """Build (or reuse) the TFDS dataset of ``catalog_dir`` under ``data_dir``.
+
+    ``builder_cls``/``beam_runner``/``beam_options``: the Beam build (``beam_build``), which
+    writes the same dataset folder, so either build is the other's cache hit.
+    """
     if not os.path.isfile(os.path.join(catalog_dir, "items.jsonl")):
         raise ValueError(f"catalog {catalog_dir!r} has no items.jsonl")
     if image_size < 1:
@@ -388,12 +348,13 @@ def build_dataset(
     if os.path.isfile(os.path.join(dataset_dir, REPORT_FILE)):
         return load_dataset(dataset_dir, cache_hit=True)
     with _build_lock(data_dir, config.name):
-        builder = VLPCatalog(config=config, data_dir=data_dir)
+        builder = (builder_cls or VLPCatalog)(config=config, data_dir=data_dir)
         cache_hit = builder.data_path.exists()  # another process may have built it meanwhile
         if not cache_hit:
             builder.download_and_prepare(
                 file_format="array_record",
-                download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+                download_config=tfds.download.DownloadConfig(
+                    try_download_gcs=False, beam_runner=beam_runner, beam_options=beam_options),
             )
         if os.fspath(builder.data_path) != dataset_dir:
             raise RuntimeError(f"TFDS wrote {builder.data_path}, expected {dataset_dir}")

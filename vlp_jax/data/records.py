@@ -75,29 +75,40 @@ class BadRecord(Exception):
         self.reason = reason
 
 
+def json_line(raw: bytes, stats: SplitStats, *, first: bool = False) -> dict | None:
+    """One raw line's JSON object, or None for a blank line (not counted) or a bad one (counted).
+
+    Per line, so the sequential parse and the Beam build (which reads byte ranges of the file in
+    parallel, ``first`` = the line at offset 0) apply the same rules.
+    """
+    if first and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    if not raw.strip():
+        return None
+    stats.lines += 1
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        stats.skipped["non_utf8"] += 1
+        return None
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        stats.skipped["invalid_json"] += 1
+        return None
+    if not isinstance(obj, dict):
+        stats.skipped["invalid_json"] += 1
+        return None
+    return obj
+
+
 def iter_json_lines(path: str, stats: SplitStats) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, object)`` for each good JSON-object line; count the bad ones."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            if not raw.strip():
-                continue
-            stats.lines += 1
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                stats.skipped["non_utf8"] += 1
-                continue
-            try:
-                obj = json.loads(text)
-            except (json.JSONDecodeError, RecursionError):
-                stats.skipped["invalid_json"] += 1
-                continue
-            if not isinstance(obj, dict):
-                stats.skipped["invalid_json"] += 1
-                continue
-            yield lineno, obj
+            obj = json_line(raw, stats, first=lineno == 1)
+            if obj is not None:
+                yield lineno, obj
 
 
 def _text_field(obj: dict, key: str, *, allow_int: bool = False) -> str:
@@ -141,6 +152,23 @@ def _image_paths(obj: dict) -> list[str]:
     return paths
 
 
+def item_id_of(obj: dict) -> str:
+    """The item id of an item or pair object; raises BadRecord (missing, wrong type, empty)."""
+    item_id = _text_field(obj, "item_id", allow_int=True).strip()
+    if not item_id:
+        raise BadRecord("missing_key", "item_id is empty")
+    return item_id
+
+
+def item_text(obj: dict, item_id: str, stats: SplitStats) -> ItemMeta:
+    """The text-level checks of an item line after its id (title, image paths); raises
+    BadRecord.  Duplicates and images are checked later, by the caller."""
+    title = _text_field(obj, "title")
+    paths = _image_paths(obj)
+    title = _clean_text(title, "empty_title", "truncated_title", stats)
+    return ItemMeta(item_id=item_id, title=title, image_paths=paths)
+
+
 def parse_items(path: str, stats: SplitStats) -> tuple[list[ItemMeta], set[str]]:
     """Text-level parse of items.jsonl → (candidate items in file order, every item id seen).
 
@@ -152,20 +180,16 @@ def parse_items(path: str, stats: SplitStats) -> tuple[list[ItemMeta], set[str]]
     seen: set[str] = set()
     for _, obj in iter_json_lines(path, stats):
         try:
-            item_id = _text_field(obj, "item_id", allow_int=True).strip()
-            if not item_id:
-                raise BadRecord("missing_key", "item_id is empty")
+            item_id = item_id_of(obj)
             seen.add(item_id)
-            title = _text_field(obj, "title")
-            paths = _image_paths(obj)
-            title = _clean_text(title, "empty_title", "truncated_title", stats)
+            meta = item_text(obj, item_id, stats)
             if item_id in accepted:
                 raise BadRecord("duplicate_item_id", item_id)
         except BadRecord as e:
             stats.skipped[e.reason] += 1
             continue
         accepted.add(item_id)
-        items.append(ItemMeta(item_id=item_id, title=title, image_paths=paths))
+        items.append(meta)
     return items, seen
 
 
@@ -239,6 +263,22 @@ def load_item_image(catalog_dir: str, item: ItemMeta, size: int) -> tuple[np.nda
     raise BadRecord("image_unreadable" if any_present else "image_missing", str(first_error))
 
 
+def pair_text(obj: dict, stats: SplitStats) -> tuple[str, str, str]:
+    """``(query, item_id, slice)`` of a pair line; raises BadRecord.  Whether the item exists
+    is checked by the caller (:func:`pair_item_index`)."""
+    query = _text_field(obj, "query")
+    item_id = _text_field(obj, "item_id", allow_int=True).strip()
+    slice_ = _text_field(obj, "slice").strip() if obj.get("slice") is not None else ""
+    query = _clean_text(query, "empty_query", "truncated_query", stats)
+    return query, item_id, slice_
+
+
+def missing_item_reason(item_id: str, seen_ids: set[str] | bool) -> str:
+    """Why a pair's item is not kept: its line was skipped, or there never was one."""
+    seen = seen_ids if isinstance(seen_ids, bool) else item_id in seen_ids
+    return "skipped_item" if seen else "unknown_item"
+
+
 def parse_pairs(
     path: str, index_of: dict[str, int], seen_ids: set[str], stats: SplitStats
 ) -> list[Pair]:
@@ -248,12 +288,9 @@ def parse_pairs(
         return pairs
     for _, obj in iter_json_lines(path, stats):
         try:
-            query = _text_field(obj, "query")
-            item_id = _text_field(obj, "item_id", allow_int=True).strip()
-            slice_ = _text_field(obj, "slice").strip() if obj.get("slice") is not None else ""
-            query = _clean_text(query, "empty_query", "truncated_query", stats)
+            query, item_id, slice_ = pair_text(obj, stats)
             if item_id not in index_of:
-                raise BadRecord("skipped_item" if item_id in seen_ids else "unknown_item", item_id)
+                raise BadRecord(missing_item_reason(item_id, seen_ids), item_id)
         except BadRecord as e:
             stats.skipped[e.reason] += 1
             continue

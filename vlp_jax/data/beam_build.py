@@ -1,0 +1,248 @@
+"""The TFDS dataset build on Apache Beam: the same dataset as ``builder``, built by many workers.
+
+    python -m vlp_jax.data.build --catalog_dir=DIR --data_dir=DIR --runner=DirectRunner \
+        -- --direct_num_workers=2 --direct_running_mode=multi_processing
+
+A catalog of 10^7–10^8 items is too slow to decode on one machine; TFDS builders run on Beam,
+and the same pipeline runs on the DirectRunner here and on Dataflow, Flink or Spark
+(docs/beam.md).  Apache Beam is the optional ``beam`` extra: only this module, ``beam_stages``
+and the CLI import it.
+
+Two pipelines on the same runner and options, with the one global step between them:
+
+1. **Check** (``beam_stages``): items.jsonl and the pair files are read in byte ranges, every
+   line parsed by ``records``' rules, duplicate ids resolved (lowest offset wins), images
+   decoded and checked per block of the items file, pairs joined to the kept items by id.
+   Kept images go to a staging folder, one ``.npy`` per block (the single-process build stages
+   them in a memmap for the same reason: decode once, write later); counts are summed into
+   the build report.
+2. **Driver**: block sizes → each block's first row; the tokenizer is trained once on the kept
+   titles and train queries (or the given one was loaded before step 1) — it must see exactly
+   the records the single-process build trains it on, which are known only after the check.
+3. **Write** (TFDS's own Beam path: ``_split_generators`` returns PTransforms): staged blocks
+   become the ``items`` split (row = block start + rank), resolved pairs the pair splits,
+   written as array_record by TFDS's ``BeamWriter``.  Pair splits with no kept pair are left
+   out, as in the single-process build (TFDS cannot write an empty split).
+
+The dataset folder, records and report counts equal the single-process build's
+(tests/test_beam_build.py), so either build is the other's cache hit and Grain reads it
+unchanged.  The report adds a ``beam`` section (runner, options, blocks, stage timings).
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from absl import logging
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from vlp_jax.data import beam_stages as stages
+from vlp_jax.data import builder, records
+
+DEFAULT_CHUNK_BYTES = 4 << 20  # bytes of a catalog file per read range and per decode block
+PAIRS_DIR = "pairs"
+
+
+class VLPCatalogBeam(builder.VLPCatalog, skip_registration=True):
+    """``VLPCatalog`` whose splits are computed by Beam; same name, so the same folder."""
+
+    name = "vlp_catalog"
+
+    def __init__(self, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 pipeline_args: Sequence[str] = (), **kwargs: Any):
+        super().__init__(**kwargs)
+        if chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+        self._chunk_bytes = int(chunk_bytes)
+        self._pipeline_args = list(pipeline_args)
+        self._download_config: Any = None
+
+    def _download_and_prepare(self, dl_manager: Any, download_config: Any) -> None:
+        self._download_config = download_config  # the runner and options of both pipelines
+        super()._download_and_prepare(dl_manager, download_config)
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
+        cfg = self.builder_config
+        self._stage_dir = tempfile.mkdtemp(prefix="stage-", dir=os.fspath(self.data_dir))
+        t0 = time.perf_counter()
+        runner = self._download_config.beam_runner
+        options = self._download_config.beam_options or PipelineOptions([])
+        with beam.Pipeline(runner=runner, options=options) as pipeline:
+            check_pipeline(pipeline, cfg.catalog_dir, cfg.image_size, self._stage_dir,
+                           self._chunk_bytes)
+        check_seconds = time.perf_counter() - t0
+        self._stats = _read_stats(self._stage_dir)
+        blocks, titles = _read_blocks(self._stage_dir)
+        if not titles:
+            raise ValueError(
+                f"catalog {cfg.catalog_dir!r} has no usable item: {self._stats['items'].as_dict()}"
+            )
+        t1 = time.perf_counter()
+        self._prepare_tokenizer(titles, _train_queries(self._stage_dir))
+        self._report_extra = {"beam": {
+            "runner": str(runner or "DirectRunner"), "pipeline_args": self._pipeline_args,
+            "chunk_bytes": self._chunk_bytes, "item_blocks": len(blocks),
+            "check_seconds": round(check_seconds, 3),
+            "tokenizer_seconds": round(time.perf_counter() - t1, 3)}}
+        logging.info("beam check pipeline: %d items kept in %d blocks, %.1fs", len(titles),
+                     len(blocks), check_seconds)
+        starts = dict(blocks)
+        generators = {"items": items_from_blocks(self._stage_dir, blocks)}
+        for split in records.PAIR_SPLITS:
+            if self._stats[split].kept:
+                pattern = os.path.join(self._stage_dir, PAIRS_DIR, f"{split}-*")
+                generators[split] = pairs_from_stage(pattern, starts)
+        return generators
+
+
+def check_pipeline(pipeline: beam.Pipeline, catalog_dir: str, image_size: int, stage_dir: str,
+                   chunk_bytes: int) -> None:
+    """Add the check stages (module docstring, step 1) to ``pipeline``; outputs go to
+    ``stage_dir``: ``block-N.{npy,json}``, ``pairs/<split>-*.jsonl``, ``stats-*.jsonl``."""
+
+    def lines(label: str, path: str) -> beam.PCollection:
+        return (pipeline
+                | f"{label}Ranges" >> beam.Create(stages.byte_ranges(path, chunk_bytes))
+                | f"{label}Spread" >> beam.Reshuffle()
+                | f"{label}Read" >> beam.ParDo(stages.ReadLines()))
+
+    items = (lines("Items", os.path.join(catalog_dir, "items.jsonl"))
+             | "ParseItems" >> beam.ParDo(stages.ParseItems()).with_outputs(
+                 stages.STATS, stages.SEEN, main="candidates"))
+    firsts = (items.candidates
+              | "ById" >> beam.GroupByKey()
+              | "FirstOfId" >> beam.ParDo(stages.FirstOfId(chunk_bytes)).with_outputs(
+                  stages.STATS, main="winners"))
+    decoded = (firsts.winners
+               | "ByBlock" >> beam.GroupByKey()
+               | "DecodeBlocks" >> beam.ParDo(
+                   stages.DecodeBlock(catalog_dir, image_size, stage_dir)).with_outputs(
+                   stages.STATS, stages.KEPT, main="unused"))
+    stats = [items[stages.STATS], firsts[stages.STATS], decoded[stages.STATS]]
+    pairs, present = [], []
+    for split in records.PAIR_SPLITS:
+        path = os.path.join(catalog_dir, f"{split}.jsonl")
+        if not os.path.isfile(path) or not os.path.getsize(path):
+            continue
+        parsed = lines(split.capitalize(), path) | f"Parse{split.capitalize()}" >> beam.ParDo(
+            stages.ParsePairs(split)).with_outputs(stages.STATS, main="pairs")
+        pairs.append(parsed.pairs)
+        stats.append(parsed[stages.STATS])
+        present.append(split)
+    if present:
+        resolved = ({"pairs": pairs | "AllPairs" >> beam.Flatten(),
+                     "kept": decoded[stages.KEPT], "seen": items[stages.SEEN]}
+                    | "JoinPairs" >> beam.CoGroupByKey()
+                    | "ResolvePairs" >> beam.ParDo(stages.ResolvePairs()).with_outputs(
+                        stages.STATS, *present, main="unused"))
+        stats.append(resolved[stages.STATS])
+        for split in present:
+            _ = resolved[split] | f"Write{split.capitalize()}" >> beam.io.WriteToText(
+                os.path.join(stage_dir, PAIRS_DIR, split), file_name_suffix=".jsonl")
+    _ = (stats
+         | "AllStats" >> beam.Flatten()
+         | "SumStats" >> beam.CombinePerKey(sum)
+         | "StatsJson" >> beam.Map(json.dumps)
+         | "WriteStats" >> beam.io.WriteToText(os.path.join(stage_dir, "stats"),
+                                               file_name_suffix=".jsonl"))
+
+
+def _read_jsonl(pattern: str) -> list[Any]:
+    out = []
+    for path in sorted(glob.glob(pattern)):
+        with open(path, encoding="utf-8") as f:
+            out.extend(json.loads(line) for line in f if line.strip())
+    return out
+
+
+def _read_stats(stage_dir: str) -> dict[str, records.SplitStats]:
+    rows = [(tuple(key), n) for key, n in _read_jsonl(os.path.join(stage_dir, "stats-*.jsonl"))]
+    return stages.merge_stats(rows, builder.SPLITS)
+
+
+def _read_blocks(stage_dir: str) -> tuple[list[tuple[int, int]], list[str]]:
+    """``[(block, first row)]`` in file order, and every kept title in row order."""
+    blocks, titles = [], []
+    for path in sorted(glob.glob(os.path.join(stage_dir, "block-*.json"))):
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        blocks.append((int(meta["block"]), len(titles)))
+        titles.extend(item["title"] for item in meta["items"])
+    return blocks, titles
+
+
+def _train_queries(stage_dir: str) -> list[str]:
+    """Kept train queries in file order (the tokenizer's second input, as in ``builder``)."""
+    rows = _read_jsonl(os.path.join(stage_dir, PAIRS_DIR, "train-*"))
+    return [row["query"] for row in sorted(rows, key=lambda row: row["offset"])]
+
+
+def _block_examples(block_start: tuple[int, int], stage_dir: str):
+    block, start = block_start
+    with open(os.path.join(stage_dir, stages.BLOCK_META.format(block=block)),
+              encoding="utf-8") as f:
+        items = json.load(f)["items"]
+    images = np.load(os.path.join(stage_dir, stages.BLOCK_IMAGES.format(block=block)),
+                     mmap_mode="r")
+    for rank, item in enumerate(items):
+        row = start + rank
+        yield row, {"item_index": row, "item_id": item["item_id"], "title": item["title"],
+                    "query": "", "slice": "", "image": np.asarray(images[rank]).tobytes()}
+
+
+def _pair_example(line: str, starts: dict[int, int]):
+    pair = json.loads(line)
+    return pair["offset"], {
+        "item_index": starts[pair["block"]] + pair["rank"], "item_id": pair["item_id"],
+        "title": "", "query": pair["query"], "slice": pair["slice"], "image": b""}
+
+
+@beam.ptransform_fn
+def items_from_blocks(root: Any, stage_dir: str, blocks: list[tuple[int, int]]) -> Any:
+    """The ``items`` split's ``(row, example)`` from the staged blocks (one block per task)."""
+    return (root
+            | "Blocks" >> beam.Create(blocks)
+            | "Spread" >> beam.Reshuffle()
+            | "Examples" >> beam.FlatMap(_block_examples, stage_dir))
+
+
+@beam.ptransform_fn
+def pairs_from_stage(root: Any, pattern: str, starts: dict[int, int]) -> Any:
+    """A pair split's ``(byte offset, example)``: offsets order the records as the file."""
+    return (root
+            | "Read" >> beam.io.ReadFromText(pattern)
+            | "Examples" >> beam.Map(_pair_example, starts))
+
+
+def build_dataset_beam(
+    catalog_dir: str,
+    data_dir: str,
+    image_size: int = 64,
+    tokenizer: str = "",
+    vocab_size: int = 4000,
+    *,
+    runner: str = "DirectRunner",
+    pipeline_args: Sequence[str] = (),
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> builder.DatasetHandle:
+    """``builder.build_dataset`` through Beam: same folder, records and report counts.
+
+    ``pipeline_args`` are Beam pipeline options as on a command line (``--project=...``,
+    ``--direct_num_workers=2``); a finished build of the same inputs is reused, whichever
+    engine made it.
+    """
+    options = PipelineOptions(list(pipeline_args))
+    return builder.build_dataset(
+        catalog_dir, data_dir, image_size, tokenizer, vocab_size,
+        builder_cls=functools.partial(VLPCatalogBeam, chunk_bytes=chunk_bytes,
+                                      pipeline_args=pipeline_args),
+        beam_runner=runner, beam_options=options)
