@@ -73,7 +73,8 @@ def _main(argv: list[str]) -> None:
         try:
             from vlp_jax.data import beam_build
         except ImportError as e:
-            raise SystemExit(f"the Beam build needs Apache Beam: pip install -e '.[beam]' ({e})")
+            raise SystemExit(
+                f"the Beam build needs Apache Beam: pip install -e '.[beam]' ({e})") from e
         handle = beam_build.build_dataset_beam(
             **settings, runner=FLAGS.runner, pipeline_args=pipeline_args,
             chunk_bytes=max(1, int(FLAGS.chunk_mb * (1 << 20))))
