@@ -3,7 +3,9 @@
 Thin on purpose: flags → ``train.train_and_evaluate``; all logic is importable and tested.
 Faults a user can act on end with one clear message and a distinct exit status instead of a
 traceback: 0 = finished or preempted (checkpoint saved; rerun to resume), 3 = non-finite loss,
-4 = workdir in use, 5 = checkpoint unusable or incompatible with the config.
+4 = workdir in use, 5 = checkpoint unusable or incompatible with the config, 6 = disk full,
+7 = dataset build damaged, 8 = another process of a multi-process run is gone
+(docs/reliability.md).
 """
 
 import os
@@ -17,8 +19,9 @@ if __name__ == "__main__":  # first, before 4 s of imports: re-exec under a cach
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from vlp_jax.data import shards  # noqa: E402
 from vlp_jax.parallel import mesh as mesh_lib  # noqa: E402
-from vlp_jax.runtime import allocator  # noqa: E402
+from vlp_jax.runtime import allocator, peers, storage  # noqa: E402
 from vlp_jax.runtime import devices as runtime  # noqa: E402
 from vlp_jax.train import (  # noqa: E402
     checkpointing,
@@ -37,6 +40,11 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "export"],
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process runs.")
 flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", -1, "This process's index (multi-process runs).")
+flags.DEFINE_float("peer_timeout", 60.0,
+                   "Multi-process runs: seconds without a heartbeat after which another process "
+                   "counts as dead and every process stops (exit 8).")
+flags.DEFINE_bool("rebuild_data", False,
+                  "Delete a damaged TFDS build (missing or truncated shard) and build it again.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 EXIT_CODES = (
@@ -44,6 +52,8 @@ EXIT_CODES = (
     (workdir_lock.WorkdirLockedError, 4),
     (checkpointing.CheckpointRestoreError, 5),
     (resume_config.ConfigMismatchError, 5),
+    (storage.DiskFullError, storage.DISK_FULL_EXIT),
+    (shards.DatasetCorruptError, shards.DATASET_DAMAGED_EXIT),
 )
 
 
@@ -59,19 +69,53 @@ def main(argv):
         if count:
             logging.info("CPU backend: %d device(s) (train.cpu_devices)", count)
     mesh_lib.maybe_initialize_distributed(
-        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+        **peers.jax_timeouts(FLAGS.peer_timeout),
     )
+    watchdog = peers.start_watchdog(FLAGS.peer_timeout, FLAGS.coordinator_address)
+    status = 1
     try:
-        if FLAGS.mode == "eval":
-            train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
-        elif FLAGS.mode == "export":
-            export_checkpoint.export_from_checkpoint(FLAGS.config, FLAGS.workdir)
-        else:
-            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        _run_mode()
+        status = 0
     except tuple(cls for cls, _ in EXIT_CODES) as err:
-        code = next(c for cls, c in EXIT_CODES if isinstance(err, cls))
-        print(f"error: {err}", file=sys.stderr)  # the message says what to do; no traceback
-        sys.exit(code)
+        status = next(c for cls, c in EXIT_CODES if isinstance(err, cls))
+        _fail(f"error: {err}", status, watchdog)  # the message says what to do; no traceback
+    except Exception as err:
+        if watchdog is not None and _collective_failure(err):
+            watchdog.wait_for_verdict()  # a dead peer: its one line and exit 8 replace this
+        if storage.is_disk_full(err):
+            status = storage.DISK_FULL_EXIT
+            _fail(f"error: no space left on device ({storage.reason(err)}). Free space on the "
+                  "filesystem of --workdir (or of data.cache_dir), then rerun the same command "
+                  "to resume from the newest complete checkpoint.", status, watchdog)
+        raise
+    finally:
+        if watchdog is not None:
+            watchdog.mark_exiting(status)
+
+
+def _run_mode() -> None:
+    if FLAGS.mode == "eval":
+        train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, rebuild_data=FLAGS.rebuild_data)
+    elif FLAGS.mode == "export":
+        export_checkpoint.export_from_checkpoint(FLAGS.config, FLAGS.workdir,
+                                                 rebuild_data=FLAGS.rebuild_data)
+    else:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir, rebuild_data=FLAGS.rebuild_data)
+
+
+def _collective_failure(err: BaseException) -> bool:
+    """An XLA runtime error (a collective or barrier that failed), the way a dead peer shows."""
+    import jax
+
+    return isinstance(err, jax.errors.JaxRuntimeError)
+
+
+def _fail(message: str, status: int, watchdog: peers.PeerWatchdog | None) -> None:
+    if watchdog is not None:
+        watchdog.mark_exiting(status)
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

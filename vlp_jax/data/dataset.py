@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from vlp_jax.data import builder, catalog
+from vlp_jax.data import builder, catalog, shards
 
 
 def cache_root(data_cfg: ml_collections.ConfigDict) -> str:
@@ -43,24 +44,44 @@ def builtin_catalog_dir(data_cfg: ml_collections.ConfigDict) -> str:
     return out
 
 
-def prepare_dataset(data_cfg: ml_collections.ConfigDict) -> builder.DatasetHandle:
-    """Catalog → TFDS array_record build (cached) → handle with sources and tokenizer.
+def prepare_dataset(
+    data_cfg: ml_collections.ConfigDict, *, rebuild: bool = False
+) -> builder.DatasetHandle:
+    """Catalog → TFDS array_record build (cached, its shards checked) → handle.
 
     Multi-process: process 0 generates/builds first while the others wait at a barrier; then
     the others find the cache (shared filesystem) or, on per-host disks, regenerate the same
     bytes (the catalog and the build are deterministic), so every host trains on identical data.
+
+    A cached build with a missing or truncated shard raises ``shards.DatasetCorruptError``;
+    with ``rebuild`` (``--rebuild_data``) that build is deleted and made again instead.
     """
     if jax.process_count() > 1:
         if jax.process_index() == 0:
-            handle = _prepare(data_cfg)
+            handle = _prepare(data_cfg, rebuild)
         multihost_utils.sync_global_devices("vlp_jax.prepare_dataset")
-        if jax.process_index() != 0:
-            handle = _prepare(data_cfg)
+        if jax.process_index() != 0:  # on a shared disk it finds process 0's checked build
+            handle = _prepare(data_cfg, rebuild)
         return handle
-    return _prepare(data_cfg)
+    return _prepare(data_cfg, rebuild)
 
 
-def _prepare(data_cfg: ml_collections.ConfigDict) -> builder.DatasetHandle:
+def _prepare(data_cfg: ml_collections.ConfigDict, rebuild: bool = False) -> builder.DatasetHandle:
+    handle = _build(data_cfg)
+    try:
+        shards.check_build(handle.dataset_dir)
+    except shards.DatasetCorruptError as err:
+        if not rebuild:
+            raise
+        logging.warning("%s %s; --rebuild_data: deleting %s and building it again",
+                        err.path, err.problem, handle.dataset_dir)
+        shutil.rmtree(handle.dataset_dir)
+        handle = _build(data_cfg)
+        shards.check_build(handle.dataset_dir)
+    return handle
+
+
+def _build(data_cfg: ml_collections.ConfigDict) -> builder.DatasetHandle:
     catalog_dir = data_cfg.catalog_dir or builtin_catalog_dir(data_cfg)
     if not os.path.isdir(catalog_dir):
         raise FileNotFoundError(f"data.catalog_dir={catalog_dir!r} is not a directory")

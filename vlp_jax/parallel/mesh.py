@@ -23,12 +23,15 @@ def maybe_initialize_distributed(
     coordinator_address: str = "",
     num_processes: int = 0,
     process_id: int = -1,
+    **timeouts: int,
 ) -> None:
     """Call ``jax.distributed.initialize`` once, if the environment asks for several processes.
 
     Explicit arguments win (used by ``launch/local_multiprocess.sh``); otherwise JAX's own
     auto-detection handles TPU pods and SLURM.  A single-process run does nothing, so tests and
-    laptops never wait for a coordinator.
+    laptops never wait for a coordinator.  ``timeouts`` (``heartbeat_timeout_seconds``,
+    ``shutdown_timeout_seconds``) go to ``jax.distributed.initialize``; ``main`` sets them from
+    ``--peer_timeout`` (``runtime.peers.jax_timeouts``).
     """
     if jax.distributed.is_initialized():
         return
@@ -46,9 +49,10 @@ def maybe_initialize_distributed(
             coordinator_address=coordinator_address,
             num_processes=num_processes,
             process_id=process_id,
+            **timeouts,
         )
     elif env_multi:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
     else:
         return
     logging.info(

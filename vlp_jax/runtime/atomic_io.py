@@ -8,9 +8,11 @@ the temporary file is removed and the old target is left as it was.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -26,6 +28,21 @@ def write_bytes(path: str, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def replacing(path: str, suffix: str = ".tmp") -> Iterator[str]:
+    """For writers that need a path (``np.save``, faiss): yields ``path + suffix`` to write;
+    it replaces ``path`` if the block succeeds and is deleted if it fails (a full disk must not
+    leave a partial temporary file, nor take the space it holds)."""
+    tmp = path + suffix
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
 

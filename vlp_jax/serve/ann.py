@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from vlp_jax.runtime import atomic_io
+
 KINDS = ("flat", "hnsw", "ivf")
 INFO_FILE = "index_info.json"
 ITEMS_FILE = "items.jsonl"
@@ -170,10 +172,8 @@ def search(index: Any, queries: np.ndarray, k: int,
 
 def write_index(index: Any, path: str) -> None:
     """Write a faiss index atomically (temporary file, then rename)."""
-    faiss = _faiss()
-    tmp = path + ".tmp"
-    faiss.write_index(index, tmp)
-    os.replace(tmp, path)
+    with atomic_io.replacing(path) as tmp:
+        _faiss().write_index(index, tmp)
 
 
 def read_index(path: str) -> Any:

@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 
 from vlp_jax.models import build, towers
 from vlp_jax.models.build import tower_param_keys
+from vlp_jax.runtime import storage
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -185,8 +186,10 @@ def export_bundle(
         try:
             _write(tmp, parts, config, tokenizer, step)
             _move_into_place(tmp, out_dir)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, Exception) and storage.is_disk_full(err):
+                raise _export_failed(out_dir, step, err) from err
             raise
         logging.info("export: bundle of step %d written to %s in %.1fs", step, out_dir,
                      time.perf_counter() - start)
@@ -195,6 +198,17 @@ def export_bundle(
 
         multihost_utils.sync_global_devices("vlp_jax.serve.export_bundle")
     return out_dir
+
+
+def _export_failed(out_dir: str, step: int, err: Exception) -> storage.DiskFullError:
+    previous = ("the previous bundle there is unchanged" if os.path.isdir(out_dir)
+                else "there is no bundle there")
+    return storage.DiskFullError(
+        f"could not write the serving bundle of step {step} to {out_dir}: "
+        f"{storage.reason(err)}; {storage.describe_free(out_dir)} on its filesystem. The "
+        f"partial bundle was deleted and {previous}. Free space, then rerun the same command "
+        "(a finished training run only evaluates and exports again), or write the bundle "
+        "with --mode=export.")
 
 
 def _write(tmp: str, parts: dict[str, Any], config: ml_collections.ConfigDict, tokenizer: Any,

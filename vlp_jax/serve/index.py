@@ -33,6 +33,7 @@ import numpy as np
 from absl import app, flags
 
 from vlp_jax.data import records
+from vlp_jax.runtime import atomic_io, storage
 from vlp_jax.serve import ann, index_files, item_embed, update
 from vlp_jax.serve import bundle as bundle_lib
 
@@ -77,9 +78,8 @@ def _prepare_out(out_dir: str, identity: dict[str, Any], overwrite: bool) -> str
             shutil.rmtree(chunks)
     os.makedirs(chunks, exist_ok=True)
     if not os.path.isfile(job_path):
-        with open(job_path + ".tmp", "w") as f:
+        with atomic_io.replacing(job_path) as tmp, open(tmp, "w") as f:
             json.dump(identity, f, indent=2, sort_keys=True)
-        os.replace(job_path + ".tmp", job_path)
     return chunks
 
 
@@ -88,10 +88,9 @@ def _chunk_path(chunks_dir: str, c: int) -> str:
 
 
 def _save_chunk(path: str, chunk: dict[str, Any]) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, emb=chunk["emb"], rows=chunk["rows"],
-             counts=np.asarray(json.dumps({"skipped": chunk["skipped"], "fixed": chunk["fixed"]})))
-    os.replace(tmp, path)
+    with atomic_io.replacing(path, ".tmp.npz") as tmp:
+        np.savez(tmp, emb=chunk["emb"], rows=chunk["rows"], counts=np.asarray(
+            json.dumps({"skipped": chunk["skipped"], "fixed": chunk["fixed"]})))
 
 
 def _read_chunk(path: str) -> dict[str, Any]:
@@ -255,6 +254,24 @@ def _define_flags() -> None:
 
 
 def _main(argv: list[str]) -> None:
+    """Run the job; a full disk ends it with one ``error:`` line and exit status 6."""
+    try:
+        _run(argv)
+    except Exception as err:
+        if not storage.is_disk_full(err):
+            raise
+        out = os.path.abspath(FLAGS.out)
+        chunks = os.path.join(out, CHUNKS_DIR)
+        kept = (f"; finished chunks stay in {chunks} and the rerun continues from them"
+                if os.path.isdir(chunks) else "")
+        print(f"error: could not write the index to {out}: {storage.reason(err)}; "
+              f"{storage.describe_free(out)} on its filesystem. The directory has no "
+              f"{ann.INFO_FILE}, so nothing loads it{kept}. Free space, then rerun the same "
+              "command.", file=sys.stderr, flush=True)
+        sys.exit(storage.DISK_FULL_EXIT)
+
+
+def _run(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from vlp_jax.runtime import devices as runtime

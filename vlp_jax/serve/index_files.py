@@ -12,20 +12,18 @@ from typing import Any
 
 import numpy as np
 
+from vlp_jax.runtime import atomic_io
 from vlp_jax.serve import ann
 
 
 def _atomic_npy(path: str, array: np.ndarray) -> None:
-    tmp = path + ".tmp.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with atomic_io.replacing(path, ".tmp.npy") as tmp:
+        np.save(tmp, array)
 
 
 def _atomic_text(path: str, lines: Sequence[str]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_io.replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.writelines(lines)
-    os.replace(tmp, path)
 
 
 def begin(out_dir: str) -> None:
@@ -70,10 +68,8 @@ def write_index_dir(out_dir: str, *, embeddings: np.ndarray, ids: np.ndarray,
     info = {**info, "format_version": ann.FORMAT_VERSION, "indexes": list(indexes),
             "num_items": n, "embed_dim": int(embeddings.shape[1]),
             "tombstones": {k: int(len(v)) for k, v in tombstones.items() if len(v)}}
-    info_path = os.path.join(out_dir, ann.INFO_FILE)
-    with open(info_path + ".tmp", "w") as f:
+    with atomic_io.replacing(os.path.join(out_dir, ann.INFO_FILE)) as tmp, open(tmp, "w") as f:
         json.dump(info, f, indent=2, sort_keys=True)
-    os.replace(info_path + ".tmp", info_path)
     return info
 
 

@@ -12,6 +12,15 @@ truncated file); that only shows when it is read, so ``restore_newest`` tries th
 first and falls back to older ones, naming each unusable step, and raises
 ``CheckpointRestoreError`` (no Orbax/tensorstore trace) when none can be read.
 
+A full disk: Orbax raises the write error (``RESOURCE_EXHAUSTED: ... No space left on
+device``) from its background thread at the next ``wait_until_finished`` or ``save`` and leaves
+``<step>.orbax-checkpoint-tmp/`` behind (orbax 0.12.8 on a full tmpfs, 2026-12-03).  Every save
+is therefore checked when it is waited for (``wait``, and before the next ``save``): on a
+failure the leftovers of that step are deleted (the space is needed) and
+``storage.DiskFullError`` names the newest complete step, which is untouched.  A renamed step
+without ``commit_success.txt`` (Orbax's last write) also counts as failed, and restoring skips
+such a step, so a half-written step is never resumed from.
+
 The "data" item (one JSON file per process) also carries the train loop's host counters
 (``loop_state``, e.g. the non-finite skip streak): they live on the host, not in the
 ``TrainState`` pytree, yet a resumed run must continue them.  Files written before the counters
@@ -35,9 +44,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from vlp_jax.runtime import storage
 from vlp_jax.train.state import TrainState
 
 CORRUPT_DIR = "checkpoints_corrupt"
+COMMIT_MARKER = "commit_success.txt"  # written by Orbax last, once a step is complete
 _DATA_FORMAT_KEY = "vlp_jax_data_item"  # marks a data item holding iterator + loop_state
 
 
@@ -130,6 +141,7 @@ class Checkpointer:
             options=options,
             item_names=("state", "data"),
         )
+        self._unverified: int | None = None  # the step of the save not yet checked
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -158,9 +170,16 @@ class Checkpointer:
             args["data"] = grain.checkpoint.CheckpointSave(_DataItem(data_iterator, loop_state))
         elif loop_state:
             raise ValueError("loop_state is saved in the data item: pass the data iterator")
-        saved = self.manager.save(
-            step, args=ocp.args.Composite(**args), force=force, custom_metadata=self.metadata
-        )
+        self.wait()  # Orbax would wait for the previous save anyway; check it is complete first
+        try:
+            saved = self.manager.save(
+                step, args=ocp.args.Composite(**args), force=force, custom_metadata=self.metadata
+            )
+        except Exception as err:
+            if storage.is_disk_full(err):
+                raise self._save_failed(step, storage.reason(err)) from err
+            raise
+        self._unverified = step if saved else None
         if saved:
             logging.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
@@ -207,6 +226,8 @@ class Checkpointer:
             if check is not None:
                 check(step, self.step_metadata(step))
             try:
+                if not self.is_complete(step):  # renamed, but a write failed (full disk)
+                    raise RuntimeError(f"incomplete save: no {COMMIT_MARKER}")
                 if data_iterator is None:
                     state, ok = self.restore_params_only(step, abstract_state), True
                 else:
@@ -246,12 +267,52 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"vlp_jax.move_aside_{step}")
         self.manager.reload()
 
+    def is_complete(self, step: int) -> bool:
+        return os.path.isfile(os.path.join(self.directory, str(step), COMMIT_MARKER))
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Wait for the save in flight; raise ``DiskFullError`` if it could not be completed
+        (the incomplete step is deleted first, the older ones are untouched)."""
+        step, self._unverified = self._unverified, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            if step is not None and storage.is_disk_full(err):
+                raise self._save_failed(step, storage.reason(err)) from err
+            raise
+        if step is not None and not _all_processes_ok(self.is_complete(step)):
+            raise self._save_failed(step, f"the save did not complete ({COMMIT_MARKER} missing)")
+
+    def _save_failed(self, step: int, why: str) -> storage.DiskFullError:
+        """Delete what the failed save of ``step`` left and describe what is still usable."""
+        if jax.process_index() == 0:
+            for name in os.listdir(self.directory):
+                if name == str(step) or name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"vlp_jax.save_failed_{step}")
+        self.manager.reload()
+        complete = [s for s in self.all_steps() if s != step and self.is_complete(s)]
+        if complete:
+            usable = (f"The newest complete checkpoint, step {complete[-1]}, is intact: free "
+                      "space (or use a --workdir on a larger disk), then rerun the same command "
+                      "to resume from it.")
+        else:
+            usable = ("There is no complete checkpoint yet: free space, then rerun the same "
+                      "command to start again.")
+        return storage.DiskFullError(
+            f"could not write the checkpoint of step {step} to {self.directory}: {why}; "
+            f"{storage.describe_free(self.directory)} on its filesystem. The incomplete step was "
+            f"deleted. {usable}")
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait and release; never raises for the save's outcome (``wait`` reports that), so a
+        ``finally: close()`` cannot hide the error that is being raised."""
+        self._unverified = None
+        try:
+            self.manager.wait_until_finished()
+        finally:
+            self.manager.close()
 
 
 def abstract_like(state: TrainState) -> TrainState:

@@ -23,7 +23,7 @@ from vlp_jax.train import state as train_state
 
 def export_from_checkpoint(
     config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
-    out_dir: str | None = None,
+    out_dir: str | None = None, *, rebuild_data: bool = False,
 ) -> str:
     """``--mode=export``: restore a checkpoint's params and export them.
 
@@ -36,7 +36,8 @@ def export_from_checkpoint(
     config = pretrained.configure_text_init(config)
     config_check.validate_config(config)
     mesh = mesh_lib.make_mesh(tuple(config.train.mesh_shape))
-    tokenizer = tokenizer_lib.load_tokenizer(dataset.prepare_dataset(config.data).tokenizer_dir)
+    tokenizer = tokenizer_lib.load_tokenizer(dataset.prepare_dataset(
+        config.data, rebuild=rebuild_data).tokenizer_dir)
     model = make_model(config, vocab_size=len(tokenizer))
     abstract = train_state.abstract_model_state(model, config, mesh)
     checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint)

@@ -53,10 +53,12 @@ class Run:
     """Objects a run needs in several places (train loop, eval, export)."""
 
     def __init__(
-        self, config: ml_collections.ConfigDict, workdir: str, *, writer: bool = False
+        self, config: ml_collections.ConfigDict, workdir: str, *, writer: bool = False,
+        rebuild_data: bool = False,
     ):
         """``writer``: this is the training run that owns the workdir (may clean up after
-        killed saves and move unreadable checkpoints aside); eval/export only read."""
+        killed saves and move unreadable checkpoints aside); eval/export only read.
+        ``rebuild_data``: rebuild a damaged TFDS build instead of stopping (``--rebuild_data``)."""
         config = pretrained.configure_text_init(config)  # widths/tokenizer from a checkpoint
         config_check.validate_config(config)
         self.config, self.workdir = config, workdir
@@ -78,7 +80,7 @@ class Run:
             except BaseException:
                 self.checkpointer.close()
                 raise
-        self.data = dataset.prepare_dataset(config.data)
+        self.data = dataset.prepare_dataset(config.data, rebuild=rebuild_data)
         self.tokenizer = tokenizer_lib.load_tokenizer(self.data.tokenizer_dir)
         # Checkpoints record the vocabulary they were trained on; resuming checks it.
         self.vocab = tokenizer_lib.vocab_fingerprint(self.tokenizer)
@@ -146,7 +148,8 @@ _DUMP_KEYS = ("item_index", "query_id")
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, *, batch_hook: BatchHook | None = None
+    config: ml_collections.ConfigDict, workdir: str, *, batch_hook: BatchHook | None = None,
+    rebuild_data: bool = False,
 ) -> dict[str, Any]:
     """Pre-train, checkpoint, evaluate; returns the final evaluation results.
 
@@ -163,7 +166,7 @@ def train_and_evaluate(
         lock.acquire()
     try:
         with preemption.PreemptionWatcher() as watcher:
-            return _train(config, workdir, watcher, batch_hook)
+            return _train(config, workdir, watcher, batch_hook, rebuild_data)
     finally:
         if lock is not None:
             lock.release()
@@ -171,9 +174,9 @@ def train_and_evaluate(
 
 def _train(
     config: ml_collections.ConfigDict, workdir: str, watcher: preemption.PreemptionWatcher,
-    batch_hook: BatchHook | None,
+    batch_hook: BatchHook | None, rebuild_data: bool = False,
 ) -> dict[str, Any]:
-    run = Run(config, workdir, writer=True)
+    run = Run(config, workdir, writer=True, rebuild_data=rebuild_data)
     cfg = run.config
     host_iter = pipeline.make_train_iterator(
         run.data.sources["train"], run.data.sources["items"], run.tokenizer, cfg.data,
@@ -283,9 +286,11 @@ def _save_on_preemption(
     )
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str, *, rebuild_data: bool = False
+) -> dict[str, Any]:
     """``--mode=eval``: restore the newest readable checkpoint's params and evaluate."""
-    run = Run(config, workdir)
+    run = Run(config, workdir, rebuild_data=rebuild_data)
     try:
         step = run.restore_latest(check_config=False)
     finally:
