@@ -306,13 +306,18 @@ class Checkpointer:
             f"deleted. {usable}")
 
     def close(self) -> None:
-        """Wait and release; never raises for the save's outcome (``wait`` reports that), so a
-        ``finally: close()`` cannot hide the error that is being raised."""
+        """Wait and release; never raises for a save's outcome (``wait`` reports that, and
+        Orbax re-raises a failed save's error on every later call), so a ``finally: close()``
+        cannot hide the error being raised."""
         self._unverified = None
         try:
             self.manager.wait_until_finished()
-        finally:
+        except Exception as err:  # noqa: BLE001
+            logging.warning("checkpoint: a save had failed: %s", _short_reason(err))
+        try:
             self.manager.close()
+        except Exception as err:  # noqa: BLE001
+            logging.warning("checkpoint: closing after a failed save: %s", _short_reason(err))
 
 
 def abstract_like(state: TrainState) -> TrainState:
