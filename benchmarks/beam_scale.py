@@ -71,7 +71,7 @@ def _last_json(text: str) -> dict:
 def run_stage(cmd: list[str]) -> dict:
     """Run ``cmd``; wall seconds, last JSON object it printed, peak RSS of it and its children."""
     start = time.perf_counter()
-    err_log = tempfile.TemporaryFile(mode="w+")  # Beam logs a lot: not into this process
+    err_log = tempfile.TemporaryFile()  # Beam logs a lot: not into this process
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err_log, text=True)
     root = psutil.Process(proc.pid)
     peaks: dict[int, float] = {}
@@ -103,7 +103,8 @@ def run_stage(cmd: list[str]) -> dict:
     seconds = time.perf_counter() - start
     if proc.returncode:
         err_log.seek(max(0, err_log.seek(0, os.SEEK_END) - 4000))
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{err_log.read()}")
+        tail = err_log.read().decode("utf-8", "replace")
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
     summary = _last_json(out)
     children = sorted((v for k, v in peaks.items() if k in workers), reverse=True)
     return {"seconds": round(seconds, 2), "summary": summary,
