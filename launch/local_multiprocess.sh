@@ -29,10 +29,21 @@ for ((i = 1; i < N; i++)); do
   pids+=($!)
 done
 status=0
+s0=0
 "$PY" -m vlp_jax.main --coordinator_address="127.0.0.1:${PORT}" --num_processes="$N" \
-  --process_id=0 "$@" || status=$?
-for p in "${pids[@]}"; do wait "$p" || status=$?; done
+  --process_id=0 "$@" || s0=$?
+statuses="0:$s0"
+[ "$s0" -ne 0 ] && status=$s0
+for ((i = 1; i < N; i++)); do
+  si=0
+  wait "${pids[$((i - 1))]}" || si=$?
+  statuses="$statuses $i:$si"
+  [ "$si" -ne 0 ] && status=$si
+done
 if [ "$status" -ne 0 ]; then
-  echo "a process failed (exit $status); logs: /tmp/vlp_jax_mp.$$.*.log" >&2
+  # Per process, so a killed peer (137 = SIGKILL) and the survivors' own codes (8 = a peer is
+  # gone, docs/reliability.md) are both visible.
+  echo "a process failed (exit $status); exit status per process (id:status): $statuses;" \
+    "logs: /tmp/vlp_jax_mp.$$.*.log" >&2
 fi
 exit "$status"

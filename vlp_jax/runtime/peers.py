@@ -248,6 +248,26 @@ def start_watchdog(timeout: float, coordinator: str = "") -> PeerWatchdog | None
     return _ACTIVE
 
 
+def align(name: str, timeout: float = 900.0) -> None:
+    """Wait until every process reaches ``name`` (a coordination-service barrier, no-op for one
+    process).
+
+    Why: a Gloo collective waits only 30 s (fixed) for the other processes to join it.  On the
+    shared 2-core box (load 12-20, 2026-12-03) process 1 reached the first train step 20-25 s
+    after process 0 (its model init took 30 s against 9 s) and process 0 failed with ``Gloo
+    context initialization failed: DEADLINE_EXCEEDED``.  Lining the processes up here, with a
+    generous timeout, before the first collective of training removes that race; a process
+    that died meanwhile is caught by the watchdog.
+    """
+    import jax
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if jax.process_count() < 2 or client is None:
+        return
+    client.wait_at_barrier(f"vlp_jax/{name}", int(timeout * 1000))
+
+
 def active() -> PeerWatchdog | None:
     """The running watchdog, if any."""
     return _ACTIVE

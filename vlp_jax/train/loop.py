@@ -30,6 +30,7 @@ from vlp_jax.data.device_prefetch import DevicePrefetchIterator
 from vlp_jax.eval import embed
 from vlp_jax.models import make_model
 from vlp_jax.parallel import mesh as mesh_lib
+from vlp_jax.runtime import peers
 from vlp_jax.serve import export
 from vlp_jax.train import (
     checkpointing,
@@ -177,6 +178,7 @@ def _train(
     batch_hook: BatchHook | None, rebuild_data: bool = False,
 ) -> dict[str, Any]:
     run = Run(config, workdir, writer=True, rebuild_data=rebuild_data)
+    peers.align("train_start")  # before the first Gloo collective (restore, step 1)
     cfg = run.config
     host_iter = pipeline.make_train_iterator(
         run.data.sources["train"], run.data.sources["items"], run.tokenizer, cfg.data,
