@@ -1,0 +1,110 @@
+"""docs/aot.md's table: the train step of two configs × three bank sizes compiled for four TPU
+topologies (``python -m vlp_jax.aot``, one fresh process per cell), then one Markdown table.
+
+    python benchmarks/aot_table.py                 # compile the missing cells, print the table
+    python benchmarks/aot_table.py --workers=2     # two cells at a time
+    python benchmarks/aot_table.py --table_only    # only print the table from the saved cells
+
+Each cell's report goes to ``benchmarks/results/aot/CONFIG_bankK_TOPOLOGY.json`` (a cell
+already there is not compiled again, so an interrupted run resumes); a cell that does not
+divide the topology keeps the error instead.  Needs libtpu (``pip install -e ".[tpu]"``).
+Every figure is a compile-time estimate, not a measurement.  ``base`` runs at the same global
+batch as ``paper_scale`` (``--batch``), so the columns differ by model, not by batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "benchmarks", "results", "aot")
+TOPOLOGIES = ("v5e:2x2", "v5e:16x16", "v5p:4x4x4", "v4:4x4x8")
+CONFIGS = ("base", "paper_scale")
+BANKS = (0, 65536, 1048576)
+
+
+def cell_path(config: str, bank: int, topo: str) -> str:
+    return os.path.join(OUT, f"{config}_bank{bank}_{topo.replace(':', '_')}.json")
+
+
+def run_cell(config: str, bank: int, topo: str, batch: int, hlo_root: str) -> str:
+    """Compile one cell in a fresh process; returns a one-line status."""
+    path = cell_path(config, bank, topo)
+    if os.path.exists(path):
+        return f"{path}: kept"
+    cmd = [sys.executable, "-m", "vlp_jax.aot", f"--config=configs/{config}.py",
+           f"--topology={topo}", "--programs=train", f"--config.negatives.bank_size={bank}",
+           f"--config.train.batch_size={batch}", f"--out={path}"]
+    if hlo_root:
+        cmd.append(f"--hlo_dir={os.path.join(hlo_root, os.path.basename(path)[:-5])}")
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode == 2 or not os.path.exists(path):
+        err = [ln for ln in proc.stderr.splitlines() if ln.startswith(("error", "  "))]
+        with open(path, "w") as f:
+            json.dump({"topology": topo, "error": "\n".join(err) or proc.stderr[-2000:],
+                       "returncode": proc.returncode}, f, indent=1)
+    return f"{path}: exit {proc.returncode} in {time.time() - start:.0f} s"
+
+
+def _row(config: str, bank: int, topo: str) -> str:
+    path = cell_path(config, bank, topo)
+    if not os.path.exists(path):
+        return f"| {topo} | {config} | {bank:,} | (not compiled) | | | | | |"
+    r = json.load(open(path))
+    if "programs" not in r:
+        first = r["error"].splitlines()[1 if len(r["error"].splitlines()) > 1 else 0].strip()
+        return f"| {topo} | {config} | {bank:,} | — | config error: {first} | | | | |"
+    p = r["programs"][0]
+    hbm = r["chip"]["hbm_bytes"] / 2**30
+    if "error" in p:
+        need = p.get("required_bytes")
+        used = f"needs {need / 2**30:.1f} of {p['available_bytes'] / 2**30:.2f}" if need else "—"
+        return f"| {topo} | {config} | {bank:,} | {used} | **no** | | | | |"
+    ag = p["collectives"]["all-gather"]
+    src = "cost model" if p["step_time_source"].startswith("cost") else "roofline"
+    return (f"| {topo} | {config} | {bank:,} | {p['total_bytes'] / 2**30:.2f} of {hbm:.0f} | "
+            f"{'yes' if p['fits'] else '**no**'} | {ag['count']} × / "
+            f"{ag['bytes'] / 2**20:.2f} MiB | {p['step_seconds'] * 1e3:.1f} ({src}) | "
+            f"{p['rows_per_second']:,.0f} | {p['mfu']:.0%} |")
+
+
+def table() -> str:
+    head = ["| topology | config | bank | HBM per device (GiB) | fits | all-gathers / bytes "
+            "per device per step | est. step (ms) | est. pairs/s | est. MFU |",
+            "|---|---|---:|---:|---|---:|---:|---:|---:|"]
+    rows = [_row(c, b, t) for t in TOPOLOGIES for c in CONFIGS for b in BANKS]
+    return "\n".join(head + rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=4096, help="global batch of every cell")
+    parser.add_argument("--table_only", action="store_true")
+    parser.add_argument("--hlo_dir", default="", help="keep each cell's compiled HLO here")
+    parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    args = parser.parse_args()
+    os.makedirs(OUT, exist_ok=True)
+    if not args.table_only:
+        # Most telling first (a run may be cut short): the 2^16 bank on every topology, then
+        # 2^20, then no bank; paper_scale before base.
+        order = [(c, b) for b in (65536, 1048576, 0) for c in reversed(CONFIGS)]
+        cells = [(c, b, t) for c, b in order if c in args.configs.split(",")
+                 for t in args.topologies.split(",")]
+        with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
+            for status in pool.map(lambda cell: run_cell(*cell, args.batch, args.hlo_dir),
+                                   cells):
+                print(status, flush=True)
+    print(table())
+
+
+if __name__ == "__main__":
+    main()

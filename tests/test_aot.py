@@ -1,0 +1,133 @@
+"""The AOT report's parts that need no TPU compiler: HLO collective counting, topology names,
+divisibility errors naming config fields, the step-time estimate and the chip table.
+
+The golden compile for a real topology (libtpu) is in ``test_aot_golden.py``.
+"""
+
+import jax
+import pytest
+
+from vlp_jax.aot import analysis, chips, hlo, report, topology
+
+_HLO = "\n".join([
+    'HloModule jit_step, is_scheduled=true, entry_computation_layout={(f32[8]{0})->f32[8]{0}}',
+    '',
+    '%body.1 (p: (s32[], f32[8])) -> (s32[], f32[8]) {',
+    '  %p = (s32[], f32[8]{0}) parameter(0)',
+    '  %all-reduce.2 = f32[8]{0:T(128)} all-reduce(%x), channel_id=2,'
+    ' replica_groups={{0,1}}, to_apply=%add, metadata={op_name="jit(step)/while/body/psum"}',
+    '}',
+    '',
+    '%async_collective_fusion.1 (param_0: s32[128,2]) -> s32[512,2] {',
+    '  %all-gather.5 = s32[512,2]{0,1:T(2,128)} all-gather(%param_0), channel_id=1,'
+    ' frontend_attributes={chain_id="0"}, metadata={op_name="jit(step)/shard_map/all_gather"}',
+    '}',
+    '',
+    '%async_collective_fusion.2 (param_0: s32[128,2]) -> s32[512,2] {',
+    '  %all-gather.6 = s32[512,2]{0,1:T(2,128)S(1)} all-gather(%param_0), channel_id=1,'
+    ' frontend_attributes={chain_id="0"}, metadata={op_name="jit(step)/shard_map/all_gather"}',
+    '}',
+    '',
+    'ENTRY %main.3 (a: f32[8]) -> f32[8] {',
+    '  %fusion.1 = s32[512,2]{0,1} fusion(%a), kind=kCustom, calls=%async_collective_fusion.1',
+    '  %fusion.2 = s32[512,2]{0,1} fusion(%a), kind=kCustom, calls=%async_collective_fusion.2',
+    '  %while.4 = (s32[], f32[8]{0}) while(%t), condition=%cond.1, body=%body.1,'
+    ' backend_config={"known_trip_count":{"n":"4"}}',
+    '  %cp = (f32[16,4]{1,0}, f32[16,4]{1,0}) collective-permute-start(%y),'
+    ' source_target_pairs={{0,1},{1,0}}',
+    '  %ar = (f32[32,32]{1,0}, bf16[64]{0}) all-reduce(%g, %h), channel_id=3, to_apply=%add',
+    '  ROOT %r = f32[8]{0} copy(%x)',
+    '}',
+    '',
+])
+
+
+def test_collectives_merge_async_fragments_and_multiply_loop_trips():
+    found = hlo.collectives(_HLO)
+    summary = hlo.summarise(found)
+    # two fragments with one chain_id = one all-gather of 512 x 2 int32
+    assert summary["all-gather"] == {"count": 1, "bytes": 512 * 2 * 4}
+    # the psum in a 4-trip while body runs 4 times; the tuple all-reduce sums its operands
+    assert summary["all-reduce"] == {"count": 4 + 1, "bytes": 4 * 8 * 4 + (32 * 32 * 4 + 64 * 2)}
+    # a -start op's result tuple holds (operand, result): only the result counts
+    assert summary["collective-permute"] == {"count": 1, "bytes": 16 * 4 * 4}
+    assert summary["reduce-scatter"]["count"] == summary["all-to-all"]["count"] == 0
+    ops = {c.op_name for c in found}
+    assert "jit(step)/shard_map/all_gather" in ops
+    assert analysis.origin("jit(step)/shard_map/all_gather", "s32[512,2]",
+                           "all-gather").startswith("design")
+    assert analysis.origin("", "(f32[32,32], bf16[64,8])").startswith("data parallel")
+    assert analysis.origin("", "(f32[], f32[])").startswith("XLA combiner")
+
+
+@pytest.mark.parametrize("name,hint", [("v5e-8", "v5e:2x4"), ("tpu", "GENERATION:AxB"),
+                                       ("v5e:16", "GENERATION:AxB")])
+def test_bad_topology_names_say_how_to_write_one(name, hint):
+    with pytest.raises(topology.TopologyError, match=hint.replace(":", ":").split("[")[0]):
+        topology.parse_name(name)
+
+
+def test_unknown_generation_and_missing_libtpu_are_clear(monkeypatch):
+    with pytest.raises(ValueError, match="no chip figures for TPU generation 'v9z'"):
+        topology.get_topology("v9z:2x2")
+    monkeypatch.setattr(topology, "libtpu_available", lambda: False)
+    with pytest.raises(topology.TopologyError, match=r'pip install -e "\.\[tpu\]"'):
+        topology.get_topology("v5e:2x2")
+
+
+def test_config_that_does_not_divide_the_topology_names_each_field(tiny_config):
+    if jax.device_count() < 4:
+        pytest.skip("needs 4 (fake) devices")
+    fake = topology.Topology("v5e:2x2", chips.chip_for("v5e"), tuple(jax.devices()[:4]))
+    config = tiny_config
+    config.train.mesh_shape = (-1,)
+    config.train.batch_size = 30
+    config.eval.batch_size = 66
+    config.negatives.bank_size = 6
+    mesh = topology.make_mesh(config, fake)
+    with pytest.raises(ValueError) as err:
+        topology.check_divisible(config, mesh, fake)
+    text = str(err.value)
+    for field in ("train.batch_size=30", "eval.batch_size=66", "negatives.bank_size=6"):
+        assert field in text
+    config.train.mesh_shape = (8,)
+    with pytest.raises(ValueError, match=r"train.mesh_shape=\(8,\) does not fit v5e:2x2"):
+        topology.make_mesh(config, fake)
+
+
+def test_invalid_config_fails_before_any_compile(tiny_config, monkeypatch):
+    monkeypatch.setattr(topology, "get_topology", lambda name: pytest.fail("reached libtpu"))
+    tiny_config.model.dtype = "float16"
+    with pytest.raises(ValueError, match="model.dtype='float16'"):
+        report.build_report(tiny_config, "v5e:2x2")
+    with pytest.raises(ValueError, match="--programs"):
+        report.build_report(tiny_config, "v5e:2x2", programs=("train", "nope"))
+
+
+def test_step_time_uses_the_cost_model_only_when_it_is_usable():
+    chip = chips.chip_for("v5e")
+    coll = {"all-gather": {"count": 1, "bytes": int(4e9)}}
+    cost = {"flops": 197e12 * 0.010, "bytes accessed": 819e9 * 0.002, "optimal_seconds": -3.0}
+    t = analysis.timing(cost, coll, chip, rows=1000, devices=4)
+    assert t["step_time_source"].startswith("roofline")
+    assert t["step_seconds"] == pytest.approx(0.010)  # max(compute 10 ms, HBM 2, ICI 10)
+    assert t["mfu"] == pytest.approx(1.0) and t["rows_per_second"] == pytest.approx(1e5)
+    cost["optimal_seconds"] = 0.02
+    t = analysis.timing(cost, coll, chip, rows=1000, devices=4)
+    assert t["step_time_source"].startswith("cost model") and t["mfu"] == pytest.approx(0.5)
+
+
+def test_out_of_memory_message_is_parsed():
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+           "temporaries (24.00G) exceeds available HBM (15.75G).")
+    parsed = analysis._hbm_error(msg)
+    assert parsed["required_bytes"] == pytest.approx(24 * 2**30)
+    assert parsed["available_bytes"] == pytest.approx(15.75 * 2**30)
+
+
+def test_chip_table_has_a_source_for_every_generation():
+    table = chips.markdown_table()
+    for gen in ("v4", "v5e", "v5p", "v6e"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {gen} |"))
+        assert "https://cloud.google.com/tpu/docs/" in row
+    assert chips.chip_for("v5e").hbm_bytes == 16 * 2**30
