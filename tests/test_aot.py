@@ -131,3 +131,26 @@ def test_chip_table_has_a_source_for_every_generation():
         row = next(line for line in table.splitlines() if line.startswith(f"| {gen} |"))
         assert "https://cloud.google.com/tpu/docs/" in row
     assert chips.chip_for("v5e").hbm_bytes == 16 * 2**30
+
+
+def test_libtpu_without_chips_keeps_main_on_the_cpu(monkeypatch):
+    """``runtime.skip_absent_tpu``: with libtpu installed, no Google PCI device and no other
+    plugin, JAX is told to use the CPU instead of probing libtpu; any of those present, or
+    JAX_PLATFORMS set, and it does nothing."""
+    import importlib.util
+    import types
+
+    from vlp_jax.runtime import devices
+
+    updates = []
+    fake_jax = types.SimpleNamespace(config=types.SimpleNamespace(
+        jax_platforms=None, update=lambda k, v: updates.append((k, v))))
+    monkeypatch.setattr(devices, "jax", fake_jax)
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "libtpu" else real(name, *a))
+    monkeypatch.setattr(devices.glob, "glob", lambda pattern: [])
+    assert devices.skip_absent_tpu() and updates == [("jax_platforms", "cpu")]
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert not devices.skip_absent_tpu() and len(updates) == 1

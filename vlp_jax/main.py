@@ -64,6 +64,8 @@ def main(argv):
     runtime.quiet_library_logs()
     logging.info("memory allocator: %s", allocator.active_allocator())
     runtime.enable_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR", ""))
+    if runtime.skip_absent_tpu():
+        logging.info("libtpu installed but no TPU chip on this host: running on the CPU")
     if not FLAGS.num_processes:  # multi-process launchers set their own device counts
         count = runtime.set_cpu_devices(FLAGS.config)
         if count:
