@@ -9,6 +9,9 @@ The regime of the Taobao papers (SIGIR'23 VLP, WWW'23 MAKE), for pods, not for t
 * the single-stream item tower reads 64 title tokens and a 224 px image at patch 16 (196
   patches), 260 positions;
 * bf16 compute (losses stay float32), float32 parameters and AdamW moments;
+* MPM_R scores each masked patch against the masked patches of its own image
+  (``loss.mpm_candidates="image"``): the base config's batch-wide candidates would be a
+  200,704 × 200,704 logits matrix at this batch;
 * the CDNS + MBNS recipe of ``configs/mbns.py`` (momentum keys, keyword positives) with a
   65,536-entry bank (16 × the batch); ``--config.negatives.bank_size=1048576`` (2^20) and ``=0``
   are the other points of docs/aot.md's table.
@@ -42,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.embed_dim = 256
     m.patch_size = 16
     m.dtype = "bfloat16"
+    config.loss.mpm_candidates = "image"
     config.negatives.bank_size = 65536
     t.batch_size = 4096  # global; a multiple of every table topology's chip count
     t.num_steps = 20000
