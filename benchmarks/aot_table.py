@@ -8,8 +8,9 @@ topologies (``python -m vlp_jax.aot``, one fresh process per cell), then one Mar
 Each cell's report goes to ``benchmarks/results/aot/CONFIG_bankK_TOPOLOGY.json`` (a cell
 already there is not compiled again, so an interrupted run resumes); a cell that does not
 divide the topology keeps the error instead.  Needs libtpu (``pip install -e ".[tpu]"``).
-Every figure is a compile-time estimate, not a measurement.  ``base`` runs at the same global
-batch as ``paper_scale`` (``--batch``), so the columns differ by model, not by batch.
+Every figure is a compile-time estimate, not a measurement.  ``paper_scale`` runs at its own
+global batch (4,096), ``base`` at 512 (``--base_batch``: the 128 pairs per chip of v5e:2x2,
+2 per chip on v5e:16x16); both divide every topology of the table.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ def cell_path(config: str, bank: int, topo: str) -> str:
 def run_cell(config: str, bank: int, topo: str, batch: int, hlo_root: str) -> str:
     """Compile one cell in a fresh process; returns a one-line status."""
     path = cell_path(config, bank, topo)
-    if os.path.exists(path):
+    claim = path + ".running"  # lets two drivers (e.g. one per config) share the folder
+    if os.path.exists(path) or os.path.exists(claim):
         return f"{path}: kept"
+    open(claim, "w").close()
     cmd = [sys.executable, "-m", "vlp_jax.aot", f"--config=configs/{config}.py",
            f"--topology={topo}", "--programs=train", f"--config.negatives.bank_size={bank}",
            f"--config.train.batch_size={batch}", f"--out={path}"]
@@ -50,6 +53,7 @@ def run_cell(config: str, bank: int, topo: str, batch: int, hlo_root: str) -> st
         with open(path, "w") as f:
             json.dump({"topology": topo, "error": "\n".join(err) or proc.stderr[-2000:],
                        "returncode": proc.returncode}, f, indent=1)
+    os.remove(claim)
     return f"{path}: exit {proc.returncode} in {time.time() - start:.0f} s"
 
 
@@ -86,7 +90,10 @@ def table() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=4096, help="global batch of every cell")
+    parser.add_argument("--batch", type=int, default=4096,
+                        help="global batch of the paper_scale cells")
+    parser.add_argument("--base_batch", type=int, default=512,
+                        help="global batch of the base cells (the issue's probe: 4 chips x 128)")
     parser.add_argument("--table_only", action="store_true")
     parser.add_argument("--hlo_dir", default="", help="keep each cell's compiled HLO here")
     parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
@@ -100,8 +107,11 @@ def main() -> None:
         cells = [(c, b, t) for c, b in order if c in args.configs.split(",")
                  for t in args.topologies.split(",")]
         with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
-            for status in pool.map(lambda cell: run_cell(*cell, args.batch, args.hlo_dir),
-                                   cells):
+            def run(cell):
+                batch = args.base_batch if cell[0] == "base" else args.batch
+                return run_cell(*cell, batch, args.hlo_dir)
+
+            for status in pool.map(run, cells):
                 print(status, flush=True)
     print(table())
 

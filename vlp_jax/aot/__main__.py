@@ -49,11 +49,11 @@ def main(argv):
     except (ValueError, topology.TopologyError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(report.format_report(result))
-    if FLAGS.out:
+    if FLAGS.out:  # first: a closed stdout (a killed parent) must not lose the compile
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
         with open(FLAGS.out, "w") as f:
             json.dump(result, f, indent=1, sort_keys=True)
+    print(report.format_report(result))
     if not all(p.get("fits", False) for p in result["programs"]):
         print(report.advice(result), file=sys.stderr)
         sys.exit(1)
