@@ -4,6 +4,7 @@ topologies (``python -m vlp_jax.aot``, one fresh process per cell), then one Mar
     python benchmarks/aot_table.py                 # compile the missing cells, print the table
     python benchmarks/aot_table.py --workers=2     # two cells at a time
     python benchmarks/aot_table.py --table_only    # only print the table from the saved cells
+    python benchmarks/aot_table.py --table_only --write_docs   # and put it into docs/aot.md
 
 Each cell's report goes to ``benchmarks/results/aot/CONFIG_bankK_TOPOLOGY.json`` (a cell
 already there is not compiled again, so an interrupted run resumes); a cell that does not
@@ -74,14 +75,14 @@ def _row(config: str, bank: int, topo: str) -> str:
     ag = p["collectives"]["all-gather"]
     src = "cost model" if p["step_time_source"].startswith("cost") else "roofline"
     return (f"| {topo} | {config} | {bank:,} | {p['total_bytes'] / 2**30:.2f} of {hbm:.0f} | "
-            f"{'yes' if p['fits'] else '**no**'} | {ag['count']} × / "
-            f"{ag['bytes'] / 2**20:.2f} MiB | {p['step_seconds'] * 1e3:.1f} ({src}) | "
+            f"{'yes' if p['fits'] else '**no**'} | {ag['count']} ({ag['bytes'] / 2**20:.2f} MiB) | "
+            f"{p['step_seconds'] * 1e3:.1f} ({src}) | "
             f"{p['rows_per_second']:,.0f} | {p['mfu']:.0%} |")
 
 
 def table() -> str:
-    head = ["| topology | config | bank | HBM per device (GiB) | fits | all-gathers / bytes "
-            "per device per step | est. step (ms) | est. pairs/s | est. MFU |",
+    head = ["| topology | config | bank | HBM per device (GiB) | fits | all-gathers per step (bytes "
+            "per device) | est. step (ms) | est. pairs/s | est. MFU |",
             "|---|---|---:|---:|---|---:|---:|---:|---:|"]
     rows = [_row(c, b, t) for t in TOPOLOGIES for c in CONFIGS for b in BANKS]
     return "\n".join(head + rows)
@@ -95,6 +96,8 @@ def main() -> None:
     parser.add_argument("--base_batch", type=int, default=512,
                         help="global batch of the base cells (the issue's probe: 4 chips x 128)")
     parser.add_argument("--table_only", action="store_true")
+    parser.add_argument("--write_docs", action="store_true",
+                        help="also put the table into docs/aot.md (between its markers)")
     parser.add_argument("--hlo_dir", default="", help="keep each cell's compiled HLO here")
     parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
     parser.add_argument("--configs", default=",".join(CONFIGS))
@@ -114,6 +117,18 @@ def main() -> None:
             for status in pool.map(run, cells):
                 print(status, flush=True)
     print(table())
+    if args.write_docs:
+        write_docs(table())
+
+
+def write_docs(text: str, path: str = os.path.join(ROOT, "docs", "aot.md")) -> None:
+    """Replace the table between ``<!-- aot_table -->`` and ``<!-- /aot_table -->``."""
+    with open(path) as f:
+        doc = f.read()
+    start, end = "<!-- aot_table -->\n", "<!-- /aot_table -->"
+    i, j = doc.index(start) + len(start), doc.index(end)
+    with open(path, "w") as f:
+        f.write(doc[:i] + text + "\n" + doc[j:])
 
 
 if __name__ == "__main__":
