@@ -61,29 +61,30 @@ def run_cell(config: str, bank: int, topo: str, batch: int, hlo_root: str) -> st
 def _row(config: str, bank: int, topo: str) -> str:
     path = cell_path(config, bank, topo)
     if not os.path.exists(path):
-        return f"| {topo} | {config} | {bank:,} | (not compiled) | | | | | |"
+        return f"| {topo} | {config} | {bank:,} | (not compiled) | | | | | | |"
     r = json.load(open(path))
     if "programs" not in r:
         first = r["error"].splitlines()[1 if len(r["error"].splitlines()) > 1 else 0].strip()
-        return f"| {topo} | {config} | {bank:,} | — | config error: {first} | | | | |"
+        return f"| {topo} | {config} | {bank:,} | — | config error: {first} | | | | | |"
     p = r["programs"][0]
     hbm = r["chip"]["hbm_bytes"] / 2**30
     if "error" in p:
         need = p.get("required_bytes")
         used = f"needs {need / 2**30:.1f} of {p['available_bytes'] / 2**30:.2f}" if need else "—"
-        return f"| {topo} | {config} | {bank:,} | {used} | **no** | | | | |"
-    ag = p["collectives"]["all-gather"]
+        return f"| {topo} | {config} | {bank:,} | {used} | **no** | | | | | |"
+    ag, ar = p["collectives"]["all-gather"], p["collectives"]["all-reduce"]
     src = "cost model" if p["step_time_source"].startswith("cost") else "roofline"
     return (f"| {topo} | {config} | {bank:,} | {p['total_bytes'] / 2**30:.2f} of {hbm:.0f} | "
-            f"{'yes' if p['fits'] else '**no**'} | {ag['count']} ({ag['bytes'] / 2**20:.2f} MiB) | "
-            f"{p['step_seconds'] * 1e3:.1f} ({src}) | "
+            f"{'yes' if p['fits'] else '**no**'} | {ag['count']} ({ag['bytes'] / 2**20:.2f}) | "
+            f"{ar['count']} ({ar['bytes'] / 2**20:.2f}) | "
+            f"{p['step_seconds'] * 1e3:.2f} ({src}) | "
             f"{p['rows_per_second']:,.0f} | {p['mfu']:.0%} |")
 
 
 def table() -> str:
-    head = ["| topology | config | bank | HBM per device (GiB) | fits | all-gathers per step (bytes "
-            "per device) | est. step (ms) | est. pairs/s | est. MFU |",
-            "|---|---|---:|---:|---|---:|---:|---:|---:|"]
+    head = ["| topology | config | bank | HBM per device (GiB) | fits | all-gathers per step "
+            "(MiB per device) | all-reduces (MiB) | est. step (ms) | est. pairs/s | est. MFU |",
+            "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     rows = [_row(c, b, t) for t in TOPOLOGIES for c in CONFIGS for b in BANKS]
     return "\n".join(head + rows)
 

@@ -42,10 +42,11 @@ def origin(op_name: str, shape: str = "", kind: str = "all-reduce") -> str:
     combined all-reduces, which carry one merged op's name (or none): their operands tell."""
     matrices = len(re.findall(r"\[\d+,\d+[,\d]*\]", shape))
     if kind == "all-reduce" and shape.startswith("(") and matrices >= 2:
-        return ("data parallel: the gradient all-reduce of the replicated params (XLA combines "
-                "them, with small loss sums, into one)")
+        return ("data parallel: gradients of the replicated params, in one all-reduce XLA "
+                "combined (with whatever other all-reduces it merged)")
     if not op_name:
-        return ("XLA combiner: small all-reduces fused (loss and metric sums)"
+        return ("unnamed: an all-reduce XLA combined, or an all-gather the TPU compiler "
+                "runs as an all-reduce of the zero-padded result (tiny per-device shards)"
                 if kind == "all-reduce" else "partitioner: resharding (no JAX op behind it)")
     for kinds, pattern, why in _ORIGINS:
         if (not kinds or kind == kinds) and re.search(pattern, op_name):
