@@ -109,9 +109,9 @@ def check_divisible(config: ml_collections.ConfigDict, mesh: Mesh, topo: Topolog
     problems = []
     k = int(t.accum_steps)
     if t.batch_size % (n * k):
-        what = f"{n} data devices" + (f" × train.accum_steps={k}" if k > 1 else "")
-        problems.append(f"train.batch_size={t.batch_size} must be divisible by {what} = {n * k}"
-                        f" on {topo.name}: use a multiple of {n * k}")
+        what = f"the {n} data devices" + (f" × train.accum_steps={k} = {n * k}" if k > 1 else "")
+        problems.append(f"train.batch_size={t.batch_size} must be divisible by {what} of "
+                        f"{topo.name}: use a multiple of {n * k}")
     if t.batch_size % hosts:
         problems.append(f"train.batch_size={t.batch_size} must be divisible by the {hosts} "
                         f"hosts of {topo.name} (each host feeds its own rows)")
