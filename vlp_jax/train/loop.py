@@ -211,6 +211,8 @@ def _train(
             batch = next(data_iter)
             if batch_hook is not None:
                 batch = batch_hook(step, batch)
+            if step == start_step + 1 and jax.process_count() > 1:
+                step_fn = _compile_in_step(step_fn, state, batch)
             state, metrics = step_fn(state, batch)
             logger.record(step, metrics, {k: batch[k] for k in _DUMP_KEYS if k in batch})
             is_last = step == cfg.train.num_steps
@@ -246,6 +248,18 @@ def _train(
         logger.close()
         run.checkpointer.close()
     return results
+
+
+def _compile_in_step(step_fn: Any, state: Any, batch: Any) -> Any:
+    """Multi-process: compile the train step, then wait for every process to have done so.
+
+    A process that compiles slower (a busy host; only process 0 writes the persistent cache)
+    would reach the step's first collective late, and Gloo gives up after 30 s
+    (``peers.align``).  The compiled executable is the one ``jit`` would run.
+    """
+    compiled = step_fn.lower(state, batch).compile()
+    peers.align("train_step_compiled")
+    return compiled
 
 
 def _loop_state(logger: metrics_log.MetricsLogger) -> dict[str, Any]:
