@@ -131,9 +131,9 @@ def format_report(r: dict[str, Any]) -> str:
             if v["count"]:
                 lines.append(f"  {kind}: {v['count']} per call, {v['bytes'] / 2**20:.2f} MiB "
                              "per device")
-        for item in p["collective_list"]:
-            lines.append(f"    {item['kind']} {item['shape']} x{item['executions']}: "
-                         f"{item['origin']}")
+        for item in p["collective_list"]:  # labels re-derived: saved reports print current ones
+            why = analysis.origin(item["op_name"], item["shape"], item["kind"])
+            lines.append(f"    {item['kind']} {item['shape'][:100]} x{item['executions']}: {why}")
     return "\n".join(lines)
 
 
