@@ -121,7 +121,8 @@ def test_one_process_preempted_then_killed_resumes_bit_identically(tiny_config, 
     assert (f"preemption: SIGTERM received; saved checkpoint of step {preempted} to "
             f"{workdir}/checkpoints") in err
     data = os.path.join(workdir, "checkpoints", str(preempted), "data")
-    assert sorted(os.listdir(data))[:2] == ["process_0-of-2.json", "process_1-of-2.json"]
+    states = sorted(n for n in os.listdir(data) if n.startswith("process_"))
+    assert states == ["process_0-of-2.json", "process_1-of-2.json"]  # both saved that step
     assert preempted < tiny_config.train.num_steps
 
     # 2) Rerun, SIGKILL process 1 once a later checkpoint exists: process 0 stops with one
