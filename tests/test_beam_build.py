@@ -16,6 +16,9 @@ from test_builder import KEPT_IDS, S, _item, _line, make_catalog  # noqa: E402
 from vlp_jax.data import beam_build, beam_stages, builder, records  # noqa: E402
 
 TWO_WORKERS = ("--direct_num_workers=2", "--direct_running_mode=multi_processing")
+# The engine whose multi-process mode the options above select, named: "DirectRunner" first
+# tries Prism for some pipelines, which fetches a binary over the network on first use.
+RUNNER = "FnApiRunner"
 TIMING = ("build_seconds", "items_per_sec", "beam")
 
 
@@ -48,7 +51,7 @@ def test_beam_build_equals_single_process_build(catalog, tmp_path):
     single = builder.build_dataset(catalog, str(tmp_path / "single"), image_size=S,
                                    vocab_size=300)
     beam = beam_build.build_dataset_beam(catalog, str(tmp_path / "beam"), image_size=S,
-                                         vocab_size=300, pipeline_args=TWO_WORKERS,
+                                         vocab_size=300, runner=RUNNER, pipeline_args=TWO_WORKERS,
                                          chunk_bytes=256)
     assert not beam.cache_hit
     assert os.path.relpath(beam.dataset_dir, tmp_path / "beam") == os.path.relpath(

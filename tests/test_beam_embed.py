@@ -20,6 +20,9 @@ from vlp_jax.models import init_params  # noqa: E402
 from vlp_jax.serve import ann, beam_embed, export, index, load_bundle  # noqa: E402
 
 TWO_WORKERS = ("--direct_num_workers=2", "--direct_running_mode=multi_processing")
+# The engine whose multi-process mode the options above select, named: "DirectRunner" first
+# tries Prism for some pipelines, which fetches a binary over the network on first use.
+RUNNER = "FnApiRunner"
 BATCH, CHUNK = 4, 4
 
 
@@ -56,7 +59,7 @@ def test_beam_embedding_equals_single_process_and_resumes(setup, tmp_path):
     assert part["complete"] is False
     info = beam_embed.build_index_dir_beam(
         bundle, items, out, ann_kind="ivf", batch_size=BATCH, chunk_size=CHUNK,
-        pipeline_args=TWO_WORKERS, num_devices=1)
+        runner=RUNNER, pipeline_args=TWO_WORKERS, num_devices=1)
     assert info["beam"]["chunks_computed"] == info["beam"]["num_chunks"] - 1 >= 2
     assert info["counts"] == single["counts"] and info["num_items"] == single["num_items"] == 11
     assert ann.read_rows(out) == ann.read_rows(str(tmp_path / "single"))

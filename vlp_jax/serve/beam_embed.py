@@ -18,7 +18,7 @@ two steps:
    unless ``--overwrite``.
 2. **Index (driver).**  ``index.build_index_dir`` finds every chunk finished and builds the
    flat (exact) index and the ``--ann`` index from them: ``ivf`` trains its k-means on a
-   ``train_sample`` subset (docs/beam.md: recall against exact).
+   ``AnnParams.train_sample`` subset (docs/beam.md: recall against exact).
 
 Embeddings equal the single-process job's: both encode every chunk with ``item_embed.embed_metas``
 and the same batch size (tests/test_beam_embed.py).  Workers need the bundle, items and images on
@@ -124,7 +124,7 @@ def embed_chunks_beam(bundle: bundle_lib.Bundle, items_path: str, out_dir: str, 
 
 
 def build_index_dir_beam(bundle: bundle_lib.Bundle, items_path: str, out_dir: str, *,
-                         ann_kind: str = "ivf", ann_params: ann.AnnParams | None = None,
+                         ann_kind: str = "hnsw", ann_params: ann.AnnParams | None = None,
                          keep_chunks: bool = False, **embed_kwargs: Any) -> dict[str, Any]:
     """Steps 1 and 2: the index directory of ``index.build_index_dir``, embedded on Beam;
     returns its ``index_info.json`` dict plus a ``beam`` section."""
@@ -142,33 +142,24 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
-    flags.DEFINE_string("bundle", None, "Serving bundle directory (RUN/export).")
-    flags.DEFINE_string("items", None, "items.jsonl in the data format.")
-    flags.DEFINE_string("out", None, "Output index directory.")
-    flags.DEFINE_string("base_dir", "", "Directory image paths are relative to "
-                        "(default: the items file's directory).")
-    flags.DEFINE_enum("ann", "ivf", ["none", "hnsw", "ivf"], "Approximate index besides flat.")
-    flags.DEFINE_integer("batch_size", 256, "Items per encoder call (the bundle's bucket).")
-    flags.DEFINE_integer("chunk_size", 8192, "Items per Beam task and resumable chunk.")
-    flags.DEFINE_integer("num_devices", 0, "Local devices per worker (0 = all).")
-    flags.DEFINE_integer("ivf_nlist", 0, "IVF cells (0 = 4*sqrt(N)).")
-    flags.DEFINE_integer("ivf_nprobe", ann.AnnParams().ivf_nprobe, "IVF cells probed per query.")
-    flags.DEFINE_integer("train_sample", ann.AnnParams().train_sample,
-                         "IVF k-means training points (random subset).")
+    """The index job's flags (same meaning), plus the runner; options after ``--`` go to Beam."""
+    index._define_flags()
     flags.DEFINE_string("runner", "DirectRunner", "Beam runner.")
-    flags.DEFINE_bool("overwrite", False, "Discard partial results of a different job.")
-    flags.DEFINE_bool("keep_chunks", False, "Keep DIR/chunks/ after success.")
-    flags.mark_flags_as_required(["bundle", "items", "out"])
 
 
 def _main(argv: list[str]) -> None:
+    if FLAGS.update_from:
+        raise app.UsageError("--update_from is the single-process job's: python -m "
+                             "vlp_jax.serve.index (an update embeds only the changed items)")
     from vlp_jax.runtime import devices as runtime
 
     runtime.quiet_library_logs()
     bundle = bundle_lib.load_bundle(FLAGS.bundle, towers=("item",), num_devices=1,
                                     buckets=(FLAGS.batch_size,))
-    params = ann.AnnParams(ivf_nlist=FLAGS.ivf_nlist, ivf_nprobe=FLAGS.ivf_nprobe,
-                           train_sample=FLAGS.train_sample)
+    params = ann.AnnParams(
+        hnsw_m=FLAGS.hnsw_m, hnsw_ef_construction=FLAGS.hnsw_ef_construction,
+        hnsw_ef_search=FLAGS.hnsw_ef_search, ivf_nlist=FLAGS.ivf_nlist,
+        ivf_nprobe=FLAGS.ivf_nprobe)
     info = build_index_dir_beam(
         bundle, FLAGS.items, FLAGS.out, ann_kind=FLAGS.ann, ann_params=params,
         keep_chunks=FLAGS.keep_chunks, base_dir=FLAGS.base_dir or None,
