@@ -70,7 +70,8 @@ def _row(config: str, bank: int, topo: str) -> str:
     hbm = r["chip"]["hbm_bytes"] / 2**30
     if "error" in p:
         need = p.get("required_bytes")
-        used = f"needs {need / 2**30:.1f} of {p['available_bytes'] / 2**30:.2f}" if need else "—"
+        used = (f"needs {need / 2**30:.1f} (temporaries) of {p['available_bytes'] / 2**30:.2f}"
+                if need else "—")
         return f"| {topo} | {config} | {bank:,} | {used} | **no** | | | | | |"
     ag, ar = p["collectives"]["all-gather"], p["collectives"]["all-reduce"]
     src = "cost model" if p["step_time_source"].startswith("cost") else "roofline"
