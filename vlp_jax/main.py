@@ -9,7 +9,6 @@ traceback: 0 = finished or preempted (checkpoint saved; rerun to resume), 3 = no
 """
 
 import os
-import sys
 
 if __name__ == "__main__":  # first, before 4 s of imports: re-exec under a caching malloc
     from vlp_jax.runtime import allocator
@@ -19,17 +18,10 @@ if __name__ == "__main__":  # first, before 4 s of imports: re-exec under a cach
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vlp_jax.data import shards  # noqa: E402
 from vlp_jax.parallel import mesh as mesh_lib  # noqa: E402
-from vlp_jax.runtime import allocator, peers, storage  # noqa: E402
+from vlp_jax.runtime import allocator, peers  # noqa: E402
 from vlp_jax.runtime import devices as runtime  # noqa: E402
-from vlp_jax.train import (  # noqa: E402
-    checkpointing,
-    export_checkpoint,
-    metrics_log,
-    resume_config,
-    workdir_lock,
-)
+from vlp_jax.train import exit_status, export_checkpoint  # noqa: E402
 from vlp_jax.train import loop as train  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -46,15 +38,6 @@ flags.DEFINE_float("peer_timeout", 60.0,
 flags.DEFINE_bool("rebuild_data", False,
                   "Delete a damaged TFDS build (missing or truncated shard) and build it again.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-EXIT_CODES = (
-    (metrics_log.NonFiniteLossError, 3),
-    (workdir_lock.WorkdirLockedError, 4),
-    (checkpointing.CheckpointRestoreError, 5),
-    (resume_config.ConfigMismatchError, 5),
-    (storage.DiskFullError, storage.DISK_FULL_EXIT),
-    (shards.DatasetCorruptError, shards.DATASET_DAMAGED_EXIT),
-)
 
 
 def main(argv):
@@ -75,25 +58,7 @@ def main(argv):
         **peers.jax_timeouts(FLAGS.peer_timeout),
     )
     watchdog = peers.start_watchdog(FLAGS.peer_timeout, FLAGS.coordinator_address)
-    status = 1
-    try:
-        _run_mode()
-        status = 0
-    except tuple(cls for cls, _ in EXIT_CODES) as err:
-        status = next(c for cls, c in EXIT_CODES if isinstance(err, cls))
-        _fail(f"error: {err}", status, watchdog)  # the message says what to do; no traceback
-    except Exception as err:
-        if watchdog is not None and _collective_failure(err):
-            watchdog.wait_for_verdict()  # a dead peer: its one line and exit 8 replace this
-        if storage.is_disk_full(err):
-            status = storage.DISK_FULL_EXIT
-            _fail(f"error: no space left on device ({storage.reason(err)}). Free space on the "
-                  "filesystem of --workdir (or of data.cache_dir), then rerun the same command "
-                  "to resume from the newest complete checkpoint.", status, watchdog)
-        raise
-    finally:
-        if watchdog is not None:
-            watchdog.mark_exiting(status)
+    exit_status.run_or_exit(_run_mode, watchdog)
 
 
 def _run_mode() -> None:
@@ -104,20 +69,6 @@ def _run_mode() -> None:
                                                  rebuild_data=FLAGS.rebuild_data)
     else:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir, rebuild_data=FLAGS.rebuild_data)
-
-
-def _collective_failure(err: BaseException) -> bool:
-    """An XLA runtime error (a collective or barrier that failed), the way a dead peer shows."""
-    import jax
-
-    return isinstance(err, jax.errors.JaxRuntimeError)
-
-
-def _fail(message: str, status: int, watchdog: peers.PeerWatchdog | None) -> None:
-    if watchdog is not None:
-        watchdog.mark_exiting(status)
-    print(message, file=sys.stderr, flush=True)
-    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -142,6 +142,7 @@ class Checkpointer:
             item_names=("state", "data"),
         )
         self._unverified: int | None = None  # the step of the save not yet checked
+        self._failed_steps: list[int] = []  # saves that failed: their leftovers are deleted
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -285,10 +286,8 @@ class Checkpointer:
 
     def _save_failed(self, step: int, why: str) -> storage.DiskFullError:
         """Delete what the failed save of ``step`` left and describe what is still usable."""
-        if jax.process_index() == 0:
-            for name in os.listdir(self.directory):
-                if name == str(step) or name.startswith(f"{step}.orbax-checkpoint-tmp"):
-                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        self._failed_steps.append(step)
+        self._remove_partial(step)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"vlp_jax.save_failed_{step}")
         self.manager.reload()
@@ -305,6 +304,14 @@ class Checkpointer:
             f"{storage.describe_free(self.directory)} on its filesystem. The incomplete step was "
             f"deleted. {usable}")
 
+    def _remove_partial(self, step: int) -> None:
+        """Delete the step's directory and Orbax's temporary one (process 0 owns the tree)."""
+        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+            return
+        for name in os.listdir(self.directory):
+            if name == str(step) or name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
     def close(self) -> None:
         """Wait and release; never raises for a save's outcome (``wait`` reports that, and
         Orbax re-raises a failed save's error on every later call), so a ``finally: close()``
@@ -318,6 +325,10 @@ class Checkpointer:
             self.manager.close()
         except Exception as err:  # noqa: BLE001
             logging.warning("checkpoint: closing after a failed save: %s", _short_reason(err))
+        # A failed async save's writer threads can still be creating files while ``wait``
+        # deletes its temporary directory; once Orbax is closed they are gone, so delete again.
+        for step in self._failed_steps:
+            self._remove_partial(step)
 
 
 def abstract_like(state: TrainState) -> TrainState:
