@@ -35,25 +35,35 @@ def data_cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("vlp_cache"))
 
 
-@pytest.fixture()
-def tiny_config(data_cache_dir):
-    """configs/tiny.py shrunk further for unit-level end-to-end tests (seconds, not minutes)."""
-    from configs import tiny
+@pytest.fixture(scope="session")
+def make_tiny_config(data_cache_dir):
+    """A factory of fresh tiny configs, for module-scoped fixtures (``tiny_config`` is per test)."""
 
-    config = tiny.get_config()
-    config.data.cache_dir = data_cache_dir
-    config.data.builtin_num_items = 300
-    config.data.vocab_size = 800
-    config.data.prefetch = 1
-    config.train.batch_size = 16
-    config.train.num_steps = 8
-    config.train.warmup_steps = 2
-    config.train.log_every_steps = 1
-    config.checkpoint.every_steps = 4
-    config.train.mesh_shape = (1,)  # the 8-device path is covered by the tests that need it
-    config.eval.batch_size = 64
-    config.eval.max_queries = 64
-    return config
+    def make():
+        from configs import tiny
+
+        config = tiny.get_config()
+        config.data.cache_dir = data_cache_dir
+        config.data.builtin_num_items = 300
+        config.data.vocab_size = 800
+        config.data.prefetch = 1
+        config.train.batch_size = 16
+        config.train.num_steps = 8
+        config.train.warmup_steps = 2
+        config.train.log_every_steps = 1
+        config.checkpoint.every_steps = 4
+        config.train.mesh_shape = (1,)  # the 8-device path is covered by the tests that need it
+        config.eval.batch_size = 64
+        config.eval.max_queries = 64
+        return config
+
+    return make
+
+
+@pytest.fixture()
+def tiny_config(make_tiny_config):
+    """configs/tiny.py shrunk further for unit-level end-to-end tests (seconds, not minutes)."""
+    return make_tiny_config()
 
 
 def pytest_configure(config):
@@ -66,11 +76,13 @@ def pytest_configure(config):
 
 
 # Slowest files first (measured with --durations): with `-n 2 --dist loadfile` (make test) a file
-# runs on one worker, so starting the long ones early keeps both workers busy to the end.
+# runs on one worker, so starting the long ones early (longest first) keeps both workers busy to
+# the end.
 _SLOW_FILES_FIRST = (
-    "test_multiprocess.py", "test_train.py", "test_faults.py", "test_skip_resume.py",
-    "test_serve_export.py", "test_serve_server.py", "test_train_step.py", "test_zh_catalog.py",
-    "test_grad_accum.py",
+    "test_multiprocess.py", "test_faults.py", "test_train.py", "test_mpm_teacher.py",
+    "test_serve_server.py", "test_grad_accum.py", "test_train_step.py", "test_skip_resume.py",
+    "test_storage_faults.py", "test_layout.py", "test_mfu.py", "test_mbns_recipe.py",
+    "test_serve_export.py", "test_zh_catalog.py",
 )
 
 

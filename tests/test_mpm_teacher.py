@@ -33,12 +33,24 @@ def _config(momentum=0.9, devices=1, accum=1):
     return c
 
 
+_COMPILED: dict = {}
+
+
 def _setup(config):
-    mesh = mesh_lib.make_mesh(tuple(config.train.mesh_shape))
-    model = make_model(config, vocab_size=VOCAB)
-    optimizer, state, shardings = train_state.init_model_state(model, config, mesh)
-    step = train_step.make_train_step(model, optimizer, config, mesh, shardings)
-    return model, state, step
+    """(model, a fresh initial state, the jitted step) for ``config``.  The step is compiled once
+    per (momentum, devices, accum) for the whole module — compiling is most of these tests' time —
+    and each caller gets its own copy of the initial state, because the step donates it."""
+    key = (config.loss.mpm_teacher_momentum, tuple(config.train.mesh_shape),
+           config.train.accum_steps)
+    if key not in _COMPILED:
+        mesh = mesh_lib.make_mesh(tuple(config.train.mesh_shape))
+        model = make_model(config, vocab_size=VOCAB)
+        optimizer, state, shardings = train_state.init_model_state(model, config, mesh)
+        step = train_step.make_train_step(model, optimizer, config, mesh, shardings)
+        _COMPILED[key] = (model, state, step)
+    model, state, step = _COMPILED[key]
+    fresh = jax.tree_util.tree_map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
+    return model, fresh, step
 
 
 def _host(tree):
@@ -82,7 +94,7 @@ def test_frozen_teacher_never_moves():
 def test_teacher_targets_are_its_patch_outputs_on_the_unmasked_image():
     """The step's MPM loss equals MPM_R computed by hand with the teacher tower's patch_hidden
     (full image, no mask) as targets — and differs from the online patch projection's."""
-    config = _config(momentum=0.5)
+    config = _config()
     model, state, step = _setup(config)
     # Make the teacher differ from the online params, so the two target choices disagree.
     teacher = jax.tree_util.tree_map(lambda x: x * 1.5, state.extra["mpm_teacher"])

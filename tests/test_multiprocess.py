@@ -1,13 +1,25 @@
-"""Two processes × 4 CPU devices over 127.0.0.1 train exactly like one process × 8 devices.
+"""Several processes over 127.0.0.1, through the real launcher (launch/local_multiprocess.sh).
 
-Exercises ``jax.distributed`` start-up, per-process data sharding, global-array assembly,
-multi-process Orbax checkpoints and evaluation, through the real launcher script.
+1. Two processes × 4 CPU devices train exactly like one process × 8 devices: ``jax.distributed``
+   start-up, per-process data sharding, global-array assembly, multi-process Orbax checkpoints
+   and evaluation.
+2. Faults of one process, as a job on two hosts lives them, checked against the same
+   uninterrupted 2-process run: SIGTERM to process 1 only → both processes save the same step and
+   exit 0; rerun → SIGKILL process 1 after the next checkpoint → process 0 exits within the peer
+   timeout with one line naming process 1; rerun → resumes from the newest complete checkpoint
+   and ends with per-step losses and the final evaluation bit-identical to the uninterrupted run.
+
+The uninterrupted 2-process run is made once (module fixture) and serves both.
 """
+
+from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,56 +27,165 @@ import pytest
 from vlp_jax.train import loop as train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER_TIMEOUT = 15
+NUM_STEPS, CHECKPOINT_EVERY = 6, 2
 
 
-def _flags(config) -> list[str]:
+def _config(make_tiny_config):
+    config = make_tiny_config()
+    config.train.num_steps = NUM_STEPS
+    config.checkpoint.every_steps = CHECKPOINT_EVERY
+    return config
+
+
+def _flags(config, workdir) -> list[str]:
     d, t = config.data, config.train
     return [
-        "--config=configs/tiny.py",
+        "--config=configs/tiny.py", f"--workdir={workdir}", f"--peer_timeout={PEER_TIMEOUT}",
         f"--config.data.cache_dir={d.cache_dir}",
         f"--config.data.builtin_num_items={d.builtin_num_items}",
-        f"--config.data.vocab_size={d.vocab_size}",
-        f"--config.data.prefetch={d.prefetch}",
-        f"--config.train.batch_size={t.batch_size}",
-        f"--config.train.num_steps={t.num_steps}",
-        f"--config.train.warmup_steps={t.warmup_steps}",
-        f"--config.train.log_every_steps={t.log_every_steps}",
+        f"--config.data.vocab_size={d.vocab_size}", f"--config.data.prefetch={d.prefetch}",
+        f"--config.train.batch_size={t.batch_size}", f"--config.train.num_steps={t.num_steps}",
+        f"--config.train.warmup_steps={t.warmup_steps}", "--config.train.log_every_steps=1",
         f"--config.checkpoint.every_steps={config.checkpoint.every_steps}",
         f"--config.eval.batch_size={config.eval.batch_size}",
         f"--config.eval.max_queries={config.eval.max_queries}",
     ]
 
 
-def _losses(workdir):
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+def _launch(config, workdir) -> subprocess.Popen:
+    """2 processes × 4 fake devices: the global mesh (configs/tiny.py: all devices) has 8."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(
+        f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    env.update(PYTHON=sys.executable, DEVICES_PER_PROCESS="4")
+    return subprocess.Popen(["bash", "launch/local_multiprocess.sh", "2",
+                             *_flags(config, workdir)], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _finish(proc, timeout=300) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return proc.returncode, err
+
+
+def _process_pid(workdir: str, index: int) -> int:
+    """The pid of ``vlp_jax.main --process_id=index`` running on ``workdir``."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if (f"--process_id={index}".encode() in args and b"vlp_jax.main" in args
+                and f"--workdir={workdir}".encode() in args):
+            return int(pid)
+    raise AssertionError(f"process {index} of the run on {workdir} not found")
+
+
+def _losses(workdir) -> dict[int, float]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    rows = []
+    for line in open(path):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a row being written
+            pass
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_two_processes_match_one_process(tiny_config, tmp_path):
-    tiny_config.train.num_steps = 4
-    tiny_config.checkpoint.every_steps = 4
-    tiny_config.train.mesh_shape = (8,)
-    single = str(tmp_path / "single")
-    single_results = train.train_and_evaluate(tiny_config, single)  # also builds the dataset
+def _wait_for_step(proc, workdir, step, timeout=240):
+    deadline = time.monotonic() + timeout
+    while step not in _losses(workdir):
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early (rc {proc.returncode}):\n"
+                                 f"{proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"step {step} not reached")
+        time.sleep(0.05)
 
-    multi = str(tmp_path / "multi")
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join(
-        f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f
-    )
-    env.update(PYTHON=sys.executable, DEVICES_PER_PROCESS="4")
-    proc = subprocess.run(
-        ["bash", "launch/local_multiprocess.sh", "2", *_flags(tiny_config), f"--workdir={multi}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=280,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = _losses(single), _losses(multi)
-    assert sorted(b) == [1, 2, 3, 4]
+
+def _checkpoints(workdir) -> list[int]:
+    folder = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+
+
+@pytest.fixture(scope="module")
+def reference(make_tiny_config, tmp_path_factory) -> str:
+    """The workdir of an uninterrupted 2-process run of NUM_STEPS steps."""
+    from vlp_jax.data import dataset
+
+    config = _config(make_tiny_config)
+    dataset.prepare_dataset(config.data)  # built once, before the processes race for it
+    workdir = str(tmp_path_factory.mktemp("mp") / "reference")
+    rc, err = _finish(_launch(config, workdir))
+    assert rc == 0, err[-3000:]
+    return workdir
+
+
+def test_two_processes_match_one_process(reference, make_tiny_config, tmp_path):
+    config = _config(make_tiny_config)
+    config.train.mesh_shape = (8,)
+    single_results = train.train_and_evaluate(config, str(tmp_path / "single"))
+    a, b = _losses(str(tmp_path / "single")), _losses(reference)
+    assert sorted(b) == list(range(1, NUM_STEPS + 1))
     np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-5)
-    multi_results = json.load(open(os.path.join(multi, "eval", "recall.json")))
+    multi_results = json.load(open(os.path.join(reference, "eval", "recall.json")))
     for k, v in single_results["overall"].items():
         assert multi_results["overall"][k] == pytest.approx(v, abs=1e-6), k
     # Each process saved its own data-iterator state beside the shared model state.
-    data_dir = os.path.join(multi, "checkpoints", "4", "data")
+    data_dir = os.path.join(reference, "checkpoints", str(NUM_STEPS), "data")
     states = sorted(f for f in os.listdir(data_dir) if f.startswith("process_"))
     assert states == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="finds the processes through /proc")
+def test_one_process_preempted_then_killed_resumes_bit_identically(reference, make_tiny_config,
+                                                                    tmp_path):
+    config = _config(make_tiny_config)
+    # 1) SIGTERM to process 1 only: both processes stop at the same step, save it, exit 0.
+    workdir = str(tmp_path / "interrupted")
+    proc = _launch(config, workdir)
+    _wait_for_step(proc, workdir, 1)
+    os.kill(_process_pid(workdir, 1), signal.SIGTERM)
+    rc, err = _finish(proc)
+    assert rc == 0, err[-3000:]
+    preempted = max(_checkpoints(workdir))
+    assert (f"preemption: SIGTERM received; saved checkpoint of step {preempted} to "
+            f"{workdir}/checkpoints") in err
+    data = os.path.join(workdir, "checkpoints", str(preempted), "data")
+    states = sorted(n for n in os.listdir(data) if n.startswith("process_"))
+    assert states == ["process_0-of-2.json", "process_1-of-2.json"]  # both saved that step
+    assert preempted < config.train.num_steps
+
+    # 2) Rerun, SIGKILL process 1 once a later checkpoint exists: process 0 stops with one
+    # line naming it, within the peer timeout.
+    proc = _launch(config, workdir)
+    kill_after = preempted + 2 - preempted % 2  # the next periodic checkpoint step
+    _wait_for_step(proc, workdir, kill_after + 1)
+    victim = _process_pid(workdir, 1)
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    rc, err = _finish(proc)
+    waited = time.monotonic() - killed_at
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert lines and lines[0].startswith(
+        f"error: process 1 of 2 (pid {victim} on host "), err[-3000:]
+    assert "is gone: no heartbeat for" in lines[0] or "Connection closed" in lines[0]
+    assert waited < PEER_TIMEOUT + 20, waited  # detection + one beat + process teardown
+    assert rc != 0
+
+    # 3) Rerun: resumes from the newest complete checkpoint and ends as the reference did.
+    rc, err = _finish(_launch(config, workdir))
+    assert rc == 0, err[-3000:]
+    assert _losses(workdir) == _losses(reference)  # every step, bit for bit
+    recall, expected = (json.load(open(os.path.join(d, "eval", "recall.json")))
+                        for d in (workdir, reference))
+    for key in ("overall", "per_slice", "num_queries", "step"):
+        assert recall[key] == expected[key], key

@@ -1,7 +1,7 @@
 """A lost peer process: the watchdog's judgement (fake store and clock, milliseconds) and main's
 one-line exits for every fault class (docs/reliability.md, exit codes 6, 7, 8).
 
-The real 2-process kill/preempt/resume scenario is in test_multiprocess_faults.py.
+The real 2-process kill/preempt/resume scenario is in test_multiprocess.py.
 """
 
 from __future__ import annotations
