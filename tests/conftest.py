@@ -40,22 +40,9 @@ def make_tiny_config(data_cache_dir):
     """A factory of fresh tiny configs, for module-scoped fixtures (``tiny_config`` is per test)."""
 
     def make():
-        from configs import tiny
+        from tiny_configs import tiny_test_config
 
-        config = tiny.get_config()
-        config.data.cache_dir = data_cache_dir
-        config.data.builtin_num_items = 300
-        config.data.vocab_size = 800
-        config.data.prefetch = 1
-        config.train.batch_size = 16
-        config.train.num_steps = 8
-        config.train.warmup_steps = 2
-        config.train.log_every_steps = 1
-        config.checkpoint.every_steps = 4
-        config.train.mesh_shape = (1,)  # the 8-device path is covered by the tests that need it
-        config.eval.batch_size = 64
-        config.eval.max_queries = 64
-        return config
+        return tiny_test_config(data_cache_dir)
 
     return make
 
@@ -72,7 +59,11 @@ def pytest_configure(config):
 
     from vlp_jax.runtime import devices as runtime
 
-    runtime.enable_compilation_cache(tempfile.mkdtemp(prefix="vlp_xla_cache_"))
+    # One cache for the controller and every xdist worker (they inherit the environment): the
+    # tiny train step and eval programs recur across files that run on different workers.
+    cache_dir = os.environ.setdefault("VLP_JAX_TEST_XLA_CACHE",
+                                      tempfile.mkdtemp(prefix="vlp_xla_cache_"))
+    runtime.enable_compilation_cache(cache_dir)
 
 
 # Slowest files first (measured with --durations): with `-n 2 --dist loadfile` (make test) a file

@@ -18,22 +18,14 @@ NUM_STEPS = 100  # enough for category queries to work clearly above chance (P@1
 
 def serving_config(data_cache_dir: str):
     """The conftest ``tiny_config`` (same cache, same catalog), trained a little longer."""
-    from configs import tiny
+    from tiny_configs import tiny_test_config
 
-    c = tiny.get_config()
-    c.data.cache_dir = data_cache_dir
-    c.data.builtin_num_items = 300
-    c.data.vocab_size = 800
-    c.data.prefetch = 1
-    c.train.batch_size = 16
+    c = tiny_test_config(data_cache_dir)
     c.train.num_steps = NUM_STEPS
     c.train.warmup_steps = 10
     c.train.learning_rate = 3e-3
     c.train.log_every_steps = 50
     c.checkpoint.every_steps = 1000
-    c.train.mesh_shape = (1,)
-    c.eval.batch_size = 64
-    c.eval.max_queries = 64
     return c
 
 
