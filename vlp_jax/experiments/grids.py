@@ -209,12 +209,19 @@ MBNS = Grid("mbns", PAPER_COMMON, MBNS_VARIANTS, MBNS_CLAIMS,
 # Scaling: bank size (0, 1, 4, 16, 64 x the global batch of 128) x catalog size, recipe keys.
 SCALING_BANKS = (0, 128, 512, 2048, 8192)
 SCALING_CATALOGS = (6000, 60000)
-SCALING_VARIANTS = tuple(
-    Variant(f"n{n // 1000}k_k{k}",
-            {**MBNS_KEYS, "data.builtin_num_items": n, "negatives.bank_size": k},
-            f"{n:,}-item catalog, bank of {k:,} ({k // 128} x the batch)")
-    for n in SCALING_CATALOGS for k in SCALING_BANKS
-)
+
+
+def _scaling_variants(recipe: Overrides, banks: tuple[int, ...], catalogs: tuple[int, ...]
+                      ) -> tuple[Variant, ...]:
+    """One variant per (catalog size, bank size): ``n6k_k2048`` = 6,000 items, 2,048 entries."""
+    return tuple(
+        Variant(f"n{n // 1000}k_k{k}",
+                {**recipe, "data.builtin_num_items": n, "negatives.bank_size": k},
+                f"{n:,}-item catalog, bank of {k:,} ({k // 128} x the batch)")
+        for n in catalogs for k in banks)
+
+
+SCALING_VARIANTS = _scaling_variants(MBNS_KEYS, SCALING_BANKS, SCALING_CATALOGS)
 MBNS_SCALING = Grid(
     "mbns_scaling", PAPER_COMMON, SCALING_VARIANTS, (),
     "model and steps as the paper grid (width 64, 2 + 2 layers, 150 steps x 128 pairs on 8 fake "
@@ -276,7 +283,30 @@ MPM = Grid("mpm", MPM_COMMON, MPM_VARIANTS, MPM_CLAIMS,
            f"6,000-item built-in catalog (300 test queries), {MPM_STEPS} steps x 128 pairs "
            f"(16 per device x 8 fake CPU devices), CDNS; only the masked-patch task varies.")
 
-GRIDS: dict[str, Grid] = {g.name: g for g in (PAPER, MICRO, MBNS, MBNS_SCALING, MPM)}
+# ------------------------------------------------------------------------------------ mbns_base
+# Claim 3b at the base model and budget of the mpm grid (configs/base.py model, 400 steps x 128),
+# where the seed spread is ~4x smaller than at the paper grid's quarter-size model: configs/mbns.py
+# with and without its bank.  ``mpmr`` of the mpm grid is configs/base.py at this same budget.
+MBNS_BASE = Grid(
+    "mbns_base", MPM_COMMON,
+    tuple(v for v in MBNS_VARIANTS if v.name in ("cdns_kw", "cdns_mbns_kw")),
+    (MBNS_CLAIMS[0],),
+    f"configs/base.py model (width 128, 3 + 3 layers), 6,000-item built-in catalog (300 test "
+    f"queries), {MPM_STEPS} steps x 128 pairs (16 per device x 8 fake CPU devices), "
+    f"configs/mbns.py with and without its bank (2,048 entries, 16 x the batch, from the end of "
+    f"the LR warm-up at step 100).")
+
+# Scaling at the base budget, configs/mbns.py's recipe (keyword positives) with the bank size and
+# the catalog varied; K = 0 and 2,048 at 6,000 items are the two variants of ``mbns_base``.
+MBNS_BASE_SCALING = Grid(
+    "mbns_base_scaling", MPM_COMMON,
+    _scaling_variants(MBNS_RECIPE, (0, 512, 2048, 8192), SCALING_CATALOGS), (),
+    f"configs/base.py model (width 128, 3 + 3 layers), {MPM_STEPS} steps x 128 pairs on 8 fake "
+    f"devices, configs/mbns.py's recipe; the catalog (6,000 or 60,000 built-in items, 300 test "
+    f"queries each, candidates = the whole catalog) and the bank size vary by variant.")
+
+GRIDS: dict[str, Grid] = {g.name: g for g in (PAPER, MICRO, MBNS, MBNS_SCALING, MPM, MBNS_BASE,
+                                              MBNS_BASE_SCALING)}
 
 
 def get_grid(name: str) -> Grid:
