@@ -87,7 +87,10 @@ def get_config() -> ml_collections.ConfigDict:
     n.momentum_keys = False  # True: query->item positives/in-batch keys from the EMA tower too
     n.mask_same_query = False  # items clicked for the identical query text are not negatives
     n.keyword_control = "off"  # title holds every query keyword: "off" | "mask" | "positive"
-    n.keyword_bits = 256  # bits of the keyword signatures (keyword_control)
+    # Bits of the keyword signatures (keyword_control). One hash per token: a title of T tokens
+    # falsely 'holds' a word with probability 1 - exp(-T/bits) (2.3 % at T = 24), and every
+    # such false match in the batch or the bank becomes a wrong positive (docs/negatives.md).
+    n.keyword_bits = 1024
     n.filter_margin = -1.0  # drop negatives scoring above positive - margin (< 0 = off)
     n.stale_probe = 32  # bank staleness diagnostic: items of each step compared with the bank
     n.relevance_probe = True  # built-in catalog: log false negatives (fn_mass, *_fn_count)

@@ -110,7 +110,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if neg.bank_warmup_steps < -1:
         problems.append(f"negatives.bank_warmup_steps={neg.bank_warmup_steps} must be >= 0, "
                         "or -1 for the end of the learning-rate warm-up")
-    bits = int(neg.get("keyword_bits", 256))
+    bits = int(neg.get("keyword_bits", 1024))
     if bits < 32 or bits & (bits - 1):
         problems.append(f"negatives.keyword_bits={bits} must be a power of two >= 32")
     m = config.model

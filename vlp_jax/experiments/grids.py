@@ -287,10 +287,19 @@ MPM = Grid("mpm", MPM_COMMON, MPM_VARIANTS, MPM_CLAIMS,
 # Claim 3b at the base model and budget of the mpm grid (configs/base.py model, 400 steps x 128),
 # where the seed spread is ~4x smaller than at the paper grid's quarter-size model: configs/mbns.py
 # with and without its bank.  ``mpmr`` of the mpm grid is configs/base.py at this same budget.
+# ``*_kw256``: the recipe with 256-bit keyword signatures (the default before 2026-12-04), whose
+# false keyword matches became wrong positives (vlp_jax/parallel/fn_control.py).
+_KW256 = {"negatives.keyword_bits": 256}
 MBNS_BASE = Grid(
     "mbns_base", MPM_COMMON,
-    tuple(v for v in MBNS_VARIANTS if v.name in ("cdns_kw", "cdns_mbns_kw")),
-    (MBNS_CLAIMS[0],),
+    tuple(v for v in MBNS_VARIANTS if v.name in ("cdns_kw", "cdns_mbns_kw", "cdns", "cdns_mbns"))
+    + (Variant("cdns_kw256", {**MBNS_RECIPE, **_NO_BANK, **_KW256},
+               "CDNS alone, keyword positives tested on 256-bit signatures"),
+       Variant("cdns_mbns_kw256", {**MBNS_RECIPE, **_KW256},
+               "CDNS + MBNS, keyword positives tested on 256-bit signatures")),
+    MBNS_CLAIMS[:2] + (
+        Claim("3b-kw256", "CDNS + MBNS beats CDNS alone, 256-bit keyword signatures",
+              "cdns_mbns_kw256", "cdns_kw256", source="claim 3"),),
     f"configs/base.py model (width 128, 3 + 3 layers), 6,000-item built-in catalog (300 test "
     f"queries), {MPM_STEPS} steps x 128 pairs (16 per device x 8 fake CPU devices), "
     f"configs/mbns.py with and without its bank (2,048 entries, 16 x the batch, from the end of "
