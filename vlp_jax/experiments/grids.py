@@ -298,6 +298,8 @@ MBNS_BASE = Grid(
        Variant("cdns_mbns_kw256", {**MBNS_RECIPE, **_KW256},
                "CDNS + MBNS, keyword positives tested on 256-bit signatures")),
     MBNS_CLAIMS[:2] + (
+        Claim("3b-visual", "CDNS + MBNS beats CDNS alone on visual-attribute queries",
+              "cdns_mbns_kw", "cdns_kw", slice="visual", source="claim 3 (a slice)"),
         Claim("3b-kw256", "CDNS + MBNS beats CDNS alone, 256-bit keyword signatures",
               "cdns_mbns_kw256", "cdns_kw256", source="claim 3"),),
     f"configs/base.py model (width 128, 3 + 3 layers), 6,000-item built-in catalog (300 test "
