@@ -228,6 +228,17 @@ def test_checkpoints_written_before_the_negatives_fields_still_resume(tiny_confi
     changed.negatives.momentum_keys = True
     with pytest.raises(resume_config.ConfigMismatchError, match="negatives.momentum_keys"):
         resume_config.check_resume(old, changed, 1, 1, "old ckpt")
+    # keyword_bits (default 256 -> 1,024) shapes the state only with keyword control on
+    old["config"]["negatives.keyword_bits"] = 256
+    assert resume_config.check_resume(old, tiny_config, 1, 1, "old ckpt") == []
+    old["config"]["negatives.keyword_control"] = "positive"
+    keywords = ml_collections.ConfigDict(tiny_config.to_dict())
+    keywords.negatives.keyword_control = "positive"
+    with pytest.raises(resume_config.ConfigMismatchError, match="keyword_bits: 256"):
+        resume_config.check_resume(old, keywords, 1, 1, "old ckpt")
+    keywords.negatives.keyword_bits = 256
+    assert resume_config.check_resume(old, keywords, 1, 1, "old ckpt") == []
+    del old["config"]["negatives.keyword_control"], old["config"]["negatives.keyword_bits"]
     old["config"]["negatives.bank_size"] = 64
     with_bank = ml_collections.ConfigDict(tiny_config.to_dict())
     with_bank.negatives.bank_size = 64

@@ -44,6 +44,10 @@ ADDED_FIELDS = {
     "loss.mpm_norm_target": False, "loss.mpm_target": "patch_embed",
     "loss.mpm_teacher_momentum": 0.996, "data.patch_mask_shape": "random",
 }
+# Fields that shape nothing while another field keeps a value: keyword signatures exist only with
+# keyword control on, so a changed ``keyword_bits`` (its default moved from 256 to 1,024) does
+# not matter to a run without it.
+INERT_WHILE = {"negatives.keyword_bits": ("negatives.keyword_control", "off")}
 SAFE_PREFIXES = ("eval.",)
 TRAJECTORY = (
     "train.num_steps", "train.learning_rate", "train.warmup_steps", "train.end_lr_fraction",
@@ -105,6 +109,15 @@ def _classify(field: str, old: Any, new: Any) -> str:
     return "shape"
 
 
+def _inert(field: str, old_cfg: dict[str, Any], new_cfg: dict[str, Any]) -> bool:
+    """``field`` shapes nothing in either run (``INERT_WHILE``)."""
+    if field not in INERT_WHILE:
+        return False
+    switch, value = INERT_WHILE[field]
+    old_switch = old_cfg.get(switch, ADDED_FIELDS.get(switch))
+    return old_switch == value and new_cfg.get(switch) == value
+
+
 def check_resume(
     saved: dict[str, Any] | None,
     config: ml_collections.ConfigDict,
@@ -139,6 +152,8 @@ def check_resume(
     for field in sorted(set(old_cfg) | set(new_cfg)):
         old, new = old_cfg.get(field, "<absent>"), new_cfg.get(field, "<absent>")
         if old == new or (old == "<absent>" and ADDED_FIELDS.get(field, old) == new):
+            continue
+        if _inert(field, old_cfg, new_cfg):
             continue
         change = f"{field}: {old!r} (checkpoint) -> {new!r} (now)"
         kind = _classify(field, old, new)
