@@ -31,6 +31,7 @@ from vlp_jax.config.overrides import apply_overrides, load_config_file, parse_se
 from vlp_jax.data import dataset, preprocess, tokenizer  # noqa: E402
 from vlp_jax.data.catalog import relevance  # noqa: E402
 from vlp_jax.parallel import fn_control  # noqa: E402
+from vlp_jax.runtime import atomic_io  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "configs/base.py", "Config whose data fields pick the catalog.")
@@ -111,9 +112,7 @@ def main(argv):
         label = f"{name} bits" if name != "exact" else "exact"
         print(f"{label:>10} | {a['matches_per_query']:>13.2f} | "
               f"{a['relevant_matches_per_query']:>8.2f} | {a['precision']:>9.2f} | {by}")
-    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(result, f, indent=2)
+    atomic_io.write_json(FLAGS.out, result)
     print(f"wrote {FLAGS.out}")
 
 
