@@ -1,6 +1,6 @@
 """A damaged TFDS build: a truncated or missing array_record shard is named, with the fix,
 before any training (``shards.DatasetCorruptError``, exit 7), and ``--rebuild_data`` rebuilds
-it to the same bytes.  Works on a copy of the session's tiny build, never on the shared one."""
+it to the same bytes.  Works on a copy of the test run's tiny build, never on the shared one."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from vlp_jax.data import dataset, shards
 @pytest.fixture()
 def cache_copy(tiny_config, tmp_path):
     """A private cache dir holding a copy of the tiny catalog and its build."""
-    handle = dataset.prepare_dataset(tiny_config.data)  # built once per session
+    handle = dataset.prepare_dataset(tiny_config.data)  # built once per test run
     root = dataset.cache_root(tiny_config.data)
     copy = tmp_path / "cache"
     shutil.copytree(root, copy, ignore=shutil.ignore_patterns("*.lock", "xla"))

@@ -96,7 +96,7 @@ def _main(workdir, cache_dir):
              for k, v in RUN_FLAGS.items()]
     cmd = [sys.executable, "-m", "vlp_jax.main", "--config=configs/tiny.py",
            f"--workdir={workdir}", f"--config.data.cache_dir={cache_dir}", *flags]
-    # Same compilation cache as this session: the subprocess reuses the reference's programs.
+    # Same compilation cache as this test run: the subprocess reuses the reference's programs.
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -195,55 +195,6 @@ def test_resume_with_changed_width_names_the_field_before_any_work(reference, tm
     assert changes == ["  model.width: 64 (checkpoint) -> 32 (now)"]  # safe/allowed: absent
     assert not os.path.exists(os.path.join(tmp_path, "no_data_yet"))  # failed before the data
     assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_NAME))  # released
-
-
-def test_check_resume_classifies_fields(tiny_config):
-    saved = resume_config.resume_metadata(tiny_config, num_devices=1, process_count=1)
-    changed = ml_collections.ConfigDict(tiny_config.to_dict())
-    changed.train.learning_rate = 5e-4
-    changed.checkpoint.every_steps = 7
-    warnings = resume_config.check_resume(saved, changed, 1, 1, "ckpt 4")
-    assert warnings == ["resuming ckpt 4 with changed train.learning_rate: 0.001 (checkpoint) -> "
-                        "0.0005 (now); from here on the run differs from an uninterrupted one"]
-    for dotted, value in (("train.batch_size", 32), ("negatives.bank_size", 64),
-                          ("loss.mlm_weight", 0.0), ("train.seed", 1)):
-        bad = ml_collections.ConfigDict(tiny_config.to_dict())
-        section, field = dotted.split(".")
-        bad[section][field] = value
-        with pytest.raises(resume_config.ConfigMismatchError, match=f"\n  {dotted}: "):
-            resume_config.check_resume(saved, bad, 1, 1, "ckpt 4")
-    with pytest.raises(resume_config.ConfigMismatchError, match="process count: 1 .* -> 2"):
-        resume_config.check_resume(saved, tiny_config, 1, 2, "ckpt 4")
-    assert resume_config.check_resume(None, changed, 1, 1, "old ckpt") == []
-
-
-def test_checkpoints_written_before_the_negatives_fields_still_resume(tiny_config):
-    """A checkpoint whose config predates a field resumes when the field keeps the value that
-    reproduces the old behaviour; a memory bank of the old layout is refused with a message."""
-    old = resume_config.resume_metadata(tiny_config, num_devices=1, process_count=1)
-    for field in resume_config.ADDED_FIELDS:
-        del old["config"][field]
-    assert resume_config.check_resume(old, tiny_config, 1, 1, "old ckpt") == []
-    changed = ml_collections.ConfigDict(tiny_config.to_dict())
-    changed.negatives.momentum_keys = True
-    with pytest.raises(resume_config.ConfigMismatchError, match="negatives.momentum_keys"):
-        resume_config.check_resume(old, changed, 1, 1, "old ckpt")
-    # keyword_bits (default 256 -> 1,024) shapes the state only with keyword control on
-    old["config"]["negatives.keyword_bits"] = 256
-    assert resume_config.check_resume(old, tiny_config, 1, 1, "old ckpt") == []
-    old["config"]["negatives.keyword_control"] = "positive"
-    keywords = ml_collections.ConfigDict(tiny_config.to_dict())
-    keywords.negatives.keyword_control = "positive"
-    with pytest.raises(resume_config.ConfigMismatchError, match="keyword_bits: 256"):
-        resume_config.check_resume(old, keywords, 1, 1, "old ckpt")
-    keywords.negatives.keyword_bits = 256
-    assert resume_config.check_resume(old, keywords, 1, 1, "old ckpt") == []
-    del old["config"]["negatives.keyword_control"], old["config"]["negatives.keyword_bits"]
-    old["config"]["negatives.bank_size"] = 64
-    with_bank = ml_collections.ConfigDict(tiny_config.to_dict())
-    with_bank.negatives.bank_size = 64
-    with pytest.raises(resume_config.ConfigMismatchError, match="layout of an older vlp_jax"):
-        resume_config.check_resume(old, with_bank, 1, 1, "old ckpt")
 
 
 # ------------------------------------------------------------------ corrupt checkpoints
