@@ -92,6 +92,10 @@ def get_config() -> ml_collections.ConfigDict:
     # such false match in the batch or the bank becomes a wrong positive (docs/negatives.md).
     n.keyword_bits = 1024
     n.filter_margin = -1.0  # drop negatives scoring above positive - margin (< 0 = off)
+    # Momentum distillation (ALBEF): query->item targets = (1 - a) hard labels + a softmax of
+    # the momentum model's scores over the same candidates; a ramps up over the LR warm-up.
+    # Needs momentum_keys (0 = off).
+    n.distill_alpha = 0.0
     n.stale_probe = 32  # bank staleness diagnostic: items of each step compared with the bank
     n.relevance_probe = True  # built-in catalog: log false negatives (fn_mass, *_fn_count)
     n.oracle_fn_mask = False  # built-in catalog: mask relevant negatives (diagnostic bound only)

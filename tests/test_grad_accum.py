@@ -50,13 +50,15 @@ def _random_params(model, *args, seed=0):
     return jax.tree_util.tree_map_with_path(leaf, shapes["params"])
 
 
-def _value_and_grad(config, model, mesh, params, batch, extra=None):
+def _value_and_grad(config, model, mesh, params, batch, extra=None, item_keys=None, step=0):
     loss_fn = train_step.make_loss_fn(model, config, mesh)
     fn = jax.jit(grad_cache.make_value_and_grad(model, config, mesh, loss_fn,
                                                      train_step.compute_losses))
     sharded = mesh_lib.shard_host_batch(batch, mesh)
     params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-    (loss, metrics), grads = fn(params, sharded, np.int32(0), extra)
+    if item_keys is not None:
+        item_keys = mesh_lib.shard_host_batch({"k": item_keys}, mesh)["k"]
+    (loss, metrics), grads = fn(params, sharded, np.int32(step), extra, item_keys)
     return jax.device_get((loss, metrics, grads))
 
 
@@ -162,6 +164,31 @@ def test_accum_sigmoid_bias_gets_its_gradient():
     config.train.accum_steps = 2
     accum = _value_and_grad(config, model, mesh, params, batch)
     _assert_same(full, accum)
+
+
+def test_accum_with_momentum_distillation():
+    """Momentum keys + distillation (α ramped by the step): the momentum queries ride in the
+    batch, so accumulation must split them with their rows and see the same step."""
+    config = _config(qic_type="softmax", mlm_weight=0.0, query_mlm_weight=0.0, mpm_weight=0.0)
+    config.negatives.update(momentum=0.99, momentum_keys=True, distill_alpha=0.4)
+    config.train.warmup_steps = 10
+    mesh = mesh_lib.make_mesh((1,))
+    model = make_model(config, vocab_size=VOCAB)
+    batch = random_batch(config, 16, VOCAB, seed=6)
+    params = _random_params(model, {k: v[:2] for k, v in batch.items()}, seed=3)
+    rng = np.random.default_rng(0)
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    dim = config.model.embed_dim
+    keys = unit(rng.normal(size=(16, dim)))
+    batch[train_step.MOMENTUM_QUERY_KEY] = unit(keys + 0.5 * rng.normal(size=(16, dim)))
+    full = _value_and_grad(config, model, mesh, params, batch, item_keys=keys, step=4)
+    assert float(full[1]["qic_distill_alpha"]) == pytest.approx(0.4 * 5 / 10)
+    config.train.accum_steps = 2
+    _assert_same(full, _value_and_grad(config, model, mesh, params, batch, item_keys=keys,
+                                       step=4))
+    config.train.accum_steps, config.negatives.distill_alpha = 1, 0.0
+    plain = _value_and_grad(config, model, mesh, params, batch, item_keys=keys, step=4)
+    assert abs(float(plain[0]) - float(full[0])) > 1e-3
 
 
 def test_remat_block_changes_nothing_but_memory():

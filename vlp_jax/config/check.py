@@ -110,6 +110,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if neg.bank_warmup_steps < -1:
         problems.append(f"negatives.bank_warmup_steps={neg.bank_warmup_steps} must be >= 0, "
                         "or -1 for the end of the learning-rate warm-up")
+    alpha = float(neg.get("distill_alpha", 0.0))
+    if not 0.0 <= alpha < 1.0:
+        problems.append(f"negatives.distill_alpha={alpha!r} must be in [0, 1)")
+    if alpha > 0 and not neg.get("momentum_keys", False):
+        problems.append("negatives.distill_alpha > 0 needs negatives.momentum_keys=True (the "
+                        "momentum model scores the candidates)")
+    if alpha > 0 and (neg.ring or config.loss.qic_type == "sigmoid"):
+        problems.append("negatives.distill_alpha > 0 needs the all-gather path and a softmax "
+                        "loss.qic_type (negatives.ring=False)")
     bits = int(neg.get("keyword_bits", 1024))
     if bits < 32 or bits & (bits - 1):
         problems.append(f"negatives.keyword_bits={bits} must be a power of two >= 32")

@@ -289,19 +289,28 @@ MPM = Grid("mpm", MPM_COMMON, MPM_VARIANTS, MPM_CLAIMS,
 # with and without its bank.  ``mpmr`` of the mpm grid is configs/base.py at this same budget.
 # ``*_kw256``: the recipe with 256-bit keyword signatures (the default before 2026-12-04), whose
 # false keyword matches became wrong positives (vlp_jax/parallel/fn_control.py).
+# ``*_mod``: with momentum distillation (ALBEF's alpha = 0.4): relevant items no keyword rule
+# catches (visual attributes the title does not name) get soft-target mass instead of a push.
 _KW256 = {"negatives.keyword_bits": 256}
+_MOD = {"negatives.distill_alpha": 0.4}
 MBNS_BASE = Grid(
     "mbns_base", MPM_COMMON,
     tuple(v for v in MBNS_VARIANTS if v.name in ("cdns_kw", "cdns_mbns_kw", "cdns", "cdns_mbns"))
     + (Variant("cdns_kw256", {**MBNS_RECIPE, **_NO_BANK, **_KW256},
                "CDNS alone, keyword positives tested on 256-bit signatures"),
        Variant("cdns_mbns_kw256", {**MBNS_RECIPE, **_KW256},
-               "CDNS + MBNS, keyword positives tested on 256-bit signatures")),
+               "CDNS + MBNS, keyword positives tested on 256-bit signatures"),
+       Variant("cdns_kw_mod", {**MBNS_RECIPE, **_NO_BANK, **_MOD},
+               "CDNS alone, keyword positives + momentum distillation (alpha 0.4)"),
+       Variant("cdns_mbns_kw_mod", {**MBNS_RECIPE, **_MOD},
+               "CDNS + MBNS, keyword positives + momentum distillation (alpha 0.4)")),
     MBNS_CLAIMS[:2] + (
         Claim("3b-visual", "CDNS + MBNS beats CDNS alone on visual-attribute queries",
               "cdns_mbns_kw", "cdns_kw", slice="visual", source="claim 3 (a slice)"),
         Claim("3b-kw256", "CDNS + MBNS beats CDNS alone, 256-bit keyword signatures",
-              "cdns_mbns_kw256", "cdns_kw256", source="claim 3"),),
+              "cdns_mbns_kw256", "cdns_kw256", source="claim 3"),
+        Claim("3b-mod", "CDNS + MBNS beats CDNS alone, both with momentum distillation",
+              "cdns_mbns_kw_mod", "cdns_kw_mod", source="claim 3"),),
     f"configs/base.py model (width 128, 3 + 3 layers), 6,000-item built-in catalog (300 test "
     f"queries), {MPM_STEPS} steps x 128 pairs (16 per device x 8 fake CPU devices), "
     f"configs/mbns.py with and without its bank (2,048 entries, 16 x the batch, from the end of "

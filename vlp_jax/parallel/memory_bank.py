@@ -183,13 +183,22 @@ def _lse_parts(z: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _distributed_lse(local_max: jax.Array, sumexp: jax.Array, axis_name: str) -> jax.Array:
     """log Σ over all devices of exp, from each device's (max, rescaled sum); -inf if empty."""
+    return _distributed_expectation(local_max, sumexp, jnp.zeros_like(sumexp), axis_name)[0]
+
+
+def _distributed_expectation(local_max: jax.Array, sumexp: jax.Array, wsum: jax.Array,
+                             axis_name: str) -> tuple[jax.Array, jax.Array]:
+    """(log Σ exp, Σ softmax-weighted values) over all devices, from each device's (max,
+    rescaled sum of exp, rescaled weighted sum); (-inf, 0) if no device has an entry."""
     gmax = jax.lax.pmax(local_max, axis_name)
     gsafe = jnp.where(jnp.isfinite(gmax), gmax, 0.0)
-    # local_max <= gmax, so the factor is <= 1; a device with no kept entry contributes 0.
     factor = jnp.where(jnp.isfinite(local_max), jnp.exp(local_max - gsafe), 0.0)
     total = jax.lax.psum(sumexp * factor, axis_name)
+    weighted = jax.lax.psum(wsum * factor, axis_name)
     ok = total > 0
-    return jnp.where(ok, gsafe + jnp.log(jnp.where(ok, total, 1.0)), -jnp.inf)
+    safe_total = jnp.where(ok, total, 1.0)
+    return (jnp.where(ok, gsafe + jnp.log(safe_total), -jnp.inf),
+            jnp.where(ok, weighted / safe_total, 0.0))
 
 
 def bank_row_stats(
@@ -207,6 +216,7 @@ def bank_row_stats(
     precision=jax.lax.Precision.HIGHEST,
     relevance: tuple[jax.Array, jax.Array] | None = None,
     oracle_mask: bool = False,
+    target_queries: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """Per-query statistics against the *whole* bank; call inside ``shard_map``.
 
@@ -225,6 +235,10 @@ def bank_row_stats(
       relevance: (row constraints [Q, 5], item attribute table [items, 5]) of the built-in
         catalog's oracle (``data.catalog.relevance``): adds ``fn_lse``/``fn_count`` over the
         relevant entries kept as negatives; ``oracle_mask`` removes them instead.
+      target_queries: [Q, d] momentum-tower queries for momentum distillation (softmax kinds):
+        adds ``t_lse``, the log-normaliser of the soft targets softmax(scale · target_q · bank)
+        over the candidates, and ``t_expect``, Σ_j t_j · logit_j (``qic_blocks.soft_target_stats``
+        on the whole bank).
 
     Masks: empty slots never count; an entry is a negative iff ``fn_control.candidate_masks``
     says so (and, with the model filter, its cosine is below ``pos_cos - margin``); keyword
@@ -255,8 +269,12 @@ def bank_row_stats(
     else:
         row_cons = jnp.zeros((q_total, 1), jnp.int32)
 
+    distill = target_queries is not None and softmax
+    t_queries = target_queries if distill else queries
+    t_scale = jax.lax.stop_gradient(scale)
+
     @jax.checkpoint
-    def chunk_stats(q, keys, pcos, cons):
+    def chunk_stats(q, keys, pcos, cons, tq):
         cos = jnp.dot(q, bank_emb.T, precision=precision)
         valid = jnp.broadcast_to(bank_valid[None, :], cos.shape)
         same = keys[:, None, 0] == col_keys[None, :, 0]
@@ -279,12 +297,23 @@ def bank_row_stats(
             first, sumexp = _lse_parts(z)
             pos_max, pos_sum = _lse_parts(jnp.where(extra, logits, -jnp.inf))
             fn_max, fn_sum = _lse_parts(jnp.where(fn, jax.lax.stop_gradient(logits), -jnp.inf))
+            cand = negative | extra
+            if distill:
+                tz = jax.lax.stop_gradient(jnp.where(
+                    cand, t_scale * jnp.dot(tq, bank_emb.T, precision=precision), -jnp.inf))
+                t_max, t_sum = _lse_parts(tz)
+                safe = jnp.where(jnp.isfinite(t_max), t_max, 0.0)
+                t_wsum = jnp.sum(jnp.exp(tz - safe[:, None]) * jnp.where(cand, logits, 0.0),
+                                 axis=1)
+            else:
+                t_max = t_sum = t_wsum = jnp.zeros_like(first)
         else:
             logits = scale * cos + bias
             lab = same.astype(jnp.float32)
             nll = -(lab * jax.nn.log_sigmoid(logits) + (1 - lab) * jax.nn.log_sigmoid(-logits))
             first = jnp.sum(jnp.where(valid, nll, 0.0), axis=1)
             sumexp = pos_max = pos_sum = fn_max = fn_sum = jnp.zeros_like(first)
+            t_max = t_sum = t_wsum = jnp.zeros_like(first)
             negative = valid & ~same
         metric = jax.lax.stop_gradient(logits)
         negf = negative.astype(jnp.float32)
@@ -295,17 +324,19 @@ def bank_row_stats(
             jnp.max(jnp.where(negative, metric, -jnp.inf), axis=1),
             dropped,
             fn_max, fn_sum, jnp.sum(fn.astype(jnp.float32), axis=1),
+            t_max, t_sum, t_wsum,
         )
 
     if num_chunks == 1:
-        stats = chunk_stats(queries, row_keys, pos_cos, row_cons)
+        stats = chunk_stats(queries, row_keys, pos_cos, row_cons, t_queries)
     else:
         split = (lambda x: x.reshape(num_chunks, q_total // num_chunks, *x.shape[1:]))
         stats = jax.lax.map(lambda a: chunk_stats(*a),
-                            (split(queries), split(row_keys), split(pos_cos), split(row_cons)))
+                            (split(queries), split(row_keys), split(pos_cos), split(row_cons),
+                             split(t_queries)))
         stats = tuple(s.reshape(q_total) for s in stats)
     (first, sumexp, pos_max, pos_sum, neg_sum, neg_cnt, neg_max, dropped, fn_max, fn_sum,
-     fn_cnt) = stats
+     fn_cnt, t_max, t_sum, t_wsum) = stats
     out = {
         "neg_sum": jax.lax.psum(neg_sum, axis_name),
         "neg_count": jax.lax.psum(neg_cnt, axis_name),
@@ -320,6 +351,8 @@ def bank_row_stats(
         return out
     out["lse"] = _distributed_lse(first, sumexp, axis_name)
     out["pos_lse"] = _distributed_lse(pos_max, pos_sum, axis_name)
+    if distill:
+        out["t_lse"], out["t_expect"] = _distributed_expectation(t_max, t_sum, t_wsum, axis_name)
     return out
 
 

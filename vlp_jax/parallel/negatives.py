@@ -47,7 +47,6 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from vlp_jax.data.catalog import relevance as catalog_relevance
-from vlp_jax.losses.contrastive import KINDS
 from vlp_jax.parallel import fn_control, memory_bank
 from vlp_jax.parallel.mesh import DATA_AXIS
 from vlp_jax.parallel.qic_blocks import (
@@ -55,23 +54,28 @@ from vlp_jax.parallel.qic_blocks import (
     add_lse_any,
     block_parts,
     mean_ratio,
+    merge_soft_targets,
     neg_stats,
     row_lse,
     sigmoid_block,
+    soft_target_stats,
     softmax_block,
 )
+from vlp_jax.parallel.qic_checks import check_qic_inputs
 from vlp_jax.parallel.ring import ring_reduce, to_varying
 
 Metrics = dict[str, jax.Array]
 
 
-def _local_loss(q, it, keys, item_keys, scale, margin, bias, bank, active, rel, *, kind, n,
-                cross_device, ring, symmetric, use_bank, use_item_keys, bank_item_grad, filt,
-                stale_probe, use_rel, oracle_mask, precision):
+def _local_loss(q, it, keys, item_keys, scale, margin, bias, bank, active, rel, tq, alpha, *,
+                kind, n, cross_device, ring, symmetric, use_bank, use_item_keys, bank_item_grad,
+                filt, stale_probe, use_rel, oracle_mask, distill, precision):
     """Per-device body of ``sharded_qic_loss`` (inside shard_map over DATA_AXIS).
 
     Query→item rows are ``lse(kept candidates) − lse(positives)``: the positive (with its
     margin) plus, in keyword-"positive" mode, the keyword matches of the batch and the bank.
+    With ``distill`` the row becomes (1 − α)·that + α·(lse(kept) − Σ_j t_j·logit_j), t the
+    momentum queries' softmax over the same candidates (ALBEF's momentum distillation).
     """
     b = q.shape[0]
     q, it = q.astype(jnp.float32), it.astype(jnp.float32)
@@ -94,6 +98,10 @@ def _local_loss(q, it, keys, item_keys, scale, margin, bias, bank, active, rel, 
     thr = (jax.lax.stop_gradient(pos_cos) - filt.filter_margin) if filt.model_filter else None
     decouple = use_bank and bank_item_grad == "batch" and not is_sig and not use_item_keys
     metrics: Metrics = {}
+    # Momentum distillation: the momentum queries' (detached) softmax over the candidates.
+    tq_f = jax.lax.stop_gradient(tq.astype(jnp.float32)) if distill else None
+    t_scale = jax.lax.stop_gradient(scale_f)
+    soft: dict[str, tuple[jax.Array, jax.Array]] = {}
 
     # ---- in-batch query -> item term: (lse over kept, lse over positives) per row
     def q2i_terms(rows, cols, prm):
@@ -123,6 +131,10 @@ def _local_loss(q, it, keys, item_keys, scale, margin, bias, bank, active, rel, 
             fn_stats = None
         lse_all = row_lse(jnp.where(neg | is_pos | extra, logits, -jnp.inf))
         lse_pos = row_lse(jnp.where(is_pos | extra, logits, -jnp.inf))
+        if distill and "batch" not in soft:
+            t_logits = t_scale * jnp.dot(tq_f, jax.lax.stop_gradient(gather(cols)).T,
+                                         precision=precision)
+            soft["batch"] = soft_target_stats(logits, t_logits, neg | is_pos | extra)
         base = ~jnp.logical_or(is_pos, keys[:, None, 0] == gather(keys)[None, :, 0])
         dropped = jnp.sum((base & ~neg).astype(jnp.float32), axis=1)
         return lse_all, lse_pos, neg_stats(metric, neg), dropped, fn_stats
@@ -146,13 +158,19 @@ def _local_loss(q, it, keys, item_keys, scale, margin, bias, bank, active, rel, 
         bstats = memory_bank.bank_row_stats(
             q_all, keys_all, pcos_all, bank, scale_f, bias_f, kind=kind, filt=filt,
             num_chunks=n if ring else 1, precision=precision, relevance=rel_args,
-            oracle_mask=oracle_mask)
+            oracle_mask=oracle_mask,
+            target_queries=jax.lax.all_gather(tq_f, DATA_AXIS, tiled=True) if distill else None)
         own = {k: jax.lax.dynamic_slice_in_dim(v, idx * b, b) for k, v in bstats.items()}
         if is_sig:
             lse_all = lse_all + jnp.where(active, own["nll"], 0.0)
         else:
             lse_all = add_lse(lse_all, jnp.where(active, own["lse"], -jnp.inf))
             lse_pos = add_lse(lse_pos, jnp.where(active, own["pos_lse"], -jnp.inf))
+            if distill:
+                t_bank = jnp.where(active, own["t_lse"], -jnp.inf)
+                soft["all"] = merge_soft_targets(*soft["batch"], t_bank, own["t_expect"])
+                metrics["target_bank_mass"] = jax.lax.pmean(jnp.mean(
+                    jnp.exp(t_bank - soft["all"][0])), DATA_AXIS)
             mass = jnp.exp(jax.lax.stop_gradient(jnp.where(active, own["lse"], -jnp.inf)
                                                  - lse_all))
             metrics["bank_mass"] = jax.lax.pmean(jnp.mean(mass), DATA_AXIS)
@@ -177,6 +195,16 @@ def _local_loss(q, it, keys, item_keys, scale, margin, bias, bank, active, rel, 
             metrics["bank_stale_pairs"] = stale_cnt
 
     row = lse_all if is_sig else lse_all - lse_pos
+    if distill:
+        t_lse, t_expect = soft.get("all", soft["batch"])
+        a = to_varying(jnp.asarray(alpha, jnp.float32), DATA_AXIS)
+        row = (1.0 - a) * row + a * (lse_all - t_expect)
+        # How much of the soft target sits on the positive: 1 = the hard label, lower = the
+        # momentum model spreads it over other candidates (relevant items, near-duplicates).
+        t_pos = t_scale * jnp.einsum("bd,bd->b", tq_f, jax.lax.stop_gradient(key_it),
+                                     precision=precision)
+        metrics["target_pos_mass"] = jax.lax.pmean(jnp.mean(jnp.exp(t_pos - t_lse)), DATA_AXIS)
+        metrics["distill_alpha"] = jax.lax.pmean(a, DATA_AXIS)
     if fn_lse is not None and not is_sig:
         # Softmax mass on relevant items kept as negatives (the oracle's false negatives).
         fn_mass = jnp.exp(fn_lse - jax.lax.stop_gradient(lse_all))
@@ -241,6 +269,8 @@ def sharded_qic_loss(
     stale_probe: int = 0,
     relevance: dict[str, jax.Array] | None = None,
     oracle_mask: bool = False,
+    target_queries: jax.Array | None = None,
+    distill_alpha: jax.Array | float = 0.0,
     precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
 ) -> tuple[jax.Array, Metrics]:
     """Query→item contrastive loss over a ``data``-sharded global batch; see the module doc.
@@ -272,62 +302,24 @@ def sharded_qic_loss(
         and ``bank_fn_count``.  Not with ``ring``.
       oracle_mask: with ``relevance``, remove those items from the negatives instead
         (a diagnostic upper bound for false-negative control, not a recipe).
+      target_queries: [B, d] momentum-tower query embeddings: momentum distillation of the
+        query→item term over batch and bank (ALBEF): each row's target is (1 − α) × the hard
+        positives + α × softmax(logit_scale · target_query · keys) over the kept candidates, so
+        a candidate the momentum model finds as close as the positive (a likely false negative
+        no rule caught) is pulled, not pushed.  Softmax kinds, all-gather path.
+      distill_alpha: α, a scalar (may be traced: a ramp); 0 gives exactly the loss without.
       precision: matmul precision; HIGHEST matches ``qic_loss`` on every backend.
 
     Returns:
       ``(loss, metrics)``, scalars replicated on every device.
     """
     filt = filt or fn_control.NegativeFilter()
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if ring and not cross_device:
-        raise ValueError("ring=True is a way of doing cross-device negatives; set cross_device")
-    if bank_item_grad not in ("full", "batch"):
-        raise ValueError(f"bank_item_grad must be 'full' or 'batch', got {bank_item_grad!r}")
-    if filt.any and kind == "sigmoid":
-        raise ValueError("false-negative control beyond the item id is implemented for the "
-                         "softmax kinds; loss.qic_type='sigmoid' supports none of it")
-    if ring and (filt.model_filter or filt.keyword == "positive"):
-        raise ValueError("negatives.ring supports the id and keyword masks only; the model "
-                         "filter and keyword_control='positive' need the all-gather path")
-    if relevance is not None and ring:
-        raise ValueError("the relevance diagnostics need the all-gather path, not ring")
-    if oracle_mask and relevance is None:
-        raise ValueError("oracle_mask needs the relevance tables of a built-in catalog")
-    if DATA_AXIS not in mesh.shape:
-        raise ValueError(f"mesh must have a '{DATA_AXIS}' axis, got axes {tuple(mesh.shape)}")
-    n = mesh.shape[DATA_AXIS]
-    if query_emb.ndim != 2 or query_emb.shape != item_emb.shape:
-        raise ValueError(
-            f"query_emb and item_emb must both be [B, d], got {query_emb.shape} and "
-            f"{item_emb.shape}"
-        )
+    n = check_qic_inputs(
+        mesh, query_emb, item_emb, query_ids, item_ids, logit_scale=logit_scale, margin=margin,
+        sigmoid_bias=sigmoid_bias, kind=kind, cross_device=cross_device, ring=ring,
+        bank_item_grad=bank_item_grad, filt=filt, signatures=signatures, relevance=relevance,
+        oracle_mask=oracle_mask, item_keys=item_keys, target_queries=target_queries)
     batch, dim = query_emb.shape
-    if item_keys is not None and item_keys.shape != item_emb.shape:
-        raise ValueError(f"item_keys must have item_emb's shape {item_emb.shape}, got "
-                         f"{item_keys.shape}")
-    if jnp.shape(query_ids) != (batch,) or jnp.shape(item_ids) != (batch,):
-        raise ValueError(
-            f"query_ids and item_ids must have shape ({batch},), got {jnp.shape(query_ids)} "
-            f"and {jnp.shape(item_ids)}"
-        )
-    if batch % n:
-        raise ValueError(
-            f"global batch {batch} is not divisible by the {n} devices of '{DATA_AXIS}'"
-        )
-    for name, value in (
-        ("logit_scale", logit_scale),
-        ("margin", margin),
-        ("sigmoid_bias", sigmoid_bias),
-    ):
-        if jnp.ndim(value) != 0:
-            raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
-    if filt.sig_words:
-        if signatures is None:
-            raise ValueError("keyword control needs the batch's keyword signatures")
-        if any(jnp.shape(x) != (batch, filt.sig_words) for x in signatures):
-            raise ValueError(f"signatures must be two [{batch}, {filt.sig_words}] arrays, got "
-                             f"{[jnp.shape(x) for x in signatures]}")
     keys = fn_control.pack_keys(item_ids, query_ids, signatures if filt.sig_words else None)
 
     use_bank = bank is not None
@@ -357,6 +349,7 @@ def sharded_qic_loss(
         stale_probe=min(int(stale_probe), batch),
         use_rel=relevance is not None,
         oracle_mask=bool(oracle_mask),
+        distill=target_queries is not None,
         precision=precision,
     )
     shard, rep = PartitionSpec(DATA_AXIS), PartitionSpec()
@@ -369,7 +362,7 @@ def sharded_qic_loss(
     fn = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(shard,) * 4 + (rep,) * 3 + (shard, rep, rel_spec),
+        in_specs=(shard,) * 4 + (rep,) * 3 + (shard, rep, rel_spec, shard, rep),
         out_specs=rep,
     )
     return fn(
@@ -383,4 +376,6 @@ def sharded_qic_loss(
         bank_args,
         active,
         rel_args,
+        query_emb if target_queries is None else target_queries,
+        jnp.asarray(distill_alpha, jnp.float32),
     )

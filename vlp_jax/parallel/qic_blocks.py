@@ -84,3 +84,28 @@ def mean_ratio(total, count):
     num = jax.lax.psum(jnp.sum(total), DATA_AXIS)
     den = jax.lax.psum(jnp.sum(count), DATA_AXIS)
     return num / jnp.maximum(den, 1.0)
+
+
+def soft_target_stats(logits: jax.Array, target_logits: jax.Array, cand: jax.Array
+                      ) -> tuple[jax.Array, jax.Array]:
+    """Momentum distillation over one block of candidates (ALBEF's pseudo-targets).
+
+    ``target_logits`` (detached) define the soft targets t = softmax over ``cand``; returns
+    (their log-normaliser, detached; Σ_j t_j · logits_j, differentiable through ``logits``).
+    Blocks are combined with ``merge_soft_targets``.  An empty row gives (-inf, 0).
+    """
+    z = jax.lax.stop_gradient(jnp.where(cand, target_logits, -jnp.inf))
+    t_lse = row_lse(z)
+    safe = jnp.where(jnp.isfinite(t_lse), t_lse, 0.0)
+    weights = jnp.where(cand, jnp.exp(z - safe[:, None]), 0.0)
+    return t_lse, jnp.sum(weights * jnp.where(cand, logits, 0.0), axis=1)
+
+
+def merge_soft_targets(lse_a: jax.Array, exp_a: jax.Array, lse_b: jax.Array, exp_b: jax.Array
+                       ) -> tuple[jax.Array, jax.Array]:
+    """Combine two blocks' ``soft_target_stats``; a block with lse -inf contributes nothing."""
+    total = jax.lax.stop_gradient(jnp.logaddexp(lse_a, lse_b))
+    safe = jnp.where(jnp.isfinite(total), total, 0.0)
+    w_a = jnp.where(jnp.isfinite(lse_a), jnp.exp(lse_a - safe), 0.0)
+    w_b = jnp.where(jnp.isfinite(lse_b), jnp.exp(lse_b - safe), 0.0)
+    return total, w_a * exp_a + w_b * exp_b

@@ -199,7 +199,8 @@ def accumulated_value_and_grad(
         active = step >= warmup if bank is not None else None
 
         def global_loss(outputs):
-            return compute_losses(outputs, batch, global_cfg, mesh, bank, active, item_keys)
+            return compute_losses(outputs, batch, global_cfg, mesh, bank, active, item_keys,
+                                  step=step)
 
         (global_total, metrics), cot = jax.value_and_grad(global_loss, has_aux=True)(cached)
         scale_cot = cot.pop("logit_scale") / k

@@ -43,6 +43,7 @@ ADDED_FIELDS = {
     "negatives.oracle_fn_mask": False, "loss.mpm_dup_threshold": 1.0,
     "loss.mpm_norm_target": False, "loss.mpm_target": "patch_embed",
     "loss.mpm_teacher_momentum": 0.996, "data.patch_mask_shape": "random",
+    "negatives.distill_alpha": 0.0,
 }
 # Fields that shape nothing while another field keeps a value: keyword signatures exist only with
 # keyword control on, so a changed ``keyword_bits`` (its default moved from 256 to 1,024) does
@@ -54,6 +55,7 @@ TRAJECTORY = (
     "train.weight_decay", "train.accum_steps", "negatives.bank_warmup_steps", "loss.temperature",
     "loss.margin", "loss.mpm_temperature", "loss.sigmoid_bias_init", "loss.mpm_dup_threshold",
     "loss.mpm_norm_target", "loss.mpm_teacher_momentum", "data.patch_mask_shape",
+    "negatives.distill_alpha",
 )
 ON_OFF_TRAJECTORY = (
     "loss.qic_weight", "loss.mlm_weight", "loss.query_mlm_weight", "loss.mpm_weight",

@@ -38,6 +38,20 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 # Batch key of the MPM_R teacher's targets [B, N, W] (``loss.mpm_target='teacher'``).
 TEACHER_TARGET_KEY = "mpm_teacher_target"
+# Batch key of the momentum tower's query embeddings [B, d] (``negatives.distill_alpha``).
+MOMENTUM_QUERY_KEY = "momentum_query_emb"
+
+
+def distill_alpha(config: ml_collections.ConfigDict, step: jax.Array | int | None) -> jax.Array:
+    """α of momentum distillation at ``step``: ramped linearly over the learning-rate warm-up
+    (ALBEF ramps it over the first epoch), because the momentum model starts as random as the
+    online one and its early scores are no better than uniform targets."""
+    alpha = float(config.negatives.get("distill_alpha", 0.0))
+    warmup = int(config.train.warmup_steps)
+    if step is None or warmup <= 0:
+        return jnp.asarray(alpha, jnp.float32)
+    ramp = jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / warmup)
+    return alpha * ramp
 
 
 def _mlm_labels(outputs: dict, batch: Batch, prefix: str) -> tuple[jax.Array, jax.Array]:
@@ -60,11 +74,14 @@ def compute_losses(
     bank_active: jax.Array | bool | None = None,
     item_keys: jax.Array | None = None,
     relevance_tables: catalog_relevance.RelevanceTables | None = None,
+    step: jax.Array | int | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """Weighted sum of the enabled tasks, with per-task values for logging.
 
     ``item_keys``: momentum-tower item embeddings used as query→item keys (see the module doc).
     ``relevance_tables``: the built-in catalog's oracle, for the false-negative diagnostics.
+    ``step``: the train step (the momentum-distillation ramp); the momentum queries ride in the
+    batch under ``MOMENTUM_QUERY_KEY``.
     """
     lcfg = config.loss
     neg = config.negatives
@@ -104,6 +121,9 @@ def compute_losses(
             stale_probe=int(neg.get("stale_probe", 0)),
             relevance=relevance,
             oracle_mask=bool(neg.get("oracle_fn_mask", False)) and relevance is not None,
+            target_queries=batch.get(MOMENTUM_QUERY_KEY) if neg.get("distill_alpha", 0.0) > 0
+            else None,
+            distill_alpha=distill_alpha(config, step),
         )
         total += lcfg.qic_weight * qic
         metrics["qic_loss"] = qic
@@ -186,7 +206,7 @@ def make_loss_fn(
         outputs = model.apply({"params": params}, batch, train=True, rngs=rngs)
         bank = (extra or {}).get("sharded_bank")
         active = step >= start if bank is not None else None
-        loss, metrics = losses(outputs, batch, config, mesh, bank, active, item_keys)
+        loss, metrics = losses(outputs, batch, config, mesh, bank, active, item_keys, step=step)
         metrics["_item_emb"] = outputs["item_emb"]
         return loss, metrics
 
@@ -213,6 +233,11 @@ def make_train_step(
     momentum = config.negatives.momentum
     filt = fn_control.NegativeFilter.from_config(config.negatives)
 
+    def momentum_queries(momentum_params, batch):
+        return jax.lax.stop_gradient(model.apply(
+            {"params": momentum_params}, batch["query_tokens"], batch["query_mask"],
+            method=model.encode_query)["embedding"])
+
     def momentum_keys(momentum_params, batch):
         return jax.lax.stop_gradient(model.apply(
             {"params": momentum_params}, batch["title_tokens"], batch["title_mask"],
@@ -234,6 +259,9 @@ def make_train_step(
         keys = None
         if "momentum_params" in state.extra:  # MoCo order: keys before the update
             keys = momentum_keys(state.extra["momentum_params"], batch)
+            if config.negatives.get("distill_alpha", 0.0) > 0:
+                batch = {**batch, MOMENTUM_QUERY_KEY: momentum_queries(
+                    state.extra["momentum_params"], batch)}
         if "mpm_teacher" in state.extra:
             batch = {**batch, TEACHER_TARGET_KEY: teacher_targets(state.extra["mpm_teacher"],
                                                                   batch)}
