@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from vlp_jax.runtime import abort_guard
+
 PEER_LOST_EXIT = 8
 _PREFIX = "vlp_jax/peers/"
 
@@ -206,6 +208,12 @@ class PeerWatchdog:
                 return self._lost(peer, f"no heartbeat for {self._store_ok - seen:.0f} s")
         return None
 
+    def coordinator_lost(self) -> str:
+        """The line for process 0 found dead by a refused connection (``abort_guard``); builds
+        a string only (no store call: the store died with process 0)."""
+        return self._lost(0, f"the coordination service it hosts{self._at()} closed its "
+                             "connection and refuses new ones")
+
     # ------------------------------------------------------------------ reporting
     def _at(self) -> str:
         return f" at {self.coordinator}" if self.coordinator else ""
@@ -245,6 +253,9 @@ def start_watchdog(timeout: float, coordinator: str = "") -> PeerWatchdog | None
         return None
     _ACTIVE = PeerWatchdog(client, jax.process_index(), jax.process_count(), timeout,
                            coordinator=coordinator).start()
+    if _ACTIVE.me != 0:  # JAX aborts us within ~1 s of process 0's death: say why, exit 8
+        address = coordinator or getattr(distributed.global_state, "coordinator_address", "")
+        abort_guard.install(address or "", _ACTIVE.coordinator_lost, PEER_LOST_EXIT)
     return _ACTIVE
 
 
