@@ -186,9 +186,6 @@ def test_accum_with_momentum_distillation():
     config.train.accum_steps = 2
     _assert_same(full, _value_and_grad(config, model, mesh, params, batch, item_keys=keys,
                                        step=4))
-    config.train.accum_steps, config.negatives.distill_alpha = 1, 0.0
-    plain = _value_and_grad(config, model, mesh, params, batch, item_keys=keys, step=4)
-    assert abs(float(plain[0]) - float(full[0])) > 1e-3
 
 
 def test_remat_block_changes_nothing_but_memory():
