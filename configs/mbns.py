@@ -17,9 +17,9 @@ Starts from ``configs/base.py`` and changes only the ``negatives`` fields below
   negatives.  Containment is tested on 1,024-bit signatures (``keyword_bits``, the default):
   with 256 bits most "matches" among a bank's candidates were wrong positives.
 
-At the base budget (``--grid=mbns_base``, 3 seeds) the bank lifts visual-attribute queries from
-R@10 0.414 to 0.461 and R@1 overall from 0.668 to 0.709; R@10 overall 0.729 → 0.743 stays inside
-the seed spread (docs/negatives.md).
+At the base budget (``--grid=mbns_base``, 6 seeds) the bank lifts visual-attribute queries from
+R@10 0.418 to 0.472 and R@1 overall from 0.673 to 0.722 (both in every seed); R@10 overall
+0.732 → 0.750 (5 of 6 seeds) stays inside the seed spread (docs/negatives.md).
 
 ``--config.negatives.bank_size=0`` gives the same recipe without a bank (CDNS with momentum
 keys), the baseline the bank is measured against.
