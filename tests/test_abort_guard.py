@@ -13,8 +13,6 @@ import sys
 import textwrap
 import time
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
 
@@ -94,9 +92,3 @@ def test_killing_process_0_ends_process_1_with_exit_8_at_once():
     assert f"at {address} closed its connection and refuses new ones. Stopping process 1 too " \
            "(exit 8, peer timeout 60 s)" in line
     assert took < 30  # JAX's client notices within ~1 s; the watchdog alone would take 60 s
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_handler():
-    yield
-    signal.signal(signal.SIGABRT, signal.SIG_DFL)

@@ -181,18 +181,27 @@ def _lse_parts(z: jax.Array) -> tuple[jax.Array, jax.Array]:
     return local_max, jnp.sum(jnp.exp(z - safe[:, None]), axis=1)
 
 
+def _global_max_and_factor(local_max: jax.Array, axis_name: str) -> tuple[jax.Array, jax.Array]:
+    """(global row max, 0 if none; each device's rescale factor exp(local − global) ≤ 1, 0 for a
+    device with no kept entry)."""
+    gmax = jax.lax.pmax(local_max, axis_name)
+    gsafe = jnp.where(jnp.isfinite(gmax), gmax, 0.0)
+    return gsafe, jnp.where(jnp.isfinite(local_max), jnp.exp(local_max - gsafe), 0.0)
+
+
 def _distributed_lse(local_max: jax.Array, sumexp: jax.Array, axis_name: str) -> jax.Array:
     """log Σ over all devices of exp, from each device's (max, rescaled sum); -inf if empty."""
-    return _distributed_expectation(local_max, sumexp, jnp.zeros_like(sumexp), axis_name)[0]
+    gsafe, factor = _global_max_and_factor(local_max, axis_name)
+    total = jax.lax.psum(sumexp * factor, axis_name)
+    ok = total > 0
+    return jnp.where(ok, gsafe + jnp.log(jnp.where(ok, total, 1.0)), -jnp.inf)
 
 
 def _distributed_expectation(local_max: jax.Array, sumexp: jax.Array, wsum: jax.Array,
                              axis_name: str) -> tuple[jax.Array, jax.Array]:
     """(log Σ exp, Σ softmax-weighted values) over all devices, from each device's (max,
     rescaled sum of exp, rescaled weighted sum); (-inf, 0) if no device has an entry."""
-    gmax = jax.lax.pmax(local_max, axis_name)
-    gsafe = jnp.where(jnp.isfinite(gmax), gmax, 0.0)
-    factor = jnp.where(jnp.isfinite(local_max), jnp.exp(local_max - gsafe), 0.0)
+    gsafe, factor = _global_max_and_factor(local_max, axis_name)
     total = jax.lax.psum(sumexp * factor, axis_name)
     weighted = jax.lax.psum(wsum * factor, axis_name)
     ok = total > 0
@@ -297,8 +306,8 @@ def bank_row_stats(
             first, sumexp = _lse_parts(z)
             pos_max, pos_sum = _lse_parts(jnp.where(extra, logits, -jnp.inf))
             fn_max, fn_sum = _lse_parts(jnp.where(fn, jax.lax.stop_gradient(logits), -jnp.inf))
-            cand = negative | extra
             if distill:
+                cand = negative | extra
                 tz = jax.lax.stop_gradient(jnp.where(
                     cand, t_scale * jnp.dot(tq, bank_emb.T, precision=precision), -jnp.inf))
                 t_max, t_sum = _lse_parts(tz)
