@@ -320,6 +320,28 @@ MBNS_BASE = Grid(
     f"configs/mbns.py with and without its bank (2,048 entries, 16 x the batch, from the end of "
     f"the LR warm-up at step 100).")
 
+# Claim 3b at twice the base budget (800 steps, same model, batch, warm-up and bank): declared on
+# 2026-12-04 before any run, after the 400-step verdict on R@10 overall stayed inconclusive
+# (+0.018 against a spread of 0.028, 6 seeds).  It tests whether the bank's gain outlasts the
+# in-batch negatives becoming easy, and whether the seed spread shrinks as the models converge.
+MBNS_LONG_STEPS = 800
+MBNS_BASE_LONG = Grid(
+    "mbns_base_long",
+    {**MPM_COMMON, "train.num_steps": MBNS_LONG_STEPS,
+     "checkpoint.every_steps": MBNS_LONG_STEPS // 2},
+    tuple(v for v in MBNS_VARIANTS if v.name in ("cdns_kw", "cdns_mbns_kw"))
+    + (Variant("base", {}, "configs/base.py (online keys, no EMA tower, no bank) for reference"),),
+    (Claim("3b-long", "CDNS + MBNS beats CDNS alone at 800 steps (configs/mbns.py, bank on vs "
+           "off)", "cdns_mbns_kw", "cdns_kw", source="claim 3"),
+     Claim("3b-long-visual", "the same on visual-attribute queries", "cdns_mbns_kw", "cdns_kw",
+           slice="visual", source="claim 3 (a slice)"),
+     Claim("3b-long-R@1", "the same at R@1", "cdns_mbns_kw", "cdns_kw", metric="R@1",
+           source="claim 3 (another K)")),
+    f"configs/base.py model (width 128, 3 + 3 layers), 6,000-item built-in catalog (300 test "
+    f"queries), {MBNS_LONG_STEPS} steps x 128 pairs (16 per device x 8 fake CPU devices), LR "
+    f"warm-up 100 steps then cosine decay; configs/mbns.py with and without its bank (2,048 "
+    f"entries, from step 100).")
+
 # Scaling at the base budget, configs/mbns.py's recipe (keyword positives) with the bank size and
 # the catalog varied; K = 0 and 2,048 at 6,000 items are the two variants of ``mbns_base``.
 MBNS_BASE_SCALING = Grid(
@@ -330,7 +352,7 @@ MBNS_BASE_SCALING = Grid(
     f"queries each, candidates = the whole catalog) and the bank size vary by variant.")
 
 GRIDS: dict[str, Grid] = {g.name: g for g in (PAPER, MICRO, MBNS, MBNS_SCALING, MPM, MBNS_BASE,
-                                              MBNS_BASE_SCALING)}
+                                              MBNS_BASE_LONG, MBNS_BASE_SCALING)}
 
 
 def get_grid(name: str) -> Grid:
