@@ -13,7 +13,7 @@ pytest.importorskip("apache_beam", reason="Beam is the optional extra: pip insta
 
 from test_builder import KEPT_IDS, S, _item, _line, make_catalog  # noqa: E402
 
-from vlp_jax.data import beam_build, beam_stages, builder, records  # noqa: E402
+from vlp_jax.data import beam_build, beam_stages, beam_write, builder, records  # noqa: E402
 
 TWO_WORKERS = ("--direct_num_workers=2", "--direct_running_mode=multi_processing")
 # The engine whose multi-process mode the options above select, named: "DirectRunner" first
@@ -67,7 +67,12 @@ def test_beam_build_equals_single_process_build(catalog, tmp_path):
         path = os.path.join(beam.tokenizer_dir, name)
         if os.path.exists(path):
             assert _read_file(path) == _read_file(os.path.join(single.tokenizer_dir, name))
-    assert not [n for n in os.listdir(beam.dataset_dir) if n.startswith("stage-")]
+    files = os.listdir(beam.dataset_dir)
+    assert not [n for n in files if n.startswith(("stage-", beam_write.SHARD_PREFIX))]
+    # Written by the workers, one shard per staged block, under TFDS's names.
+    item_shards = sorted(n for n in files if n.startswith("vlp_catalog-items.array_record-"))
+    assert len(item_shards) == beam.report["beam"]["item_blocks"]
+    assert item_shards[-1].endswith(f"-of-{len(item_shards):05d}")
     # Built by Beam, reused by the single-process entry point (what training calls).
     again = builder.build_dataset(catalog, str(tmp_path / "beam"), image_size=S, vocab_size=300)
     assert again.cache_hit and again.report == beam.report
@@ -94,3 +99,9 @@ def test_stats_merge_round_trip():
     assert merged["items"].as_dict() == {"lines": 10, "kept": 4,
                                          "skipped": {"empty_title": 2, "invalid_json": 4},
                                          "fixed": {"tiny_image": 2}}
+
+
+def test_finish_shards_refuses_a_unit_written_twice(tmp_path):
+    rows = [("items", 3, 1, 10, str(tmp_path / "a")), ("items", 3, 1, 10, str(tmp_path / "b"))]
+    with pytest.raises(RuntimeError, match="split 'items': a unit was written twice"):
+        beam_write.finish_shards(rows, template_of=None, split_info=None)

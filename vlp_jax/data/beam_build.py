@@ -19,10 +19,11 @@ Two pipelines on the same runner and options, with the one global step between t
 2. **Driver**: block sizes → each block's first row; the tokenizer is trained once on the kept
    titles and train queries (or the given one was loaded before step 1) — it must see exactly
    the records the single-process build trains it on, which are known only after the check.
-3. **Write** (TFDS's own Beam path: ``_split_generators`` returns PTransforms): staged blocks
-   become the ``items`` split (row = block start + rank), resolved pairs the pair splits,
-   written as array_record by TFDS's ``BeamWriter``.  Pair splits with no kept pair are left
-   out, as in the single-process build (TFDS cannot write an empty split).
+3. **Write** (``beam_write``): each worker writes finished array_record shards — one per staged
+   item block (row = block start + rank), one per byte range of each pair file (file order) —
+   and the driver renames them to TFDS's shard names and records the split infos, so no step
+   holds a whole split.  Pair splits with no kept pair are left out, as in the single-process
+   build (TFDS cannot read an empty split).
 
 The dataset folder, records and report counts equal the single-process build's
 (tests/test_beam_build.py), so either build is the other's cache hit and Grain reads it
@@ -41,15 +42,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import apache_beam as beam
-import numpy as np
+import tensorflow_datasets as tfds
 from absl import logging
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from vlp_jax.data import beam_stages as stages
-from vlp_jax.data import builder, records
+from vlp_jax.data import beam_write, builder, records
 
 DEFAULT_CHUNK_BYTES = 4 << 20  # bytes of a catalog file per read range and per decode block
 PAIRS_DIR = "pairs"
+WRITTEN = "written"  # the write pipeline's shard rows, read by the driver
 
 
 class VLPCatalogBeam(builder.VLPCatalog, skip_registration=True):
@@ -64,18 +66,18 @@ class VLPCatalogBeam(builder.VLPCatalog, skip_registration=True):
             raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
         self._chunk_bytes = int(chunk_bytes)
         self._pipeline_args = list(pipeline_args)
-        self._download_config: Any = None
 
-    def _download_and_prepare(self, dl_manager: Any, download_config: Any) -> None:
-        self._download_config = download_config  # the runner and options of both pipelines
-        super()._download_and_prepare(dl_manager, download_config)
+    def _generate_splits(self, dl_manager: Any, download_config: Any) -> list[Any]:
+        """Check (pipeline 1), tokenizer (driver), write (pipeline 2): the splits' infos.
 
-    def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
+        Replaces TFDS's split generation, whose global sort of every split would hold the
+        encoded ``items`` split in the driver's memory on a local runner (``beam_write``).
+        """
         cfg = self.builder_config
         self._stage_dir = tempfile.mkdtemp(prefix="stage-", dir=os.fspath(self.data_dir))
+        runner = download_config.beam_runner
+        options = download_config.beam_options or PipelineOptions([])
         t0 = time.perf_counter()
-        runner = self._download_config.beam_runner
-        options = self._download_config.beam_options or PipelineOptions([])
         with beam.Pipeline(runner=runner, options=options) as pipeline:
             check_pipeline(pipeline, cfg.catalog_dir, cfg.image_size, self._stage_dir,
                            self._chunk_bytes)
@@ -88,20 +90,25 @@ class VLPCatalogBeam(builder.VLPCatalog, skip_registration=True):
             )
         t1 = time.perf_counter()
         self._prepare_tokenizer(titles, _train_queries(self._stage_dir))
+        tokenizer_seconds = time.perf_counter() - t1
+        logging.info("beam check pipeline: %d items kept in %d blocks, %.1fs", len(titles),
+                     len(blocks), check_seconds)
+        # A pair split with no kept pair is left out, as in the single-process build.
+        pair_splits = [split for split in records.PAIR_SPLITS if self._stats[split].kept]
+        t2 = time.perf_counter()
+        with beam.Pipeline(runner=runner, options=options) as pipeline:
+            write_pipeline(pipeline, self._stage_dir, blocks, pair_splits, self._chunk_bytes)
+        shards = beam_write.read_shard_rows(
+            glob.glob(os.path.join(self._stage_dir, f"{WRITTEN}-*.jsonl")))
+        infos = beam_write.finish_shards(shards, self._get_filename_template,
+                                         tfds.core.SplitInfo)
         self._report_extra = {"beam": {
             "runner": str(runner or "DirectRunner"), "pipeline_args": self._pipeline_args,
             "chunk_bytes": self._chunk_bytes, "item_blocks": len(blocks),
             "check_seconds": round(check_seconds, 3),
-            "tokenizer_seconds": round(time.perf_counter() - t1, 3)}}
-        logging.info("beam check pipeline: %d items kept in %d blocks, %.1fs", len(titles),
-                     len(blocks), check_seconds)
-        starts = dict(blocks)
-        generators = {"items": items_from_blocks(self._stage_dir, blocks)}
-        for split in records.PAIR_SPLITS:
-            if self._stats[split].kept:
-                pattern = os.path.join(self._stage_dir, PAIRS_DIR, f"{split}-*")
-                generators[split] = pairs_from_stage(pattern, starts)
-        return generators
+            "tokenizer_seconds": round(tokenizer_seconds, 3),
+            "write_seconds": round(time.perf_counter() - t2, 3)}}
+        return infos
 
 
 def check_pipeline(pipeline: beam.Pipeline, catalog_dir: str, image_size: int, stage_dir: str,
@@ -186,41 +193,44 @@ def _train_queries(stage_dir: str) -> list[str]:
     return [row["query"] for row in sorted(rows, key=lambda row: row["offset"])]
 
 
-def _block_examples(block_start: tuple[int, int], stage_dir: str):
+def _pair_unit(line: str, chunk_bytes: int) -> tuple[int, str]:
+    """A staged pair line keyed by the byte range of its pair file it came from."""
+    return json.loads(line)["offset"] // chunk_bytes, line
+
+
+def write_pipeline(pipeline: beam.Pipeline, stage_dir: str, blocks: list[tuple[int, int]],
+                   pair_splits: Sequence[str], chunk_bytes: int) -> None:
+    """Add the write stages (module docstring, step 3): one shard per staged item block and
+    one per byte range of each pair file, then their ``(split, unit, examples, bytes, path)``
+    rows to ``stage_dir/written-*.jsonl`` for the driver (``beam_write.finish_shards``)."""
+    starts = dict(blocks)
+    written = [pipeline
+               | "Blocks" >> beam.Create([(block, (block, start)) for block, start in blocks])
+               | "SpreadBlocks" >> beam.Reshuffle()
+               | "WriteItems" >> beam.ParDo(beam_write.WriteShard(
+                   "items", stage_dir, builder.catalog_features,
+                   functools.partial(_staged_items, stage_dir)))]
+    for split in pair_splits:
+        label = split.capitalize()
+        written.append(
+            pipeline
+            | f"Read{label}" >> beam.io.ReadFromText(
+                os.path.join(stage_dir, PAIRS_DIR, f"{split}-*"))
+            | f"Range{label}" >> beam.Map(_pair_unit, chunk_bytes)
+            | f"Group{label}" >> beam.GroupByKey()
+            | f"Write{label}" >> beam.ParDo(beam_write.WriteShard(
+                split, stage_dir, builder.catalog_features,
+                functools.partial(beam_write.pair_examples, starts=starts))))
+    _ = (written
+         | "AllShards" >> beam.Flatten()
+         | "ShardJson" >> beam.Map(json.dumps)
+         | "WriteShardRows" >> beam.io.WriteToText(os.path.join(stage_dir, WRITTEN),
+                                                   file_name_suffix=".jsonl"))
+
+
+def _staged_items(stage_dir: str, block_start: tuple[int, int]):
     block, start = block_start
-    with open(os.path.join(stage_dir, stages.BLOCK_META.format(block=block)),
-              encoding="utf-8") as f:
-        items = json.load(f)["items"]
-    images = np.load(os.path.join(stage_dir, stages.BLOCK_IMAGES.format(block=block)),
-                     mmap_mode="r")
-    for rank, item in enumerate(items):
-        row = start + rank
-        yield row, {"item_index": row, "item_id": item["item_id"], "title": item["title"],
-                    "query": "", "slice": "", "image": np.asarray(images[rank]).tobytes()}
-
-
-def _pair_example(line: str, starts: dict[int, int]):
-    pair = json.loads(line)
-    return pair["offset"], {
-        "item_index": starts[pair["block"]] + pair["rank"], "item_id": pair["item_id"],
-        "title": "", "query": pair["query"], "slice": pair["slice"], "image": b""}
-
-
-@beam.ptransform_fn
-def items_from_blocks(root: Any, stage_dir: str, blocks: list[tuple[int, int]]) -> Any:
-    """The ``items`` split's ``(row, example)`` from the staged blocks (one block per task)."""
-    return (root
-            | "Blocks" >> beam.Create(blocks)
-            | "Spread" >> beam.Reshuffle()
-            | "Examples" >> beam.FlatMap(_block_examples, stage_dir))
-
-
-@beam.ptransform_fn
-def pairs_from_stage(root: Any, pattern: str, starts: dict[int, int]) -> Any:
-    """A pair split's ``(byte offset, example)``: offsets order the records as the file."""
-    return (root
-            | "Read" >> beam.io.ReadFromText(pattern)
-            | "Examples" >> beam.Map(_pair_example, starts))
+    return beam_write.item_examples(stage_dir, block, start)
 
 
 def build_dataset_beam(

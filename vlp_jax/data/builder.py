@@ -44,6 +44,25 @@ TOKENIZER_DIR = "tokenizer"
 _IMAGE_BLOCK = 256  # images decoded per thread-pool round (bounds memory of in-flight arrays)
 
 
+def catalog_features() -> tfds.features.FeaturesDict:
+    """The records' features; also what Beam workers serialize with (``beam_write``)."""
+    text = tfds.features.Text()
+    return tfds.features.FeaturesDict(
+        {
+            # Union of the item and pair layouts (TFDS has one feature spec per builder);
+            # each split leaves the fields it does not use empty.  The image is raw bytes of
+            # uint8 [S, S, 3] (b"" in pair splits), reshaped by TextSource: TFDS cannot decode
+            # a BYTES tensor with two unknown dims.
+            "item_index": np.int64,
+            "item_id": text,
+            "title": text,
+            "query": text,
+            "slice": text,
+            "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+        }
+    )
+
+
 @dataclasses.dataclass
 class VLPCatalogConfig(tfds.core.BuilderConfig):
     """Where the catalog is and how to build it; ``name`` carries the input fingerprint."""
@@ -79,24 +98,10 @@ class VLPCatalog(tfds.core.GeneratorBasedBuilder):
         self._report_extra: dict = {}  # how the build ran, when not in this process (Beam)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        text = tfds.features.Text()
         return tfds.core.DatasetInfo(
             builder=self,
             description=f"vlp_jax catalog {self.builder_config.catalog_dir}",
-            features=tfds.features.FeaturesDict(
-                {
-                    # Union of the item and pair layouts (TFDS has one feature spec per
-                    # builder); each split leaves the fields it does not use empty.  The image
-                    # is raw bytes of uint8 [S, S, 3] (b"" in pair splits), reshaped by
-                    # TextSource: TFDS cannot decode a BYTES tensor with two unknown dims.
-                    "item_index": np.int64,
-                    "item_id": text,
-                    "title": text,
-                    "query": text,
-                    "slice": text,
-                    "image": tfds.features.Tensor(shape=(), dtype=np.object_),
-                }
-            ),
+            features=catalog_features(),
             disable_shuffling=True,  # items row i must be item_index i
         )
 
