@@ -151,6 +151,11 @@ def main(argv: list[str]) -> None:
         "load_average_at_start": [round(x, 1) for x in os.getloadavg()]},
         "settings": {k: FLAGS[k].value for k in ("image_size", "chunk_mb", "chunk_size",
                                                  "batch_size", "ivf_nprobe")}}
+    if os.path.isfile(FLAGS.out):  # a resumed run keeps the stages it already measured
+        with open(FLAGS.out) as f:
+            previous = json.load(f)
+        if previous.get("num_items") == n:
+            result = {**previous, **{k: result[k] for k in ("date", "host", "settings")}}
     if not os.path.isfile(os.path.join(catalog, "items.jsonl")):
         gen = run_stage([py, "-m", "vlp_jax.data.catalog", f"--out={catalog}", f"--num_items={n}",
                          f"--image_size={FLAGS.image_size}", "--num_workers=2"])
@@ -161,14 +166,15 @@ def main(argv: list[str]) -> None:
 
         bundle = serving.untrained_bundle(os.path.join(work, "bundle"))
     result["bundle"] = FLAGS.bundle or "untrained configs/base.py"
+    _save(result)
     for w in (int(x) for x in FLAGS.workers):
         opts = ["--", f"--direct_num_workers={w}", "--direct_running_mode=multi_processing"]
         build = run_stage([py, "-m", "vlp_jax.data.build", f"--catalog_dir={catalog}",
                            f"--data_dir={work}/tfds_w{w}", f"--image_size={FLAGS.image_size}",
                            f"--chunk_mb={FLAGS.chunk_mb}", "--runner=DirectRunner", *opts])
         beam = build["summary"].get("beam") or {}
-        write = build["summary"]["build_seconds"] - beam.get("check_seconds", 0) - beam.get(
-            "tokenizer_seconds", 0)
+        write = beam.get("write_seconds") or (build["summary"]["build_seconds"] - beam.get(
+            "check_seconds", 0) - beam.get("tokenizer_seconds", 0))
         build["items_per_sec"] = round(n / build["seconds"], 1)
         build["check_items_per_sec"] = round(n / beam["check_seconds"], 1) if beam else None
         build["write_items_per_sec"] = round(n / write, 1) if write > 0 else None
@@ -183,11 +189,19 @@ def main(argv: list[str]) -> None:
         result[f"workers_{w}"] = {"build": build, "embed_and_index": embed,
                                   "recall": recall_vs_exact(index_dir, bundle, catalog)}
         print(json.dumps(result[f"workers_{w}"], indent=1))
+        _save(result)
     result["load_average_at_end"] = [round(x, 1) for x in os.getloadavg()]
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(result, f, indent=1)
+    _save(result)
     print(f"wrote {FLAGS.out}")
+
+
+def _save(result: dict) -> None:
+    """Write the JSON after every stage, atomically: a long run keeps what it measured."""
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    tmp = f"{FLAGS.out}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, FLAGS.out)
 
 
 if __name__ == "__main__":
