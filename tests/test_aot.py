@@ -4,6 +4,10 @@ divisibility errors naming config fields, the step-time estimate and the chip ta
 The golden compile for a real topology (libtpu) is in ``test_aot_golden.py``.
 """
 
+import os
+import subprocess
+import sys
+
 import jax
 import pytest
 
@@ -150,7 +154,26 @@ def test_libtpu_without_chips_keeps_main_on_the_cpu(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "libtpu" else real(name, *a))
-    monkeypatch.setattr(devices.glob, "glob", lambda pattern: [])
+    from vlp_jax import _tpu_host
+
+    monkeypatch.setattr(_tpu_host.glob, "glob", lambda pattern: [])
     assert devices.skip_absent_tpu() and updates == [("jax_platforms", "cpu")]
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     assert not devices.skip_absent_tpu() and len(updates) == 1
+
+
+def test_importing_vlp_jax_keeps_every_command_on_the_cpu():
+    """With libtpu installed (the Makefile's venv) and no TPU chip, ``import vlp_jax`` sets
+    JAX_PLATFORMS=cpu, so no command probes libtpu; a caller's own setting is kept."""
+    pytest.importorskip("libtpu", reason="libtpu not installed (the .[tpu] extra)")
+    code = ("import os, vlp_jax, jax; print(os.environ.get('JAX_PLATFORMS'), "
+            "jax.devices()[0].platform)")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.split() == ["cpu", "cpu"]
+    assert "libtpu" not in out.stderr and "TPU" not in out.stderr
+    out = subprocess.run([sys.executable, "-c", "import os, vlp_jax; print(os.environ."
+                          "get('JAX_PLATFORMS'))"], env={**env, "JAX_PLATFORMS": "tpu"},
+                         capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["tpu"]

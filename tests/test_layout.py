@@ -10,8 +10,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Bottom to top; each package may import the ones listed before it.
-LAYERS = ("runtime", "config", "data", "models", "convert", "losses", "parallel", "eval",
-          "serve", "train", "perf", "aot", "experiments", "main")
+LAYERS = ("_tpu_host", "runtime", "config", "data", "models", "convert", "losses", "parallel",
+          "eval", "serve", "train", "perf", "aot", "experiments", "main")
 
 
 def _module_name(path: pathlib.Path) -> str:

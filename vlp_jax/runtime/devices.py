@@ -5,14 +5,13 @@ Kept in one place so library code never mutates global JAX/logging state behind 
 
 from __future__ import annotations
 
-import glob
-import importlib.util
 import logging
 import math
 import os
-import pkgutil
 
 import jax
+
+from vlp_jax import _tpu_host
 
 
 class _DropLibraryInfo(logging.Filter):
@@ -89,37 +88,18 @@ def set_cpu_devices(config) -> int:
     return count
 
 
-_GOOGLE_PCI_VENDOR = "0x1ae0"  # the PCI vendor id of TPU chips
-
-
 def skip_absent_tpu() -> bool:
     """Keep a run on the CPU without probing for TPU chips this host does not have.
 
-    The Makefile installs libtpu (the ``.[tpu]`` extra) so that ``python -m vlp_jax.aot`` can
-    compile for TPU topologies.  With it installed and ``JAX_PLATFORMS`` unset, JAX's first
-    device query loads libtpu to look for chips, finds none and falls back to the CPU: 0.1-0.5 s
-    and five lines of libtpu errors on stderr on the 2-core box (2026-12-03, docs/aot.md).
-    Returns True when it set ``jax_platforms="cpu"``; does nothing when ``JAX_PLATFORMS`` is
-    set, libtpu is absent, the host has a Google PCI device (a TPU VM) or another accelerator
-    plugin (CUDA, ROCm) is installed.  Call it before JAX starts its backends.
+    ``import vlp_jax`` already sets ``JAX_PLATFORMS=cpu`` on such a host (``vlp_jax._tpu_host``);
+    this covers a caller that removed it after the import.  Returns True when it set
+    ``jax_platforms="cpu"``; does nothing when ``JAX_PLATFORMS`` is set, libtpu is absent, the
+    host has a Google PCI device (a TPU VM) or another accelerator plugin is installed.  Call it
+    before JAX starts its backends.
     """
     if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
         return False
-    if importlib.util.find_spec("libtpu") is None:
+    if not _tpu_host.libtpu_without_chips():
         return False
-    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
-        try:
-            with open(vendor) as f:
-                if f.read().strip() == _GOOGLE_PCI_VENDOR:
-                    return False
-        except OSError:
-            return False
-    try:
-        import jax_plugins
-
-        if any("tpu" not in m.name for m in pkgutil.iter_modules(jax_plugins.__path__)):
-            return False
-    except ImportError:
-        pass
     jax.config.update("jax_platforms", "cpu")
     return True
