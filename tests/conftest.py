@@ -81,3 +81,25 @@ def pytest_collection_modifyitems(config, items):
     """Stable reorder: the files above first, in that order; the rest as collected."""
     rank = {name: i for i, name in enumerate(_SLOW_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A GCS emulator on 127.0.0.1 for this test session, this process pointed at it."""
+    from object_stores import export_env, start_gcs
+
+    store = start_gcs()
+    export_env(store)
+    yield store
+    store.stop()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A SeaweedFS S3 server on 127.0.0.1 (credentials enforced), this process pointed at it."""
+    from object_stores import export_env, start_s3
+
+    store = start_s3()
+    export_env(store)
+    yield store
+    store.stop()
