@@ -37,8 +37,14 @@ rendered and written block by block; the eval pass needs attributes only: ~2 s a
 million items).
 The catalog is written into a temporary sibling directory and renamed into place at the end, so an
 interrupted run never leaves a directory that looks complete.
+
+Options that make another catalog (the defaults give the bytes above, unchanged): `text_noise=
+"realistic"` (keyword stuffing, synonyms, wrong attribute words, near-duplicate listings, click
+noise; `catalog.noise`) and `object_scale` (object size as a fraction of the image side, e.g.
+(1.0, 1.3) for object-centred close-ups whose every patch carries the product).
 """
 
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -51,11 +57,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vlp_jax.data.catalog import queries, render, text, vocab
+from vlp_jax.data.catalog import noise, queries, render, text, vocab
 
 BLOCK_SIZE = 1000  # items per generator block and per image folder
 _RADIX = queries.RADIX
-_STREAM_ATTR, _STREAM_ITEM, _STREAM_CLICK, _STREAM_EVAL = range(4)  # independent random streams
+_STREAM_ATTR, _STREAM_ITEM, _STREAM_CLICK, _STREAM_EVAL, _STREAM_NOISE = range(5)  # independent
 _BRAND_P = 1.0 / np.arange(1, len(vocab.BRANDS) + 1) ** 0.7  # Zipf-like brand popularity
 _BRAND_P /= _BRAND_P.sum()
 _MATERIAL_INDEX = {m[0]: i for i, m in enumerate(vocab.MATERIALS)}
@@ -76,12 +82,21 @@ def _block_attributes(seed: int, block: int) -> np.ndarray:
     return np.stack([cat, color, pattern, brand, material], axis=1)
 
 
-def item_attributes(seed: int, num_items: int) -> np.ndarray:
+def block_attributes(seed: int, block: int, text_noise: str = "none") -> np.ndarray:
+    """`_block_attributes`, with the re-listed products of a `text_noise="realistic"` catalog."""
+    attrs = _block_attributes(seed, block)
+    if text_noise == "none":
+        return attrs
+    rng = np.random.default_rng([seed, _STREAM_NOISE, block, 0])
+    return noise.duplicate_rows(attrs, rng, noise.REALISTIC.duplicate)
+
+
+def item_attributes(seed: int, num_items: int, text_noise: str = "none") -> np.ndarray:
     """Attribute codes of items 0..num_items-1: int16 [num_items, 5], columns = queries.FIELDS.
 
     Item i's row depends only on (seed, i), so a smaller catalog is a prefix of a larger one.
     """
-    blocks = [_block_attributes(seed, b).astype(np.int16)
+    blocks = [block_attributes(seed, b, text_noise).astype(np.int16)
               for b in range(math.ceil(num_items / BLOCK_SIZE))]
     return np.concatenate(blocks)[:num_items] if blocks else np.zeros((0, 5), np.int16)
 
@@ -99,6 +114,8 @@ class _Job:
     pairs_per_item: float
     png_compress_level: int
     heldout: np.ndarray  # sorted int64 keys of valid + test combinations
+    text_noise: str = "none"
+    object_scale: tuple[float, float] = render.OBJECT_SCALE
 
 
 def item_id(index: int) -> str:
@@ -117,7 +134,7 @@ def _make_block(job: _Job, block: int) -> tuple[str, str, np.ndarray]:
     combination keys of the block's train clicks)."""
     start = block * BLOCK_SIZE
     n = min(BLOCK_SIZE, job.num_items - start)
-    attrs = _block_attributes(job.seed, block)[:n]
+    attrs = block_attributes(job.seed, block, job.text_noise)[:n]
     rng = np.random.default_rng([job.seed, _STREAM_ITEM, block])
     shown = (rng.random((n, 2)) < job.color_in_title_prob).tolist()
     uniforms = rng.random((n, text.NUM_TITLE_UNIFORMS)).tolist()
@@ -126,15 +143,22 @@ def _make_block(job: _Job, block: int) -> tuple[str, str, np.ndarray]:
     chunk = max(1, 2**20 // job.image_size**2)  # items rendered together (4 MB per float plane)
     for c0 in range(0, n, chunk):
         a = attrs[c0:c0 + chunk]
-        images, _ = render.render_batch(rng, a[:, 0], a[:, 1], a[:, 2], job.image_size)
+        images, _ = render.render_batch(rng, a[:, 0], a[:, 1], a[:, 2], job.image_size,
+                                        object_scale=job.object_scale)
         for i, png in enumerate(render.encode_pngs(images, job.png_compress_level), start + c0):
             with open(os.path.join(job.root, folder, item_id(i) + ".png"), "wb") as f:
                 f.write(png)
 
     lines = []
+    noisy = job.text_noise != "none"
+    nrng = np.random.default_rng([job.seed, _STREAM_NOISE, block, 1])
+    nu = nrng.random((n, noise.NUM_UNIFORMS)).tolist() if noisy else []
     for i, row in enumerate(attrs.tolist()):
         codes = dict(zip(queries.FIELDS, row, strict=True))
-        title = text.make_title(codes, uniforms[i], job.lang, shown[i][0], shown[i][1])
+        written = noise.title_codes(codes, nu[i], noise.REALISTIC) if noisy else codes
+        title = text.make_title(written, uniforms[i], job.lang, shown[i][0], shown[i][1])
+        if noisy:
+            title = noise.noisy_title(title, written, nu[i], noise.REALISTIC)
         iid = item_id(start + i)
         lines.append(json.dumps({"item_id": iid, "title": title,
                                  "image": f"{folder}/{iid}.png",
@@ -152,6 +176,8 @@ def _make_block(job: _Job, block: int) -> tuple[str, str, np.ndarray]:
     keys[held] = all_keys[second[held], item[held]]
     keep = ~np.isin(keys, job.heldout)
     item, keys = item[keep], keys[keep]
+    if noisy:  # the query stays the clicked-for one; the click lands elsewhere
+        item = noise.noisy_clicks(item, n, nrng, noise.REALISTIC.click)
     order = crng.permutation(len(item))  # a click log is not grouped by item
     heads: dict[int, str] = {}
     tails: dict[int, str] = {}
@@ -198,7 +224,9 @@ def _blocks(job: _Job, num_blocks: int, num_workers: int) -> Iterator[tuple[str,
 
 
 def _check_args(num_items: int, seed: int, lang: str, image_size: int, color_in_title_prob: float,
-                num_eval_queries: int, pairs_per_item: float, png_compress_level: int) -> None:
+                num_eval_queries: int, pairs_per_item: float, png_compress_level: int,
+                text_noise: str = "none", object_scale: tuple[float, float] = render.OBJECT_SCALE
+                ) -> None:
     if not isinstance(num_items, int) or num_items < 1:
         raise ValueError(f"num_items must be a positive integer, got {num_items!r}")
     if not isinstance(seed, int) or seed < 0:
@@ -214,13 +242,16 @@ def _check_args(num_items: int, seed: int, lang: str, image_size: int, color_in_
         raise ValueError(f"pairs_per_item must be > 0, got {pairs_per_item}")
     if not 0 <= png_compress_level <= 9:
         raise ValueError(f"png_compress_level must be in 0..9, got {png_compress_level}")
+    noise.check(text_noise, lang)
+    render.check_object_scale(object_scale)
 
 
 def generate_catalog(out_dir: str, num_items: int, seed: int, lang: str = "en",
                      image_size: int = 64, color_in_title_prob: float = 0.3,
                      num_eval_queries: int = 300, pairs_per_item: float = 4.0,
                      png_compress_level: int = 0, num_workers: int = 1,
-                     overwrite: bool = False) -> dict:
+                     overwrite: bool = False, text_noise: str = "none",
+                     object_scale: tuple[float, float] = render.OBJECT_SCALE) -> dict:
     """Writes a catalog to `out_dir` (see the module docstring) and returns statistics.
 
     Args:
@@ -237,13 +268,16 @@ def generate_catalog(out_dir: str, num_items: int, seed: int, lang: str = "en",
       png_compress_level: zlib level of the PNGs (0 = stored: fastest, ~12 KB per 64x64 image).
       num_workers: processes rendering blocks in parallel (1 = in this process).
       overwrite: replace an existing non-empty `out_dir`.
+      text_noise: "none" (honest titles) or "realistic" (`catalog.noise`; English only).
+      object_scale: (low, high) object size as a fraction of the image side, drawn per item.
 
     Returns:
       {"num_items", "num_pairs": {split: n}, "num_queries": {split: distinct queries},
        "eval_queries_per_slice": {split: {slice: n}}, "seconds", "items_per_sec", "out_dir"}.
     """
+    object_scale = (float(object_scale[0]), float(object_scale[1]))
     _check_args(num_items, seed, lang, image_size, color_in_title_prob, num_eval_queries,
-                pairs_per_item, png_compress_level)
+                pairs_per_item, png_compress_level, text_noise, object_scale)
     out = os.path.abspath(out_dir)
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
@@ -258,7 +292,8 @@ def generate_catalog(out_dir: str, num_items: int, seed: int, lang: str = "en",
     os.mkdir(tmp)
     try:
         stats = _write(tmp, num_items, seed, lang, image_size, color_in_title_prob,
-                       num_eval_queries, pairs_per_item, png_compress_level, num_workers)
+                       num_eval_queries, pairs_per_item, png_compress_level, num_workers,
+                       text_noise, object_scale)
         _move_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -270,12 +305,14 @@ def generate_catalog(out_dir: str, num_items: int, seed: int, lang: str = "en",
 
 def _write(root: str, num_items: int, seed: int, lang: str, image_size: int,
            color_in_title_prob: float, num_eval_queries: int, pairs_per_item: float,
-           png_compress_level: int, num_workers: int) -> dict:
-    attrs = item_attributes(seed, num_items)
+           png_compress_level: int, num_workers: int, text_noise: str = "none",
+           object_scale: tuple[float, float] = render.OBJECT_SCALE) -> dict:
+    attrs = item_attributes(seed, num_items, text_noise)
     eval_rng = np.random.default_rng([seed, _STREAM_EVAL])
     valid_keys, test_keys = queries.select_eval(attrs, eval_rng, num_eval_queries)
     job = _Job(root, seed, num_items, lang, image_size, color_in_title_prob, pairs_per_item,
-               png_compress_level, np.unique(np.asarray(valid_keys + test_keys, np.int64)))
+               png_compress_level, np.unique(np.asarray(valid_keys + test_keys, np.int64)),
+               text_noise, object_scale)
     num_pairs = {"train": 0}
     train_keys: set[int] = set()
     with open(os.path.join(root, "items.jsonl"), "w", encoding="utf-8") as items_f, \
@@ -307,6 +344,10 @@ def _write(root: str, num_items: int, seed: int, lang: str, image_size: int,
             "image_size": image_size, "color_in_title_prob": color_in_title_prob,
             "pairs_per_item": pairs_per_item, "num_eval_queries": num_eval_queries,
             "png_compress_level": png_compress_level, **stats}
+    if text_noise != "none":  # keys only for the options' catalogs: the default's bytes stay
+        info.update(text_noise=text_noise, noise_rates=dataclasses.asdict(noise.REALISTIC))
+    if object_scale != render.OBJECT_SCALE:
+        info["object_scale"] = list(object_scale)
     with open(os.path.join(root, "catalog_info.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=1, sort_keys=True)
         f.write("\n")
@@ -325,34 +366,3 @@ def _move_into_place(tmp: str, out: str, overwrite: bool) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, out)
-
-
-def _define_flags() -> None:
-    from absl import flags
-
-    flags.DEFINE_string("out", None, "Output catalog directory.", required=True)
-    flags.DEFINE_integer("num_items", 6000, "Number of products.")
-    flags.DEFINE_integer("seed", 0, "Generator seed (same seed -> identical files).")
-    flags.DEFINE_enum("lang", "en", ["en", "zh"], "Language of titles and queries.")
-    flags.DEFINE_integer("image_size", 64, "Image side in pixels.")
-    flags.DEFINE_float("color_in_title_prob", 0.3, "P(title names the colour / the pattern).")
-    flags.DEFINE_integer("num_eval_queries", 300, "Queries per eval split (valid, test).")
-    flags.DEFINE_float("pairs_per_item", 4.0, "Mean train clicks per item.")
-    flags.DEFINE_integer("png_compress_level", 0, "zlib level of the PNGs (0 = fastest).")
-    flags.DEFINE_integer("num_workers", 1, "Processes rendering blocks in parallel.")
-    flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --out directory.")
-
-
-def _main(argv: list[str]) -> None:
-    from absl import app, flags
-
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    f = flags.FLAGS
-    stats = generate_catalog(f.out, f.num_items, f.seed, f.lang, f.image_size,
-                             f.color_in_title_prob, f.num_eval_queries, f.pairs_per_item,
-                             f.png_compress_level, f.num_workers, f.overwrite)
-    print(json.dumps(stats, indent=1))
-    print(f"wrote {stats['num_items']} items to {stats['out_dir']} in {stats['seconds']:.1f} s "
-          f"({stats['items_per_sec']:.0f} items/s)")
-

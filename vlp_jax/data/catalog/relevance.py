@@ -56,7 +56,8 @@ def relevance_tables(catalog_dir: str, item_ids: list[str]) -> RelevanceTables |
     info = builtin_info(catalog_dir)
     if info is None or len(item_ids) > MAX_ITEMS:
         return None
-    attrs = catalog.item_attributes(int(info["seed"]), int(info["num_items"])).astype(np.int32)
+    attrs = catalog.item_attributes(int(info["seed"]), int(info["num_items"]),
+                                    str(info.get("text_noise", "none"))).astype(np.int32)
     lang = str(info["lang"])
     hashes, constraints = [], []
     for template in range(len(text.TEMPLATES)):

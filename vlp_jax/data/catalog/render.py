@@ -24,6 +24,8 @@ from PIL import Image, ImageDraw
 
 from vlp_jax.data.catalog.vocab import CATEGORIES, COLORS, PATTERNS
 
+OBJECT_SCALE = (0.62, 0.9)  # default object size range, as a fraction of the image side
+
 _Poly = tuple[np.ndarray, bool]  # (points [n, 2] in the unit box, True = fill / False = cut a hole)
 
 
@@ -167,13 +169,20 @@ def _textures(rng: np.random.Generator, pattern: np.ndarray, u: _Linear, v: _Lin
     return sel, shade
 
 
+def tile_gap(scale: np.ndarray, size: int) -> int:
+    """Pixels between the tiles of ``_draw_masks``: size // 2 up to objects of 0.9 x size (the
+    default catalog's), growing with larger (object-centred, overflowing) objects."""
+    return max(size // 2, math.ceil(float(np.max(scale, initial=0.0)) - 0.9 * size))
+
+
 def _draw_masks(category: np.ndarray, scale: np.ndarray, theta: np.ndarray, flip: np.ndarray,
-                cx: np.ndarray, cy: np.ndarray, size: int) -> np.ndarray:
+                cx: np.ndarray, cy: np.ndarray, size: int, gap: int) -> np.ndarray:
     """Rasterises every item's silhouette into one tall Pillow canvas (one canvas per batch is
     2x faster than one per item); tiles are separated by a gap so overhanging parts never bleed
-    into the next item's tile. Returns bool [B, size, size]."""
+    into the next item's tile (``gap`` pixels: size // 2 suffices up to a scale of 0.9 x size).
+    Returns bool [B, size, size]."""
     n = len(category)
-    pitch = size + size // 2
+    pitch = size + gap
     canvas = Image.new("L", (size, pitch * n), 0)
     draw = ImageDraw.Draw(canvas)
     c, sn = np.cos(theta) * scale, np.sin(theta) * scale
@@ -193,8 +202,16 @@ def _draw_masks(category: np.ndarray, scale: np.ndarray, theta: np.ndarray, flip
     return tiles > 127
 
 
+def check_object_scale(object_scale: tuple[float, float]) -> None:
+    lo, hi = object_scale
+    if not 0.1 <= lo <= hi <= 3.0:
+        raise ValueError(f"object_scale must be (low, high) with 0.1 <= low <= high <= 3.0, "
+                         f"got {tuple(object_scale)}")
+
+
 def render_batch(rng: np.random.Generator, category: np.ndarray, color: np.ndarray,
-                 pattern: np.ndarray, size: int = 64, jitter: bool = True
+                 pattern: np.ndarray, size: int = 64, jitter: bool = True,
+                 object_scale: tuple[float, float] = OBJECT_SCALE
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Renders a batch of product images (vectorised: several times faster than one by one).
 
@@ -204,6 +221,8 @@ def render_batch(rng: np.random.Generator, category: np.ndarray, color: np.ndarr
       size: image side in pixels.
       jitter: False draws the canonical pose (centred, fixed scale, upright) — used by tests to
         compare silhouettes; randomness of colour/texture/background/noise remains.
+      object_scale: range of the object's size as a fraction of ``size`` (jitter only); above
+        ~1.0 the object overflows the frame: an object-centred close-up.
 
     Returns:
       (images uint8 [B, size, size, 3] RGB, object masks bool [B, size, size]).
@@ -222,14 +241,15 @@ def render_batch(rng: np.random.Generator, category: np.ndarray, color: np.ndarr
         raise ValueError(f"image size must be >= 16 pixels, got {size}")
     s = float(size)
     if jitter:
-        scale = rng.uniform(0.62, 0.9, n) * s
+        check_object_scale(object_scale)
+        scale = rng.uniform(object_scale[0], object_scale[1], n) * s
         theta = np.radians(rng.uniform(-12.0, 12.0, n))
         flip = np.where(rng.random(n) < 0.5, -1.0, 1.0)
         cx, cy = s * (0.5 + rng.uniform(-0.08, 0.08, (2, n)))
     else:
         scale, theta, flip = np.full(n, 0.8 * s), np.zeros(n), np.ones(n)
         cx = cy = np.full(n, s / 2)
-    masks = _draw_masks(category, scale, theta, flip, cx, cy, size)
+    masks = _draw_masks(category, scale, theta, flip, cx, cy, size, tile_gap(scale, size))
     pix = np.arange(size) + 0.5  # pixel centres, same for x and y
     zero = np.zeros((n, size))
     dx = _Linear(pix - cx[:, None], zero)  # x - cx
