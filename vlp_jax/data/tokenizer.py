@@ -10,10 +10,11 @@ constructor silently maps every token to [UNK].
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import string
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 
 import tokenizers
 from tokenizers import (
@@ -58,15 +59,37 @@ def _base_tokenizer(vocab: dict[str, int] | None = None) -> Tokenizer:
     return tok
 
 
-def _corpus_pieces(tok: Tokenizer, texts: list[str]) -> set[str]:
-    """The trainer's alphabet: every character of every pre-tokenized word as a piece, and every
-    non-initial one as a ``##`` continuation piece."""
-    pieces: set[str] = set()
+def word_counts(texts: Iterable[str]) -> collections.Counter:
+    """How often each normalized, pre-tokenized word occurs in ``texts``: all the trainer
+    learns from, so counts made in parts (Beam workers) and summed train the same vocabulary."""
+    tok = _base_tokenizer()
+    counts: collections.Counter = collections.Counter()
     for text in texts:
-        for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)):
-            pieces.update(word)
-            pieces.update("##" + c for c in word[1:])
+        if text:
+            counts.update(word for word, _ in
+                          tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)))
+    return counts
+
+
+def _corpus_pieces(words: Iterable[str]) -> set[str]:
+    """The trainer's alphabet: every character of every word as a piece, and every non-initial
+    one as a ``##`` continuation piece."""
+    pieces: set[str] = set()
+    for word in words:
+        pieces.update(word)
+        pieces.update("##" + c for c in word[1:])
     return pieces
+
+
+def _repeated_words(counts: Mapping[str, int], per_text: int = 4096) -> Iterator[str]:
+    """Each word ``count`` times, as space-separated texts of at most ``per_text`` words (the
+    trainer takes texts, not counts; words never contain whitespace)."""
+    for word in sorted(counts):
+        left = int(counts[word])
+        while left > 0:
+            n = min(left, per_text)
+            yield " ".join([word] * n)
+            left -= n
 
 
 def _code_point_order(pieces: set[str]) -> list[str]:
@@ -82,12 +105,22 @@ def _code_point_order(pieces: set[str]) -> list[str]:
 def train_wordpiece(
     texts: Iterable[str], vocab_size: int, out_dir: str, *, min_frequency: int = 1
 ) -> PreTrainedTokenizerFast:
-    """Train an uncased BERT WordPiece vocab on ``texts`` and save it to ``out_dir``.
+    """Train an uncased BERT WordPiece vocab on ``texts`` and save it to ``out_dir``: the
+    vocabulary of :func:`train_wordpiece_counts` on the texts' :func:`word_counts`."""
+    return train_wordpiece_counts(word_counts(texts), vocab_size, out_dir,
+                                  min_frequency=min_frequency)
 
-    Deterministic: the same texts give the same files byte for byte in any process.  The special
-    tokens and every single-character piece get fixed ids before training (``_code_point_order``),
-    which leaves the trainer nothing ordered by hashing: merges are chosen by count, ties broken
-    by the ids of the merged pieces.  ``WORDPIECE_TRAINER`` names this recipe in build caches.
+
+def train_wordpiece_counts(
+    counts: Mapping[str, int], vocab_size: int, out_dir: str, *, min_frequency: int = 1
+) -> PreTrainedTokenizerFast:
+    """Train an uncased BERT WordPiece vocab on word counts and save it to ``out_dir``.
+
+    Deterministic: the same counts (hence the same texts) give the same files byte for byte in
+    any process.  The special tokens and every single-character piece get fixed ids before
+    training (``_code_point_order``), which leaves the trainer nothing ordered by hashing: merges
+    are chosen by count, ties broken by the ids of the merged pieces.  ``WORDPIECE_TRAINER``
+    names this recipe in build caches.
 
     Every ASCII letter/digit/punctuation is a piece, alone and as ``##`` continuation: WordPiece
     turns a whole word into [UNK] when one of its characters has no piece, so an unseen brand
@@ -96,9 +129,7 @@ def train_wordpiece(
     """
     if vocab_size < len(SPECIAL_TOKENS) + 1:
         raise ValueError(f"vocab_size={vocab_size} is too small (need > {len(SPECIAL_TOKENS)})")
-    texts = [t for t in texts if t]
-    tok = _base_tokenizer()
-    pieces = _corpus_pieces(tok, texts)
+    pieces = _corpus_pieces(counts)
     budget = vocab_size
     if vocab_size >= 4 * len(_ASCII_PIECES):
         # As many merges as the first recipe made (it trained vocab_size - len(_ASCII_PIECES)
@@ -114,8 +145,11 @@ def train_wordpiece(
         continuing_subword_prefix="##",
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
-    vocab = tok.get_vocab(with_added_tokens=False)
+    # The words are already normalized and pre-tokenized: split on spaces only.
+    trainer_tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    trainer_tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer_tok.train_from_iterator(_repeated_words(counts), trainer=trainer)
+    vocab = trainer_tok.get_vocab(with_added_tokens=False)
     for i, piece in enumerate(fixed):  # checked, not assumed: the determinism rests on it
         if vocab.get(piece) != i:
             raise RuntimeError(f"piece {piece!r} got id {vocab.get(piece)}, expected {i}")
