@@ -16,9 +16,10 @@ Two pipelines on the same runner and options, with the one global step between t
    Kept images go to a staging folder, one ``.npy`` per block (the single-process build stages
    them in a memmap for the same reason: decode once, write later); counts are summed into
    the build report.
-2. **Driver**: block sizes → each block's first row; the tokenizer is trained once on the kept
-   titles and train queries (or the given one was loaded before step 1) — it must see exactly
-   the records the single-process build trains it on, which are known only after the check.
+2. **Driver**: block sizes → each block's first row; the tokenizer is trained on the word
+   counts of the kept titles and kept train queries, counted by the workers and summed by word
+   (``tokenizer.train_wordpiece_counts``: the vocabulary of training on every text, byte for
+   byte) — or the given one was loaded before step 1.  The driver never holds a title or query.
 3. **Write** (``beam_write``): each worker writes finished array_record shards — one per staged
    item block (row = block start + rank), one per byte range of each pair file (file order) —
    and the driver renames them to TFDS's shard names and records the split infos, so no step
@@ -28,12 +29,18 @@ Two pipelines on the same runner and options, with the one global step between t
 The dataset folder, records and report counts equal the single-process build's
 (tests/test_beam_build.py), so either build is the other's cache hit and Grain reads it
 unchanged.  The report adds a ``beam`` section (runner, options, blocks, stage timings).
+
+**Object stores** (``beam_io``: every file through Beam's ``FileSystems``).  The catalog, its
+images and ``data_dir`` may be ``gs://`` or ``s3://``; workers then share no disk.  With a remote
+``data_dir`` the stage folder is on the store and the workers upload finished shards there; the
+driver writes TFDS's metadata, the tokenizer and the report to a local folder and uploads them
+to the dataset folder last, ``build_report.json`` after everything else — its presence is what
+"complete" means to every reader (``beam_remote``).
 """
 
 from __future__ import annotations
 
 import functools
-import glob
 import json
 import os
 import tempfile
@@ -46,26 +53,34 @@ import tensorflow_datasets as tfds
 from absl import logging
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from vlp_jax.data import beam_io, beam_write, builder, records
 from vlp_jax.data import beam_stages as stages
-from vlp_jax.data import beam_write, builder, records
+from vlp_jax.data import tokenizer as tokenizer_lib
 
 DEFAULT_CHUNK_BYTES = 4 << 20  # bytes of a catalog file per read range and per decode block
 PAIRS_DIR = "pairs"
 WRITTEN = "written"  # the write pipeline's shard rows, read by the driver
+UNK_SAMPLE = 2000  # titles the report's unk fraction is measured on (as the single build)
 
 
 class VLPCatalogBeam(builder.VLPCatalog, skip_registration=True):
-    """``VLPCatalog`` whose splits are computed by Beam; same name, so the same folder."""
+    """``VLPCatalog`` whose splits are computed by Beam; same name, so the same folder.
+
+    ``shard_dir``: where finished shards go when it is not TFDS's own folder (an object-store
+    dataset folder; the stage folder is then made beside it, on the store, too).
+    """
 
     name = "vlp_catalog"
 
     def __init__(self, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 pipeline_args: Sequence[str] = (), **kwargs: Any):
+                 pipeline_args: Sequence[str] = (), shard_dir: str | None = None,
+                 **kwargs: Any):
         super().__init__(**kwargs)
         if chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
         self._chunk_bytes = int(chunk_bytes)
         self._pipeline_args = list(pipeline_args)
+        self._shard_dir = shard_dir
 
     def _generate_splits(self, dl_manager: Any, download_config: Any) -> list[Any]:
         """Check (pipeline 1), tokenizer (driver), write (pipeline 2): the splits' infos.
@@ -74,34 +89,44 @@ class VLPCatalogBeam(builder.VLPCatalog, skip_registration=True):
         encoded ``items`` split in the driver's memory on a local runner (``beam_write``).
         """
         cfg = self.builder_config
-        self._stage_dir = tempfile.mkdtemp(prefix="stage-", dir=os.fspath(self.data_dir))
+        if self._shard_dir is None:
+            self._stage_dir = tempfile.mkdtemp(prefix="stage-", dir=os.fspath(self.data_dir))
+        else:  # on the store, beside the dataset folder; unique per attempt
+            self._stage_dir = beam_io.normalize(f"{self._shard_dir}.stage-{os.urandom(8).hex()}")
+        try:
+            return self._check_and_write(cfg, download_config)
+        finally:
+            if self._shard_dir is not None:
+                beam_io.delete_tree(self._stage_dir)
+
+    def _check_and_write(self, cfg: Any, download_config: Any) -> list[Any]:
         runner = download_config.beam_runner
         options = download_config.beam_options or PipelineOptions([])
+        count_words = not cfg.tokenizer
         t0 = time.perf_counter()
         with beam.Pipeline(runner=runner, options=options) as pipeline:
             check_pipeline(pipeline, cfg.catalog_dir, cfg.image_size, self._stage_dir,
-                           self._chunk_bytes)
+                           self._chunk_bytes, count_words)
         check_seconds = time.perf_counter() - t0
         self._stats = _read_stats(self._stage_dir)
-        blocks, titles = _read_blocks(self._stage_dir)
-        if not titles:
+        blocks = _read_blocks(self._stage_dir)
+        if not self._stats["items"].kept:
             raise ValueError(
                 f"catalog {cfg.catalog_dir!r} has no usable item: {self._stats['items'].as_dict()}"
             )
         t1 = time.perf_counter()
-        self._prepare_tokenizer(titles, _train_queries(self._stage_dir))
+        self._prepare_tokenizer_from_counts(blocks)
         tokenizer_seconds = time.perf_counter() - t1
-        logging.info("beam check pipeline: %d items kept in %d blocks, %.1fs", len(titles),
-                     len(blocks), check_seconds)
+        logging.info("beam check pipeline: %d items kept in %d blocks, %.1fs",
+                     self._stats["items"].kept, len(blocks), check_seconds)
         # A pair split with no kept pair is left out, as in the single-process build.
         pair_splits = [split for split in records.PAIR_SPLITS if self._stats[split].kept]
         t2 = time.perf_counter()
         with beam.Pipeline(runner=runner, options=options) as pipeline:
             write_pipeline(pipeline, self._stage_dir, blocks, pair_splits, self._chunk_bytes)
-        shards = beam_write.read_shard_rows(
-            glob.glob(os.path.join(self._stage_dir, f"{WRITTEN}-*.jsonl")))
+        shards = beam_write.read_shard_rows(beam_io.join(self._stage_dir, f"{WRITTEN}-*.jsonl"))
         infos = beam_write.finish_shards(shards, self._get_filename_template,
-                                         tfds.core.SplitInfo)
+                                         tfds.core.SplitInfo, out_dir=self._shard_dir)
         self._report_extra = {"beam": {
             "runner": str(runner or "DirectRunner"), "pipeline_args": self._pipeline_args,
             "chunk_bytes": self._chunk_bytes, "item_blocks": len(blocks),
@@ -110,11 +135,30 @@ class VLPCatalogBeam(builder.VLPCatalog, skip_registration=True):
             "write_seconds": round(time.perf_counter() - t2, 3)}}
         return infos
 
+    def _prepare_tokenizer_from_counts(self, blocks: list[tuple[int, int]]) -> None:
+        """The single-process build's ``_prepare_tokenizer`` from the workers' word counts:
+        the same vocabulary and report, without the titles and queries in the driver."""
+        cfg = self.builder_config
+        first_titles = _first_titles(self._stage_dir, blocks, UNK_SAMPLE)
+        if cfg.tokenizer:
+            super()._prepare_tokenizer(first_titles, [])
+            return
+        counts = dict(beam_io.read_jsonl(beam_io.join(self._stage_dir, "words-*.jsonl")))
+        out = os.path.join(os.fspath(self.data_dir), builder.TOKENIZER_DIR)
+        tok = tokenizer_lib.train_wordpiece_counts(counts, cfg.vocab_size, out)
+        texts = self._stats["items"].kept + self._stats["train"].kept
+        self._tokenizer_report = {
+            "source": f"wordpiece trained on {texts} texts (item titles + train queries)",
+            "vocab_size": len(tok),
+            "unk_fraction_titles": round(tokenizer_lib.unk_fraction(tok, first_titles), 6),
+        }
+
 
 def check_pipeline(pipeline: beam.Pipeline, catalog_dir: str, image_size: int, stage_dir: str,
-                   chunk_bytes: int) -> None:
+                   chunk_bytes: int, count_words: bool = True) -> None:
     """Add the check stages (module docstring, step 1) to ``pipeline``; outputs go to
-    ``stage_dir``: ``block-N.{npy,json}``, ``pairs/<split>-*.jsonl``, ``stats-*.jsonl``."""
+    ``stage_dir``: ``block-N.{npy,json}``, ``pairs/<split>-*.jsonl``, ``stats-*.jsonl``,
+    ``blocks-*.jsonl`` (kept items per block) and ``words-*.jsonl`` (word counts)."""
 
     def lines(label: str, path: str) -> beam.PCollection:
         return (pipeline
@@ -122,7 +166,13 @@ def check_pipeline(pipeline: beam.Pipeline, catalog_dir: str, image_size: int, s
                 | f"{label}Spread" >> beam.Reshuffle()
                 | f"{label}Read" >> beam.ParDo(stages.ReadLines()))
 
-    items = (lines("Items", os.path.join(catalog_dir, "items.jsonl"))
+    def save(pcoll: beam.PCollection, label: str, name: str) -> None:
+        _ = (pcoll
+             | f"{label}Json" >> beam.Map(json_line)
+             | f"Write{label}" >> beam.io.WriteToText(beam_io.join(stage_dir, name),
+                                                      file_name_suffix=".jsonl"))
+
+    items = (lines("Items", beam_io.join(catalog_dir, "items.jsonl"))
              | "ParseItems" >> beam.ParDo(stages.ParseItems()).with_outputs(
                  stages.STATS, stages.SEEN, main="candidates"))
     firsts = (items.candidates
@@ -132,13 +182,15 @@ def check_pipeline(pipeline: beam.Pipeline, catalog_dir: str, image_size: int, s
     decoded = (firsts.winners
                | "ByBlock" >> beam.GroupByKey()
                | "DecodeBlocks" >> beam.ParDo(
-                   stages.DecodeBlock(catalog_dir, image_size, stage_dir)).with_outputs(
-                   stages.STATS, stages.KEPT, main="unused"))
+                   stages.DecodeBlock(catalog_dir, image_size, stage_dir, count_words)
+               ).with_outputs(stages.STATS, stages.KEPT, stages.BLOCKS, stages.WORDS,
+                              main="unused"))
     stats = [items[stages.STATS], firsts[stages.STATS], decoded[stages.STATS]]
+    words = [decoded[stages.WORDS]]
     pairs, present = [], []
     for split in records.PAIR_SPLITS:
-        path = os.path.join(catalog_dir, f"{split}.jsonl")
-        if not os.path.isfile(path) or not os.path.getsize(path):
+        path = beam_io.join(catalog_dir, f"{split}.jsonl")
+        if not beam_io.exists(path) or not beam_io.size(path):
             continue
         parsed = lines(split.capitalize(), path) | f"Parse{split.capitalize()}" >> beam.ParDo(
             stages.ParsePairs(split)).with_outputs(stages.STATS, main="pairs")
@@ -149,48 +201,48 @@ def check_pipeline(pipeline: beam.Pipeline, catalog_dir: str, image_size: int, s
         resolved = ({"pairs": pairs | "AllPairs" >> beam.Flatten(),
                      "kept": decoded[stages.KEPT], "seen": items[stages.SEEN]}
                     | "JoinPairs" >> beam.CoGroupByKey()
-                    | "ResolvePairs" >> beam.ParDo(stages.ResolvePairs()).with_outputs(
-                        stages.STATS, *present, main="unused"))
+                    | "ResolvePairs" >> beam.ParDo(stages.ResolvePairs(count_words)).with_outputs(
+                        stages.STATS, stages.WORDS, *present, main="unused"))
         stats.append(resolved[stages.STATS])
+        words.append(resolved[stages.WORDS])
         for split in present:
             _ = resolved[split] | f"Write{split.capitalize()}" >> beam.io.WriteToText(
-                os.path.join(stage_dir, PAIRS_DIR, split), file_name_suffix=".jsonl")
-    _ = (stats
-         | "AllStats" >> beam.Flatten()
-         | "SumStats" >> beam.CombinePerKey(sum)
-         | "StatsJson" >> beam.Map(json.dumps)
-         | "WriteStats" >> beam.io.WriteToText(os.path.join(stage_dir, "stats"),
-                                               file_name_suffix=".jsonl"))
+                beam_io.join(stage_dir, PAIRS_DIR, split), file_name_suffix=".jsonl")
+    save(stats | "AllStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum),
+         "Stats", "stats")
+    save(decoded[stages.BLOCKS], "Blocks", "blocks")
+    save(words | "AllWords" >> beam.Flatten() | "SumWords" >> beam.CombinePerKey(sum),
+         "Words", "words")
 
 
-def _read_jsonl(pattern: str) -> list[Any]:
-    out = []
-    for path in sorted(glob.glob(pattern)):
-        with open(path, encoding="utf-8") as f:
-            out.extend(json.loads(line) for line in f if line.strip())
-    return out
+def json_line(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _read_stats(stage_dir: str) -> dict[str, records.SplitStats]:
-    rows = [(tuple(key), n) for key, n in _read_jsonl(os.path.join(stage_dir, "stats-*.jsonl"))]
+    rows = [(tuple(key), n) for key, n in beam_io.read_jsonl(
+        beam_io.join(stage_dir, "stats-*.jsonl"))]
     return stages.merge_stats(rows, builder.SPLITS)
 
 
-def _read_blocks(stage_dir: str) -> tuple[list[tuple[int, int]], list[str]]:
-    """``[(block, first row)]`` in file order, and every kept title in row order."""
-    blocks, titles = [], []
-    for path in sorted(glob.glob(os.path.join(stage_dir, "block-*.json"))):
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-        blocks.append((int(meta["block"]), len(titles)))
+def _read_blocks(stage_dir: str) -> list[tuple[int, int]]:
+    """``[(block, first row)]`` in file order, from the blocks' kept counts."""
+    blocks, row = [], 0
+    for block, kept in sorted(beam_io.read_jsonl(beam_io.join(stage_dir, "blocks-*.jsonl"))):
+        blocks.append((int(block), row))
+        row += int(kept)
+    return blocks
+
+
+def _first_titles(stage_dir: str, blocks: list[tuple[int, int]], n: int) -> list[str]:
+    """The first ``n`` kept titles in row order (reads only the blocks that hold them)."""
+    titles: list[str] = []
+    for block, _ in blocks:
+        if len(titles) >= n:
+            break
+        meta = beam_io.read_json(beam_io.join(stage_dir, stages.BLOCK_META.format(block=block)))
         titles.extend(item["title"] for item in meta["items"])
-    return blocks, titles
-
-
-def _train_queries(stage_dir: str) -> list[str]:
-    """Kept train queries in file order (the tokenizer's second input, as in ``builder``)."""
-    rows = _read_jsonl(os.path.join(stage_dir, PAIRS_DIR, "train-*"))
-    return [row["query"] for row in sorted(rows, key=lambda row: row["offset"])]
+    return titles[:n]
 
 
 def _pair_unit(line: str, chunk_bytes: int) -> tuple[int, str]:
@@ -215,7 +267,7 @@ def write_pipeline(pipeline: beam.Pipeline, stage_dir: str, blocks: list[tuple[i
         written.append(
             pipeline
             | f"Read{label}" >> beam.io.ReadFromText(
-                os.path.join(stage_dir, PAIRS_DIR, f"{split}-*"))
+                beam_io.join(stage_dir, PAIRS_DIR, f"{split}-*"))
             | f"Range{label}" >> beam.Map(_pair_unit, chunk_bytes)
             | f"Group{label}" >> beam.GroupByKey()
             | f"Write{label}" >> beam.ParDo(beam_write.WriteShard(
@@ -223,8 +275,8 @@ def write_pipeline(pipeline: beam.Pipeline, stage_dir: str, blocks: list[tuple[i
                 functools.partial(beam_write.pair_examples, starts=starts))))
     _ = (written
          | "AllShards" >> beam.Flatten()
-         | "ShardJson" >> beam.Map(json.dumps)
-         | "WriteShardRows" >> beam.io.WriteToText(os.path.join(stage_dir, WRITTEN),
+         | "ShardJson" >> beam.Map(json_line)
+         | "WriteShardRows" >> beam.io.WriteToText(beam_io.join(stage_dir, WRITTEN),
                                                    file_name_suffix=".jsonl"))
 
 
@@ -247,12 +299,19 @@ def build_dataset_beam(
     """``builder.build_dataset`` through Beam: same folder, records and report counts.
 
     ``pipeline_args`` are Beam pipeline options as on a command line (``--project=...``,
-    ``--direct_num_workers=2``); a finished build of the same inputs is reused, whichever
-    engine made it.
+    ``--direct_num_workers=2``, ``--s3_endpoint_url=...``); a finished build of the same inputs
+    is reused, whichever engine made it.  With a ``gs://``/``s3://`` catalog or ``data_dir``
+    the build runs through ``beam_remote`` and the handle names the object-store folder (its
+    ``sources`` are empty: stage the folder to read it).
     """
-    options = PipelineOptions(list(pipeline_args))
+    options = beam_io.configure(pipeline_args)
+    factory = functools.partial(VLPCatalogBeam, chunk_bytes=chunk_bytes,
+                                pipeline_args=pipeline_args)
+    if beam_io.is_remote(catalog_dir) or beam_io.is_remote(data_dir):
+        from vlp_jax.data import beam_remote
+
+        return beam_remote.build_remote(catalog_dir, data_dir, image_size, tokenizer,
+                                        vocab_size, factory, runner, options)
     return builder.build_dataset(
-        catalog_dir, data_dir, image_size, tokenizer, vocab_size,
-        builder_cls=functools.partial(VLPCatalogBeam, chunk_bytes=chunk_bytes,
-                                      pipeline_args=pipeline_args),
+        catalog_dir, data_dir, image_size, tokenizer, vocab_size, builder_cls=factory,
         beam_runner=runner, beam_options=options)

@@ -2,6 +2,8 @@
 catalog files, each applying the rules of ``records`` to its own lines.
 
 Apart from the TFDS builder so a Beam worker imports only Beam, numpy, PIL and ``records``.
+Every file is opened through Beam's ``FileSystems`` (``beam_io``): the catalog, its images and
+the staging folder may be local, ``gs://`` or ``s3://``, and no two workers need a shared disk.
 
 Lines are identified by their **byte offset** in their file: offsets order lines as the file
 does, so "the first valid line of an id wins", "items in file order" and "pairs in file order"
@@ -14,19 +16,25 @@ differs between runners — so the build report is exact on any runner.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import posixpath
+import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
 
-from vlp_jax.data import records
+from vlp_jax.data import beam_io, records
+from vlp_jax.data import tokenizer as tokenizer_lib
 
 STATS = "stats"  # tagged output: ((split, kind, reason), n)
 SEEN = "seen"  # tagged output: (item_id, None) for every item line with a usable id
 KEPT = "kept"  # tagged output: (item_id, (block, rank)) for every kept item
+WORDS = "words"  # tagged output: (word, n) of kept titles and kept train queries
+BLOCKS = "blocks"  # tagged output: (block, kept items) for every block with a kept item
 BLOCK_META = "block-{block:09d}.json"
 BLOCK_IMAGES = "block-{block:09d}.npy"
 
@@ -35,7 +43,7 @@ Stat = tuple[tuple[str, str, str], int]
 
 def byte_ranges(path: str, chunk_bytes: int) -> list[tuple[str, int, int]]:
     """``(path, start, end)`` ranges of at most ``chunk_bytes`` covering the file."""
-    size = os.path.getsize(path)
+    size = beam_io.size(path)
     return [(path, a, min(a + chunk_bytes, size)) for a in range(0, size, chunk_bytes)]
 
 
@@ -48,6 +56,50 @@ def stat_rows(split: str, stats: records.SplitStats) -> Iterator[beam.pvalue.Tag
     for kind, counter in (("skipped", stats.skipped), ("fixed", stats.fixed)):
         for reason, n in counter.items():
             yield beam.pvalue.TaggedOutput(STATS, ((split, kind, reason), n))
+
+
+def word_rows(texts: Iterable[str]) -> Iterator[beam.pvalue.TaggedOutput]:
+    """Word counts of ``texts`` as tagged ``(word, n)`` elements, summed later by word: the
+    tokenizer is trained on the merged counts (``tokenizer.train_wordpiece_counts``), equal to
+    training on every text in one process."""
+    for word, n in tokenizer_lib.word_counts(texts).items():
+        yield beam.pvalue.TaggedOutput(WORDS, (word, n))
+
+
+def image_location(catalog_dir: str, rel: str) -> str:
+    """Where an item's image is: ``rel`` under the catalog folder, or ``rel`` itself when it is
+    absolute or a URI (as ``os.path.join`` treats an absolute path)."""
+    if beam_io.is_remote(rel) or os.path.isabs(rel):
+        return rel
+    if beam_io.is_remote(catalog_dir):
+        return posixpath.join(catalog_dir, rel)
+    return os.path.join(catalog_dir, rel)
+
+
+def load_item_image(catalog_dir: str, item: records.ItemMeta,
+                    size: int) -> tuple[np.ndarray, list[str]]:
+    """``records.load_item_image`` for a local or object-store catalog.
+
+    A remote item's images are first copied to a local temporary folder (a missing object stays
+    missing), so the decoder, the fallback order and every skip reason are the builder's own.
+    """
+    if not beam_io.is_remote(catalog_dir) and not any(
+            beam_io.is_remote(rel) for rel in item.image_paths):
+        return records.load_item_image(catalog_dir, item, size)
+    with tempfile.TemporaryDirectory(prefix="vlp-images-") as tmp:
+        local = []
+        for i, rel in enumerate(item.image_paths):
+            name = f"{i}{os.path.splitext(rel)[1][:16]}"
+            try:
+                data = beam_io.read_bytes(image_location(catalog_dir, rel))
+            except FileNotFoundError:  # "image_missing"; a refused key or outage still raises
+                local.append(name + ".missing")
+                continue
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+            local.append(name)
+        return records.load_item_image(tmp, records.ItemMeta(item.item_id, item.title, local),
+                                       size)
 
 
 def merge_stats(rows: Iterable[Stat], splits: Iterable[str]) -> dict[str, records.SplitStats]:
@@ -71,7 +123,7 @@ class ReadLines(beam.DoFn):
 
     def process(self, rng: tuple[str, int, int]) -> Iterator[tuple[int, bytes]]:
         path, start, end = rng
-        with open(path, "rb") as f:
+        with beam_io.open_read(path) as f:
             if start > 0:
                 f.seek(start - 1)
                 f.readline()  # the rest of a line that began before `start`
@@ -127,15 +179,18 @@ class FirstOfId(beam.DoFn):
 
 
 class DecodeBlock(beam.DoFn):
-    """Decode and check one block's images (``records.load_item_image``), write the kept ones
-    to ``stage_dir`` (``block-N.npy`` uint8 [n, S, S, 3] + ``block-N.json``), emit counts.
+    """Decode and check one block's images (:func:`load_item_image`), write the kept ones to
+    ``stage_dir`` (``block-N.npy`` uint8 [n, S, S, 3] + ``block-N.json``), emit counts: skip and
+    fix counts, ``BLOCKS`` (block, kept), and the kept titles' ``WORDS`` if ``count_words``.
 
-    Files are written to a temporary name and renamed, so a retried bundle rewrites them whole;
-    only the kept items' text comes back to the driver, never pixels.
+    Files appear whole or not at all (``beam_io.create``), so a retried bundle rewrites them;
+    only counts come back to the driver, never pixels or titles.
     """
 
-    def __init__(self, catalog_dir: str, image_size: int, stage_dir: str):
+    def __init__(self, catalog_dir: str, image_size: int, stage_dir: str,
+                 count_words: bool = False):
         self.catalog_dir, self.image_size, self.stage_dir = catalog_dir, image_size, stage_dir
+        self.count_words = count_words
 
     def process(self, element: tuple[int, Iterable[tuple]]) -> Iterator[Any]:
         block, lines = element
@@ -144,7 +199,7 @@ class DecodeBlock(beam.DoFn):
         for offset, item_id, title, paths in sorted(lines, key=lambda line: line[0]):
             meta = records.ItemMeta(item_id=item_id, title=title, image_paths=list(paths))
             try:
-                image, notes = records.load_item_image(self.catalog_dir, meta, self.image_size)
+                image, notes = load_item_image(self.catalog_dir, meta, self.image_size)
             except records.BadRecord as e:
                 stats.skipped[e.reason] += 1
                 continue
@@ -154,11 +209,13 @@ class DecodeBlock(beam.DoFn):
             images.append(image)
         stats.kept = len(kept)
         if kept:
-            s = self.image_size
-            _atomic_save(os.path.join(self.stage_dir, BLOCK_IMAGES.format(block=block)),
-                         np.stack(images) if images else np.zeros((0, s, s, 3), np.uint8))
-            _atomic_json(os.path.join(self.stage_dir, BLOCK_META.format(block=block)),
-                         {"block": block, "items": kept})
+            _save_npy(beam_io.join(self.stage_dir, BLOCK_IMAGES.format(block=block)),
+                      np.stack(images))
+            beam_io.write_json(beam_io.join(self.stage_dir, BLOCK_META.format(block=block)),
+                               {"block": block, "items": kept})
+            yield beam.pvalue.TaggedOutput(BLOCKS, (block, len(kept)))
+            if self.count_words:
+                yield from word_rows(item["title"] for item in kept)
         yield from stat_rows("items", stats)
 
 
@@ -187,32 +244,34 @@ class ResolvePairs(beam.DoFn):
 
     Main output: one JSON line per kept pair (tagged by split); pairs whose item is not kept
     are ``skipped_item`` (its line was seen) or ``unknown_item``, as in ``records.parse_pairs``.
+    With ``count_words``, the kept train queries' ``WORDS`` (the tokenizer's second input).
     """
+
+    def __init__(self, count_words: bool = False):
+        self.count_words = count_words
 
     def process(self, element: tuple[str, dict[str, Iterable]]) -> Iterator[Any]:
         item_id, joined = element
         kept = list(joined["kept"])
         seen = bool(kept) or any(True for _ in joined["seen"])
+        queries = []
         for split, offset, query, slice_ in joined["pairs"]:
             if not kept:
                 reason = records.missing_item_reason(item_id, seen)
                 yield beam.pvalue.TaggedOutput(STATS, ((split, "skipped", reason), 1))
                 continue
             block, rank = kept[0]
+            if split == "train":
+                queries.append(query)
             yield beam.pvalue.TaggedOutput(STATS, ((split, "kept", ""), 1))
             yield beam.pvalue.TaggedOutput(split, json.dumps(
                 {"offset": offset, "query": query, "item_id": item_id, "slice": slice_,
                  "block": block, "rank": rank}, ensure_ascii=False))
+        if self.count_words and queries:
+            yield from word_rows(queries)
 
 
-def _atomic_save(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
-def _atomic_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False)
-    os.replace(tmp, path)
+def _save_npy(path: str, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    beam_io.write_bytes(path, buf.getvalue())

@@ -17,18 +17,25 @@ mapped from the stage), whatever the catalog size.
 
 Examples are serialized by the builder's own ``FeaturesDict`` and written with the options TFDS
 uses for array_record (``group_size:1``), so records are byte-for-byte TFDS records.
+
+Stage and output folders may be local, ``gs://`` or ``s3://`` (``beam_io``): array_record writes
+a local file, which the worker then uploads whole under the unit's name, so a worker needs no
+disk shared with anyone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
 
+from vlp_jax.data import beam_io
 from vlp_jax.data import beam_stages as stages
 
 SHARD_PREFIX = "shard-"  # temporary shard names, renamed by ``finish_shards``
@@ -36,16 +43,16 @@ Shard = tuple[str, int, int, int, str]  # (split, unit, examples, bytes, tempora
 
 
 def item_examples(stage_dir: str, block: int, start: int) -> Iterator[dict[str, Any]]:
-    """The ``items`` examples of one staged block, in row order (row = ``start`` + rank)."""
-    with open(os.path.join(stage_dir, stages.BLOCK_META.format(block=block)),
-              encoding="utf-8") as f:
-        items = json.load(f)["items"]
-    images = np.load(os.path.join(stage_dir, stages.BLOCK_IMAGES.format(block=block)),
-                     mmap_mode="r")
-    for rank, item in enumerate(items):
-        row = start + rank
-        yield {"item_index": row, "item_id": item["item_id"], "title": item["title"],
-               "query": "", "slice": "", "image": np.asarray(images[rank]).tobytes()}
+    """The ``items`` examples of one staged block, in row order (row = ``start`` + rank); the
+    block's images are memory-mapped (from a local copy when the stage is remote)."""
+    items = beam_io.read_json(beam_io.join(stage_dir, stages.BLOCK_META.format(block=block)))
+    images_at = beam_io.join(stage_dir, stages.BLOCK_IMAGES.format(block=block))
+    with beam_io.local_copy(images_at, ".npy") as local:
+        images = np.load(local, mmap_mode="r")
+        for rank, item in enumerate(items["items"]):
+            row = start + rank
+            yield {"item_index": row, "item_id": item["item_id"], "title": item["title"],
+                   "query": "", "slice": "", "image": np.asarray(images[rank]).tobytes()}
 
 
 def pair_examples(lines: Iterable[str], starts: dict[int, int]) -> Iterator[dict[str, Any]]:
@@ -60,8 +67,9 @@ class WriteShard(beam.DoFn):
 
     ``examples_of(payload)`` yields the unit's examples; ``make_features()`` builds the
     builder's ``FeaturesDict`` once per worker (``setup``), which serializes them exactly as
-    TFDS's writer would.  The file gets a temporary name and is renamed when complete, so a
-    retried bundle rewrites it whole; nothing is yielded for an empty unit.
+    TFDS's writer would.  The file is written locally (a fresh temporary name per attempt) and
+    uploaded whole to ``out_dir/shard-<split>-<unit>``, so a retried bundle rewrites it; nothing
+    is yielded for an empty unit.
     """
 
     def __init__(self, split: str, out_dir: str, make_features: Callable[[], Any],
@@ -77,32 +85,37 @@ class WriteShard(beam.DoFn):
         from array_record.python import array_record_module  # TFDS's array_record binding
 
         unit, payload = element
-        path = os.path.join(self.out_dir, f"{SHARD_PREFIX}{self.split}-{unit:09d}")
-        tmp = f"{path}.tmp-{os.getpid()}"
-        writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+        path = beam_io.join(self.out_dir, f"{SHARD_PREFIX}{self.split}-{unit:09d}")
+        fd, tmp = tempfile.mkstemp(prefix=f"vlp-{self.split}-{unit}-", suffix=".array_record")
+        os.close(fd)
         count = size = 0
         try:
-            for example in self.examples_of(payload):
-                record = self._features.serialize_example(example)
-                writer.write(record)
-                count += 1
-                size += len(record)
+            writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+            try:
+                for example in self.examples_of(payload):
+                    record = self._features.serialize_example(example)
+                    writer.write(record)
+                    count += 1
+                    size += len(record)
+            finally:
+                writer.close()
+            if count:
+                beam_io.upload(tmp, path)
         finally:
-            writer.close()
-        if not count:
-            os.remove(tmp)
-            return
-        os.replace(tmp, path)
-        yield self.split, unit, count, size, path
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        if count:
+            yield self.split, unit, count, size, path
 
 
 def finish_shards(shards: Iterable[Shard], template_of: Callable[[str], Any],
-                  split_info: Callable[..., Any]) -> list[Any]:
+                  split_info: Callable[..., Any], out_dir: str | None = None) -> list[Any]:
     """Rename every split's shards to TFDS's names in unit order; one ``SplitInfo`` per split.
 
     ``template_of(split)`` is the builder's ``ShardedFileTemplate``; ``split_info`` is
     ``tfds.core.SplitInfo``.  ``num_bytes`` is the sum of serialized example sizes, as TFDS
-    counts it.
+    counts it.  ``out_dir``: the folder the shards go to when it is not the template's own (the
+    object-store dataset folder of a build whose metadata is written locally first).
     """
     by_split: dict[str, list[Shard]] = {}
     for shard in shards:
@@ -115,18 +128,16 @@ def finish_shards(shards: Iterable[Shard], template_of: Callable[[str], Any],
             raise RuntimeError(f"split {split!r}: a unit was written twice ({units})")
         template = template_of(split)
         for index, (_, _, _, _, path) in enumerate(rows):
-            os.replace(path, os.fspath(template.sharded_filepath(
-                shard_index=index, num_shards=len(rows))))
+            final = os.fspath(template.sharded_filepath(shard_index=index, num_shards=len(rows)))
+            if out_dir is not None:
+                final = beam_io.join(out_dir, os.path.basename(final))
+            beam_io.rename(path, final)
         infos.append(split_info(name=split, shard_lengths=[row[2] for row in rows],
                                 num_bytes=sum(row[3] for row in rows),
                                 filename_template=template))
     return infos
 
 
-def read_shard_rows(pattern_files: Iterable[str]) -> list[Shard]:
+def read_shard_rows(pattern: str) -> list[Shard]:
     """The ``(split, unit, examples, bytes, path)`` rows the write pipeline saved as JSON."""
-    rows: list[Shard] = []
-    for path in sorted(pattern_files):
-        with open(path, encoding="utf-8") as f:
-            rows.extend(tuple(json.loads(line)) for line in f if line.strip())
-    return rows
+    return [tuple(row) for row in beam_io.read_jsonl(pattern)]

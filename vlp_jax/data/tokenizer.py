@@ -1,7 +1,9 @@
 """BERT-style WordPiece tokenizer: train one on the catalog, or load an existing HF folder.
 
 Training and serving must share one vocabulary, so the tokenizer is always saved as an HF
-folder (``save_pretrained``) beside the dataset and loaded back with ``load_tokenizer``.
+folder (``save_pretrained``) beside the dataset and loaded back with ``load_tokenizer``.  The
+folder may be on gs:// or s3://: transformers reads local folders only, so it is staged to local
+disk first (``runtime.staging``, verified and reused while current).
 
 Built directly with the ``tokenizers`` library and wrapped in ``PreTrainedTokenizerFast``
 (``tokenizer_object=``).  Not with ``BertTokenizerFast(vocab_file=...)``: in transformers 5 that
@@ -11,6 +13,7 @@ constructor silently maps every token to [UNK].
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import os
 import string
@@ -27,6 +30,9 @@ from tokenizers import (
     trainers,
 )
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from vlp_jax.data import remote_build
+from vlp_jax.runtime import fs, staging
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # [PAD] = id 0
 MODEL_MAX_LENGTH = 512
@@ -59,10 +65,16 @@ def _base_tokenizer(vocab: dict[str, int] | None = None) -> Tokenizer:
     return tok
 
 
+@functools.cache
+def _word_splitter() -> Tokenizer:
+    """One normalizer + pre-tokenizer per process (``word_counts`` is called per record)."""
+    return _base_tokenizer()
+
+
 def word_counts(texts: Iterable[str]) -> collections.Counter:
     """How often each normalized, pre-tokenized word occurs in ``texts``: all the trainer
     learns from, so counts made in parts (Beam workers) and summed train the same vocabulary."""
-    tok = _base_tokenizer()
+    tok = _word_splitter()
     counts: collections.Counter = collections.Counter()
     for text in texts:
         if text:
@@ -177,26 +189,42 @@ def train_wordpiece_counts(
     return fast
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
-    """Load a local HF tokenizer folder (never the hub) and check it has the BERT special tokens."""
+def local_folder(path: str, staging_dir: str = "") -> str:
+    """``path`` itself when local; else a verified local copy of the gs:// / s3:// folder."""
+    if not path or not fs.is_remote(path):
+        return path
+    try:
+        return staging.stage(path, staging_dir or remote_build.default_staging_dir(),
+                             what="tokenizer folder")
+    except staging.StagingError as e:
+        raise ValueError(f"tokenizer folder {path!r} does not exist or is empty ({e})") from e
+
+
+def load_tokenizer(path: str, staging_dir: str = "") -> PreTrainedTokenizerFast:
+    """Load an HF tokenizer folder (never the hub) and check it has the BERT special tokens.
+
+    ``path`` may be gs:// or s3:// (staged under ``staging_dir`` first; error messages name
+    ``path``)."""
+    shown = path
+    path = local_folder(path, staging_dir)
     if not path or not os.path.isdir(path):
-        raise ValueError(f"tokenizer folder {path!r} does not exist or is not a directory")
+        raise ValueError(f"tokenizer folder {shown!r} does not exist or is not a directory")
     present = [f for f in _TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
     if not present:
         raise ValueError(
-            f"tokenizer folder {path!r} has no tokenizer files (expected one of "
+            f"tokenizer folder {shown!r} has no tokenizer files (expected one of "
             f"{', '.join(_TOKENIZER_FILES)}); pass a folder written by save_pretrained"
         )
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many types; name the folder
-        raise ValueError(f"could not load the tokenizer in {path!r}: {e}") from e
+        raise ValueError(f"could not load the tokenizer in {shown!r}: {e}") from e
     if not isinstance(tok, PreTrainedTokenizerFast):
-        raise ValueError(f"tokenizer in {path!r} is not a fast tokenizer ({type(tok).__name__})")
+        raise ValueError(f"tokenizer in {shown!r} is not a fast tokenizer ({type(tok).__name__})")
     missing = [n for n in _REQUIRED if getattr(tok, f"{n}_token_id", None) is None]
     if missing:
         raise ValueError(
-            f"tokenizer in {path!r} lacks special tokens {missing}; a BERT-style vocab with "
+            f"tokenizer in {shown!r} lacks special tokens {missing}; a BERT-style vocab with "
             "[PAD], [UNK], [CLS], [SEP] and [MASK] is needed"
         )
     return tok
