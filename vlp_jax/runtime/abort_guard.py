@@ -1,76 +1,190 @@
-"""Process 0 died: turn JAX's abort of the other processes into one line and exit 8.
+"""Process 0 died: turn JAX's abort of another process into one line and exit 8 — decided by
+the supervisor (``runtime.supervise``), outside the process that aborted.
 
 Why: when the process that hosts the coordination service (process 0) dies, the JAX client of
-every other process sees the service's connection close and aborts within ~1 s, with a C++
-stack dump and status 134 (measured with 2 processes, docs/reliability.md) — before the peer
-watchdog (``runtime.peers``) could say which process is gone.  jax.distributed offers no hook:
-its client binding accepts a ``missed_heartbeat_callback``, but in jaxlib 0.10.2 a client built
-with one dies of ``std::bad_cast`` when the callback is due.
+every other process sees the service's connection close and aborts within ~1 s from a C++
+thread, with a stack dump and status 134 (docs/reliability.md) — before the peer watchdog
+(``runtime.peers``) could say which process is gone. jax.distributed offers no hook (its
+client's ``missed_heartbeat_callback`` dies of ``std::bad_cast`` in jaxlib 0.10.2).
 
-How: the abort is a SIGABRT raised on a C++ thread.  Python's own signal handlers run later, on
-the main thread, and ``abort()`` re-raises with the default action as soon as a handler
-returns, so a handler installed with ``signal.signal`` never gets to act.  A C-level handler
-(``ctypes``) runs on the spot and decides by one probe that cannot be wrong about the cause:
+An earlier version of this module ran a Python callback as a C-level SIGABRT handler inside the
+training process. That is unsafe: the callback needs the GIL, so an abort on a native thread
+while the main thread held the GIL in a C call hung the process (killed after 10 s) or, if the
+call returned and the interpreter exited first, ended it with status 0. It also replaced any
+other SIGABRT handler (faulthandler) and took a DNS failure or a connect timeout for a refusal.
 
-* the coordinator's address refuses a TCP connection → process 0 is gone: print the
-  watchdog's line (``error: process 0 of 2 (pid … on host …) is gone: …``) and ``os._exit(8)``;
-* it still accepts connections → some other fatal error: restore the default action and
-  return, and ``abort()`` goes on exactly as before (status 134, JAX's own message).
+Now the training process keeps the default SIGABRT action (and faulthandler, if enabled):
+``abort()`` ends it at once. Beforehand, in normal Python context, its watchdog hands the
+supervisor what it will need (:func:`publish`: the coordinator's address and the watchdog's
+line, with process 0's pid and host). The supervisor, the parent, sees the child die of SIGABRT
+and decides by one probe (:func:`verdict`):
+
+* the address refuses the connection (ECONNREFUSED on every address it resolves to) → nothing
+  listens: process 0 is gone; print the line, exit 8;
+* it accepts → some other fatal error: status 134, JAX's own message stays the last word;
+* it times out, is unreachable or does not resolve → unknown, never read as a refusal: status
+  134 and a line saying what could not be checked.
 """
 
 from __future__ import annotations
 
-import ctypes
+import json
 import os
 import signal
 import socket
+import threading
+import time
 from collections.abc import Callable
+from typing import Any
 
-_SIG_DFL = 0
-_HANDLER_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_int)
-_installed: list[object] = []  # keeps the ctypes callback alive for the process's lifetime
+REPORT_FD_ENV = "VLP_ABORT_REPORT_FD"  # set by the supervisor in its child's environment
+PROBE_TIMEOUT = 2.0  # seconds for name resolution plus the connection attempts
 
+REFUSED, ACCEPTED, TIMED_OUT, UNREACHABLE, UNRESOLVED = (
+    "refused", "accepted", "timed out", "unreachable", "unresolved")
 
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.signal.restype = ctypes.c_void_p
-    libc.signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
-    return libc
+_report_fd: list[int | None] = []  # taken from the environment once
 
 
-def address_refuses(address: str, timeout: float = 1.0) -> bool:
-    """True if ``host:port`` cannot be connected to (nothing listens, host unreachable)."""
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout):
-            return False
-    except OSError:
-        return True
+def _fd() -> int | None:
+    if not _report_fd:
+        # Popped so that processes this one starts (data workers, tools) never write to it.
+        value = os.environ.pop(REPORT_FD_ENV, "")
+        _report_fd.append(int(value) if value.isdigit() else None)
+    return _report_fd[0]
 
 
-def install(coordinator: str, message: Callable[[], str], exit_code: int) -> bool:
-    """Convert a SIGABRT into ``message()`` + ``os._exit(exit_code)`` when ``coordinator``
-    (``host:port``) no longer accepts connections; any other abort proceeds unchanged.
+def supervised() -> bool:
+    """True when a supervisor (``python -m vlp_jax.runtime.supervise``) started this process."""
+    return _fd() is not None
 
-    Returns False (and installs nothing) without a coordinator address.  Call it in the
-    processes that do *not* host the coordination service.
+
+def publish(coordinator: str, message: str, exit_code: int) -> bool:
+    """Tell the supervisor what to report if this process aborts while ``coordinator``
+    (``host:port``) refuses connections; the latest call wins.
+
+    One ``write`` of one JSON line to a pipe (atomic below 4 KiB): safe from any thread and
+    never blocking, as the supervisor drains the pipe only after this process has ended.
+    Returns False without a supervisor or a usable address (then nothing is written).
     """
-    if not coordinator or ":" not in coordinator:
+    fd = _fd()
+    if fd is None or not _split(coordinator):
         return False
-    libc = _libc()
-
-    def on_abort(signum: int) -> None:
-        del signum
-        if address_refuses(coordinator):
-            # No locks and no calls into the (dead) service from here: the aborting thread
-            # may interrupt anything, so only a raw write and _exit.
-            try:
-                os.write(2, (message() + "\n").encode())
-            finally:
-                os._exit(exit_code)
-        libc.signal(signal.SIGABRT, _SIG_DFL)  # abort() re-raises with the default action
-
-    handler = _HANDLER_TYPE(on_abort)
-    libc.signal(signal.SIGABRT, ctypes.cast(handler, ctypes.c_void_p))
-    _installed.append(handler)
+    line = json.dumps({"coordinator": coordinator, "message": message,
+                       "exit_code": int(exit_code)})
+    try:
+        os.write(fd, (line[:4000] + "\n").encode())
+    except OSError:  # the supervisor is gone: nobody left to report to
+        return False
     return True
+
+
+def read_reports(fd: int) -> list[dict[str, Any]]:
+    """Every complete report line readable from ``fd`` now (non-blocking), oldest first."""
+    os.set_blocking(fd, False)
+    data = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:  # a grandchild may still hold the write end: no EOF wait
+            break
+        if not chunk:
+            break
+        data += chunk
+    reports = []
+    for line in data.decode(errors="replace").splitlines():
+        try:
+            report = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(report, dict) and report.get("coordinator") and report.get("message"):
+            reports.append(report)
+    return reports
+
+
+def _split(address: str) -> tuple[str, int] | None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _resolve(host: str, port: int, timeout: float) -> list[tuple[Any, ...]]:
+    """``getaddrinfo`` with a deadline (it has none of its own: a dead DNS server can stall
+    it for tens of seconds); raises TimeoutError or socket.gaierror."""
+    result: list[Any] = []
+
+    def lookup() -> None:
+        try:
+            result.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as err:
+            result.append(err)
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not result:
+        raise TimeoutError(f"resolving {host!r} took over {timeout:g} s")
+    if isinstance(result[0], OSError):
+        raise result[0]
+    return result[0]
+
+
+def probe(address: str, timeout: float = PROBE_TIMEOUT) -> tuple[str, str]:
+    """(outcome, detail) of one TCP connection attempt to ``host:port`` within ``timeout``.
+
+    ``REFUSED`` only when every resolved address answered with a refusal (a reset: nothing
+    listens there); a connection that never completes is ``TIMED_OUT``, never a refusal.
+    """
+    parts = _split(address)
+    if parts is None:
+        return UNRESOLVED, f"{address!r} is not host:port"
+    deadline = time.monotonic() + timeout
+    try:
+        infos = _resolve(*parts, timeout)
+    except TimeoutError as err:
+        return UNRESOLVED, str(err)
+    except OSError as err:
+        return UNRESOLVED, f"cannot resolve {parts[0]!r}: {err.strerror or err}"
+    outcomes = []
+    for family, kind, proto, _, sockaddr in infos:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            outcomes.append((TIMED_OUT, f"no answer within {timeout:g} s"))
+            break
+        with socket.socket(family, kind, proto) as sock:
+            sock.settimeout(remaining)
+            try:
+                sock.connect(sockaddr)
+            except ConnectionRefusedError:
+                outcomes.append((REFUSED, "connection refused"))
+            except TimeoutError:
+                outcomes.append((TIMED_OUT, f"no answer within {timeout:g} s"))
+            except OSError as err:
+                outcomes.append((UNREACHABLE, err.strerror or str(err)))
+            else:
+                return ACCEPTED, "connection accepted"
+    if not outcomes:
+        return UNRESOLVED, f"{parts[0]!r} resolved to no address"
+    return next((o for o in outcomes if o[0] != REFUSED), outcomes[0])
+
+
+def verdict(returncode: int, report: dict[str, Any] | None,
+            probe_fn: Callable[[str], tuple[str, str]] = probe) -> tuple[int, str | None]:
+    """(exit status, line to print or None) for a child that ended with ``returncode``
+    (``subprocess`` style: -N = killed by signal N, reported as 128 + N like a shell does)."""
+    if returncode >= 0:
+        return returncode, None
+    status = 128 - returncode
+    if -returncode != signal.SIGABRT or report is None:
+        return status, None
+    outcome, detail = probe_fn(report["coordinator"])
+    if outcome == REFUSED:
+        return int(report.get("exit_code", status)), str(report["message"])
+    if outcome == ACCEPTED:
+        return status, None
+    return status, (
+        f"error: this process aborted (SIGABRT, exit {status}); whether process 0 is gone could "
+        f"not be checked: its coordination service at {report['coordinator']} is {outcome} "
+        f"({detail}). If process 0 or its host is down, rerun the same launch command to resume "
+        "from the newest complete checkpoint; otherwise the lines above say what failed.")

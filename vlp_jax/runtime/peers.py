@@ -80,6 +80,7 @@ class PeerWatchdog:
         self._stop = threading.Event()
         self.verdict = threading.Event()  # set just before the process is ended
         self._threads: list[threading.Thread] = []
+        self.abort_report = False  # True: hand the supervisor process 0's details once known
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> PeerWatchdog:
@@ -161,6 +162,9 @@ class PeerWatchdog:
             if len(self._info) < self.n:  # pid/host for the message, read while we can
                 for key, value in self.client.key_value_dir_get(f"{_PREFIX}info/"):
                     self._info[int(key.rsplit("/", 1)[1])] = json.loads(value)
+                if self.abort_report and 0 in self._info:  # process 0's pid/host are known
+                    self.abort_report = not abort_guard.publish(
+                        self.coordinator, self.coordinator_lost(), PEER_LOST_EXIT)
         except Exception as err:  # noqa: BLE001
             self._note(err)
             return
@@ -209,8 +213,8 @@ class PeerWatchdog:
         return None
 
     def coordinator_lost(self) -> str:
-        """The line for process 0 found dead by a refused connection (``abort_guard``); builds
-        a string only (no store call: the store died with process 0)."""
+        """The line for process 0 found dead by a refused connection (``abort_guard``, printed
+        by the supervisor); builds a string only, from details the beat thread cached."""
         return self._lost(0, f"the coordination service it hosts{self._at()} closed its "
                              "connection and refuses new ones")
 
@@ -251,11 +255,15 @@ def start_watchdog(timeout: float, coordinator: str = "") -> PeerWatchdog | None
     client = distributed.global_state.client
     if jax.process_count() < 2 or client is None or timeout <= 0:
         return None
-    _ACTIVE = PeerWatchdog(client, jax.process_index(), jax.process_count(), timeout,
-                           coordinator=coordinator).start()
-    if _ACTIVE.me != 0:  # JAX aborts us within ~1 s of process 0's death: say why, exit 8
-        address = coordinator or getattr(distributed.global_state, "coordinator_address", "")
-        abort_guard.install(address or "", _ACTIVE.coordinator_lost, PEER_LOST_EXIT)
+    address = coordinator or getattr(distributed.global_state, "coordinator_address", "")
+    dog = PeerWatchdog(client, jax.process_index(), jax.process_count(), timeout,
+                       coordinator=address or "")
+    if dog.me != 0:  # JAX aborts us within ~1 s of process 0's death: the supervisor
+        # (runtime.supervise), if any, then says why and exits 8 (runtime.abort_guard); the
+        # line is handed over now and again once the beat thread knows process 0's pid/host.
+        dog.abort_report = abort_guard.publish(dog.coordinator, dog.coordinator_lost(),
+                                               PEER_LOST_EXIT)
+    _ACTIVE = dog.start()
     return _ACTIVE
 
 
