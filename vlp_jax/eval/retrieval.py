@@ -326,7 +326,7 @@ def evaluate(
 
     Cut-offs with K > num_items are **omitted** (R@K would be trivially 1.0) and listed under
     ``ks_omitted``.  The result is ``summarize(...)`` plus ``ks``, ``ks_omitted``,
-    ``num_items`` and ``definition`` (JSON-serialisable).
+    ``num_items``, ``definition`` and ``per_query`` (``per_query_record``), JSON-serialisable.
     """
     n_items = np.shape(item_emb)[0] if np.ndim(item_emb) == 2 else 0
     if len(query_set) == 0:
@@ -353,5 +353,17 @@ def evaluate(
     per_query = recall_at_k(indices, query_set.relevant, used)
     result = summarize(per_query, query_set.slices, used)
     result.update(ks=used, ks_omitted=omitted, num_items=int(n_items),
-                  definition=RECALL_DEFINITION)
+                  definition=RECALL_DEFINITION,
+                  per_query=per_query_record(query_set, per_query, used))
     return result
+
+
+def per_query_record(query_set: QuerySet, per_query: np.ndarray, ks: Sequence[int]
+                     ) -> dict[str, list]:
+    """Per-query recalls as JSON columns (``query``, ``slice``, ``R@K``...): the unit a paired
+    bootstrap over queries resamples (``vlp_jax.experiments.verdict``); rows align across runs
+    by query text."""
+    out: dict[str, list] = {"query": list(query_set.queries), "slice": list(query_set.slices)}
+    for j, k in enumerate(ks):
+        out[f"R@{k}"] = [round(float(x), 6) for x in per_query[:, j]]
+    return out

@@ -9,10 +9,16 @@ device count is fixed at JAX start-up and a crashed run must not take the grid d
 
 Resumable by construction: a run whose ``eval/recall.json`` exists is skipped; an unfinished run is
 started again with the same command and ``vlp_jax.main`` resumes it from its latest checkpoint.
-Each run folder keeps ``ablate_run.json`` (its overrides and wall time per attempt); a folder
-started with *different* overrides is refused rather than silently mixed into the results.
-At the end (and with ``--report_only``) ``report.write_report`` writes ``DIR/results.json``,
-``DIR/RESULTS.md`` and ``DIR/recall_bars.png``.
+Each run folder keeps ``ablate_run.json``: its overrides, start/end time and wall time per
+attempt, and a provenance stamp (``stamps``: run id, folder, config hash, commit, machine,
+results hash).  A folder started with *different* overrides, or whose stamp shows it was copied
+or relabelled, is refused rather than silently mixed into the results (unless a declared claim
+lists it as reused).  At the end (and with ``--report_only``) ``report.write_report`` writes
+``DIR/results.json``, ``DIR/RESULTS.md`` and ``DIR/recall_bars.png``.
+
+Grids of ``declared`` follow the reviewer's protocol (``protocol``): training evaluates on
+``valid``; ``--confirm`` then evaluates the valid-selected candidate and the baseline on
+``test``, once per claim (``confirm``).
 """
 
 from __future__ import annotations
@@ -30,11 +36,12 @@ import ml_collections
 from absl import app, flags
 
 from vlp_jax.config.overrides import apply_overrides, load_config_file, parse_set_flags
-from vlp_jax.experiments import grids
+from vlp_jax.experiments import confirm, declared, grids, protocol, stamps
 from vlp_jax.experiments import report as report_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("grid", "paper", f"Declared grid: one of {sorted(grids.GRIDS)}.")
+flags.DEFINE_string("grid", "paper", "Declared grid: one of "
+                    f"{sorted([*grids.GRIDS, *declared.DECLARED])}.")
 flags.DEFINE_integer("seeds", 3, "Seeds per variant (train.seed = 0 .. seeds-1).")
 flags.DEFINE_string("workdir", None, "Output folder: runs/, results.json, RESULTS.md, chart.")
 flags.DEFINE_string("base_config", "configs/base.py", "Config file every variant overrides.")
@@ -44,6 +51,8 @@ flags.DEFINE_multi_string("set", [], "Extra override for every run, KEY=VALUE, e
 flags.DEFINE_integer("devices", 8, "Fake CPU devices per run (same for every variant).")
 flags.DEFINE_bool("report_only", False, "Only (re)write the report from finished runs.")
 flags.DEFINE_string("notes", "", "Markdown file appended to RESULTS.md (default: DIR/NOTES.md).")
+flags.DEFINE_bool("confirm", False, "Protocol grids: evaluate the valid-selected candidate and "
+                  "the baseline of every declared claim on test, once (DIR/confirm.json).")
 
 RUN_META = "ablate_run.json"
 Runner = Callable[["RunJob"], None]
@@ -167,6 +176,32 @@ def check_consistent(job: RunJob) -> None:
         )
 
 
+def job_hashes(jobs: Sequence[RunJob], base: ml_collections.ConfigDict) -> dict[str, str]:
+    """``{run_dir: config hash}`` of every job's fully resolved config."""
+    return {j.run_dir: stamps.config_hash(apply_overrides(base, j.overrides)) for j in jobs}
+
+
+def verify_stamps(jobs: Sequence[RunJob], hashes: dict[str, str], reused: Sequence[str] = (),
+                  strict: bool = False) -> None:
+    """Refuse folders whose stamp says copied, relabelled, or results swapped (``stamps``),
+    and one run id in two folders, unless listed in ``reused`` ("variant/seedN").
+    ``strict`` (protocol grids): an unstamped folder with a run in it is refused too."""
+    metas = {protocol.label(j.variant, j.seed): read_meta(j.run_dir) for j in jobs}
+    dups = stamps.duplicate_run_ids({k: (m or {}).get("stamp") for k, m in metas.items()})
+    for job in jobs:
+        tag = protocol.label(job.variant, job.seed)
+        stamp = (metas[tag] or {}).get("stamp")
+        if stamp is None and (not strict or not os.path.isdir(job.run_dir)):
+            continue
+        problems = stamps.check_run(stamp, job.run_dir, job.variant, job.seed,
+                                    hashes[job.run_dir],
+                                    os.path.join(job.run_dir, "eval", "recall.json"))
+        problems += [f"same run id as {', '.join(dups[tag])}"] if tag in dups else []
+        if problems and tag not in reused:
+            raise ValueError(f"{job.run_dir} refused: {'; '.join(problems)}. Remove it, use "
+                             f"another --workdir, or declare it reused in the claim.")
+
+
 def _fmt(seconds: float | None) -> str:
     if seconds is None:
         return "?"
@@ -195,12 +230,15 @@ def _recall_line(run_dir: str) -> str:
         return "no recall"
 
 
-def run_grid(jobs: Sequence[RunJob], runner: Runner, log: Callable[[str], None] = print
+def run_grid(jobs: Sequence[RunJob], runner: Runner, log: Callable[[str], None] = print,
+             hashes: dict[str, str] | None = None, grid_name: str = ""
              ) -> dict[str, list[RunJob]]:
     """Run every unfinished job; returns ``{"executed", "skipped", "failed"}`` job lists.
 
     A failing run is logged and the grid continues (its folder keeps the checkpoint, so the next
-    invocation resumes it); the caller decides what failures mean.
+    invocation resumes it); the caller decides what failures mean.  With ``hashes``
+    (``job_hashes``) a run's first start writes its provenance stamp and its end the hash of its
+    results.
     """
     for job in jobs:
         check_consistent(job)
@@ -218,6 +256,11 @@ def run_grid(jobs: Sequence[RunJob], runner: Runner, log: Callable[[str], None] 
     for i, job in enumerate(todo):
         meta = read_meta(job.run_dir) or {"variant": job.variant, "seed": job.seed,
                                           "overrides": _jsonable(job.overrides), "attempts": []}
+        if hashes is not None and "stamp" not in meta:
+            meta["stamp"] = stamps.new_stamp(job.run_dir, job.variant, job.seed,
+                                             hashes[job.run_dir], grid_name)
+            _write_meta(job.run_dir, meta)
+        started = stamps.now()
         resumed = " (resuming)" if meta["attempts"] else ""
         log(f"[{i + 1}/{len(todo)}] {job.variant} seed {job.seed}: start{resumed} -> {job.run_dir}")
         t0 = time.perf_counter()
@@ -232,7 +275,12 @@ def run_grid(jobs: Sequence[RunJob], runner: Runner, log: Callable[[str], None] 
             log(f"[{i + 1}/{len(todo)}] {job.variant} seed {job.seed}: FAILED: {e}")
         seconds = time.perf_counter() - t0
         meta["attempts"].append({"seconds": round(seconds, 2), "status": status,
-                                 "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+                                 "started_at": started, "finished_at": stamps.now(),
+                                 **stamps.git_commit(), "host": stamps.machine()["host"]})
+        if status == "ok" and "stamp" in meta:
+            meta["stamp"]["finished_at"] = meta["attempts"][-1]["finished_at"]
+            meta["stamp"]["recall_sha256"] = stamps.file_sha256(
+                os.path.join(job.run_dir, "eval", "recall.json"))
         _write_meta(job.run_dir, meta)
         if status == "ok":
             done["executed"].append(job)
@@ -275,6 +323,30 @@ def acquire_lock(workdir: str) -> str:
     return path
 
 
+def confirm_grid(pg: protocol.ProtocolGrid | None, grid: grids.Grid, jobs: Sequence[RunJob],
+                 hashes: dict[str, str], workdir: str, devices: int,
+                 log: Callable[[str], None] = print) -> None:
+    """``--confirm``: per declared claim, the valid selection's and the baseline's test eval."""
+    if pg is None:
+        raise ValueError(f"--confirm needs a protocol grid ({sorted(declared.DECLARED)}); "
+                         f"{grid.name!r} has no declared claims")
+    runs = report_lib.collect_runs(grid, jobs, hashes)
+    record = confirm.read_record(workdir)
+    for claim in pg.claims:
+        sel = protocol.select(claim, runs)
+        if sel["selected"] is None:
+            log(f"confirm {claim.claim_id}: selection on valid not complete "
+                f"({claim.seeds} seeds of every candidate and the baseline needed)")
+            continue
+        if confirm.check_once(record, sel):
+            side = [j for j in jobs if j.seed < claim.seeds]
+            done = confirm.confirm_runs(side, sel, claim, lambda j: confirm.run_eval(
+                j.run_dir, j.base_config, j.overrides, xla_env(devices)))
+            confirm.mark_confirmed(workdir, record, sel)
+            log(f"confirm {claim.claim_id}: {sel['selected']} vs {claim.baseline} on test "
+                f"({len(done)} evaluations)")
+
+
 # ------------------------------------------------------------------------ CLI
 def grid_command(args: Sequence[str]) -> str:
     """The command that (re)produces the grid, for the report: report-only flags dropped."""
@@ -287,23 +359,35 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
-    grid = grids.get_grid(FLAGS.grid)
-    extra = parse_set_flags(FLAGS.set)
-    jobs = plan_runs(grid, FLAGS.seeds, FLAGS.workdir, FLAGS.base_config, FLAGS.variants, extra)
+    grid, pg = declared.lookup(FLAGS.grid)
     base = load_config_file(FLAGS.base_config)
+    extra = parse_set_flags(FLAGS.set)
+    if pg is not None and pg.catalog:
+        extra = {"data.catalog_dir": protocol.catalog_dir(pg.catalog, base.data.cache_dir),
+                 **extra}
+    jobs = plan_runs(grid, FLAGS.seeds, FLAGS.workdir, FLAGS.base_config, FLAGS.variants, extra)
     validate_jobs(jobs, base)
+    hashes = job_hashes(jobs, base)
+    reused = [r for c in (pg.claims if pg else ()) for r in c.reused]
+    verify_stamps(jobs, hashes, reused, strict=pg is not None)
     os.makedirs(FLAGS.workdir, exist_ok=True)
     failed: list[RunJob] = []
     if not FLAGS.report_only:
+        if pg is not None and pg.catalog:
+            protocol.ensure_catalog(pg.catalog, base.data.cache_dir)
         lock = acquire_lock(FLAGS.workdir)
         try:
-            failed = run_grid(jobs, subprocess_runner(FLAGS.devices))["failed"]
+            failed = run_grid(jobs, subprocess_runner(FLAGS.devices), hashes=hashes,
+                              grid_name=grid.name)["failed"]
+            if FLAGS.confirm:
+                confirm_grid(pg, grid, jobs, hashes, FLAGS.workdir, FLAGS.devices)
         finally:
             os.remove(lock)
     notes = FLAGS.notes or os.path.join(FLAGS.workdir, "NOTES.md")
     command = grid_command(sys.argv[1:])
     paths = report_lib.write_report(FLAGS.workdir, grid, jobs, command=command,
-                                    notes_path=notes, devices=FLAGS.devices)
+                                    notes_path=notes, devices=FLAGS.devices, hashes=hashes,
+                                    protocol_grid=pg)
     print(f"ablate: wrote {', '.join(paths)}")
     if failed:
         names = ", ".join(f"{j.variant}/seed{j.seed}" for j in failed)
