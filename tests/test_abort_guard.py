@@ -135,36 +135,60 @@ def test_probe_outcomes_and_verdicts():
     assert abort_guard.probe("no-port")[0] == abort_guard.UNRESOLVED
     with _listener(accepting=True) as address:
         assert abort_guard.probe(address)[0] == abort_guard.ACCEPTED
-    report = {"coordinator": "h:1", "message": LINE, "exit_code": 8}
+    reports = [{"multiprocess": True},
+               {"multiprocess": True, "coordinator": "h:1", "message": LINE, "exit_code": 8},
+               {"multiprocess": True}]  # the latest report with an address counts
 
     def probing(outcome):
         return lambda address: (outcome, "detail")
 
-    assert abort_guard.verdict(0, report, probing(abort_guard.REFUSED)) == (0, None)
-    assert abort_guard.verdict(3, report, probing(abort_guard.REFUSED)) == (3, None)
-    assert abort_guard.verdict(-9, report, probing(abort_guard.REFUSED)) == (137, None)
-    assert abort_guard.verdict(-6, None, probing(abort_guard.REFUSED)) == (134, None)
-    assert abort_guard.verdict(-6, report, probing(abort_guard.REFUSED)) == (8, LINE)
-    assert abort_guard.verdict(-6, report, probing(abort_guard.ACCEPTED)) == (134, None)
-    status, line = abort_guard.verdict(-6, report, probing(abort_guard.UNRESOLVED))
+    assert abort_guard.verdict(0, reports, probing(abort_guard.REFUSED)) == (0, None)
+    assert abort_guard.verdict(3, reports, probing(abort_guard.REFUSED)) == (3, None)
+    assert abort_guard.verdict(-9, reports, probing(abort_guard.REFUSED)) == (137, None)
+    assert abort_guard.verdict(-6, reports[:1], probing(abort_guard.REFUSED)) == (134, None)
+    assert abort_guard.verdict(-6, reports, probing(abort_guard.REFUSED)) == (8, LINE)
+    assert abort_guard.verdict(-6, reports, probing(abort_guard.ACCEPTED)) == (134, None)
+    status, line = abort_guard.verdict(-6, reports, probing(abort_guard.UNRESOLVED))
     assert status == 134 and "at h:1 is unresolved (detail)" in line
 
 
-def test_the_supervisor_passes_statuses_and_forwards_sigterm():
+def _sleeper(mode: str) -> subprocess.Popen:
     code = textwrap.dedent("""
-        import signal, sys, time
+        import os, signal, sys, time
         from vlp_jax.runtime import abort_guard
         assert not abort_guard.publish("", "x", 8)  # no address: nothing to report
+        if sys.argv[1] == "multiprocess":
+            assert abort_guard.announce_multiprocess()
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # preempted: saved, exit 0
-        print("ready", flush=True)
+        print("ready", os.getpid(), flush=True)
         time.sleep(20)
         sys.exit(5)
     """)
-    proc = subprocess.Popen([*SUPERVISE, "--", sys.executable, "-c", code], env=ENV,
+    proc = subprocess.Popen([*SUPERVISE, "--", sys.executable, "-c", code, mode], env=ENV,
                             stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    proc.send_signal(signal.SIGTERM)  # to the supervisor only
+    ready, pid = proc.stdout.readline().split()
+    assert ready == "ready"
+    proc.child_pid = int(pid)
+    return proc
+
+
+def test_the_supervisor_forwards_signals_and_passes_statuses():
+    proc = _sleeper("multiprocess")
+    proc.send_signal(signal.SIGTERM)  # to the supervisor only: forwarded
     assert proc.wait(timeout=10) == 0
+    # One process: its handler takes a second SIGTERM (a group kill reaches it directly too)
+    # as "stop now", so SIGTERM is not forwarded; SIGUSR1 is (and kills it: 128 + 10).
+    proc = _sleeper("single")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=10) == 128 + signal.SIGUSR1
+    proc = _sleeper("multiprocess")  # a supervisor killed outright takes its child along
+    proc.kill()
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{proc.child_pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{proc.child_pid}")
     killed = subprocess.run([*SUPERVISE, "--", sys.executable, "-c",
                              "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
                             env=ENV, timeout=20)

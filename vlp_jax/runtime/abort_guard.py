@@ -15,9 +15,10 @@ other SIGABRT handler (faulthandler) and took a DNS failure or a connect timeout
 
 Now the training process keeps the default SIGABRT action (and faulthandler, if enabled):
 ``abort()`` ends it at once. Beforehand, in normal Python context, its watchdog hands the
-supervisor what it will need (:func:`publish`: the coordinator's address and the watchdog's
-line, with process 0's pid and host). The supervisor, the parent, sees the child die of SIGABRT
-and decides by one probe (:func:`verdict`):
+supervisor what it will need through a pipe (:func:`publish`: the coordinator's address and the
+watchdog's line, with process 0's pid and host; :func:`announce_multiprocess` in process 0).
+The supervisor, the parent, sees the child die of SIGABRT and decides by one probe
+(:func:`verdict`):
 
 * the address refuses the connection (ECONNREFUSED on every address it resolves to) → nothing
   listens: process 0 is gone; print the line, exit 8;
@@ -59,21 +60,31 @@ def supervised() -> bool:
     return _fd() is not None
 
 
+def announce_multiprocess() -> bool:
+    """Tell the supervisor that this process is one of a multi-process run: JAX's preemption
+    notifier then owns SIGTERM and only sets a flag, so the supervisor may forward a SIGTERM
+    that the child may have received already. Returns False without a supervisor."""
+    return _send({"multiprocess": True})
+
+
 def publish(coordinator: str, message: str, exit_code: int) -> bool:
     """Tell the supervisor what to report if this process aborts while ``coordinator``
-    (``host:port``) refuses connections; the latest call wins.
-
-    One ``write`` of one JSON line to a pipe (atomic below 4 KiB): safe from any thread and
-    never blocking, as the supervisor drains the pipe only after this process has ended.
-    Returns False without a supervisor or a usable address (then nothing is written).
-    """
-    fd = _fd()
-    if fd is None or not _split(coordinator):
+    (``host:port``) refuses connections; the latest call wins (implies
+    :func:`announce_multiprocess`). Returns False without a supervisor or a usable address."""
+    if not _split(coordinator):
         return False
-    line = json.dumps({"coordinator": coordinator, "message": message,
-                       "exit_code": int(exit_code)})
+    return _send({"multiprocess": True, "coordinator": coordinator, "message": message[:3000],
+                  "exit_code": int(exit_code)})
+
+
+def _send(report: dict[str, Any]) -> bool:
+    """One ``write`` of one JSON line to the supervisor's pipe: atomic (under 4 KiB), safe from
+    any thread, never blocking (the pipe holds 64 KiB and this process writes a few lines)."""
+    fd = _fd()
+    if fd is None:
+        return False
     try:
-        os.write(fd, (line[:4000] + "\n").encode())
+        os.write(fd, (json.dumps(report) + "\n").encode())
     except OSError:  # the supervisor is gone: nobody left to report to
         return False
     return True
@@ -97,7 +108,7 @@ def read_reports(fd: int) -> list[dict[str, Any]]:
             report = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(report, dict) and report.get("coordinator") and report.get("message"):
+        if isinstance(report, dict):
             reports.append(report)
     return reports
 
@@ -169,10 +180,12 @@ def probe(address: str, timeout: float = PROBE_TIMEOUT) -> tuple[str, str]:
     return next((o for o in outcomes if o[0] != REFUSED), outcomes[0])
 
 
-def verdict(returncode: int, report: dict[str, Any] | None,
+def verdict(returncode: int, reports: list[dict[str, Any]],
             probe_fn: Callable[[str], tuple[str, str]] = probe) -> tuple[int, str | None]:
     """(exit status, line to print or None) for a child that ended with ``returncode``
-    (``subprocess`` style: -N = killed by signal N, reported as 128 + N like a shell does)."""
+    (``subprocess`` style: -N = killed by signal N, reported as 128 + N like a shell does),
+    given the child's ``reports`` (:func:`read_reports`; the latest with an address counts)."""
+    report = next((r for r in reversed(reports) if r.get("coordinator")), None)
     if returncode >= 0:
         return returncode, None
     status = 128 - returncode

@@ -263,6 +263,8 @@ def start_watchdog(timeout: float, coordinator: str = "") -> PeerWatchdog | None
         # line is handed over now and again once the beat thread knows process 0's pid/host.
         dog.abort_report = abort_guard.publish(dog.coordinator, dog.coordinator_lost(),
                                                PEER_LOST_EXIT)
+    if not dog.abort_report:
+        abort_guard.announce_multiprocess()  # a forwarded SIGTERM is now safe (supervise)
     _ACTIVE = dog.start()
     return _ACTIVE
 

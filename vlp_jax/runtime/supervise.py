@@ -14,12 +14,13 @@ a shell reports it).
 
 The child gets a pipe (``VLP_ABORT_REPORT_FD``) for ``abort_guard.publish`` and
 ``PR_SET_PDEATHSIG`` = SIGKILL, so it never outlives a supervisor that was killed. Signals sent
-to the supervisor are forwarded: SIGTERM (preemption), SIGHUP, SIGUSR1 and SIGUSR2 always;
-SIGINT and SIGQUIT only when no terminal delivers them to the child itself (Ctrl-C reaches the
-whole foreground process group). A SIGTERM sent to both — a process-group or cgroup kill, as
-systemd and SLURM do — reaches the child twice; in a multi-process run JAX's preemption notifier
-only sets a flag, so twice is once. Launchers use the supervisor for multi-process runs only:
-a single process's own handler takes a second SIGTERM as "stop now".
+to the supervisor are forwarded: SIGHUP, SIGUSR1 and SIGUSR2 always; SIGINT and SIGQUIT only
+when no terminal delivers them to the child itself (Ctrl-C reaches the whole foreground process
+group); SIGTERM (preemption) only once the child has said it is one of a multi-process run
+(``abort_guard.announce_multiprocess``). A SIGTERM sent to both — a process-group or cgroup
+kill, as systemd (a TPU VM's shutdown) and SLURM do — reaches the child twice. JAX's
+multi-process preemption notifier only sets a flag, so twice is once; a single process's own
+handler (``train.preemption``) takes a second SIGTERM as "stop now", so it is not sent one.
 """
 
 from __future__ import annotations
@@ -62,12 +63,18 @@ def run(command: Sequence[str], probe_timeout: float = abort_guard.PROBE_TIMEOUT
     """Run ``command`` to its end; returns the status this supervisor should exit with."""
     child: list[subprocess.Popen] = []
     pending: list[int] = []
+    reports: list[dict] = []
+    read_fd, write_fd = os.pipe()
 
     def forward(signum: int, frame: object) -> None:
         del frame
         if not child:
             pending.append(signum)  # arrived while the child was being started
-        elif child[0].poll() is None:
+            return
+        reports.extend(abort_guard.read_reports(read_fd))
+        if signum == signal.SIGTERM and not any(r.get("multiprocess") for r in reports):
+            return  # see the module doc: a single process takes a second SIGTERM as "now"
+        if child[0].poll() is None:
             child[0].send_signal(signum)
 
     forwarded = list(_FORWARDED)
@@ -80,7 +87,6 @@ def run(command: Sequence[str], probe_timeout: float = abort_guard.PROBE_TIMEOUT
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, lambda *_: None)  # the child got it too: its status tells
 
-    read_fd, write_fd = os.pipe()
     parent = os.getpid()
     try:
         child.append(subprocess.Popen(
@@ -91,11 +97,10 @@ def run(command: Sequence[str], probe_timeout: float = abort_guard.PROBE_TIMEOUT
     for signum in pending:
         forward(signum, None)
     returncode = child[0].wait()
-    reports = abort_guard.read_reports(read_fd)
+    reports.extend(abort_guard.read_reports(read_fd))
     os.close(read_fd)
     status, line = abort_guard.verdict(
-        returncode, reports[-1] if reports else None,
-        lambda address: abort_guard.probe(address, probe_timeout))
+        returncode, reports, lambda address: abort_guard.probe(address, probe_timeout))
     if line:
         sys.stdout.flush()
         os.write(2, (line + "\n").encode())
