@@ -23,9 +23,13 @@ export JAX_PLATFORMS=cpu
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup INT TERM
+# Processes 1..N-1 run under the supervisor (vlp_jax/runtime/supervise.py): if process 0, which
+# hosts the coordination service, dies, JAX aborts them (134) and the supervisor turns that into
+# the one-line "process 0 … is gone" and exit 8 (docs/reliability.md). It forwards the cleanup's
+# SIGTERM to vlp_jax.main.
 for ((i = 1; i < N; i++)); do
-  "$PY" -m vlp_jax.main --coordinator_address="127.0.0.1:${PORT}" --num_processes="$N" \
-    --process_id="$i" "$@" >"/tmp/vlp_jax_mp.$$.$i.log" 2>&1 &
+  "$PY" -m vlp_jax.runtime.supervise --coordinator_address="127.0.0.1:${PORT}" \
+    --num_processes="$N" --process_id="$i" "$@" >"/tmp/vlp_jax_mp.$$.$i.log" 2>&1 &
   pids+=($!)
 done
 status=0

@@ -11,6 +11,8 @@
 # Interpreter on each worker: PYTHON if set there, else its python3/python if it has vlp_jax,
 # else $REPO_DIR/.venv/bin/python (made if missing); the TPU build of the installed jax version
 # (libtpu) is added to that environment.
+# Each worker runs vlp_jax.main under vlp_jax.runtime.supervise (same flags): when worker 0 dies,
+# JAX aborts the others and the supervisor reports "process 0 … is gone" with exit 8.
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}"
 : "${ZONE:?set ZONE}"
@@ -24,5 +26,5 @@ gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" $PROJECT_FLAG --worker
   VLP_MAKE_VENV=1 . launch/find_python.sh
   jax_version=\$(\"\$PY\" -c 'import jax; print(jax.__version__)')
   \"\$PY\" -m pip install -q \"jax[tpu]==\$jax_version\" >/dev/null
-  \"\$PY\" -m vlp_jax.main $args
+  \"\$PY\" -m vlp_jax.runtime.supervise $args
 "

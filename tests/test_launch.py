@@ -46,8 +46,10 @@ def _local(tmp_path, bins, **env):
 
 
 def _launched(name: str) -> list[str]:
-    return [f"{name} -m vlp_jax.main --coordinator_address=127.0.0.1:23456 --num_processes=2 "
-            f"--process_id={i} --config=configs/tiny.py" for i in (0, 1)]
+    # Process 1 runs under the supervisor that reports a lost process 0 (runtime/supervise.py).
+    return [f"{name} -m {entry} --coordinator_address=127.0.0.1:23456 --num_processes=2 "
+            f"--process_id={i} --config=configs/tiny.py"
+            for i, entry in ((0, "vlp_jax.main"), (1, "vlp_jax.runtime.supervise"))]
 
 
 def test_local_launcher_uses_the_active_interpreter(tmp_path):
@@ -98,8 +100,14 @@ def test_cluster_scripts_use_the_active_interpreter(tmp_path):
                        log=log, REPO_DIR=REPO)
     assert proc.returncode == 0 and calls == ["active -m vlp_jax.main --config=configs/base.py"]
     os.remove(log)
+    proc, calls = _run("slurm_gpu.sbatch", ["--config=configs/base.py"], cwd=tmp_path, path=path,
+                       log=log, REPO_DIR=REPO, SLURM_NTASKS="2")  # several tasks: supervised
+    assert proc.returncode == 0, proc.stderr
+    assert calls == ["active -m vlp_jax.runtime.supervise --config=configs/base.py"]
+    os.remove(log)
     proc, calls = _run("tpu_pod.sh", ["--config=configs/base.py", "--workdir=gs://b/run a"],
                        cwd=tmp_path, path=path, log=log, REPO_DIR=REPO, TPU_NAME="t", ZONE="z")
     assert proc.returncode == 0, proc.stderr
     assert calls == ["active -m pip install -q jax[tpu]==0.10.2",  # the installed jax's TPU build
-                     "active -m vlp_jax.main --config=configs/base.py --workdir=gs://b/run a"]
+                     "active -m vlp_jax.runtime.supervise --config=configs/base.py "
+                     "--workdir=gs://b/run a"]
