@@ -52,6 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
     m.tie_mlm_embeddings = True  # MLM output layer reuses the token embedding matrix
     m.text_init = ""  # HF BERT checkpoint converted by vlp_jax.convert.hf_bert ("" = random)
     m.text_init_towers = "both"  # with text_init: "query" | "item" | "both" towers' text layers
+    m.image_init = ""  # HF ViT / CLIP-vision folder for the item tower's image side ("" = random)
+    m.image_init_towers = "item"  # with image_init: "item" | "both" (+ separate query tower layers)
     m.mlp_dim = 0  # MLP hidden size; 0 = mlp_ratio * width (text_init sets the checkpoint's)
     m.layer_norm_eps = 1e-6  # LayerNorm epsilon (BERT checkpoints: 1e-12, set by text_init)
     m.pre_norm = True  # pre-LN blocks; False = BERT post-LN (forced by text_init)

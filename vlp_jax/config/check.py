@@ -24,6 +24,7 @@ _CHOICES = {
     "negatives.bank_item_grad": ("full", "batch"),
     "negatives.keyword_control": ("off", "mask", "positive"),
     "model.text_init_towers": ("query", "item", "both"),
+    "model.image_init_towers": ("item", "both"),
     "model.remat": ("none", "block"),
     "train.nonfinite_policy": ("stop", "skip"),
 }

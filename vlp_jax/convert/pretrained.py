@@ -1,4 +1,5 @@
-"""Start the text towers from a converted BERT checkpoint (``config.model.text_init``).
+"""Start the towers from pretrained checkpoints: ``model.text_init`` (a converted BERT-family
+text encoder) and ``model.image_init`` (a ViT / CLIP-vision folder, ``image_init``).
 
 Two steps, because the architecture must be fixed before the model exists and the weights can
 only be loaded after its params do:
@@ -16,6 +17,15 @@ only be loaded after its params do:
 are the item tower's text layers, so any choice initialises those.  Position and token tables
 may be *shorter* in the model than in the checkpoint (max_len 24 vs 512 positions): their first
 rows are copied.  A model shallower than the checkpoint takes its first layers.
+
+**Both given** (ViLT's recipe; docs/pretrained.md): the item tower takes the image checkpoint's
+layout, patch embedding, positions, [CLS] and *transformer layers*; the text checkpoint gives
+the chosen towers' *text embedding tables* only (token, position, type rows; its embedding
+LayerNorm and blocks are not used there), and its tokenizer.  A separate query tower chosen by
+``text_init_towers`` stays the whole text checkpoint (its own layout, through the
+``model.query_*`` fields) unless ``image_init_towers="both"`` gives it the image checkpoint's
+layers too.  The two checkpoints must have the same width.  Both steps below handle both inits
+(the function names predate ``image_init``).
 """
 
 from __future__ import annotations
@@ -25,15 +35,17 @@ import logging
 import os
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from vlp_jax.convert import image_init
+from vlp_jax.convert.image_init import host_array, like
 from vlp_jax.convert.text_encoder import TOKENIZER_DIR, read_arch, restore_params
 
 TOWER_CHOICES = ("query", "item", "both")
 _PREFIX_ROWS = ("token_embed/embedding", "pos_embed", "type_embed")  # may be truncated
+_TABLES = ("token_embed/", "pos_embed", "type_embed")  # text embedding tables
 
 
 def _check_which(which: str) -> None:
@@ -66,15 +78,37 @@ def text_init_overrides(
 
 
 def configure_text_init(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """``config`` unchanged without ``model.text_init``; else a copy with the overrides set.
+    """``config`` unchanged without ``model.text_init`` / ``model.image_init``; else a copy with
+    the checkpoints' overrides set (text first, then the image checkpoint's layout).
 
-    ValueError when the user's ``data.tokenizer`` differs from the checkpoint's (ids would not
-    match the embedding table) or a sequence length exceeds the checkpoint's positions.
+    ValueError when the user's ``data.tokenizer`` differs from the text checkpoint's (ids would
+    not match the embedding table), a sequence length exceeds its positions, or the two
+    checkpoints' widths differ.
     """
     m = config.model
     directory = m.get("text_init", "")
-    if not directory:
+    image_dir = m.get("image_init", "")
+    if not directory and not image_dir:
         return config
+    overrides: dict[str, Any] = {}
+    if directory:
+        overrides = _text_overrides(config, directory)
+    if image_dir:
+        image = image_init.image_init_overrides(image_dir, config)
+        if directory:
+            _check_same_width(overrides, image, directory, image_dir)
+            overrides.update(_query_keeps_text(config, directory))
+        overrides.update(image)
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        for dotted, value in overrides.items():
+            section, field = dotted.split(".")
+            config[section][field] = value
+    return config
+
+
+def _text_overrides(config: ml_collections.ConfigDict, directory: str) -> dict[str, Any]:
+    m = config.model
     which = m.get("text_init_towers", "both")
     overrides = text_init_overrides(directory, which, bool(m.shared_query_encoder))
     wanted = overrides["data.tokenizer"]
@@ -89,12 +123,34 @@ def configure_text_init(config: ml_collections.ConfigDict) -> ml_collections.Con
                 if config.data[k] > max_len]
     if too_long:
         raise ValueError(f"{too_long} exceed the {max_len} positions of model.text_init")
-    config = copy.deepcopy(config)
-    with config.unlocked():
-        for dotted, value in overrides.items():
-            section, field = dotted.split(".")
-            config[section][field] = value
-    return config
+    return overrides
+
+
+def _check_same_width(text: dict[str, Any], image: dict[str, Any], text_dir: str,
+                      image_dir: str) -> None:
+    if text["model.width"] != image["model.width"]:
+        raise ValueError(
+            f"model.text_init={text_dir!r} has width {text['model.width']} but "
+            f"model.image_init={image_dir!r} has width {image['model.width']}: the text "
+            "embeddings feed the image checkpoint's transformer, so the widths must be equal"
+        )
+
+
+def _query_keeps_text(config: ml_collections.ConfigDict, directory: str) -> dict[str, Any]:
+    """``model.query_*`` layout fields: a separate query tower that ``text_init`` initialises
+    and ``image_init`` does not keeps the text checkpoint's whole layout."""
+    m = config.model
+    text_which = m.get("text_init_towers", "both")
+    if (m.shared_query_encoder or text_which == "item"
+            or m.get("image_init_towers", "item") == "both"):
+        return {}
+    arch = read_arch(directory)
+    return {
+        "model.query_num_heads": arch["num_heads"], "model.query_mlp_dim": arch["mlp_dim"],
+        "model.query_layer_norm_eps": arch["layer_norm_eps"],
+        "model.query_pre_norm": bool(arch["pre_norm"]), "model.query_activation": "gelu",
+        "model.query_embed_norm": not arch["pre_norm"],
+    }
 
 
 def _encoder_names(params: Any, which: str) -> list[str]:
@@ -107,23 +163,16 @@ def _encoder_names(params: Any, which: str) -> list[str]:
     return sorted(set(names))
 
 
-def _host(old: Any) -> np.ndarray:
-    """A replicated param as numpy (one local shard: works when other hosts hold the rest)."""
-    return np.asarray(old.addressable_data(0) if isinstance(old, jax.Array) else old)
-
-
-def _like(old: Any, value: np.ndarray) -> Any:
-    """``value`` with ``old``'s dtype, and its sharding when ``old`` is a jax.Array."""
-    value = np.asarray(value, dtype=np.dtype(old.dtype))
-    if isinstance(old, jax.Array):
-        return jax.make_array_from_callback(old.shape, old.sharding, lambda idx: value[idx])
-    return value
-
-
-def _load_tower(current: Any, converted: dict[str, np.ndarray], name: str, directory: str):
+def _load_tower(current: Any, converted: dict[str, np.ndarray], name: str, directory: str,
+                tables_only: bool = False):
+    """``current`` with its text layers from ``converted``; only the embedding tables when
+    ``tables_only`` (an image checkpoint gives the rest, see the module docstring)."""
     flat = traverse_util.flatten_dict(current, sep="/")
     missing, mismatched, new = [], [], {}
     for path, old in flat.items():
+        if tables_only and not path.startswith(_TABLES):
+            new[path] = old
+            continue
         if path not in converted:
             missing.append(path)
             continue
@@ -133,11 +182,11 @@ def _load_tower(current: Any, converted: dict[str, np.ndarray], name: str, direc
             value = value[: shape[0]]
         elif path == "type_embed" and value.shape[1:] == shape[1:]:
             # e.g. a 1-type checkpoint and an item tower with an image type: extra rows stay random
-            value = np.concatenate([value, _host(old)[value.shape[0]:]], axis=0)
+            value = np.concatenate([value, host_array(old)[value.shape[0]:]], axis=0)
         if tuple(value.shape) != shape:
             mismatched.append(f"{path}: model {shape}, checkpoint {tuple(value.shape)}")
             continue
-        new[path] = _like(old, value)
+        new[path] = like(old, value)
     if missing or mismatched:
         hint = ""
         if any(p.startswith("final_norm") for p in missing):
@@ -156,25 +205,35 @@ def _load_tower(current: Any, converted: dict[str, np.ndarray], name: str, direc
 def apply_text_init(
     config: ml_collections.ConfigDict, params: Any, which: str | None = None
 ) -> Any:
-    """``params`` with the chosen towers' text layers replaced by ``model.text_init``'s weights.
+    """``params`` with the chosen towers' layers replaced by the configured checkpoints' weights.
 
-    ``which`` defaults to ``config.model.text_init_towers`` ("both" when absent).  Other
-    subtrees are returned unchanged (same objects); replaced leaves keep their dtype and, for
-    jax.Arrays, their sharding (works for multi-process replicated params).  No-op without
-    ``model.text_init``.
+    Text: ``which`` defaults to ``config.model.text_init_towers`` ("both" when absent); with
+    ``model.image_init`` too, a tower that the image checkpoint initialises takes only its text
+    embedding tables from ``model.text_init``.  Image: :func:`image_init.apply_image_init`.
+    Other subtrees are returned unchanged (same objects); replaced leaves keep their dtype and,
+    for jax.Arrays, their sharding (works for multi-process replicated params).  No-op without
+    either init.
     """
     directory = config.model.get("text_init", "")
-    if not directory:
-        return params
-    which = which or config.model.get("text_init_towers", "both")
-    _check_which(which)
-    converted = traverse_util.flatten_dict(restore_params(directory), sep="/")
+    image_dir = config.model.get("image_init", "")
     out = dict(params)
-    for name in _encoder_names(params, which):
-        if name not in params:
-            raise ValueError(
-                f"params have no {name!r} subtree to initialise (have {sorted(params)})"
-            )
-        out[name] = _load_tower(params[name], converted, name, directory)
-        logging.info("text_init: %s initialised from %s", name, directory)
-    return out
+    if directory:
+        which = which or config.model.get("text_init_towers", "both")
+        _check_which(which)
+        converted = traverse_util.flatten_dict(restore_params(directory), sep="/")
+        from_image = set()
+        if image_dir:
+            from_image.add("item_encoder")
+            if config.model.get("image_init_towers", "item") == "both":
+                from_image.add("query_encoder")
+        for name in _encoder_names(params, which):
+            if name not in params:
+                raise ValueError(
+                    f"params have no {name!r} subtree to initialise (have {sorted(params)})"
+                )
+            out[name] = _load_tower(params[name], converted, name, directory,
+                                    tables_only=name in from_image)
+            logging.info("text_init: %s initialised from %s", name, directory)
+    if image_dir:
+        out = image_init.apply_image_init(config, out)
+    return out if (directory or image_dir) else params

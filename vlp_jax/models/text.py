@@ -113,6 +113,18 @@ def _gelu_bwd(x: jax.Array, g: jax.Array):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """``x * sigmoid(1.702 x)``: the activation OpenAI's CLIP was trained with ("quick_gelu").
+
+    Not interchangeable with :func:`gelu` (up to 0.02 apart near |x| = 2), so a CLIP checkpoint
+    imported with exact GELU would compute something else at every layer.
+    """
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
+
+
 def masked_mean_pool(hidden: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean of ``hidden`` [B, L, W] over positions where ``mask`` [B, L] is True, in float32.
 
@@ -176,18 +188,26 @@ class MultiHeadAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Position-wise feed-forward: Dense(mlp_dim or mlp_ratio * W) -> exact GELU -> Dense(W)."""
+    """Position-wise feed-forward: Dense(mlp_dim or mlp_ratio * W) -> activation -> Dense(W).
+
+    ``activation`` is a key of :data:`ACTIVATIONS`: exact GELU (default; BERT, ViT) or CLIP's
+    quick GELU.
+    """
 
     mlp_ratio: int
     dtype: Dtype = jnp.float32
     mlp_dim: int | None = None  # overrides mlp_ratio * W (converted checkpoints)
+    activation: str = "gelu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
         hidden = self.mlp_dim or width * self.mlp_ratio
         h = Dense(hidden, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x)
-        h = gelu(h)
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, "
+                             f"got {self.activation!r}")
+        h = ACTIVATIONS[self.activation](h)
         return Dense(width, dtype=self.dtype, kernel_init=dense_init, name="fc2")(h)
 
 
@@ -201,12 +221,14 @@ class TransformerBlock(nn.Module):
     dtype: Dtype = jnp.float32
     mlp_dim: int | None = None
     layer_norm_eps: float = 1e-6
+    activation: str = "gelu"
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array | None, train: bool) -> jax.Array:
         eps = self.layer_norm_eps
         attn = MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")
-        mlp = Mlp(self.mlp_ratio, dtype=self.dtype, mlp_dim=self.mlp_dim, name="mlp")
+        mlp = Mlp(self.mlp_ratio, dtype=self.dtype, mlp_dim=self.mlp_dim,
+                  activation=self.activation, name="mlp")
         attn_norm = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="attn_norm")
         mlp_norm = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="mlp_norm")
         drop = nn.Dropout(self.dropout, deterministic=not train)
@@ -283,6 +305,10 @@ class TextTransformer(nn.Module):
     mlp_dim: int | None = None  # None = mlp_ratio * width
     layer_norm_eps: float = 1e-6  # BERT checkpoints use 1e-12
     remat: bool = False  # recompute each block's activations in the backward pass
+    activation: str = "gelu"  # MLP activation, a key of ACTIVATIONS ("quick_gelu": CLIP)
+    # ``embed_norm`` (LayerNorm on the embeddings before the blocks): None = only in post-LN
+    # (BERT).  True with pre-LN is CLIP's vision layout ("pre_layrnorm").
+    input_norm: bool | None = None
 
     def setup(self):
         self.token_embed = nn.Embed(
@@ -291,18 +317,22 @@ class TextTransformer(nn.Module):
         self.pos_embed = self.param("pos_embed", embed_init, (self.max_len, self.width))
         self.type_embed = self.param("type_embed", embed_init, (self.num_types, self.width))
         eps = self.layer_norm_eps
-        if not self.pre_norm:
+        if self._has_embed_norm:
             self.embed_norm = nn.LayerNorm(epsilon=eps, dtype=self.dtype)
         self.blocks = [
             TransformerBlock(
                 self.num_heads, self.mlp_ratio, self.dropout, self.pre_norm, dtype=self.dtype,
-                mlp_dim=self.mlp_dim, layer_norm_eps=eps,
+                mlp_dim=self.mlp_dim, layer_norm_eps=eps, activation=self.activation,
             )
             for _ in range(self.depth)
         ]
         if self.pre_norm:
             self.final_norm = nn.LayerNorm(epsilon=eps, dtype=self.dtype)
         self.embed_dropout = nn.Dropout(self.dropout)
+
+    @property
+    def _has_embed_norm(self) -> bool:
+        return not self.pre_norm if self.input_norm is None else bool(self.input_norm)
 
     def type_embedding(self, type_id: int) -> jax.Array:
         if not 0 <= type_id < self.num_types:
@@ -321,7 +351,7 @@ class TextTransformer(nn.Module):
         return x + self.pos_embed[:length].astype(self.dtype) + self.type_embedding(type_id)
 
     def transform(self, x: jax.Array, key_mask: jax.Array | None, train: bool) -> jax.Array:
-        if not self.pre_norm:
+        if self._has_embed_norm:
             x = self.embed_norm(x)
         x = self.embed_dropout(x, deterministic=not train)
         for block in self.blocks:

@@ -38,8 +38,9 @@ also off when ``use_image`` is False).
 
 Param tree: ``item_encoder`` (token_embed, pos_embed, type_embed, blocks_i/{attn/{query,key,
 value,out}, attn_norm, mlp/{fc1,fc2}, mlp_norm}, final_norm | embed_norm), ``patch_embed``
-(proj, pos_embed, mask_token), ``item_proj``, ``modal_gate``, ``query_encoder`` (separate only),
-``query_proj``, ``mlm_head``, ``query_mlm_head``, ``mpm_head``, ``logit_scale``.
+(proj, pos_embed, mask_token, and cls_token/cls_pos with ``model.image_cls``), ``item_proj``,
+``modal_gate``, ``query_encoder`` (separate only), ``query_proj``, ``mlm_head``,
+``query_mlm_head``, ``mpm_head``, ``logit_scale``.
 """
 
 from __future__ import annotations
@@ -118,14 +119,24 @@ class VLPModel(nn.Module):
         c = self.config
         dt = compute_dtype(c.dtype)
 
-        def text_transformer(depth, max_len, num_types):
+        def text_transformer(depth, max_len, num_types, prefix=""):
+            # ``query_*`` fields (set by vlp_jax.convert.pretrained when a separate query tower
+            # keeps a text checkpoint's layout next to an image-initialised item tower) override
+            # the shared ones for the query tower only.
+            def get(key, default):
+                return c.get(prefix + key, c.get(key, default))
+
+            pre_norm = bool(c.get(prefix + "pre_norm", self.pre_norm)) if prefix else self.pre_norm
+
             return TextTransformer(
                 vocab_size=self.vocab_size, width=c.width, depth=depth,
-                num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, max_len=max_len,
-                num_types=num_types, dropout=c.dropout, pre_norm=self.pre_norm, dtype=dt,
-                mlp_dim=c.get("mlp_dim", 0) or None,
-                layer_norm_eps=c.get("layer_norm_eps", 1e-6),
+                num_heads=get("num_heads", 0), mlp_ratio=c.mlp_ratio, max_len=max_len,
+                num_types=num_types, dropout=c.dropout,
+                pre_norm=pre_norm,
+                dtype=dt, mlp_dim=get("mlp_dim", 0) or None,
+                layer_norm_eps=get("layer_norm_eps", 1e-6),
                 remat=c.get("remat", "none") == "block",
+                activation=get("activation", "gelu"), input_norm=get("embed_norm", None),
             )
 
         shared = c.shared_query_encoder
@@ -133,13 +144,14 @@ class VLPModel(nn.Module):
         self.item_encoder = text_transformer(c.depth, item_len, 2 if c.use_image else 1)
         if c.use_image:
             self.patch_embed = PatchEmbed(
-                c.width, self.num_patches, self.patch_dim, pos_emb=self.patch_pos_emb, dtype=dt
+                c.width, self.num_patches, self.patch_dim, pos_emb=self.patch_pos_emb, dtype=dt,
+                cls_token=bool(c.get("image_cls", False)),
             )
             if c.modal_adaptation:
                 self.modal_gate = Dense(2, kernel_init=nn.initializers.zeros)
         self.item_proj = Dense(c.embed_dim, kernel_init=dense_init)
         if not shared:
-            self.query_encoder = text_transformer(c.query_depth, self.max_query_len, 1)
+            self.query_encoder = text_transformer(c.query_depth, self.max_query_len, 1, "query_")
         self.query_proj = Dense(c.embed_dim, kernel_init=dense_init)
 
         tied = c.tie_mlm_embeddings
@@ -219,7 +231,16 @@ class VLPModel(nn.Module):
         key_mask = jnp.concatenate([title_mask, jnp.ones(p.shape[:2], bool)], axis=1)
         h = self.item_encoder.transform(jnp.concatenate([x, p], axis=1), key_mask, train)
         length = title_tokens.shape[1]
-        return h[:, :length], h[:, length:]
+        return h[:, :length], h[:, length + self.patch_embed.num_extra:]
+
+    def encode_image(self, patches: jax.Array, train: bool = False) -> jax.Array:
+        """Image tokens alone through the item tower: hidden [B, (1 +) N, W], the image [CLS]
+        first when ``model.image_cls``.  With weights from ``model.image_init`` this is the
+        imported ViT / CLIP vision model (its parity tests run through here)."""
+        if not self.config.use_image:
+            raise ValueError("encode_image needs model.use_image=True")
+        p = self.patch_embed(patches) + self.item_encoder.type_embedding(IMAGE)
+        return self.item_encoder.transform(p, None, train)
 
     def _logit_scale(self) -> jax.Array:
         if self.learn_temperature:

@@ -5,6 +5,10 @@ patch order), so "patchify" is only a linear layer here.  Positions are learned 
 sin-cos (MAE layout).  For masked patch modeling the *linear output* of a masked patch is replaced
 by a learned ``mask_token`` **before** positions are added, so a masked token still knows where it
 is but carries no information about its pixels.
+
+``cls_token=True`` (set for image checkpoints, ``vlp_jax.convert.image_init``) prepends one
+learned image [CLS] token with its own position (``cls_token``, ``cls_pos``), as ViT and CLIP
+do: their transformer layers were trained with it in every sequence.  Off by default (no params).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ class PatchEmbed(nn.Module):
 
     * :meth:`project` (patches) -> [B, N, W]: the linear embedding only (no positions, no mask);
       MPM_R uses it on the *original* patches as its (stop-gradient) target.
-    * ``__call__`` (patches, patch_mask=None) -> [B, N, W] tokens ready for the encoder.
+    * ``__call__`` (patches, patch_mask=None) -> [B, (1 +) N, W] tokens ready for the encoder.
     """
 
     width: int
@@ -54,6 +58,7 @@ class PatchEmbed(nn.Module):
     patch_dim: int
     pos_emb: str = "learned"
     dtype: Dtype = jnp.float32
+    cls_token: bool = False  # prepend a learned image [CLS] token (ViT / CLIP layout)
 
     def setup(self):
         if self.pos_emb not in POS_EMB_KINDS:
@@ -69,6 +74,14 @@ class PatchEmbed(nn.Module):
                     f"sincos positions need a square patch grid, got {self.num_patches} patches"
                 )
             self.pos_embed = jnp.asarray(sincos_2d(side, side, self.width))
+        if self.cls_token:
+            self.cls = self.param("cls_token", embed_init, (self.width,))
+            self.cls_pos = self.param("cls_pos", embed_init, (self.width,))
+
+    @property
+    def num_extra(self) -> int:
+        """Tokens before the patches in ``__call__``'s output (1 with the image [CLS])."""
+        return int(self.cls_token)
 
     def _check(self, patches: jax.Array) -> None:
         expected = (self.num_patches, self.patch_dim)
@@ -83,6 +96,7 @@ class PatchEmbed(nn.Module):
         return self.proj(patches.astype(self.dtype))
 
     def __call__(self, patches: jax.Array, patch_mask: jax.Array | None = None) -> jax.Array:
+        """[B, num_extra + N, W]: the image [CLS] token (when on), then the patch tokens."""
         x = self.project(patches)
         if patch_mask is not None:
             if tuple(patch_mask.shape) != tuple(patches.shape[:2]):
@@ -91,4 +105,8 @@ class PatchEmbed(nn.Module):
                     f"got {tuple(patch_mask.shape)}"
                 )
             x = jnp.where(patch_mask[..., None], self.mask_token.astype(self.dtype), x)
-        return x + self.pos_embed.astype(self.dtype)
+        x = x + self.pos_embed.astype(self.dtype)
+        if not self.cls_token:
+            return x
+        cls = (self.cls + self.cls_pos).astype(self.dtype)
+        return jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), x], axis=1)

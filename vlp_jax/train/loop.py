@@ -91,7 +91,7 @@ class Run:
         self.optimizer, self.state, self.shardings = train_state.init_model_state(
             self.model, config, self.mesh
         )
-        if config.model.text_init:
+        if config.model.text_init or config.model.get("image_init"):
             self.state = train_state.replace_params(
                 self.state, pretrained.apply_text_init(config, self.state.params), config
             )

@@ -30,7 +30,7 @@ import ml_collections
 SAFE_TO_CHANGE = (
     "train.log_every_steps", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save",
     "data.prefetch", "data.cache_dir", "train.nonfinite_policy", "train.max_consecutive_skips",
-    "model.remat", "model.text_init", "train.mesh_shape", "train.cpu_devices",
+    "model.remat", "model.text_init", "model.image_init", "train.mesh_shape", "train.cpu_devices",
     "negatives.stale_probe", "negatives.relevance_probe",  # diagnostics only
 )
 # Fields added after checkpoints were already being written, with the value that reproduces the
@@ -43,7 +43,7 @@ ADDED_FIELDS = {
     "negatives.oracle_fn_mask": False, "loss.mpm_dup_threshold": 1.0,
     "loss.mpm_norm_target": False, "loss.mpm_target": "patch_embed",
     "loss.mpm_teacher_momentum": 0.996, "data.patch_mask_shape": "random",
-    "negatives.distill_alpha": 0.0,
+    "negatives.distill_alpha": 0.0, "model.image_init": "", "model.image_init_towers": "item",
 }
 # Fields that shape nothing while another field keeps a value: keyword signatures exist only with
 # keyword control on, so a changed ``keyword_bits`` (its default moved from 256 to 1,024) does
