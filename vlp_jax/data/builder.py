@@ -13,20 +13,23 @@ The build lives in ``data_dir/vlp_catalog/<s{size}_{fingerprint}>/1.0.0``; the f
 covers the catalog files (content), the images (size + mtime), the image size and tokenizer
 settings (with a trained vocab's recipe), so unchanged inputs reuse the build.  It holds
 ``tokenizer/`` and ``build_report.json``; written to a temporary folder renamed when complete.
+
+The catalog, the tokenizer folder and ``data_dir`` may each be local or on gs:// / s3://.  With
+``data_dir`` on a store the build is made on local disk and published whole with a commit
+marker, and it is read through a verified local copy (``remote_build`` says why and how).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
-import fcntl
+import functools
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,13 +37,22 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from vlp_jax.data import records
+from vlp_jax.data import records, remote_build
 from vlp_jax.data import tokenizer as tokenizer_lib
+from vlp_jax.data.build_reader import (  # noqa: F401  (re-exported: the builder's public API)
+    REPORT_FILE,
+    SPLITS,
+    TOKENIZER_DIR,
+    DatasetHandle,
+    TextSource,
+    delete_build,
+    load_dataset,
+    open_local,
+    staging_root,
+)
 from vlp_jax.data.fingerprint import BUILD_FORMAT, catalog_fingerprint
+from vlp_jax.runtime import fs
 
-SPLITS = ("items",) + records.PAIR_SPLITS
-REPORT_FILE = "build_report.json"
-TOKENIZER_DIR = "tokenizer"
 _IMAGE_BLOCK = 256  # images decoded per thread-pool round (bounds memory of in-flight arrays)
 
 
@@ -96,6 +108,7 @@ class VLPCatalog(tfds.core.GeneratorBasedBuilder):
         self._stage_dir = ""
         self._tokenizer_report: dict = {}
         self._report_extra: dict = {}  # how the build ran, when not in this process (Beam)
+        self.staging_dir = ""  # local copies of a gs:// / s3:// tokenizer folder ("" = default)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -109,13 +122,13 @@ class VLPCatalog(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
         cfg = self.builder_config
         t0 = time.perf_counter()
-        items_path = os.path.join(cfg.catalog_dir, "items.jsonl")
+        items_path = fs.join(cfg.catalog_dir, "items.jsonl")
         self._stats = {name: records.SplitStats() for name in SPLITS}
         candidates, seen_ids = records.parse_items(items_path, self._stats["items"])
         self._decode_images(candidates)
         index_of = {item.item_id: i for i, item in enumerate(self._kept)}
         for split in records.PAIR_SPLITS:
-            path = os.path.join(cfg.catalog_dir, f"{split}.jsonl")
+            path = fs.join(cfg.catalog_dir, f"{split}.jsonl")
             self._pairs[split] = records.parse_pairs(path, index_of, seen_ids, self._stats[split])
         if not self._kept:
             raise ValueError(
@@ -167,9 +180,9 @@ class VLPCatalog(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         out = os.path.join(os.fspath(self.data_dir), TOKENIZER_DIR)
         if cfg.tokenizer:
-            tok = tokenizer_lib.load_tokenizer(cfg.tokenizer)
+            tok = tokenizer_lib.load_tokenizer(cfg.tokenizer, self.staging_dir)
             tok.save_pretrained(out)
-            source = os.path.abspath(cfg.tokenizer)
+            source = fs.normalize(cfg.tokenizer)
         else:
             texts = titles + train_queries
             tok = tokenizer_lib.train_wordpiece(texts, cfg.vocab_size, out)
@@ -209,111 +222,19 @@ class VLPCatalog(tfds.core.GeneratorBasedBuilder):
             self._stats,
             seconds,
             build_format=BUILD_FORMAT,
-            catalog_dir=os.path.abspath(cfg.catalog_dir),
+            catalog_dir=fs.normalize(cfg.catalog_dir),
             config_name=cfg.name,
             image_size=cfg.image_size,
             image_encoding="uint8 [S, S, 3] raw bytes (tfds Tensor(shape=(), dtype=object))",
             tokenizer=self._tokenizer_report,
             **self._report_extra,
         )
-        with open(os.path.join(os.fspath(self.data_dir), REPORT_FILE), "w") as f:
-            json.dump(report, f, indent=1, ensure_ascii=False)
+        fs.write_text(os.path.join(os.fspath(self.data_dir), REPORT_FILE),  # local: see module doc
+                      json.dumps(report, indent=1, ensure_ascii=False))
         records.log_report(report)
 
 
 # ---------------------------------------------------------------------- public entry point
-_SPLIT_FIELDS = {
-    "items": ("item_index", "item_id", "title", "image"),
-    **{s: ("query", "item_id", "item_index", "slice") for s in records.PAIR_SPLITS},
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class TextSource:
-    """A TFDS split as docs/architecture.md records (str text, uint8 image); picklable for Grain."""
-
-    source: Any  # tfds ArrayRecord data source, or () for an empty split
-    split: str
-    image_size: int
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"{self.split} record {index} out of range [0, {len(self)})")
-        return self._decode(self.source[index])
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return (self[i] for i in range(len(self)))
-
-    def __getitems__(self, indices: Any) -> list[dict[str, Any]]:
-        if not hasattr(self.source, "__getitems__"):
-            return [self[i] for i in indices]
-        return [self._decode(r) for r in self.source.__getitems__(indices)]
-
-    def _decode(self, record: dict[str, Any]) -> dict[str, Any]:
-        out = {}
-        for key in _SPLIT_FIELDS[self.split]:
-            value = record[key]
-            if key == "image":
-                s = self.image_size
-                value = np.frombuffer(value, dtype=np.uint8).reshape(s, s, 3)
-            elif isinstance(value, bytes):
-                value = value.decode("utf-8")
-            out[key] = value
-        return out
-
-
-@dataclasses.dataclass
-class DatasetHandle:
-    """A built dataset: random-access sources per split, the tokenizer folder and the report."""
-
-    dataset_dir: str
-    sources: dict[str, Any]
-    tokenizer_dir: str
-    report: dict
-    num_items: int
-    cache_hit: bool = False
-
-
-def load_dataset(dataset_dir: str, *, cache_hit: bool = True) -> DatasetHandle:
-    """Open a finished build folder (``handle.dataset_dir``) without the builder's inputs."""
-    report_path = os.path.join(dataset_dir, REPORT_FILE)
-    if not os.path.isfile(report_path):
-        raise ValueError(f"{dataset_dir!r} is not a vlp_jax dataset build (no {REPORT_FILE})")
-    builder = tfds.builder_from_directory(dataset_dir)
-    with open(report_path) as f:
-        report = json.load(f)
-    size = int(report["image_size"])
-    sources = {
-        split: TextSource(
-            builder.as_data_source(split) if split in builder.info.splits else (), split, size
-        )
-        for split in SPLITS
-    }
-    return DatasetHandle(
-        dataset_dir=dataset_dir,
-        sources=sources,
-        tokenizer_dir=os.path.join(dataset_dir, TOKENIZER_DIR),
-        report=report,
-        num_items=len(sources["items"]),
-        cache_hit=cache_hit,
-    )
-
-
-@contextlib.contextmanager
-def _build_lock(data_dir: str, name: str):
-    """Serialise builds of one config across processes on a host (e.g. multi-process runs)."""
-    os.makedirs(data_dir, exist_ok=True)
-    with open(os.path.join(data_dir, f".{name}.lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def build_dataset(
     catalog_dir: str,
     data_dir: str,
@@ -325,42 +246,75 @@ def build_dataset(
     builder_cls: Callable[..., VLPCatalog] | None = None,
     beam_runner: Any = None,
     beam_options: Any = None,
+    staging_dir: str = "",
 ) -> DatasetHandle:
     """Build (or reuse) the TFDS dataset of ``catalog_dir`` under ``data_dir``.
 
     ``builder_cls``/``beam_runner``/``beam_options``: the Beam build (``beam_build``), which
     writes the same dataset folder, so either build is the other's cache hit.
+    ``staging_dir``: local folder for copies of object-store data ("" = ~/.cache/vlp_jax/staged).
     """
-    if not os.path.isfile(os.path.join(catalog_dir, "items.jsonl")):
+    if not fs.exists(fs.join(catalog_dir, "items.jsonl")):
         raise ValueError(f"catalog {catalog_dir!r} has no items.jsonl")
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
-    if tokenizer:
-        tokenizer_lib.load_tokenizer(tokenizer)  # fail before decoding thousands of images
+    if tokenizer:  # fail before decoding thousands of images
+        tokenizer_lib.load_tokenizer(tokenizer, staging_root(staging_dir))
     fingerprint = catalog_fingerprint(catalog_dir, image_size, tokenizer, vocab_size)
     config = VLPCatalogConfig(
         name=f"s{image_size}_{fingerprint}",
-        description=f"catalog {os.path.abspath(catalog_dir)}",
-        catalog_dir=os.path.abspath(catalog_dir),
+        description=f"catalog {fs.normalize(catalog_dir)}",
+        catalog_dir=fs.normalize(catalog_dir),
         image_size=image_size,
         tokenizer=tokenizer,
         vocab_size=vocab_size,
         num_workers=num_workers,
     )
-    # A finished build folder appears only by atomic rename, so its existence means "complete";
-    # checking it first skips constructing a builder (and TFDS's custom-config warning).
-    dataset_dir = os.path.join(data_dir, VLPCatalog.name, config.name, str(VLPCatalog.VERSION))
+    # A finished build folder appears only by atomic rename (on a store: only with its commit
+    # marker), so its existence means "complete"; checking it first skips constructing a
+    # builder (and TFDS's custom-config warning).
+    dataset_dir = fs.join(data_dir, VLPCatalog.name, config.name, str(VLPCatalog.VERSION))
+    make = functools.partial(_prepare, config, builder_cls, beam_runner, beam_options,
+                             staging_root(staging_dir))
+    if fs.is_remote(dataset_dir):
+        return _build_remote(dataset_dir, make, staging_root(staging_dir))
     if os.path.isfile(os.path.join(dataset_dir, REPORT_FILE)):
         return load_dataset(dataset_dir, cache_hit=True)
-    with _build_lock(data_dir, config.name):
-        builder = (builder_cls or VLPCatalog)(config=config, data_dir=data_dir)
-        cache_hit = builder.data_path.exists()  # another process may have built it meanwhile
-        if not cache_hit:
-            builder.download_and_prepare(
-                file_format="array_record",
-                download_config=tfds.download.DownloadConfig(
-                    try_download_gcs=False, beam_runner=beam_runner, beam_options=beam_options),
-            )
-        if os.fspath(builder.data_path) != dataset_dir:
-            raise RuntimeError(f"TFDS wrote {builder.data_path}, expected {dataset_dir}")
+    with remote_build.host_lock(data_dir, config.name):
+        cache_hit = make(data_dir)
     return load_dataset(dataset_dir, cache_hit=cache_hit)
+
+
+def _prepare(config: VLPCatalogConfig, builder_cls: Any, beam_runner: Any, beam_options: Any,
+             staging_dir: str, data_dir: str) -> bool:
+    """Run TFDS's build into local ``data_dir`` unless it is there; True if it was there."""
+    builder = (builder_cls or VLPCatalog)(config=config, data_dir=data_dir)
+    builder.staging_dir = staging_dir
+    if builder.data_path.exists():  # another process may have built it meanwhile
+        return True
+    builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(
+            try_download_gcs=False, beam_runner=beam_runner, beam_options=beam_options),
+    )
+    return False
+
+
+def _build_remote(location: str, make: Callable[[str], bool], staging_dir: str) -> DatasetHandle:
+    """Build on local disk, publish to ``location`` with its marker, open the verified copy."""
+    with remote_build.host_lock(staging_dir, location):
+        staged = remote_build.stage_build(location, staging_dir)
+        cache_hit = staged is not None
+        if staged is None:
+            tmp = tempfile.mkdtemp(prefix="build-", dir=staging_dir)
+            try:
+                make(tmp)
+                local = os.path.join(tmp, *location.split("/")[-3:])
+                attempt = remote_build.publish(local, location, staging_dir)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            staged = remote_build.stage_build(location, staging_dir)
+            if staged is None or staged[1] != attempt:
+                raise RuntimeError(f"dataset build {location}: committed {attempt}, but the "
+                                   f"store now shows {staged and staged[1]}")
+    return open_local(staged[0], cache_hit, location, staged[1])

@@ -3,6 +3,12 @@
 ``data.catalog_dir == ""`` means the built-in catalog: it is generated once per
 (size, seed, language, image size) into the cache directory and reused by later runs, so
 ``make train`` twice does not regenerate anything.
+
+``data.catalog_dir``, ``data.cache_dir`` and ``data.tokenizer`` may be local or gs:// / s3://.
+With the cache on a store, the built-in catalog is generated on local disk and uploaded
+(``items.jsonl`` last: it is the "catalog present" mark), the TFDS build is published with a
+commit marker and every host trains on a verified local copy under ``data.staging_dir``
+(``remote_build``).
 """
 
 from __future__ import annotations
@@ -10,17 +16,25 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 
 import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from vlp_jax.data import builder, catalog, shards
+from vlp_jax.data import builder, catalog, remote_build, shards
+from vlp_jax.runtime import fs
 
 
 def cache_root(data_cfg: ml_collections.ConfigDict) -> str:
+    """``data.cache_dir`` (local path or gs:// / s3:// URI) or ~/.cache/vlp_jax, normalised."""
     root = data_cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "vlp_jax")
-    return os.path.abspath(root)
+    return fs.normalize(root)
+
+
+def staging_dir(data_cfg: ml_collections.ConfigDict) -> str:
+    """The local folder for copies of object-store data (``data.staging_dir``)."""
+    return builder.staging_root(data_cfg.get("staging_dir", ""))
 
 
 def builtin_catalog_dir(data_cfg: ml_collections.ConfigDict) -> str:
@@ -29,17 +43,27 @@ def builtin_catalog_dir(data_cfg: ml_collections.ConfigDict) -> str:
         f"catalog_n{data_cfg.builtin_num_items}_s{data_cfg.builtin_seed}"
         f"_{data_cfg.builtin_lang}_img{data_cfg.image_size}"
     )
-    out = os.path.join(cache_root(data_cfg), "catalogs", name)
-    if os.path.exists(os.path.join(out, "items.jsonl")):
+    out = fs.join(cache_root(data_cfg), "catalogs", name)
+    if fs.exists(fs.join(out, "items.jsonl")):
         return out
     logging.info("generating built-in catalog (%d items) in %s", data_cfg.builtin_num_items, out)
-    stats = catalog.generate_catalog(
-        out,
-        num_items=data_cfg.builtin_num_items,
-        seed=data_cfg.builtin_seed,
-        lang=data_cfg.builtin_lang,
-        image_size=data_cfg.image_size,
-    )
+    local = out
+    if fs.is_remote(out):
+        os.makedirs(staging_dir(data_cfg), exist_ok=True)
+        local = tempfile.mkdtemp(prefix="catalog-", dir=staging_dir(data_cfg))
+    try:
+        stats = catalog.generate_catalog(
+            local if local == out else os.path.join(local, name),
+            num_items=data_cfg.builtin_num_items,
+            seed=data_cfg.builtin_seed,
+            lang=data_cfg.builtin_lang,
+            image_size=data_cfg.image_size,
+        )
+        if local != out:
+            remote_build.upload_tree(os.path.join(local, name), out, last=("items.jsonl",))
+    finally:
+        if local != out:
+            shutil.rmtree(local, ignore_errors=True)
     logging.info("built-in catalog: %s", stats)
     return out
 
@@ -50,11 +74,14 @@ def prepare_dataset(
     """Catalog → TFDS array_record build (cached, its shards checked) → handle.
 
     Multi-process: process 0 generates/builds first while the others wait at a barrier; then
-    the others find the cache (shared filesystem) or, on per-host disks, regenerate the same
-    bytes (the catalog and the build are deterministic), so every host trains on identical data.
+    the others find the cache (shared filesystem or object store: they stage process 0's
+    committed build) or, on per-host disks, regenerate the same bytes (the catalog and the
+    build are deterministic), so every host trains on identical data.
 
-    A cached build with a missing or truncated shard raises ``shards.DatasetCorruptError``;
-    with ``rebuild`` (``--rebuild_data``) that build is deleted and made again instead.
+    A cached build with a missing or truncated shard, or a split whose length differs from
+    the build report, raises ``shards.DatasetCorruptError`` naming the file (its gs:// / s3://
+    URI for a build on a store); with ``rebuild`` (``--rebuild_data``) that build is deleted
+    and made again instead.
     """
     if jax.process_count() > 1:
         if jax.process_index() == 0:
@@ -67,30 +94,38 @@ def prepare_dataset(
 
 
 def _prepare(data_cfg: ml_collections.ConfigDict, rebuild: bool = False) -> builder.DatasetHandle:
-    handle = _build(data_cfg)
     try:
-        shards.check_build(handle.dataset_dir)
+        return _checked(data_cfg)
     except shards.DatasetCorruptError as err:
         if not rebuild:
             raise
         logging.warning("%s %s; --rebuild_data: deleting %s and building it again",
-                        err.path, err.problem, handle.dataset_dir)
-        shutil.rmtree(handle.dataset_dir)
-        handle = _build(data_cfg)
+                        err.path, err.problem, err.dataset_dir)
+        builder.delete_build(err.dataset_dir)
+        return _checked(data_cfg)
+
+
+def _checked(data_cfg: ml_collections.ConfigDict) -> builder.DatasetHandle:
+    handle = _build(data_cfg)
+    if not fs.is_remote(handle.location):  # a staged copy was checked when it was opened
         shards.check_build(handle.dataset_dir)
     return handle
 
 
 def _build(data_cfg: ml_collections.ConfigDict) -> builder.DatasetHandle:
+    for field in ("catalog_dir", "cache_dir", "tokenizer"):
+        if data_cfg[field] and fs.is_remote(data_cfg[field]):
+            fs.check_access(data_cfg[field], f"data.{field}")  # one line naming the URI
     catalog_dir = data_cfg.catalog_dir or builtin_catalog_dir(data_cfg)
-    if not os.path.isdir(catalog_dir):
+    if not fs.isdir(catalog_dir):
         raise FileNotFoundError(f"data.catalog_dir={catalog_dir!r} is not a directory")
     handle = builder.build_dataset(
         catalog_dir,
-        data_dir=os.path.join(cache_root(data_cfg), "tfds"),
+        data_dir=fs.join(cache_root(data_cfg), "tfds"),
         image_size=data_cfg.image_size,
         tokenizer=data_cfg.tokenizer,
         vocab_size=data_cfg.vocab_size,
+        staging_dir=staging_dir(data_cfg),
     )
     logging.info(
         "dataset %s: %d items, splits %s", handle.dataset_dir, handle.num_items,

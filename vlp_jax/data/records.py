@@ -4,7 +4,10 @@ Kept apart from the TFDS builder so the rules ("what is a bad record, and what i
 can be read and tested without TFDS.  Rules:
 
 - Files are read in binary and decoded line by line, so one non-UTF-8 or malformed line costs
-  that line only, never the file.  Blank lines are ignored; a UTF-8 BOM is tolerated.
+  that line only, never the file.  A catalog may be a local folder or a gs:// / s3:// location
+  (``vlp_jax.runtime.fs``); a missing image is a skipped record, but a store that cannot be read
+  (refused credentials, unreachable endpoint) aborts the build: an outage must never look like
+  bad data.  Blank lines are ignored; a UTF-8 BOM is tolerated.
 - A record is *skipped* (counted under ``skipped[reason]``) when it cannot be used: invalid
   JSON, non-UTF-8 bytes, missing key, wrong type, empty title/query, duplicate item id (the first
   valid line wins), missing or undecodable image, pair pointing to an unknown or skipped item.
@@ -18,14 +21,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import json
-import os
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from absl import logging
 from PIL import Image
+
+from vlp_jax.runtime import fs
 
 MAX_TEXT_CHARS = 10_000  # longer titles/queries are truncated (kept, counted)
 TINY_IMAGE_SIDE = 8  # images with a side below this are upscaled (kept, counted as tiny_image)
@@ -104,7 +109,7 @@ def json_line(raw: bytes, stats: SplitStats, *, first: bool = False) -> dict | N
 
 def iter_json_lines(path: str, stats: SplitStats) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, object)`` for each good JSON-object line; count the bad ones."""
-    with open(path, "rb") as f:
+    with fs.path(path).open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             obj = json_line(raw, stats, first=lineno == 1)
             if obj is not None:
@@ -216,11 +221,17 @@ def load_image(path: str, size: int) -> tuple[np.ndarray, list[str]]:
     Raises BadRecord("image_missing" | "image_unreadable") instead of a PIL error, so a truncated
     or corrupt file skips the item and never aborts the build.
     """
-    if not os.path.isfile(path):
-        raise BadRecord("image_missing", path)
+    try:
+        data = fs.read_bytes(path)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        raise BadRecord("image_missing", path) from e
+    except OSError as e:
+        if fs.is_remote(path):  # refused credentials, outage: abort, never skip as bad data
+            raise
+        raise BadRecord("image_unreadable", f"{path}: {e}") from e
     notes: list[str] = []
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             if im.format == "JPEG":
                 im.draft("RGB", (2 * size, 2 * size))  # decode large JPEGs at reduced scale
             im.load()
@@ -251,7 +262,7 @@ def load_item_image(catalog_dir: str, item: ItemMeta, size: int) -> tuple[np.nda
     first_error: BadRecord | None = None
     any_present = False
     for i, rel in enumerate(item.image_paths):
-        path = os.path.join(catalog_dir, rel)
+        path = fs.join(catalog_dir, rel)
         try:
             arr, notes = load_image(path, size)
         except BadRecord as e:
@@ -284,7 +295,7 @@ def parse_pairs(
 ) -> list[Pair]:
     """Parse one pair file; pairs must point at a kept item (``index_of`` = item id → row)."""
     pairs: list[Pair] = []
-    if not os.path.exists(path):
+    if not fs.exists(path):
         return pairs
     for _, obj in iter_json_lines(path, stats):
         try:

@@ -11,12 +11,16 @@ record count with the count TFDS recorded and reads its last record; a failure r
 ``DatasetCorruptError`` naming the file and the way out (``--rebuild_data``, which deletes the
 build and makes it again from the catalog).  Cost: one footer and one record per shard
 (milliseconds for the built-in catalogs).
+
+A build on object storage is checked on its local copy (``remote_build``); ``location`` and
+``files_at`` make the messages name the store's URIs, not the copy's paths.
 """
 
 from __future__ import annotations
 
-import json
 import os
+
+from vlp_jax.runtime import fs
 
 DATASET_DAMAGED_EXIT = 7
 INFO_FILE = "dataset_info.json"
@@ -35,8 +39,7 @@ class DatasetCorruptError(RuntimeError):
 
 def shard_files(dataset_dir: str) -> list[tuple[str, int]]:
     """``(path, expected record count)`` of every shard ``dataset_info.json`` lists."""
-    with open(os.path.join(dataset_dir, INFO_FILE)) as f:
-        info = json.load(f)
+    info = fs.read_json(fs.join(dataset_dir, INFO_FILE))
     name, file_format = info["name"], info.get("fileFormat", "array_record")
     out = []
     for split in info.get("splits", []):
@@ -46,7 +49,7 @@ def shard_files(dataset_dir: str) -> list[tuple[str, int]]:
             filename = (template.replace("{DATASET}", name).replace("{SPLIT}", split["name"])
                         .replace("{FILEFORMAT}", file_format)
                         .replace("{SHARD_X_OF_Y}", f"{i:05d}-of-{len(lengths):05d}"))
-            out.append((os.path.join(dataset_dir, filename), length))
+            out.append((fs.join(dataset_dir, filename), length))
     return out
 
 
@@ -74,14 +77,26 @@ def _problem(path: str, expected: int) -> str | None:
     return None
 
 
-def check_build(dataset_dir: str) -> None:
-    """Raise ``DatasetCorruptError`` for the first missing, truncated or unreadable shard."""
+def check_build(dataset_dir: str, *, location: str = "", files_at: str = "") -> None:
+    """Raise ``DatasetCorruptError`` for the first missing, truncated or unreadable shard.
+
+    ``dataset_dir`` is a local folder; ``location`` names the build in messages and
+    ``files_at`` is where its files really are (both default to ``dataset_dir``)."""
+    if fs.is_remote(dataset_dir):  # ArrayRecord cannot open s3:// and reads gs:// per record
+        raise ValueError(f"check_build reads a local copy, not {dataset_dir}: stage it first "
+                         "(remote_build.stage_build)")
+    location = location or dataset_dir
+    files_at = files_at or dataset_dir
+
+    def named(path: str) -> str:
+        return fs.join(files_at, os.path.relpath(path, dataset_dir).replace(os.sep, "/"))
+
     try:
         files = shard_files(dataset_dir)
     except (OSError, ValueError, KeyError) as err:
-        raise DatasetCorruptError(dataset_dir, os.path.join(dataset_dir, INFO_FILE),
+        raise DatasetCorruptError(location, fs.join(files_at, INFO_FILE),
                                   f"is missing or unreadable ({err})") from err
     for path, expected in files:
         problem = _problem(path, expected)
         if problem:
-            raise DatasetCorruptError(dataset_dir, path, problem)
+            raise DatasetCorruptError(location, named(path), problem)
