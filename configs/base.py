@@ -21,6 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
     d.builtin_seed = 0  # generator seed of the built-in catalog
     d.builtin_lang = "en"  # "en" or "zh": language of built-in titles and queries
     d.cache_dir = ""  # where built-in catalogs and TFDS builds are cached; "" = ~/.cache/vlp_jax
+    # Local disk for verified copies of gs:// / s3:// data (the TFDS build each host reads, a
+    # tokenizer folder); used only when cache_dir or tokenizer is on an object store.
+    # "" = ~/.cache/vlp_jax/staged.  docs/pods_data.md.
+    d.staging_dir = ""
     d.image_size = 64  # images are resized to image_size x image_size RGB at build time
     d.query_len = 12  # query tokens (incl. [CLS]/[SEP]); longer queries are truncated
     d.title_len = 24  # title tokens (incl. [CLS]/[SEP]); long titles are truncated
