@@ -130,6 +130,12 @@ def get_config() -> ml_collections.ConfigDict:
     ck.every_steps = 250  # save period (and always at the end of training)
     ck.keep = 2  # checkpoints kept on disk
     ck.async_save = True  # write checkpoints in the background
+    # A save (or its wait) that has not finished after this many seconds stops the run with
+    # exit 9: an unreachable object store makes tensorstore retry for minutes without an error.
+    ck.save_timeout_s = 600.0
+    # Object-store workdirs: the lock's heartbeat lease; a lock not refreshed for this long is
+    # stale and taken over (a preempted pod's new VMs resume without manual clean-up).
+    ck.lock_lease_s = 600.0
 
     # ---------------------------------------------------------------- evaluation
     c.eval = e = ml_collections.ConfigDict()

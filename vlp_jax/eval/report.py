@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 from typing import Any
 
@@ -19,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from vlp_jax.eval.retrieval import RECALL_DEFINITION
-from vlp_jax.runtime import atomic_io
+from vlp_jax.runtime import atomic_io, fs
 
 
 def _ks(results: dict[str, Any]) -> list[int]:
@@ -95,13 +94,13 @@ def write_report(
     """
     if "overall" not in results or not _ks(results):
         raise ValueError("results must contain an 'overall' dict with 'R@K' entries")
-    os.makedirs(out_dir, exist_ok=True)
+    fs.makedirs(out_dir)
     payload = {"title": title, **results}
     if extra is not None:
         payload["extra"] = extra
     text = json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n"
-    atomic_io.write_bytes(os.path.join(out_dir, "recall.json"), text.encode())
+    atomic_io.write_bytes(fs.join(out_dir, "recall.json"), text.encode())
     md = _markdown(results, title, extra)
-    atomic_io.write_bytes(os.path.join(out_dir, "report.md"), md.encode())
+    atomic_io.write_bytes(fs.join(out_dir, "report.md"), md.encode())
     png = _plot_png(results, title)
-    atomic_io.write_bytes(os.path.join(out_dir, "recall_at_k.png"), png)
+    atomic_io.write_bytes(fs.join(out_dir, "recall_at_k.png"), png)

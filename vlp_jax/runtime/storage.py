@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 DISK_FULL_EXIT = 6
+STORAGE_UNAVAILABLE_EXIT = 9
+T = TypeVar("T")
 _ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _TEXTS = ("no space left on device", "disk quota exceeded", "resource_exhausted: no space")
 
@@ -28,6 +33,42 @@ class DiskFullError(OSError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class StorageTimeoutError(OSError):
+    """A storage operation did not finish within its deadline (an unreachable object store:
+    tensorstore retries for minutes without raising).  The message says what is intact."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ETIMEDOUT, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def call_with_deadline(fn: Callable[[], T], seconds: float, what: str) -> T:
+    """``fn()``, or ``StorageTimeoutError`` naming ``what`` if it takes longer than ``seconds``.
+
+    The call runs on a daemon thread: a call stuck in a library's retry loop cannot be
+    cancelled, but the caller gets control back and can stop the process with a clear message
+    (``exit_status`` exits without waiting for such threads)."""
+    result: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=target, name=f"deadline: {what}", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise StorageTimeoutError(f"{what} did not finish within {seconds:.0f} s")
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    return result["value"]  # type: ignore[return-value]
 
 
 def is_disk_full(err: BaseException | None) -> bool:
@@ -66,7 +107,9 @@ def reason(err: BaseException) -> str:
 
 def free_bytes(path: str) -> int | None:
     """Bytes available to this user on the filesystem holding ``path`` (or its nearest existing
-    parent); ``None`` if it cannot be asked."""
+    parent); ``None`` if it cannot be asked (an object-store URI)."""
+    if "://" in path:
+        return None
     path = os.path.abspath(path)
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)

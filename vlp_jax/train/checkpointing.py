@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -44,7 +43,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from vlp_jax.runtime import storage
+from vlp_jax.runtime import fs, storage
 from vlp_jax.train.state import TrainState
 
 CORRUPT_DIR = "checkpoints_corrupt"
@@ -125,9 +124,10 @@ class Checkpointer:
         self, workdir: str, cfg: ml_collections.ConfigDict, *,
         metadata: dict[str, Any] | None = None, cleanup_tmp: bool = False,
     ):
-        self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, "checkpoints")
+        self.workdir = fs.normalize(workdir)
+        self.directory = fs.join(self.workdir, "checkpoints")
         self.metadata = metadata
+        self.timeout = float(cfg.get("save_timeout_s", 600.0))
         self.loop_state: dict[str, Any] = {}  # of the step last restored with its iterator
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep,
@@ -143,6 +143,7 @@ class Checkpointer:
         )
         self._unverified: int | None = None  # the step of the save not yet checked
         self._failed_steps: list[int] = []  # saves that failed: their leftovers are deleted
+        self.abandoned = False  # a save timed out: close() must not wait for it
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -173,9 +174,12 @@ class Checkpointer:
             raise ValueError("loop_state is saved in the data item: pass the data iterator")
         self.wait()  # Orbax would wait for the previous save anyway; check it is complete first
         try:
-            saved = self.manager.save(
-                step, args=ocp.args.Composite(**args), force=force, custom_metadata=self.metadata
-            )
+            saved = storage.call_with_deadline(
+                lambda: self.manager.save(step, args=ocp.args.Composite(**args), force=force,
+                                          custom_metadata=self.metadata),
+                self.timeout, f"saving checkpoint step {step} to {self.directory}")
+        except storage.StorageTimeoutError as err:
+            raise self._timed_out(step, err) from err
         except Exception as err:
             if storage.is_disk_full(err):
                 raise self._save_failed(step, storage.reason(err)) from err
@@ -245,7 +249,7 @@ class Checkpointer:
             failures.append((step, reason))
             logging.warning(
                 "checkpoint %s is unusable (%s); falling back to the previous checkpoint",
-                os.path.join(self.directory, str(step)), reason,
+                fs.join(self.directory, str(step)), reason,
             )
         if failures:
             listing = "\n  ".join(f"step {s}: {r}" for s, r in failures)
@@ -257,11 +261,10 @@ class Checkpointer:
         return None
 
     def _move_aside(self, step: int) -> None:
-        src = os.path.join(self.directory, str(step))
-        dst = os.path.join(self.workdir, CORRUPT_DIR, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if jax.process_index() == 0 and os.path.exists(src):
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            shutil.move(src, dst)
+        src = fs.join(self.directory, str(step))
+        dst = fs.join(self.workdir, CORRUPT_DIR, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_index() == 0 and fs.exists(src):
+            _move_tree(src, dst)
             logging.warning("checkpoint: moved unusable step %d to %s (kept for inspection)",
                             step, dst)
         if jax.process_count() > 1:
@@ -269,14 +272,18 @@ class Checkpointer:
         self.manager.reload()
 
     def is_complete(self, step: int) -> bool:
-        return os.path.isfile(os.path.join(self.directory, str(step), COMMIT_MARKER))
+        return fs.exists(fs.join(self.directory, str(step), COMMIT_MARKER))
 
     def wait(self) -> None:
         """Wait for the save in flight; raise ``DiskFullError`` if it could not be completed
         (the incomplete step is deleted first, the older ones are untouched)."""
         step, self._unverified = self._unverified, None
         try:
-            self.manager.wait_until_finished()
+            storage.call_with_deadline(
+                self.manager.wait_until_finished, self.timeout,
+                f"writing checkpoint step {step} to {self.directory}")
+        except storage.StorageTimeoutError as err:
+            raise self._timed_out(step, err) from err
         except Exception as err:
             if step is not None and storage.is_disk_full(err):
                 raise self._save_failed(step, storage.reason(err)) from err
@@ -304,19 +311,37 @@ class Checkpointer:
             f"{storage.describe_free(self.directory)} on its filesystem. The incomplete step was "
             f"deleted. {usable}")
 
+    def _timed_out(self, step: int | None, err: storage.StorageTimeoutError
+                   ) -> storage.StorageTimeoutError:
+        """The message for a save stuck on an unreachable store; nothing is deleted (the store
+        cannot be reached), and an unfinished step is never resumed from (no commit marker)."""
+        self.abandoned = True
+        older = [s for s in self.manager.all_steps() if s != step] if step is not None else []
+        usable = (f"the newest complete checkpoint before it (step {max(older)}) is untouched"
+                  if older else "there is no earlier complete checkpoint")
+        return storage.StorageTimeoutError(
+            f"{err} (checkpoint.save_timeout_s); is the storage of {self.workdir} reachable? "
+            f"The unfinished step is never resumed from and {usable}: once the storage is back, "
+            "rerun the same command to resume.")
+
     def _remove_partial(self, step: int) -> None:
         """Delete the step's directory and Orbax's temporary one (process 0 owns the tree)."""
-        if jax.process_index() != 0 or not os.path.isdir(self.directory):
+        if jax.process_index() != 0 or not fs.isdir(self.directory):
             return
-        for name in os.listdir(self.directory):
+        for name in fs.listdir(self.directory):
             if name == str(step) or name.startswith(f"{step}.orbax-checkpoint-tmp"):
-                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+                try:
+                    fs.rmtree(fs.join(self.directory, name))
+                except OSError as err:
+                    logging.warning("checkpoint: could not delete %s: %s", name, err)
 
     def close(self) -> None:
         """Wait and release; never raises for a save's outcome (``wait`` reports that, and
         Orbax re-raises a failed save's error on every later call), so a ``finally: close()``
         cannot hide the error being raised."""
         self._unverified = None
+        if self.abandoned:  # Orbax's writer threads are stuck on the store: do not join them
+            return
         try:
             self.manager.wait_until_finished()
         except Exception as err:  # noqa: BLE001
@@ -329,6 +354,20 @@ class Checkpointer:
         # deletes its temporary directory; once Orbax is closed they are gone, so delete again.
         for step in self._failed_steps:
             self._remove_partial(step)
+
+
+def _move_tree(src: str, dst: str) -> None:
+    """Move a checkpoint step aside (a rename locally; copy-then-delete on object stores)."""
+    if not fs.is_remote(src):
+        fs.makedirs(fs.parent(dst))
+        shutil.move(src, dst)
+        return
+    import fsspec
+
+    filesystem, src_key = fsspec.core.url_to_fs(src)
+    _, dst_key = fsspec.core.url_to_fs(dst)
+    filesystem.copy(src_key, dst_key, recursive=True)
+    filesystem.rm(src_key, recursive=True)
 
 
 def abstract_like(state: TrainState) -> TrainState:

@@ -9,11 +9,13 @@ names). docs/reliability.md lists every status with its exact message.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from collections.abc import Callable
 
 from vlp_jax.data import shards
-from vlp_jax.runtime import peers, storage
+from vlp_jax.runtime import fs, peers, storage
 from vlp_jax.train import checkpointing, metrics_log, resume_config, workdir_lock
 
 FINISHED = 0  # finished, or preempted with the checkpoint saved: rerun to resume
@@ -24,6 +26,8 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (resume_config.ConfigMismatchError, 5),
     (storage.DiskFullError, storage.DISK_FULL_EXIT),
     (shards.DatasetCorruptError, shards.DATASET_DAMAGED_EXIT),
+    (fs.StorageAccessError, storage.STORAGE_UNAVAILABLE_EXIT),
+    (storage.StorageTimeoutError, storage.STORAGE_UNAVAILABLE_EXIT),
 )
 
 
@@ -68,4 +72,10 @@ def _fail(message: str, status: int, watchdog: peers.PeerWatchdog | None) -> Non
     if watchdog is not None:
         watchdog.mark_exiting(status)
     print(message, file=sys.stderr, flush=True)
+    if status == storage.STORAGE_UNAVAILABLE_EXIT:
+        # Threads stuck in a storage library's retry loop (Orbax's writers) would keep the
+        # interpreter from exiting for minutes: leave without joining them.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(status)
     sys.exit(status)

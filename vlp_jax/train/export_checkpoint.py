@@ -6,8 +6,6 @@ shapes and the checkpoint reader; ``serve.export`` only writes a bundle from par
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
 from vlp_jax.config import check as config_check
@@ -16,6 +14,7 @@ from vlp_jax.data import dataset
 from vlp_jax.data import tokenizer as tokenizer_lib
 from vlp_jax.models import make_model
 from vlp_jax.parallel import mesh as mesh_lib
+from vlp_jax.runtime import fs
 from vlp_jax.serve import export
 from vlp_jax.train import checkpointing
 from vlp_jax.train import state as train_state
@@ -52,6 +51,6 @@ def export_from_checkpoint(
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
     return export.export_bundle(  # the effective config (e.g. after text_init overrides)
-        out_dir or os.path.join(workdir, "export"), params=state.params, config=config,
+        out_dir or fs.join(workdir, "export"), params=state.params, config=config,
         tokenizer=tokenizer, step=int(step),
     )

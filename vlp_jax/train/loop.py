@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +29,7 @@ from vlp_jax.data.device_prefetch import DevicePrefetchIterator
 from vlp_jax.eval import embed
 from vlp_jax.models import make_model
 from vlp_jax.parallel import mesh as mesh_lib
-from vlp_jax.runtime import peers
+from vlp_jax.runtime import fs, peers
 from vlp_jax.serve import export
 from vlp_jax.train import (
     checkpointing,
@@ -42,12 +41,13 @@ from vlp_jax.train import (
 )
 from vlp_jax.train import state as train_state
 from vlp_jax.train import step as train_step
+from vlp_jax.train import workdir as run_workdir
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        fs.write_text(fs.join(workdir, "config.json"),
+                      config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 class Run:
@@ -62,8 +62,9 @@ class Run:
         ``rebuild_data``: rebuild a damaged TFDS build instead of stopping (``--rebuild_data``)."""
         config = pretrained.configure_text_init(config)  # widths/tokenizer from a checkpoint
         config_check.validate_config(config)
+        workdir = run_workdir.resolve(workdir, config)
         self.config, self.workdir = config, workdir
-        os.makedirs(workdir, exist_ok=True)
+        fs.makedirs(workdir)
         self.mesh = mesh_lib.make_mesh(tuple(config.train.mesh_shape))
         mesh_lib.check_batch_divisible(config.train.batch_size, self.mesh)
         self.checkpointer = checkpointing.Checkpointer(
@@ -104,7 +105,7 @@ class Run:
     def evaluate(self, step: int, out_dir: str | None = None) -> dict[str, Any]:
         return embed.evaluate_model(
             self.model, self.state.params, self.data, self.tokenizer, self.config, self.mesh,
-            out_dir or os.path.join(self.workdir, "eval"), step, encode_fns=self.encode_fns,
+            out_dir or fs.join(self.workdir, "eval"), step, encode_fns=self.encode_fns,
         )
 
     def restore_latest(self, data_iterator: Any = None, *, check_config: bool = True) -> int:
@@ -161,8 +162,10 @@ def train_and_evaluate(
     ``ConfigMismatchError``, ``CheckpointRestoreError`` or ``NonFiniteLossError`` with a message
     meant for the user (``main`` prints it without a traceback).
     """
-    os.makedirs(workdir, exist_ok=True)
-    lock = workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0 else None
+    workdir = run_workdir.resolve(workdir, config)  # refuses unusable locations before any work
+    fs.makedirs(workdir)
+    lease = config.get("checkpoint", {}).get("lock_lease_s", workdir_lock.DEFAULT_LEASE_SECONDS)
+    lock = workdir_lock.WorkdirLock(workdir, lease) if jax.process_index() == 0 else None
     if lock is not None:
         lock.acquire()
     try:
@@ -223,20 +226,22 @@ def _train(
                 logger.flush()  # never checkpoint a state whose loss went non-finite
                 run.checkpointer.save(step, state, data_iter, force=True,
                                       loop_state=_loop_state(logger))
+                logger.sync(run.checkpointer.timeout)  # object store: logs as fresh as it
             if watcher.should_stop(step):
                 _save_on_preemption(run, logger, state, data_iter, step, saved)
                 return {"preempted_at_step": step}
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and not is_last:
                 run.state = state
-                eval_dir = os.path.join(workdir, "eval", f"step_{step}")
+                eval_dir = fs.join(workdir, "eval", f"step_{step}")
                 logger.write_eval(step, run.evaluate(step, eval_dir))
+                logger.sync()
         run.state = state
         run.checkpointer.wait()
         final_step = int(jax.device_get(state.step))
         results = run.evaluate(final_step)
         logger.write_eval(final_step, results)
         export.export_bundle(
-            os.path.join(workdir, "export"), params=state.params, config=run.config,
+            fs.join(workdir, "export"), params=state.params, config=run.config,
             tokenizer=run.tokenizer, step=final_step,
         )
     except metrics_log.NonFiniteLossError as err:
@@ -245,7 +250,7 @@ def _train(
         )
         raise
     finally:
-        logger.close()
+        logger.close(sync=not run.checkpointer.abandoned)
         run.checkpointer.close()
     return results
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from typing import Any
 
 import jax
 import numpy as np
+
+from vlp_jax.runtime import fs
+from vlp_jax.train import remote_mirror
 
 # Metrics that are NaN at steps where there is nothing to measure (e.g. no bank entry of this
 # step's items yet): averaged over the steps that measured something, left out if none did.
@@ -52,12 +54,11 @@ class NonFiniteLossError(RuntimeError):
 def _read_rows(path: str) -> tuple[list[dict[str, Any]], int]:
     """Rows of a metrics file and the number of lines cut short by a kill mid-write."""
     rows, broken = [], 0
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                broken += 1
+    for line in fs.read_text(path).splitlines(keepends=True):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            broken += 1
     return rows, broken
 
 
@@ -72,7 +73,7 @@ def truncate_after(path: str, step: int, total_steps: int) -> int:
     (periodic evals run right after the checkpoint they follow) except the final evaluation,
     which a rerun of a finished run repeats.
     """
-    if not os.path.exists(path):
+    if not fs.exists(path):
         return 0
     rows, broken = _read_rows(path)
     kept = [
@@ -81,10 +82,7 @@ def truncate_after(path: str, step: int, total_steps: int) -> int:
         or (r.get("step") == step and (step < total_steps or not _is_eval_row(r)))
     ]
     if len(kept) != len(rows) or broken:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, path)
+        fs.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))  # atomic
     return len(rows) - len(kept) + broken
 
 
@@ -93,6 +91,9 @@ def format_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
+
+
+METRICS = "metrics.jsonl"
 
 
 class MetricsLogger:
@@ -117,10 +118,16 @@ class MetricsLogger:
         self._last_time = time.perf_counter()
         self._last_step: int | None = None
         self._start_time = self._last_time
-        self._path = os.path.join(workdir, "metrics.jsonl")
+        # An object-store workdir logs into a local mirror uploaded at sync points (after each
+        # checkpoint save): no append on object stores, and a dead store must not stall steps.
+        self._mirror = None
+        if is_main and fs.is_remote(workdir):
+            self._mirror = remote_mirror.RemoteMirror(workdir, files_to_fetch=(METRICS,))
+            workdir = self._mirror.local
+        self._path = fs.join(workdir, METRICS)
         self._tb = None
         if is_main:
-            os.makedirs(workdir, exist_ok=True)
+            fs.makedirs(workdir)
             if resume_step is not None:
                 dropped = truncate_after(self._path, resume_step, total_steps)
                 if dropped:
@@ -129,7 +136,7 @@ class MetricsLogger:
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self._tb = SummaryWriter(fs.join(workdir, "tensorboard"))
             except ImportError:  # pragma: no cover - tensorboardX is a declared dependency
                 logging.warning("tensorboardX not installed: no TensorBoard events")
 
@@ -242,6 +249,17 @@ class MetricsLogger:
                     self._tb.add_scalar(k.replace("@", "_at_"), v, row["step"])
             self._tb.flush()
 
-    def close(self) -> None:
+    def sync(self, timeout: float = remote_mirror.SYNC_TIMEOUT_S) -> None:
+        """Object-store workdir: upload the logs written since the last sync (else a no-op),
+        giving up (with a warning) after ``timeout`` seconds."""
+        if self._mirror is not None:
+            if self._tb is not None:
+                self._tb.flush()
+            self._mirror.sync(timeout)
+
+    def close(self, sync: bool = True) -> None:
+        """``sync=False`` when the storage is known to be gone (a save timed out)."""
         if self._tb is not None:
             self._tb.close()
+        if sync:
+            self.sync()

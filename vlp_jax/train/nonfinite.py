@@ -20,13 +20,14 @@ and applies ``train.nonfinite_policy`` there (``metrics_log.MetricsLogger``):
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vlp_jax.runtime import fs
 
 FLAG = "nonfinite"
 
@@ -87,7 +88,6 @@ def write_dump(
         except Exception as err:  # the dump must never hide the original error
             record["item_id_error"] = repr(err)
     suffix = f".process_{jax.process_index()}" if jax.process_count() > 1 else ""
-    path = os.path.join(workdir, f"nonfinite_step_{step}{suffix}.json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
+    path = fs.join(workdir, f"nonfinite_step_{step}{suffix}.json")
+    fs.write_text(path, json.dumps(record, indent=1))
     return path

@@ -29,6 +29,7 @@ import ml_collections
 
 SAFE_TO_CHANGE = (
     "train.log_every_steps", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save",
+    "checkpoint.save_timeout_s", "checkpoint.lock_lease_s",
     "data.prefetch", "data.cache_dir", "train.nonfinite_policy", "train.max_consecutive_skips",
     "data.staging_dir",  # local copies of object-store data: where, not what
     "model.remat", "model.text_init", "model.image_init", "train.mesh_shape", "train.cpu_devices",

@@ -1,11 +1,21 @@
-"""One training run per workdir: a lock file holding the owner's pid, host and start time.
+"""One training run per workdir: a lock object holding the owner's pid, host and a heartbeat.
 
 Two runs writing the same ``checkpoints/`` would interleave saves and delete each other's steps,
-so the second one must refuse before doing any work.  A lock left behind by a run that was
-SIGKILLed (or whose machine died) must not block the rerun forever: when the recorded process is
-on this host and no longer alive (or its pid now belongs to a process started at another time,
-i.e. the pid was reused) the lock is stale and is taken over with a warning.  A lock held from
-another host cannot be checked from here, so it is respected and the message says how to clear it.
+so the second one must refuse before doing any work.  The lock is created with a
+create-if-absent primitive that exactly one racer wins on every backend (``fs.create_exclusive``:
+``O_EXCL`` on a filesystem, ``ifGenerationMatch=0`` on GCS, ``If-None-Match: *`` on S3).
+
+A lock left behind by a run that was SIGKILLed (or whose machine died) must not block the rerun
+forever:
+- the recorded process is on this host and no longer alive (or its pid now belongs to a process
+  started at another time, i.e. the pid was reused): stale at once;
+- on an object store the owner also refreshes a heartbeat every ``lease/4`` seconds; a lock whose
+  heartbeat is older than its lease is stale even when it was taken on another host — a preempted
+  pod's VMs come back with new processes, maybe new names, and must be able to resume.  A stale
+  object is taken over by compare-and-swap on its version (generation / ETag), so of two runs
+  that both judge it stale exactly one wins.
+A lock held from another host on a local/shared filesystem cannot be checked from here, so it is
+respected and the message says how to clear it.
 """
 
 from __future__ import annotations
@@ -14,9 +24,13 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 
+from vlp_jax.runtime import fs, object_store
+
 LOCK_NAME = "train.lock"
+DEFAULT_LEASE_SECONDS = 600.0
 
 
 class WorkdirLockedError(RuntimeError):
@@ -55,9 +69,16 @@ def _owner_alive(owner: dict) -> bool:
 class WorkdirLock:
     """``with WorkdirLock(workdir): ...`` — exclusive ownership of a run directory."""
 
-    def __init__(self, workdir: str):
-        self.path = os.path.join(os.path.abspath(workdir), LOCK_NAME)
+    def __init__(self, workdir: str, lease_seconds: float = DEFAULT_LEASE_SECONDS):
+        self.workdir = fs.normalize(workdir)
+        self.path = fs.join(self.workdir, LOCK_NAME)
+        self.remote = fs.is_remote(self.workdir)
+        self.lease = float(lease_seconds)
         self._held = False
+        self._record: dict = {}
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+        self.lost = False  # set if another run took the lock over while we held it
 
     def _owner_record(self) -> dict:
         pid = os.getpid()
@@ -66,61 +87,119 @@ class WorkdirLock:
             "host": socket.gethostname(),
             "start_time": _process_start_time(pid),
             "acquired_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "heartbeat": time.time(),
+            "lease_seconds": self.lease,
         }
 
-    def _try_create(self) -> bool:
+    def _read(self) -> tuple[dict, str | None] | None:
+        """The owner record and its version token; None if there is no lock."""
+        if self.remote:
+            found = object_store.read_versioned(self.path)
+            if found is None:
+                return None
+            data, token = found
+        else:
+            try:
+                with open(self.path, "rb") as f:
+                    data, token = f.read(), None
+            except FileNotFoundError:
+                return None
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._owner_record(), f)
-        return True
+            owner = json.loads(data)
+        except ValueError:
+            owner = {}  # half-written by an owner killed mid-write (local): stale below
+        return (owner if isinstance(owner, dict) else {}), token
 
-    def _read_owner(self) -> dict:
-        try:
-            with open(self.path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return {}  # half-written by an owner killed mid-write: treated as stale below
+    def _refusal(self, owner: dict) -> str | None:
+        """Why the lock is live (a message), or None if it is stale."""
+        host, here = owner.get("host"), socket.gethostname()
+        if not owner:
+            return None
+        if host == here:
+            if not _owner_alive(owner):
+                return None
+            return (f"workdir {self.workdir} is in use by pid {owner['pid']} on this host (since "
+                    f"{owner.get('acquired_at')}). Refusing to start a second run on it; wait "
+                    "for it to finish or use another --workdir.")
+        if self.remote:
+            age = time.time() - float(owner.get("heartbeat", 0))
+            lease = float(owner.get("lease_seconds", self.lease))
+            if age > lease:
+                return None
+            return (f"workdir {self.workdir} is in use by pid {owner.get('pid')} on host {host} "
+                    f"(since {owner.get('acquired_at')}; last heartbeat {age:.0f} s ago). "
+                    f"Refusing to start a second run on it. A lock whose heartbeat is older than "
+                    f"{lease:.0f} s is taken over automatically; if that run is gone, delete "
+                    f"{self.path} to start now.")
+        return (f"workdir {self.workdir} is in use by pid {owner.get('pid')} on host {host} "
+                f"(since {owner.get('acquired_at')}). Refusing to start a second run on it. If "
+                f"that run is gone, delete {self.path}.")
 
     def acquire(self) -> None:
         """Take the lock or raise ``WorkdirLockedError`` naming the owner."""
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        for _ in range(3):  # a racing run may create/remove the file between our steps
-            if self._try_create():
-                self._held = True
-                return
-            owner = self._read_owner()
-            host = owner.get("host")
-            if owner and host != socket.gethostname():
-                raise WorkdirLockedError(
-                    f"workdir {os.path.dirname(self.path)} is in use by pid {owner.get('pid')} "
-                    f"on host {host} (since {owner.get('acquired_at')}). Refusing to start a "
-                    f"second run on it. If that run is gone, delete {self.path}."
-                )
-            if owner and _owner_alive(owner):
-                raise WorkdirLockedError(
-                    f"workdir {os.path.dirname(self.path)} is in use by pid {owner['pid']} on "
-                    f"this host (since {owner.get('acquired_at')}). Refusing to start a second "
-                    "run on it; wait for it to finish or use another --workdir."
-                )
-            logging.warning(
-                "workdir lock %s is stale (owner %s is no longer running); taking it over",
-                self.path, owner or "unreadable",
-            )
-            try:
-                os.remove(self.path)
-            except FileNotFoundError:
-                pass
+        fs.makedirs(self.workdir)
+        for _ in range(3):  # a racing run may create/remove the lock between our steps
+            record = self._owner_record()
+            if fs.create_exclusive(self.path, json.dumps(record).encode()):
+                return self._took(record)
+            found = self._read()
+            if found is None:
+                continue
+            owner, token = found
+            refusal = self._refusal(owner)
+            if refusal:
+                raise WorkdirLockedError(refusal)
+            logging.warning("workdir lock %s is stale (owner %s is no longer running); taking "
+                            "it over", self.path, owner or "unreadable")
+            if self.remote:
+                record = self._owner_record()
+                if object_store.replace_if_unchanged(self.path, json.dumps(record).encode(),
+                                                     token):
+                    return self._took(record)
+            else:
+                fs.remove(self.path)
         raise WorkdirLockedError(f"could not take the workdir lock {self.path} (contended)")
+
+    def _took(self, record: dict) -> None:
+        self._held, self._record = True, record
+        if self.remote:
+            self._stop.clear()
+            self._beat = threading.Thread(target=self._heartbeat, name="workdir-lock-heartbeat",
+                                          daemon=True)
+            self._beat.start()
+
+    def _mine(self, owner: dict) -> bool:
+        keys = ("pid", "host", "acquired_at")
+        return all(owner.get(k) == self._record.get(k) for k in keys)
+
+    def _heartbeat(self) -> None:
+        """Refresh the heartbeat by compare-and-swap; stop (and say so) if the lock was lost."""
+        while not self._stop.wait(max(self.lease / 4, 0.05)):
+            try:
+                found = self._read()
+                if found is None or not self._mine(found[0]):
+                    self.lost = True
+                    logging.error("workdir lock %s was taken over by another run (%s); this run "
+                                  "no longer owns the workdir", self.path,
+                                  found[0] if found else "lock deleted")
+                    return
+                record = dict(self._record, heartbeat=time.time())
+                if object_store.replace_if_unchanged(self.path, json.dumps(record).encode(),
+                                                     found[1]):
+                    self._record = record
+            except Exception as err:  # noqa: BLE001 - a store hiccup: try again next beat
+                logging.warning("workdir lock heartbeat failed (will retry): %s", err)
 
     def release(self) -> None:
         if not self._held:
             return
         self._held = False
-        if self._read_owner().get("pid") == os.getpid():
-            os.remove(self.path)
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=10)
+        found = self._read()
+        if found is not None and self._mine(found[0]):
+            fs.remove(self.path)
 
     def __enter__(self) -> WorkdirLock:
         self.acquire()
