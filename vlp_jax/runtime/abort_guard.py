@@ -49,9 +49,16 @@ _report_fd: list[int | None] = []  # taken from the environment once
 
 def _fd() -> int | None:
     if not _report_fd:
-        # Popped so that processes this one starts (data workers, tools) never write to it.
+        # Popped, and the pipe kept from exec'd children: processes this one starts (data
+        # workers, tools) never write to it.
         value = os.environ.pop(REPORT_FD_ENV, "")
-        _report_fd.append(int(value) if value.isdigit() else None)
+        fd = int(value) if value.isdigit() else None
+        try:
+            if fd is not None:
+                os.set_inheritable(fd, False)
+        except OSError:  # not an open descriptor (a stale variable): no supervisor
+            fd = None
+        _report_fd.append(fd)
     return _report_fd[0]
 
 
