@@ -157,8 +157,7 @@ def _sleeper(mode: str) -> subprocess.Popen:
         import os, signal, sys, time
         from vlp_jax.runtime import abort_guard
         assert not abort_guard.publish("", "x", 8)  # no address: nothing to report
-        if sys.argv[1] == "multiprocess":
-            assert abort_guard.announce_multiprocess()
+        assert abort_guard.announce(sys.argv[1] == "multiprocess")
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # preempted: saved, exit 0
         print("ready", os.getpid(), flush=True)
         time.sleep(20)
@@ -176,8 +175,8 @@ def test_the_supervisor_forwards_signals_and_passes_statuses():
     proc = _sleeper("multiprocess")
     proc.send_signal(signal.SIGTERM)  # to the supervisor only: forwarded
     assert proc.wait(timeout=10) == 0
-    # One process: its handler takes a second SIGTERM (a group kill reaches it directly too)
-    # as "stop now", so SIGTERM is not forwarded; SIGUSR1 is (and kills it: 128 + 10).
+    # A single process: its handler takes a second SIGTERM (a group kill reaches it directly
+    # too) as "stop now", so SIGTERM is not forwarded; SIGUSR1 is (and kills it: 128 + 10).
     proc = _sleeper("single")
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
@@ -195,6 +194,11 @@ def test_the_supervisor_forwards_signals_and_passes_statuses():
     assert killed.returncode == 137  # as a shell reports a SIGKILL
     usage = subprocess.run([*SUPERVISE, "--"], env=ENV, capture_output=True, text=True)
     assert usage.returncode == 2 and "usage:" in usage.stderr
+    missing = subprocess.run([*SUPERVISE, "--", "/nonexistent/python"], env=ENV,
+                             capture_output=True, text=True)
+    assert missing.returncode == 127
+    assert missing.stderr == ("error: cannot start '/nonexistent/python': No such file or "
+                              "directory\n")
 
 
 _WORKER = textwrap.dedent("""

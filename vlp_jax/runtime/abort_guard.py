@@ -16,7 +16,7 @@ other SIGABRT handler (faulthandler) and took a DNS failure or a connect timeout
 Now the training process keeps the default SIGABRT action (and faulthandler, if enabled):
 ``abort()`` ends it at once. Beforehand, in normal Python context, its watchdog hands the
 supervisor what it will need through a pipe (:func:`publish`: the coordinator's address and the
-watchdog's line, with process 0's pid and host; :func:`announce_multiprocess` in process 0).
+watchdog's line, with process 0's pid and host; :func:`announce` in the others).
 The supervisor, the parent, sees the child die of SIGABRT and decides by one probe
 (:func:`verdict`):
 
@@ -67,17 +67,18 @@ def supervised() -> bool:
     return _fd() is not None
 
 
-def announce_multiprocess() -> bool:
-    """Tell the supervisor that this process is one of a multi-process run: JAX's preemption
-    notifier then owns SIGTERM and only sets a flag, so the supervisor may forward a SIGTERM
-    that the child may have received already. Returns False without a supervisor."""
-    return _send({"multiprocess": True})
+def announce(multiprocess: bool) -> bool:
+    """Tell the supervisor whether this process is one of a multi-process run. There JAX's
+    preemption notifier owns SIGTERM and only sets a flag, so the supervisor may forward a
+    SIGTERM the child may have received already; a single process's own handler takes a second
+    SIGTERM as "stop now", so it gets none forwarded. Returns False without a supervisor."""
+    return _send({"multiprocess": bool(multiprocess)})
 
 
 def publish(coordinator: str, message: str, exit_code: int) -> bool:
     """Tell the supervisor what to report if this process aborts while ``coordinator``
-    (``host:port``) refuses connections; the latest call wins (implies
-    :func:`announce_multiprocess`). Returns False without a supervisor or a usable address."""
+    (``host:port``) refuses connections; the latest call wins (implies ``announce(True)``).
+    Returns False without a supervisor or a usable address."""
     if not _split(coordinator):
         return False
     return _send({"multiprocess": True, "coordinator": coordinator, "message": message[:3000],

@@ -254,6 +254,7 @@ def start_watchdog(timeout: float, coordinator: str = "") -> PeerWatchdog | None
 
     client = distributed.global_state.client
     if jax.process_count() < 2 or client is None or timeout <= 0:
+        abort_guard.announce(jax.process_count() > 1)  # for a supervisor's SIGTERM forwarding
         return None
     address = coordinator or getattr(distributed.global_state, "coordinator_address", "")
     dog = PeerWatchdog(client, jax.process_index(), jax.process_count(), timeout,
@@ -264,7 +265,7 @@ def start_watchdog(timeout: float, coordinator: str = "") -> PeerWatchdog | None
         dog.abort_report = abort_guard.publish(dog.coordinator, dog.coordinator_lost(),
                                                PEER_LOST_EXIT)
     if not dog.abort_report:
-        abort_guard.announce_multiprocess()  # a forwarded SIGTERM is now safe (supervise)
+        abort_guard.announce(True)  # a forwarded SIGTERM is safe now (runtime.supervise)
     _ACTIVE = dog.start()
     return _ACTIVE
 

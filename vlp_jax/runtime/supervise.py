@@ -16,11 +16,12 @@ The child gets a pipe (``VLP_ABORT_REPORT_FD``) for ``abort_guard.publish`` and
 ``PR_SET_PDEATHSIG`` = SIGKILL, so it never outlives a supervisor that was killed. Signals sent
 to the supervisor are forwarded: SIGHUP, SIGUSR1 and SIGUSR2 always; SIGINT and SIGQUIT only
 when no terminal delivers them to the child itself (Ctrl-C reaches the whole foreground process
-group); SIGTERM (preemption) only once the child has said it is one of a multi-process run
-(``abort_guard.announce_multiprocess``). A SIGTERM sent to both — a process-group or cgroup
-kill, as systemd (a TPU VM's shutdown) and SLURM do — reaches the child twice. JAX's
-multi-process preemption notifier only sets a flag, so twice is once; a single process's own
-handler (``train.preemption``) takes a second SIGTERM as "stop now", so it is not sent one.
+group); SIGTERM (preemption) unless the child has said it is a single process
+(``abort_guard.announce``). A SIGTERM sent to both — a process-group or cgroup kill, as systemd
+(a TPU VM's shutdown) and SLURM do — reaches the child twice. JAX's multi-process preemption
+notifier only sets a flag, so twice is once, and before either handler is in place SIGTERM ends
+the child anyway; but a single process's own handler (``train.preemption``) takes a second
+SIGTERM as "stop now", so it is not sent one.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def run(command: Sequence[str], probe_timeout: float = abort_guard.PROBE_TIMEOUT
             pending.append(signum)  # arrived while the child was being started
             return
         reports.extend(abort_guard.read_reports(read_fd))
-        if signum == signal.SIGTERM and not any(r.get("multiprocess") for r in reports):
+        modes = [r["multiprocess"] for r in reports if "multiprocess" in r]
+        if signum == signal.SIGTERM and modes and not modes[-1]:
             return  # see the module doc: a single process takes a second SIGTERM as "now"
         if child[0].poll() is None:
             child[0].send_signal(signum)
@@ -92,6 +94,9 @@ def run(command: Sequence[str], probe_timeout: float = abort_guard.PROBE_TIMEOUT
         child.append(subprocess.Popen(
             list(command), env={**os.environ, abort_guard.REPORT_FD_ENV: str(write_fd)},
             pass_fds=(write_fd,), preexec_fn=lambda: _die_with_parent(parent)))
+    except OSError as err:
+        print(f"error: cannot start {command[0]!r}: {err.strerror or err}", file=sys.stderr)
+        return 127
     finally:
         os.close(write_fd)
     for signum in pending:
