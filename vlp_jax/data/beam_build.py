@@ -41,7 +41,6 @@ to the dataset folder last, ``build_report.json`` after everything else — its 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import tempfile
 import time
@@ -59,7 +58,7 @@ from vlp_jax.data import tokenizer as tokenizer_lib
 
 DEFAULT_CHUNK_BYTES = 4 << 20  # bytes of a catalog file per read range and per decode block
 PAIRS_DIR = "pairs"
-WRITTEN = "written"  # the write pipeline's shard rows, read by the driver
+WRITTEN = "written.json"  # the write pipeline's shard rows, read by the driver
 UNK_SAMPLE = 2000  # titles the report's unk fraction is measured on (as the single build)
 
 
@@ -123,8 +122,9 @@ class VLPCatalogBeam(builder.VLPCatalog, skip_registration=True):
         pair_splits = [split for split in records.PAIR_SPLITS if self._stats[split].kept]
         t2 = time.perf_counter()
         with beam.Pipeline(runner=runner, options=options) as pipeline:
-            write_pipeline(pipeline, self._stage_dir, blocks, pair_splits, self._chunk_bytes)
-        shards = beam_write.read_shard_rows(beam_io.join(self._stage_dir, f"{WRITTEN}-*.jsonl"))
+            write_pipeline(pipeline, self._stage_dir, blocks, pair_splits)
+        shards = [tuple(row) for row in beam_io.read_json(beam_io.join(self._stage_dir,
+                                                                       WRITTEN))]
         infos = beam_write.finish_shards(shards, self._get_filename_template,
                                          tfds.core.SplitInfo, out_dir=self._shard_dir)
         self._report_extra = {"beam": {
@@ -143,7 +143,7 @@ class VLPCatalogBeam(builder.VLPCatalog, skip_registration=True):
         if cfg.tokenizer:
             super()._prepare_tokenizer(first_titles, [])
             return
-        counts = dict(beam_io.read_jsonl(beam_io.join(self._stage_dir, "words-*.jsonl")))
+        counts = dict(beam_io.read_json(beam_io.join(self._stage_dir, "words.json")))
         out = os.path.join(os.fspath(self.data_dir), builder.TOKENIZER_DIR)
         tok = tokenizer_lib.train_wordpiece_counts(counts, cfg.vocab_size, out)
         texts = self._stats["items"].kept + self._stats["train"].kept
@@ -157,20 +157,15 @@ class VLPCatalogBeam(builder.VLPCatalog, skip_registration=True):
 def check_pipeline(pipeline: beam.Pipeline, catalog_dir: str, image_size: int, stage_dir: str,
                    chunk_bytes: int, count_words: bool = True) -> None:
     """Add the check stages (module docstring, step 1) to ``pipeline``; outputs go to
-    ``stage_dir``: ``block-N.{npy,json}``, ``pairs/<split>-*.jsonl``, ``stats-*.jsonl``,
-    ``blocks-*.jsonl`` (kept items per block) and ``words-*.jsonl`` (word counts)."""
+    ``stage_dir``: ``block-N.{npy,json}``, ``pairs/<split>-<unit>.jsonl`` (kept pairs per byte
+    range of a pair file), and three small JSON lists: ``stats.json`` (summed counts),
+    ``blocks.json`` (kept items per block) and ``words.json`` (summed word counts)."""
 
     def lines(label: str, path: str) -> beam.PCollection:
         return (pipeline
                 | f"{label}Ranges" >> beam.Create(stages.byte_ranges(path, chunk_bytes))
                 | f"{label}Spread" >> beam.Reshuffle()
                 | f"{label}Read" >> beam.ParDo(stages.ReadLines()))
-
-    def save(pcoll: beam.PCollection, label: str, name: str) -> None:
-        _ = (pcoll
-             | f"{label}Json" >> beam.Map(json_line)
-             | f"Write{label}" >> beam.io.WriteToText(beam_io.join(stage_dir, name),
-                                                      file_name_suffix=".jsonl"))
 
     items = (lines("Items", beam_io.join(catalog_dir, "items.jsonl"))
              | "ParseItems" >> beam.ParDo(stages.ParseItems()).with_outputs(
@@ -201,34 +196,46 @@ def check_pipeline(pipeline: beam.Pipeline, catalog_dir: str, image_size: int, s
         resolved = ({"pairs": pairs | "AllPairs" >> beam.Flatten(),
                      "kept": decoded[stages.KEPT], "seen": items[stages.SEEN]}
                     | "JoinPairs" >> beam.CoGroupByKey()
-                    | "ResolvePairs" >> beam.ParDo(stages.ResolvePairs(count_words)).with_outputs(
+                    | "ResolvePairs" >> beam.ParDo(
+                        stages.ResolvePairs(chunk_bytes, count_words)).with_outputs(
                         stages.STATS, stages.WORDS, *present, main="unused"))
         stats.append(resolved[stages.STATS])
         words.append(resolved[stages.WORDS])
         for split in present:
-            _ = resolved[split] | f"Write{split.capitalize()}" >> beam.io.WriteToText(
-                beam_io.join(stage_dir, PAIRS_DIR, split), file_name_suffix=".jsonl")
-    save(stats | "AllStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum),
-         "Stats", "stats")
-    save(decoded[stages.BLOCKS], "Blocks", "blocks")
-    save(words | "AllWords" >> beam.Flatten() | "SumWords" >> beam.CombinePerKey(sum),
-         "Words", "words")
+            label = split.capitalize()
+            _ = (resolved[split]
+                 | f"Group{label}" >> beam.GroupByKey()
+                 | f"Save{label}" >> beam.ParDo(stages.SaveUnit(
+                     beam_io.join(stage_dir, PAIRS_DIR), split)))
+    _save_list(stats | "AllStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum),
+               "Stats", beam_io.join(stage_dir, "stats.json"))
+    _save_list(decoded[stages.BLOCKS], "Blocks", beam_io.join(stage_dir, "blocks.json"))
+    _save_list(words | "AllWords" >> beam.Flatten() | "SumWords" >> beam.CombinePerKey(sum),
+               "Words", beam_io.join(stage_dir, "words.json"))
 
 
-def json_line(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
+def _save_list(pcoll: beam.PCollection, label: str, path: str) -> None:
+    """A small collection (counts, not records) as one JSON list at ``path``, written whole by
+    one worker through ``beam_io`` (``[]`` when empty)."""
+    _ = (pcoll
+         | f"{label}List" >> beam.combiners.ToList()
+         | f"Save{label}" >> beam.Map(_write_sorted, path))
+
+
+def _write_sorted(rows: list[Any], path: str) -> None:
+    beam_io.write_json(path, sorted(rows))
 
 
 def _read_stats(stage_dir: str) -> dict[str, records.SplitStats]:
-    rows = [(tuple(key), n) for key, n in beam_io.read_jsonl(
-        beam_io.join(stage_dir, "stats-*.jsonl"))]
+    rows = [(tuple(key), n) for key, n in beam_io.read_json(
+        beam_io.join(stage_dir, "stats.json"))]
     return stages.merge_stats(rows, builder.SPLITS)
 
 
 def _read_blocks(stage_dir: str) -> list[tuple[int, int]]:
     """``[(block, first row)]`` in file order, from the blocks' kept counts."""
     blocks, row = [], 0
-    for block, kept in sorted(beam_io.read_jsonl(beam_io.join(stage_dir, "blocks-*.jsonl"))):
+    for block, kept in beam_io.read_json(beam_io.join(stage_dir, "blocks.json")):
         blocks.append((int(block), row))
         row += int(kept)
     return blocks
@@ -245,16 +252,11 @@ def _first_titles(stage_dir: str, blocks: list[tuple[int, int]], n: int) -> list
     return titles[:n]
 
 
-def _pair_unit(line: str, chunk_bytes: int) -> tuple[int, str]:
-    """A staged pair line keyed by the byte range of its pair file it came from."""
-    return json.loads(line)["offset"] // chunk_bytes, line
-
-
 def write_pipeline(pipeline: beam.Pipeline, stage_dir: str, blocks: list[tuple[int, int]],
-                   pair_splits: Sequence[str], chunk_bytes: int) -> None:
+                   pair_splits: Sequence[str]) -> None:
     """Add the write stages (module docstring, step 3): one shard per staged item block and
-    one per byte range of each pair file, then their ``(split, unit, examples, bytes, path)``
-    rows to ``stage_dir/written-*.jsonl`` for the driver (``beam_write.finish_shards``)."""
+    one per staged pair unit, then their ``(split, unit, examples, bytes, path)`` rows to
+    ``stage_dir/written.json`` for the driver (``beam_write.finish_shards``)."""
     starts = dict(blocks)
     written = [pipeline
                | "Blocks" >> beam.Create([(block, (block, start)) for block, start in blocks])
@@ -264,25 +266,27 @@ def write_pipeline(pipeline: beam.Pipeline, stage_dir: str, blocks: list[tuple[i
                    functools.partial(_staged_items, stage_dir)))]
     for split in pair_splits:
         label = split.capitalize()
+        units = [(int(path[-len(".jsonl") - 9:-len(".jsonl")]), path) for path in beam_io.glob(
+            beam_io.join(stage_dir, PAIRS_DIR, f"{split}-*.jsonl"))]
         written.append(
             pipeline
-            | f"Read{label}" >> beam.io.ReadFromText(
-                beam_io.join(stage_dir, PAIRS_DIR, f"{split}-*"))
-            | f"Range{label}" >> beam.Map(_pair_unit, chunk_bytes)
-            | f"Group{label}" >> beam.GroupByKey()
+            | f"Units{label}" >> beam.Create(units)
+            | f"Spread{label}" >> beam.Reshuffle()
             | f"Write{label}" >> beam.ParDo(beam_write.WriteShard(
                 split, stage_dir, builder.catalog_features,
-                functools.partial(beam_write.pair_examples, starts=starts))))
-    _ = (written
-         | "AllShards" >> beam.Flatten()
-         | "ShardJson" >> beam.Map(json_line)
-         | "WriteShardRows" >> beam.io.WriteToText(beam_io.join(stage_dir, WRITTEN),
-                                                   file_name_suffix=".jsonl"))
+                functools.partial(_staged_pairs, starts=starts))))
+    _save_list(written | "AllShards" >> beam.Flatten(), "Shards",
+               beam_io.join(stage_dir, WRITTEN))
 
 
 def _staged_items(stage_dir: str, block_start: tuple[int, int]):
     block, start = block_start
     return beam_write.item_examples(stage_dir, block, start)
+
+
+def _staged_pairs(path: str, starts: dict[int, int]):
+    text = beam_io.read_bytes(path).decode("utf-8")
+    return beam_write.pair_examples(text.splitlines(), starts)
 
 
 def build_dataset_beam(

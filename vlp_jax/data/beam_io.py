@@ -8,6 +8,12 @@ pipeline options (``--s3_endpoint_url``, ``--s3_access_key_id``, ``--s3_secret_a
 ``--s3_region_name``; on GCS the VM's or ``GOOGLE_APPLICATION_CREDENTIALS``' account), which
 Beam hands to every worker; :func:`configure` applies the same options in the driver.
 
+One exception to "through ``FileSystems``": Beam's S3 filesystem builds a new boto3 client —
+0.3–0.9 s of loading service models on this machine — for *every* call, which for one image
+read per item would dominate a build.  Single-object calls on ``s3://`` (open, create, exists,
+size, rename) therefore go through one ``apache_beam.io.aws.s3io.S3IO`` per process, made from
+the same pipeline options — the object ``FileSystems`` would have made, kept.
+
 Writes never leave half a file under its final name:
 - locally, data goes to ``<name>.tmp-<uuid>`` renamed over the target — a unique name per
   attempt, so a retried or duplicated task (the runner may run one twice at once) never
@@ -19,7 +25,6 @@ Writes never leave half a file under its final name:
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -46,6 +51,34 @@ def configure(pipeline_args: Sequence[str]) -> PipelineOptions:
     return options
 
 
+def _ensure_options() -> None:
+    """Beam's S3 filesystem refuses to work without options; a driver-side call before any
+    :func:`configure` gets empty ones (endpoint and keys then come from the environment, as
+    boto3 reads them).  Workers already hold the pipeline's options, which are kept."""
+    if getattr(FileSystems, "_pipeline_options", None) is None:
+        FileSystems.set_options(PipelineOptions([]))
+
+
+_S3IO: dict[int, Any] = {}
+
+
+def _s3io() -> Any:
+    """One ``S3IO`` (one boto3 client) per process and set of pipeline options."""
+    _ensure_options()
+    options = FileSystems._pipeline_options  # noqa: SLF001 - what Beam's S3 filesystem uses
+    key = id(options)
+    if key not in _S3IO:
+        from apache_beam.io.aws import s3io
+
+        _S3IO.clear()
+        _S3IO[key] = s3io.S3IO(options=options)
+    return _S3IO[key]
+
+
+def _is_s3(loc: str) -> bool:
+    return uri.scheme(loc) == "s3"
+
+
 def normalize(loc: str) -> str:
     """Absolute local path or ``gs://``/``s3://`` URI (anything else refused, naming it)."""
     return uri.normalize(loc)
@@ -60,11 +93,19 @@ def is_remote(loc: str) -> bool:
 
 
 def exists(loc: str) -> bool:
+    if _is_s3(loc):
+        return _s3io().exists(loc)
+    _ensure_options()
     return FileSystems.exists(loc)
 
 
 def size(loc: str) -> int:
     """Bytes in a file; FileNotFoundError naming it if it is not there."""
+    if _is_s3(loc):
+        if not _s3io().exists(loc):
+            raise FileNotFoundError(f"{loc} does not exist")
+        return int(_s3io().size(loc))
+    _ensure_options()
     found = FileSystems.match([loc])[0].metadata_list
     if not found:
         raise FileNotFoundError(f"{loc} does not exist")
@@ -74,6 +115,7 @@ def size(loc: str) -> int:
 def listing(pattern: str) -> list[Any]:
     """``FileMetadata`` (path, size_in_bytes, last_updated_in_seconds) of every file matching
     a glob (``*`` within a folder, ``**`` across folders), sorted by path; [] if none."""
+    _ensure_options()
     try:
         found = FileSystems.match([pattern])[0].metadata_list
     except Exception as err:  # Beam raises BeamIOError for "nothing matched" on some stores
@@ -90,6 +132,9 @@ def glob(pattern: str) -> list[str]:
 
 def open_read(loc: str) -> IO[bytes]:
     """A seekable binary reader (ranged reads on object stores)."""
+    if _is_s3(loc):
+        return _s3io().open(loc, "rb")
+    _ensure_options()
     return FileSystems.open(loc, compression_type=_RAW)
 
 
@@ -102,21 +147,15 @@ def read_json(loc: str) -> Any:
     return json.loads(read_bytes(loc).decode("utf-8"))
 
 
-def read_jsonl(pattern: str) -> Iterator[Any]:
-    """The JSON value of every non-blank line of every file matching ``pattern`` (path order)."""
-    for path in glob(pattern):
-        with open_read(path) as f:
-            for line in io.TextIOWrapper(f, encoding="utf-8"):
-                if line.strip():
-                    yield json.loads(line)
-
-
 @contextlib.contextmanager
 def create(loc: str) -> Iterator[IO[bytes]]:
     """A binary writer whose data appears at ``loc`` whole, or not at all (module docstring)."""
+    _ensure_options()
     target = normalize(loc)
     if is_remote(target):
-        with FileSystems.create(target, compression_type=_RAW) as f:
+        writer = (_s3io().open(target, "wb") if _is_s3(target)
+                  else FileSystems.create(target, compression_type=_RAW))
+        with writer as f:
             yield f
         return
     os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -185,6 +224,10 @@ def download_tree(loc: str, local_dir: str) -> str:
 
 def rename(src: str, dst: str) -> None:
     """Move one file (a copy and a delete on object stores, which have no rename)."""
+    if _is_s3(src) and _is_s3(dst):
+        _s3io().rename(src, dst)
+        return
+    _ensure_options()
     FileSystems.rename([src], [dst])
 
 

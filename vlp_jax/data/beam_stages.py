@@ -242,13 +242,15 @@ class ParsePairs(beam.DoFn):
 class ResolvePairs(beam.DoFn):
     """Pairs of one item id joined with that item's ``(block, rank)``, if it was kept.
 
-    Main output: one JSON line per kept pair (tagged by split); pairs whose item is not kept
-    are ``skipped_item`` (its line was seen) or ``unknown_item``, as in ``records.parse_pairs``.
-    With ``count_words``, the kept train queries' ``WORDS`` (the tokenizer's second input).
+    Main output (tagged by split): ``(unit, JSON line)`` per kept pair, ``unit`` the byte range
+    of its pair file (``offset // unit_bytes``) — the unit one shard is written from.  Pairs
+    whose item is not kept are ``skipped_item`` (its line was seen) or ``unknown_item``, as in
+    ``records.parse_pairs``.  With ``count_words``, the kept train queries' ``WORDS`` (the
+    tokenizer's second input).
     """
 
-    def __init__(self, count_words: bool = False):
-        self.count_words = count_words
+    def __init__(self, unit_bytes: int, count_words: bool = False):
+        self.unit_bytes, self.count_words = unit_bytes, count_words
 
     def process(self, element: tuple[str, dict[str, Iterable]]) -> Iterator[Any]:
         item_id, joined = element
@@ -264,11 +266,26 @@ class ResolvePairs(beam.DoFn):
             if split == "train":
                 queries.append(query)
             yield beam.pvalue.TaggedOutput(STATS, ((split, "kept", ""), 1))
-            yield beam.pvalue.TaggedOutput(split, json.dumps(
+            yield beam.pvalue.TaggedOutput(split, (offset // self.unit_bytes, json.dumps(
                 {"offset": offset, "query": query, "item_id": item_id, "slice": slice_,
-                 "block": block, "rank": rank}, ensure_ascii=False))
+                 "block": block, "rank": rank}, ensure_ascii=False)))
         if self.count_words and queries:
             yield from word_rows(queries)
+
+
+class SaveUnit(beam.DoFn):
+    """``(unit, lines)`` → ``stage_dir/<name>-<unit>.jsonl`` (lines in any order: the writer
+    sorts them by offset); one file per unit, written whole."""
+
+    def __init__(self, stage_dir: str, name: str):
+        self.stage_dir, self.name = stage_dir, name
+
+    def process(self, element: tuple[int, Iterable[str]]) -> Iterator[int]:
+        unit, lines = element
+        text = "".join(line + "\n" for line in lines)
+        beam_io.write_bytes(beam_io.join(self.stage_dir, f"{self.name}-{unit:09d}.jsonl"),
+                            text.encode("utf-8"))
+        yield unit
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:

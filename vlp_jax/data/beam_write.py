@@ -136,8 +136,3 @@ def finish_shards(shards: Iterable[Shard], template_of: Callable[[str], Any],
                                 num_bytes=sum(row[3] for row in rows),
                                 filename_template=template))
     return infos
-
-
-def read_shard_rows(pattern: str) -> list[Shard]:
-    """The ``(split, unit, examples, bytes, path)`` rows the write pipeline saved as JSON."""
-    return [tuple(row) for row in beam_io.read_jsonl(pattern)]
