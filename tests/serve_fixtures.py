@@ -13,6 +13,8 @@ import sys
 import types
 
 _RUN: types.SimpleNamespace | None = None
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"  # the admin listeners' token in the tests
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 NUM_STEPS = 100  # enough for category queries to work clearly above chance (P@10 ~0.5 vs 0.08)
 
 

@@ -34,7 +34,8 @@ def service(run):
 
 @pytest.fixture(scope="module")
 def srv(service):
-    running = server.RunningServer(service, admin_port=0)
+    running = server.RunningServer(service, admin_port=0,
+                                   admin_token=serve_fixtures.ADMIN_TOKEN)
     yield running
     running.stop()
 

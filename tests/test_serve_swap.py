@@ -40,10 +40,23 @@ def v2(run, tmp_path_factory):
     return str(root / "v2")
 
 
-def call(address, target, method="GET"):
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """The index root reloads may load from (every test directory is under it)."""
+    return str(tmp_path_factory.getbasetemp())
+
+
+def serve(run, root):
+    service = server.load_service(run.bundle_dir, run.index_dir, buckets=(1, 4, 16),
+                                  index_root=root)
+    return service, server.RunningServer(service, admin_port=0,
+                                         admin_token=serve_fixtures.ADMIN_TOKEN)
+
+
+def call(address, target, method="GET", headers=None):
     conn = http.client.HTTPConnection(address, timeout=60)
     try:
-        conn.request(method, target)
+        conn.request(method, target, headers=headers or {})
         resp = conn.getresponse()
         return resp.status, json.loads(resp.read())
     finally:
@@ -52,12 +65,11 @@ def call(address, target, method="GET"):
 
 def admin_reload(srv, directory=None):
     target = "/admin/reload" + (f"?index={urllib.parse.quote(directory)}" if directory else "")
-    return call(f"127.0.0.1:{srv.admin_port}", target, "POST")
+    return call(f"127.0.0.1:{srv.admin_port}", target, "POST", serve_fixtures.AUTH)
 
 
-def test_swaps_under_concurrent_requests(run, v2):
-    service = server.load_service(run.bundle_dir, run.index_dir, buckets=(1, 4, 16))
-    srv = server.RunningServer(service, admin_port=0)
+def test_swaps_under_concurrent_requests(run, v2, root):
+    service, srv = serve(run, root)
     items = {1: {x["item_id"] for x in run.items}, 2: {x["item_id"] for x in run.items[:250]}}
     errors, seen, stop = [], set(), threading.Event()
 
@@ -76,7 +88,7 @@ def test_swaps_under_concurrent_requests(run, v2):
     for t in threads:
         t.start()
     try:
-        for directory, version in [(v2, 2), (run.index_dir, 1), (v2, 2), (None, 2)]:
+        for directory, version in [(v2, 2), (run.index_dir, 1), (v2, 2), (None, 1)]:
             time.sleep(0.3)
             status, out = admin_reload(srv, directory)
             assert status == 200, out
@@ -93,9 +105,8 @@ def test_swaps_under_concurrent_requests(run, v2):
     assert service.metrics.reloads.labels("ok")._value.get() == 4
 
 
-def test_failed_reload_keeps_serving_and_says_why(run, v2, tmp_path):
-    service = server.load_service(run.bundle_dir, run.index_dir, buckets=(1, 4, 16))
-    srv = server.RunningServer(service, admin_port=0)
+def test_failed_reload_keeps_serving_and_says_why(run, v2, root, tmp_path):
+    service, srv = serve(run, root)
     unfinished = tmp_path / "unfinished"
     shutil.copytree(v2, unfinished)
     os.remove(unfinished / "index_info.json")
@@ -129,9 +140,8 @@ def test_failed_reload_keeps_serving_and_says_why(run, v2, tmp_path):
         srv.stop()
 
 
-def test_in_flight_requests_finish_on_their_index_and_through_shutdown(run, v2):
-    service = server.load_service(run.bundle_dir, run.index_dir, buckets=(1, 4, 16))
-    srv = server.RunningServer(service, admin_port=0)
+def test_in_flight_requests_finish_on_their_index_and_through_shutdown(run, v2, root):
+    service, srv = serve(run, root)
     gate, entered = threading.Event(), threading.Event()
     encode = service.batcher.fn
 
@@ -180,40 +190,77 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_command_line_reloads_on_sighup_and_drains_on_sigterm(run, v2, tmp_path):
+def test_workers_swap_together_with_no_mixed_answers(run, v2, root, tmp_path):
+    """``--workers=2`` from the command line: an admin reload returns once every worker serves
+    the new index, no answer mixes two indexes, SIGHUP re-reads the configured --index (a
+    flipped symlink), SIGTERM drains and exits 0."""
     current = tmp_path / "current"
     os.symlink(run.index_dir, current)
-    port = _free_port()
+    port, admin = _free_port(), _free_port()
     cmd = [sys.executable, "-m", "vlp_jax.serve.server", f"--bundle={run.bundle_dir}",
-           f"--index={current}", f"--port={port}", "--buckets=1,4"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    address = f"127.0.0.1:{port}"
+           f"--index={current}", f"--port={port}", f"--admin_port={admin}", "--workers=2",
+           f"--index_root={root}", "--buckets=1,4"]
+    env = {**os.environ, "VLP_ADMIN_TOKEN": serve_fixtures.ADMIN_TOKEN}
+    log_file = tmp_path / "server.log"  # a file, not a pipe: access logs would fill a pipe
+    with open(log_file, "w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+                                env=env)
+    address, admin_address = f"127.0.0.1:{port}", f"127.0.0.1:{admin}"
+    items = {1: {x["item_id"] for x in run.items}, 2: {x["item_id"] for x in run.items[:250]}}
+    errors, versions, stop = [], [], threading.Event()
 
-    def health():
-        try:
-            return call(address, "/healthz")[1]
-        except OSError:
-            return None
+    def client(i):
+        while not stop.is_set():
+            status, out = call(address, f"/search?q=red+dress+{i}&k=100")
+            got = {r["item_id"] for r in out.get("results", [])}
+            versions.append(out.get("index_version"))
+            if status != 200 or len(got) != 100 or not got <= items[out["index_version"]]:
+                errors.append((status, out.get("index_version")))
+
+    def admin_call(target):
+        return call(admin_address, target, "POST", serve_fixtures.AUTH)
+
+    def workers_serve(version):
+        status, out = admin_call("/admin/status")
+        return status == 200 and [w["version"] for w in out["workers"]] == [version] * 2
 
     try:
-        deadline = time.time() + 240
-        while health() is None:
+        deadline = time.time() + 300
+        while True:
+            try:
+                if admin_call("/admin/status")[0] == 200:
+                    break
+            except OSError:
+                pass
             assert proc.poll() is None and time.time() < deadline, "server did not start"
             time.sleep(0.5)
-        assert call(address, "/search?q=hat")[1]["index_version"] == 1
-        os.symlink(v2, tmp_path / "next")
-        os.replace(tmp_path / "next", current)  # atomic flip, then SIGHUP
-        proc.send_signal(signal.SIGHUP)
-        while health()["index_version"] != 2:
-            assert time.time() < deadline, "SIGHUP did not reload"
+        assert workers_serve(1)
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        status, out = admin_call(f"/admin/reload?index={urllib.parse.quote(v2)}")
+        assert status == 200 and (out["generation"], out["workers"]) == (2, 2), out
+        assert workers_serve(2)  # every worker swapped before the reload answered
+        for _ in range(8):  # new connections, whichever worker accepts: the new index
+            assert call(address, "/search?q=hat&k=5")[1]["index_version"] == 2
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert not errors and {1, 2} <= set(versions)
+        assert admin_call("/admin/reload?index=/etc")[0] == 403
+        proc.send_signal(signal.SIGHUP)  # re-reads --index: current -> v1
+        while not workers_serve(1):
+            assert time.time() < deadline, "SIGHUP did not reload every worker"
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:
+        stop.set()
         if proc.poll() is None:
             proc.kill()
-    log = proc.stderr.read()
+    log = log_file.read_text()
     access = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert any(a["route"] == "/search" and a["status"] == 200 for a in access), log[-2000:]
-    assert "index swapped" in log and "Shutting down" in log
+    assert log.count("index swapped") == 4 and "Shutting down" in log, log[-3000:]

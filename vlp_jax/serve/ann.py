@@ -176,9 +176,13 @@ def write_index(index: Any, path: str) -> None:
         _faiss().write_index(index, tmp)
 
 
-def read_index(path: str) -> Any:
-    """A faiss index written by :func:`write_index`."""
-    return _faiss().read_index(path)
+def read_index(path: str, mmap: bool = False) -> Any:
+    """A faiss index written by :func:`write_index`; ``mmap`` maps flat vectors and HNSW graphs
+    read-only from the file instead of copying them into the heap (``IO_FLAG_MMAP_IFC``), so
+    several server processes share one copy in the page cache.  A mapped index must not be
+    modified, and the writer replaces files by rename (a new inode), never in place."""
+    faiss = _faiss()
+    return faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC if mmap else 0)
 
 
 def index_file(kind: str) -> str:
@@ -232,7 +236,7 @@ class SearchIndex:
     ``current -> vN`` link flipped mid-load) can never yield files of two versions.
     """
 
-    def __init__(self, directory: str, kind: str | None = None):
+    def __init__(self, directory: str, kind: str | None = None, mmap: bool = True):
         self.source = directory
         self.directory = os.path.realpath(directory)
         self.info = read_info(self.directory)
@@ -243,7 +247,7 @@ class SearchIndex:
                              f"(built: {built})")
         self.version = int(self.info.get("version", 1))
         self.params = AnnParams(**self.info.get("ann_params", {}))
-        self.index = read_index(os.path.join(self.directory, index_file(self.kind)))
+        self.index = read_index(os.path.join(self.directory, index_file(self.kind)), mmap=mmap)
         configure(self.index, self.kind, self.params)
         self.base_dir = self.info["base_dir"]
         rows = read_rows(self.directory)

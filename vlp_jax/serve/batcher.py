@@ -13,6 +13,13 @@ requests queue while the previous batch is being encoded.
 
 ``fn`` must return one result per item, in order; an exception fails every request of that
 batch (each caller sees it) and the worker carries on with the next batch.
+
+**Bounded.**  At most ``max_queue`` requests wait for the worker; one more is refused at once
+(:class:`QueueFull`, a 503 for the service) instead of growing the queue — and everyone's
+latency — without bound.  Callers of :meth:`run` give a deadline: a request still unanswered
+then is cancelled (dropped by the worker if it has not started) and :class:`DeadlineExceeded`
+is raised.  :meth:`stalled` reports a batch running longer than a bound (a wedged encoder or
+search), which the service turns into "not ready".
 """
 
 from __future__ import annotations
@@ -44,6 +51,14 @@ class BatcherClosed(RuntimeError):
     """Submitted after :meth:`Batcher.close`."""
 
 
+class QueueFull(RuntimeError):
+    """``max_queue`` requests are already waiting; shed this one."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """The request was not answered within its deadline."""
+
+
 class Batcher(Generic[T, R]):
     """Gathers concurrent ``submit`` calls into batched ``fn`` calls on a worker thread.
 
@@ -55,12 +70,17 @@ class Batcher(Generic[T, R]):
     def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, max_batch: int = 32,
                  max_wait_ms: float = 2.0, name: str = "batcher",
                  on_batch: Callable[[int, list[float], float], None] | None = None,
-                 init: Callable[[], None] | None = None):
+                 init: Callable[[], None] | None = None, max_queue: int = 0):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0 (0 = unbounded), got {max_queue}")
         self.fn, self.max_batch, self.max_wait = fn, int(max_batch), max_wait_ms / 1000.0
+        self.max_queue = int(max_queue)
+        self._waiting = 0  # queued, not yet taken by the worker (guarded by _close_lock)
+        self.executing_since: float | None = None  # monotonic start of the running batch
         self.on_batch, self.init = on_batch, init
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
@@ -72,17 +92,40 @@ class Batcher(Generic[T, R]):
 
     # ------------------------------------------------------------------ callers
     def submit(self, item: T) -> concurrent.futures.Future:
-        """Queue ``item``; the future resolves to ``fn``'s result for it."""
+        """Queue ``item``; the future resolves to ``fn``'s result for it.
+
+        Raises :class:`QueueFull` when ``max_queue`` requests are already waiting.
+        """
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._close_lock:  # nothing may slip in behind the stop marker
             if self._closed:
                 raise BatcherClosed("the batcher is shut down")
+            if self.max_queue and self._waiting >= self.max_queue:
+                raise QueueFull(f"{self._waiting} requests are already queued")
+            self._waiting += 1
             self._queue.put(_Pending(item, future, time.perf_counter()))
         return future
 
-    async def run(self, item: T) -> R:
-        """``submit`` for asyncio callers (the event loop never blocks on the encoder)."""
-        return await asyncio.wrap_future(self.submit(item))
+    async def run(self, item: T, timeout: float | None = None) -> R:
+        """``submit`` for asyncio callers (the event loop never blocks on the encoder);
+        :class:`DeadlineExceeded` after ``timeout`` seconds (the request is cancelled)."""
+        future = asyncio.wrap_future(self.submit(item))
+        if timeout is None:
+            return await future
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError as e:
+            raise DeadlineExceeded(f"no answer within {timeout * 1000:.0f} ms") from e
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued and not yet taken by the worker."""
+        return self._waiting
+
+    def stalled(self, bound: float) -> bool:
+        """True when the running batch started more than ``bound`` seconds ago."""
+        since = self.executing_since
+        return since is not None and time.monotonic() - since > bound
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests, finish the queued ones, stop the worker."""
@@ -119,6 +162,10 @@ class Batcher(Generic[T, R]):
             batch.append(nxt)
         return batch, False
 
+    def _taken(self, n: int) -> None:
+        with self._close_lock:
+            self._waiting -= n
+
     def _run(self) -> None:
         if self.init is not None:
             self.init()
@@ -128,6 +175,7 @@ class Batcher(Generic[T, R]):
             if first is _STOP:
                 break
             batch, stop = self._gather(first)
+            self._taken(len(batch))
             # Callers that gave up (a cancelled asyncio task cancels its future) are dropped.
             live = [p for p in batch if p.future.set_running_or_notify_cancel()]
             self._last_size = len(batch)
@@ -143,6 +191,7 @@ class Batcher(Generic[T, R]):
 
     def _execute(self, live: list[_Pending]) -> None:
         start = time.perf_counter()
+        self.executing_since = time.monotonic()
         try:
             results = list(self.fn([p.item for p in live]))
             if len(results) != len(live):
@@ -153,6 +202,7 @@ class Batcher(Generic[T, R]):
                 p.future.set_exception(e)
             return
         finally:
+            self.executing_since = None
             self.batches += 1
             self.items += len(live)
         for p, result in zip(live, results, strict=True):

@@ -15,8 +15,11 @@ request):
   request target at most ``max_url_bytes`` (414), no request body (413), GET/HEAD only (405;
   POST for admin routes).  Those answers close the connection.  Admin routes exist only on the
   admin listener (``--admin_port``, bound to localhost by default); anywhere else they are 404
-  like any unknown path.  Routing then matches the *raw* path, so ``%2F`` in an item id stays
-  inside its path segment and each route decodes its parameters strictly.
+  like any unknown path; there they need the admin token (401 without it, ``policy.py``).
+  Admission: at most ``max_in_flight`` searches and image reads at once; one more is answered
+  503 with ``Retry-After`` at once (counted in ``vlp_shed_requests_total``), so overload sheds
+  load instead of queueing it without bound.  Routing then matches the *raw* path, so ``%2F``
+  in an item id stays inside its path segment and each route decodes its parameters strictly.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from vlp_jax.serve import openapi, swap
+from vlp_jax.serve import openapi, policy, swap
 from vlp_jax.serve import service as service_lib
 from vlp_jax.serve.service import ApiError, utf8
 
@@ -53,16 +56,19 @@ _PUBLIC_ROUTES = ("/search", "/healthz", "/readyz", "/metrics", "/openapi.json",
 IMAGE_ROUTE = "/items/{item_id}/image"
 
 
-def json_response(status: int, obj: Any, *, close: bool = False) -> Response:
-    headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+def json_response(status: int, obj: Any, *, close: bool = False,
+                  extra: dict[str, str] | None = None) -> Response:
+    headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", **(extra or {})}
     if close:
         headers["Connection"] = "close"
     body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
     return Response(body, status_code=status, headers=headers, media_type=JSON_TYPE)
 
 
-def error_response(status: int, message: str, *, close: bool = False) -> Response:
-    return json_response(status, {"error": message, "status": status}, close=close)
+def error_response(status: int, message: str, *, close: bool = False,
+                   extra: dict[str, str] | None = None) -> Response:
+    return json_response(status, {"error": message, "status": status}, close=close,
+                         extra=extra)
 
 
 def route_label(path: str) -> str:
@@ -80,19 +86,42 @@ def _page() -> bytes:
 
 
 class Guard:
-    """Protocol-level request limits and admin gating (see the module docstring)."""
+    """Protocol-level request limits, admin gating and admission (module docstring)."""
 
-    def __init__(self, app: Any, *, admin_ports: Collection[int], max_url_bytes: int):
+    def __init__(self, app: Any, *, admin_ports: Collection[int], max_url_bytes: int,
+                 admin_token: str | None = None, max_in_flight: int = 0,
+                 metrics: Any = None):
+        if admin_ports and not admin_token:
+            raise ValueError("an admin listener needs an admin token (policy.load_token)")
         self.app, self.admin_ports, self.max_url_bytes = app, set(admin_ports), max_url_bytes
+        self.admin_token, self.max_in_flight, self.metrics = admin_token, max_in_flight, metrics
+        self.in_flight = 0  # admitted searches and image reads (event-loop only: no lock)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         error = self._check(scope)
         if error is not None:
-            return await error_response(*error, close=True)(scope, receive, send)
-        scope["path"] = scope.get("raw_path", scope["path"].encode()).decode("latin-1")
-        return await self.app(scope, receive, send)
+            status, message = error
+            extra = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+            return await error_response(status, message, close=True, extra=extra)(
+                scope, receive, send)
+        raw = scope.get("raw_path", scope["path"].encode())
+        scope["path"] = raw.decode("latin-1")
+        admitted = self.max_in_flight and (raw == b"/search" or raw.startswith(b"/items/"))
+        if not admitted:
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.max_in_flight:
+            if self.metrics is not None:
+                self.metrics.shed.labels("in_flight").inc()
+            return await error_response(503, f"overloaded, retry later: {self.in_flight} "
+                                        "requests in flight", extra={"Retry-After": "1"})(
+                scope, receive, send)
+        self.in_flight += 1
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
     def _check(self, scope: dict) -> tuple[int, str] | None:
         if scope["http_version"] not in ("1.0", "1.1"):
@@ -110,6 +139,10 @@ class Guard:
             server = scope.get("server") or (None, None)
             if server[1] not in self.admin_ports:
                 return 404, f"no route for {path!r}"  # admin routes do not exist here
+            if not policy.authorized(scope["headers"], self.admin_token or ""):
+                if self.metrics is not None:
+                    self.metrics.admin_denied.inc()
+                return 401, "admin routes need 'Authorization: Bearer <admin token>'"
             if method != "POST":
                 return 405, f"method {method!r} is not allowed; use POST"
         elif method not in ("GET", "HEAD"):
@@ -168,7 +201,8 @@ def log_access(client: tuple[str, int] | None, method: str, route: str, path: st
 
 def create_app(service: service_lib.SearchService, *, admin_ports: Collection[int] = (),
                access_log: bool = True, sighup_reload: bool = False,
-               max_url_bytes: int = MAX_URL_BYTES) -> Any:
+               max_url_bytes: int = MAX_URL_BYTES, admin_token: str | None = None,
+               max_in_flight: int = 256) -> Any:
     """The ASGI app of ``service`` (started batch worker; closed at lifespan shutdown)."""
     doc = json.dumps(openapi.document(
         max_k=service.max_k, default_k=service.default_k, max_query_chars=service.max_query_chars,
@@ -209,18 +243,27 @@ def create_app(service: service_lib.SearchService, *, admin_ports: Collection[in
         except swap.ReloadBusy as e:
             service.metrics.reloads.labels("busy").inc()
             raise ApiError(409, str(e)) from e
+        except policy.Forbidden as e:
+            service.metrics.reloads.labels("forbidden").inc()
+            raise ApiError(403, str(e)) from e
+        except policy.Refused as e:
+            service.metrics.reloads.labels("refused").inc()
+            return reload_failed(409, e)
         except swap.ReloadError as e:
             service.metrics.reloads.labels("error").inc()
-            serving = service.holder.current.describe()
-            return json_response(422, {"error": f"reload failed, still serving "
-                                       f"{serving['directory']} (v{serving['version']}): {e}",
-                                       "status": 422, "serving": serving})
+            return reload_failed(422, e)
         service.metrics.reloads.labels("ok").inc()
         return json_response(200, {"status": "ok", **out})
 
+    def reload_failed(status: int, e: Exception) -> Response:
+        serving = service.holder.current.describe()
+        return json_response(status, {"error": f"reload failed, still serving "
+                                      f"{serving['directory']} (v{serving['version']}): {e}",
+                                      "status": status, "serving": serving})
+
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
-        return error_response(exc.status, exc.message)
+        return error_response(exc.status, exc.message, extra=exc.headers)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -241,7 +284,7 @@ def create_app(service: service_lib.SearchService, *, admin_ports: Collection[in
         try:
             await run_in_threadpool(service.holder.reload, None)
             service.metrics.reloads.labels("ok").inc()
-        except (swap.ReloadError, swap.ReloadBusy):
+        except (swap.ReloadError, swap.ReloadBusy, policy.Refused):
             service.metrics.reloads.labels("error").inc()  # logged by the holder
 
     @contextlib.asynccontextmanager
@@ -264,5 +307,7 @@ def create_app(service: service_lib.SearchService, *, admin_ports: Collection[in
         routes.append(Route("/admin/reload", reload, methods=["POST"]))
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         ApiError: api_error, HTTPException: http_error, Exception: internal_error})
-    guarded = Guard(app, admin_ports=admin_ports, max_url_bytes=max_url_bytes)
+    guarded = Guard(app, admin_ports=admin_ports, max_url_bytes=max_url_bytes,
+                    admin_token=admin_token, max_in_flight=max_in_flight,
+                    metrics=service.metrics)
     return Observe(guarded, metrics=service.metrics, access_log=access_log)

@@ -34,7 +34,7 @@ from absl import app, flags
 
 from vlp_jax.data import records
 from vlp_jax.runtime import atomic_io, storage
-from vlp_jax.serve import ann, index_files, item_embed, update
+from vlp_jax.serve import ann, index_files, item_embed, policy, update
 from vlp_jax.serve import bundle as bundle_lib
 
 CHUNKS_DIR = "chunks"
@@ -210,6 +210,7 @@ def build_index_dir(
         "bundle": bundle.path,
         "bundle_step": bundle.step,
         "bundle_created_at": bundle.manifest.get("created_at"),
+        "bundle_fingerprint": policy.bundle_fingerprint(bundle.manifest),
         "counts": counts,
         "chunks_computed": res["chunks_computed"],
         "chunks_reused": res["chunks_reused"],

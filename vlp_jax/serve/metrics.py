@@ -53,8 +53,17 @@ class Metrics:
         self.index_info = Info("vlp_index", "The serving index.", registry=r)
         self.reloads = Counter("vlp_index_reloads", "Index reload attempts, by result.",
                                ["result"], registry=r)
-        for result in ("ok", "error", "busy"):
+        for result in ("ok", "error", "busy", "refused", "forbidden"):
             self.reloads.labels(result)
+        self.shed = Counter("vlp_shed_requests", "Requests answered 503 without being served "
+                            "(admission control), by reason.", ["reason"], registry=r)
+        for reason in ("in_flight", "queue_full"):
+            self.shed.labels(reason)
+        self.deadline_exceeded = Counter("vlp_search_deadline_exceeded", "Searches answered "
+                                         "504: not done within the request deadline.",
+                                         registry=r)
+        self.admin_denied = Counter("vlp_admin_denied", "Admin requests refused for a missing "
+                                    "or wrong token.", registry=r)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

@@ -30,70 +30,21 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any
 
 from absl import app, flags
 
-from vlp_jax.serve import ann, http_app, protocol, swap
-from vlp_jax.serve import bundle as bundle_lib
+from vlp_jax.serve import ann, policy
+from vlp_jax.serve.assemble import (  # noqa: F401 - the public names of this module
+    SERVE_BUCKETS,
+    access_log_to_stderr,
+    bind,
+    load_service,
+    make_server,
+)
 from vlp_jax.serve.service import SearchService
-
-SERVE_BUCKETS = (1, 2, 4, 8, 16, 32)  # padding a batch wastes < 2x; 6 programs to compile
-
-
-def load_service(bundle_dir: str, index_dir: str, *, kind: str | None = None,
-                 num_devices: int = 1, warmup: bool = True,
-                 buckets: Sequence[int] = SERVE_BUCKETS, **options: Any) -> SearchService:
-    """Query tower + index → a running service (batch worker started; every bucket compiled
-    when ``warmup``, so the first requests do not pay for compilation).
-
-    ``options``: ``max_k``, ``default_k``, ``max_query_chars``, ``max_batch``, ``max_wait_ms``,
-    ``faiss_threads``, ``metrics``.
-    """
-    bundle = bundle_lib.load_bundle(bundle_dir, towers=("query",), num_devices=num_devices,
-                                    buckets=buckets)
-    if warmup:
-        bundle.warmup()
-    index = swap.load_index(index_dir, kind, bundle.embed_dim)
-    holder = swap.IndexHolder(index, embed_dim=bundle.embed_dim, kind=kind,
-                              bundle_step=bundle.step)
-    return SearchService(bundle, holder, **options)
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A bound TCP socket (``port=0`` picks a free one), listened on by uvicorn."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(True)
-    return sock
-
-
-def make_server(service: SearchService, *, admin_ports: Sequence[int] = (),
-                access_log: bool = True, sighup_reload: bool = False,
-                graceful_timeout: float = 30.0, keep_alive: float = 5.0) -> Any:
-    """A uvicorn ``Server`` for ``service`` (run it with ``server.run(sockets=[...])``)."""
-    import uvicorn
-
-    asgi = http_app.create_app(service, admin_ports=admin_ports, access_log=access_log,
-                               sighup_reload=sighup_reload)
-
-    def rejected(status: int, client: Any) -> None:  # requests the HTTP parser refused
-        service.metrics.observe_request("unparsed", "", status, 0.0)
-        if access_log:
-            http_app.log_access(client, "", "unparsed", "", 0, status, 0, 0.0)
-
-    config = uvicorn.Config(
-        asgi, http=protocol.make_protocol(rejected), lifespan="on", access_log=False,
-        log_config=None, timeout_keep_alive=keep_alive, server_header=False,
-        timeout_graceful_shutdown=graceful_timeout, backlog=2048)
-    return uvicorn.Server(config)
 
 
 class RunningServer:
@@ -102,7 +53,8 @@ class RunningServer:
 
     def __init__(self, service: SearchService, host: str = "127.0.0.1", port: int = 0, *,
                  admin_port: int | None = None, admin_host: str = "127.0.0.1",
-                 access_log: bool = False, graceful_timeout: float = 30.0):
+                 access_log: bool = False, graceful_timeout: float = 30.0,
+                 admin_token: str | None = None, max_in_flight: int = 256):
         self.service = service
         sockets = [bind(host, port)]
         if admin_port is not None:
@@ -111,7 +63,8 @@ class RunningServer:
         self.admin_port = sockets[1].getsockname()[1] if admin_port is not None else None
         self.server = make_server(service, admin_ports=[self.admin_port] if self.admin_port
                                   else [], access_log=access_log,
-                                  graceful_timeout=graceful_timeout)
+                                  graceful_timeout=graceful_timeout, admin_token=admin_token,
+                                  max_in_flight=max_in_flight)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": sockets},
                                        daemon=True, name="vlp-search-server")
         self.thread.start()
@@ -150,19 +103,27 @@ def _define_flags() -> None:
     flags.DEFINE_integer("admin_port", 0, "Port of the admin listener (POST /admin/reload); "
                          "0 = no admin routes.")
     flags.DEFINE_string("admin_host", "127.0.0.1", "Interface of the admin listener.")
+    flags.DEFINE_string("admin_token_file", "", "File holding the admin token (default: "
+                        f"${policy.TOKEN_ENV}); required with --admin_port.")
+    flags.DEFINE_string("index_root", "", "Directory every reload target must lie in "
+                        "(default: the directory holding --index).")
+    flags.DEFINE_string("image_root", "", "The only catalog root images are served from "
+                        "(default: the starting index's base_dir).")
     flags.DEFINE_bool("access_log", True, "One JSON line per request on stderr.")
     flags.DEFINE_float("graceful_timeout", 30.0, "Seconds in-flight requests get on SIGTERM.")
     flags.DEFINE_float("keep_alive", 5.0, "Seconds an idle keep-alive connection stays open.")
+    flags.DEFINE_integer("max_in_flight", 256, "Searches + image reads handled at once per "
+                         "worker; more are answered 503 with Retry-After.")
+    flags.DEFINE_integer("max_queue", 128, "Searches waiting for the batch worker; more are "
+                         "answered 503 with Retry-After.")
+    flags.DEFINE_float("request_timeout_ms", 1000.0, "A search not answered in this time is "
+                       "answered 504.")
+    flags.DEFINE_float("stall_seconds", 10.0, "/readyz is 503 while a batch has run longer.")
+    flags.DEFINE_integer("workers", 1, "Server processes sharing the port (and the "
+                         "memory-mapped index); > 1 swaps indexes in all of them together.")
+    flags.DEFINE_float("swap_timeout", 120.0, "Seconds every worker gets to load and swap to "
+                       "a new index (--workers > 1).")
     flags.mark_flags_as_required(["bundle", "index"])
-
-
-def _access_log_to_stderr() -> None:
-    """Access lines are JSON documents: plain message, own handler, not absl's prefix."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    http_app.ACCESS_LOG.addHandler(handler)
-    http_app.ACCESS_LOG.setLevel(logging.INFO)
-    http_app.ACCESS_LOG.propagate = False
 
 
 def _main(argv: list[str]) -> None:
@@ -173,18 +134,40 @@ def _main(argv: list[str]) -> None:
     runtime.quiet_library_logs()
     if FLAGS.admin_port and FLAGS.admin_port == FLAGS.port:
         raise app.UsageError("--admin_port must differ from --port")
+    token = None
+    if FLAGS.admin_port:
+        try:
+            token = policy.load_token(FLAGS.admin_token_file or None)
+        except (OSError, ValueError) as e:
+            raise app.UsageError(str(e)) from e
+        if FLAGS.admin_host not in ("127.0.0.1", "::1", "localhost"):
+            logging.warning("the admin listener is bound to %s, not loopback: anyone who can "
+                            "reach it with the token can swap the serving index",
+                            FLAGS.admin_host)
     sockets = [bind(FLAGS.host, FLAGS.port)]  # bind before the slow load: fail fast if taken
     if FLAGS.admin_port:
         sockets.append(bind(FLAGS.admin_host, FLAGS.admin_port))
-    service = load_service(FLAGS.bundle, FLAGS.index, kind=FLAGS.kind, max_k=FLAGS.max_k,
-                           max_query_chars=FLAGS.max_query_chars, max_batch=FLAGS.max_batch,
-                           max_wait_ms=FLAGS.max_wait_ms, faiss_threads=FLAGS.faiss_threads,
-                           buckets=[int(b) for b in FLAGS.buckets])
+    load_kwargs = dict(kind=FLAGS.kind, max_k=FLAGS.max_k, max_query_chars=FLAGS.max_query_chars,
+                       max_batch=FLAGS.max_batch, max_wait_ms=FLAGS.max_wait_ms,
+                       faiss_threads=FLAGS.faiss_threads, max_queue=FLAGS.max_queue,
+                       request_timeout_ms=FLAGS.request_timeout_ms,
+                       stall_seconds=FLAGS.stall_seconds,
+                       buckets=[int(b) for b in FLAGS.buckets])
+    roots = dict(index_root=FLAGS.index_root or None, image_root=FLAGS.image_root or None)
+    server_kwargs = dict(access_log=FLAGS.access_log, graceful_timeout=FLAGS.graceful_timeout,
+                         keep_alive=FLAGS.keep_alive, max_in_flight=FLAGS.max_in_flight)
+    if FLAGS.workers > 1:
+        from vlp_jax.serve import multi
+
+        multi.run(FLAGS.bundle, FLAGS.index, sockets, FLAGS.workers, load_kwargs=load_kwargs,
+                  server_kwargs=server_kwargs, token=token, swap_timeout=FLAGS.swap_timeout,
+                  **roots)
+        return
+    service = load_service(FLAGS.bundle, FLAGS.index, **roots, **load_kwargs)
     if FLAGS.access_log:
-        _access_log_to_stderr()
+        access_log_to_stderr()
     server = make_server(service, admin_ports=[FLAGS.admin_port] if FLAGS.admin_port else [],
-                         access_log=FLAGS.access_log, sighup_reload=True,
-                         graceful_timeout=FLAGS.graceful_timeout, keep_alive=FLAGS.keep_alive)
+                         sighup_reload=True, admin_token=token, **server_kwargs)
     logging.info("serving %d items (%s index v%d) on http://%s:%d/%s", len(service.index),
                  service.index.kind, service.index.version, FLAGS.host,
                  sockets[0].getsockname()[1],

@@ -4,8 +4,14 @@ item images, health.  No HTTP here (``http_app.py``), so it is testable and reus
 A search request is validated on the event loop, then handed to the :class:`~batcher.Batcher`
 together with the index snapshot it started on (``swap.IndexHolder.current``).  The batch
 function encodes all queries of a batch in one bundle call and searches each index snapshot
-once per distinct ``k`` — faiss searches every query row independently, so a batched search
-returns exactly what one-at-a-time searches would.
+once, at the batch's largest ``k``, then keeps each request's first ``k`` results: faiss
+searches every query row independently and returns its hits best first, so the first ``k`` of a
+top-``K`` search are the top ``k`` (HNSW searches with ``ef = max(efSearch, k)``, so this holds
+while ``efSearch >= max_k``: 128 vs 100 by default).
+
+Admission is bounded: a full batch queue is an immediate 503 (``Overloaded``, with
+``Retry-After``), and a request not answered within ``request_timeout_ms`` is a 504 — latency
+under overload stays bounded instead of growing with the queue.
 """
 
 from __future__ import annotations
@@ -22,17 +28,23 @@ import numpy as np
 from vlp_jax.serve import batcher as batcher_lib
 from vlp_jax.serve import bundle as bundle_lib
 from vlp_jax.serve import metrics as metrics_lib
-from vlp_jax.serve import swap
+from vlp_jax.serve import policy, swap
 
 MAX_IMAGE_BYTES = 20 << 20  # larger image files are not served
 
 
 class ApiError(Exception):
-    """A client error: HTTP ``status`` and a message safe to show."""
+    """An error answer: HTTP ``status``, a message safe to show, extra headers."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def overloaded(message: str, retry_after: int = 1) -> ApiError:
+    """503 with ``Retry-After``: the request was shed, not failed."""
+    return ApiError(503, f"overloaded, retry later: {message}",
+                    {"Retry-After": str(retry_after)})
 
 
 def utf8(raw: str, what: str) -> str:
@@ -84,11 +96,16 @@ class SearchService:
 
     def __init__(self, bundle: bundle_lib.Bundle, holder: swap.IndexHolder, *, max_k: int = 100,
                  default_k: int = 10, max_query_chars: int = 256, max_batch: int = 32,
-                 max_wait_ms: float = 2.0, faiss_threads: int = 1,
+                 max_wait_ms: float = 2.0, faiss_threads: int = 1, max_queue: int = 128,
+                 request_timeout_ms: float = 1000.0, stall_seconds: float = 10.0,
                  metrics: metrics_lib.Metrics | None = None):
         if not 1 <= default_k <= max_k:
             raise ValueError(f"need 1 <= default_k <= max_k, got {default_k}, {max_k}")
+        if request_timeout_ms <= 0 or stall_seconds <= 0:
+            raise ValueError(f"request_timeout_ms and stall_seconds must be > 0, got "
+                             f"{request_timeout_ms}, {stall_seconds}")
         self.bundle, self.holder = bundle, holder
+        self.timeout, self.stall_seconds = request_timeout_ms / 1000.0, stall_seconds
         self.max_k, self.default_k, self.max_query_chars = max_k, default_k, max_query_chars
         self.metrics = metrics or metrics_lib.Metrics()
         self.metrics.set_index(holder.current)
@@ -96,7 +113,7 @@ class SearchService:
         self.batcher: batcher_lib.Batcher[SearchRequest, dict[str, Any]] = batcher_lib.Batcher(
             self.search_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
             name="vlp-search-batcher", on_batch=self.metrics.observe_batch,
-            init=lambda: _set_faiss_threads(faiss_threads))
+            init=lambda: _set_faiss_threads(faiss_threads), max_queue=max_queue)
 
     @property
     def index(self):
@@ -134,27 +151,38 @@ class SearchService:
         return SearchRequest(query, k, self.holder.current, time.perf_counter())
 
     async def search_async(self, query: str, k: int) -> dict[str, Any]:
-        """One search through the batcher (the event loop never blocks on the encoder)."""
-        return await self.batcher.run(self.request(query, k))
+        """One search through the batcher (the event loop never blocks on the encoder); 503
+        when the queue is full, 504 past the deadline."""
+        try:
+            return await self.batcher.run(self.request(query, k), self.timeout)
+        except batcher_lib.QueueFull as e:
+            self.metrics.shed.labels("queue_full").inc()
+            raise overloaded(str(e)) from e
+        except batcher_lib.DeadlineExceeded as e:
+            self.metrics.deadline_exceeded.inc()
+            raise ApiError(504, f"search timed out: {e}") from e
 
     def search(self, query: str, k: int) -> dict[str, Any]:
         """One search through the batcher, blocking (scripts, tests)."""
         return self.batcher.submit(self.request(query, k)).result()
 
     def search_batch(self, requests: list[SearchRequest]) -> list[dict[str, Any]]:
-        """Encode all queries in one call; search each (index snapshot, k) group once."""
+        """Encode all queries in one call; search each index snapshot once (one faiss call
+        per batch, two only across a swap) at the largest ``k`` and slice per request."""
         emb = self.bundle.encode_queries([r.query for r in requests])
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[int, list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault((id(r.loaded), r.k), []).append(i)
+            groups.setdefault(id(r.loaded), []).append(i)
         out: list[dict[str, Any] | None] = [None] * len(requests)
         for members in groups.values():
-            first = requests[members[0]]
-            index = first.loaded.index
-            scores, labels = index.search(emb[members], first.k)
+            index = requests[members[0]].loaded.index
+            k = max(requests[i].k for i in members)
+            scores, labels = index.search(emb[members], k)
             done = time.perf_counter()
             for row, i in enumerate(members):
-                out[i] = self._result(requests[i], index, scores[row], labels[row], done)
+                kk = requests[i].k
+                out[i] = self._result(requests[i], index, scores[row, :kk], labels[row, :kk],
+                                      done)
         return out  # type: ignore[return-value]
 
     @staticmethod
@@ -182,9 +210,8 @@ class SearchService:
         row = index.row_of.get(item_id)
         if row is None:
             raise ApiError(404, f"unknown item id {item_id!r}")
-        base = os.path.realpath(index.base_dir)
-        path = os.path.realpath(os.path.join(base, index.items[row].image))
-        if os.path.commonpath([base, path]) != base or not os.path.isfile(path):
+        path = policy.image_path(self.holder.image_root, index.items[row].image)
+        if path is None:  # missing, or leading out of the catalog root
             raise ApiError(404, f"no image file for item {item_id!r}")
         if os.path.getsize(path) > MAX_IMAGE_BYTES:
             raise ApiError(404, f"image of item {item_id!r} is too large to serve")
@@ -199,9 +226,13 @@ class SearchService:
                 "index_version": index.version}
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
-        """Readiness: the batch worker runs (buckets were compiled before it started)."""
-        ok = self.batcher.running
-        return ok, {"ready": ok, "index": self.holder.current.describe(),
+        """Readiness: the batch worker runs (buckets were compiled before it started) and its
+        current batch, if any, started less than ``stall_seconds`` ago (a wedged encoder or
+        search makes the instance unready, so a balancer stops sending it traffic)."""
+        stalled = self.batcher.stalled(self.stall_seconds)
+        ok = self.batcher.running and not stalled
+        return ok, {"ready": ok, "stalled": stalled, "queued": self.batcher.waiting,
+                    "index": self.holder.current.describe(),
                     "last_reload_error": self.holder.last_error}
 
     def close(self) -> None:

@@ -7,7 +7,10 @@ itself is one attribute assignment, atomic under the GIL.
 
 A load that fails — missing or unfinished directory, wrong dimension, corrupt faiss file, an
 index kind that was not built — raises :class:`ReloadError` with the reason and leaves the
-current index serving.  Reloads are serialised; a second one while a load is running is refused
+current index serving; so do the admin rules of ``policy.py`` (an index outside the index root:
+``policy.Forbidden``; another bundle's index or another catalog root: ``policy.Refused``).
+A reload without a directory re-reads the configured ``--index`` path, whatever was loaded
+since.  Reloads are serialised; a second one while a load is running is refused
 (:class:`ReloadBusy`) rather than queued, so a retry loop cannot pile loads up in memory.
 """
 
@@ -22,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from vlp_jax.serve import ann
+from vlp_jax.serve import ann, policy
 
 
 class ReloadError(Exception):
@@ -66,57 +69,79 @@ def load_index(directory: str, kind: str | None, embed_dim: int) -> ann.SearchIn
 
 
 class IndexHolder:
-    """The serving index (:attr:`current`) and its replacement (:meth:`reload`)."""
+    """The serving index (:attr:`current`) and its replacement (:meth:`reload`).
+
+    ``identity`` (``policy.bundle_identity`` of the serving bundle) makes every index, the
+    first included, prove it was embedded by that bundle; ``configured`` is the ``--index``
+    path a reload without a directory re-reads; ``index_root`` bounds reload targets
+    (default: ``configured``'s directory); ``image_root`` (default: the first index's
+    ``base_dir``) is the only catalog root an index may serve images from.
+    """
 
     def __init__(self, index: ann.SearchIndex, *, embed_dim: int, kind: str | None = None,
-                 bundle_step: int | None = None,
+                 identity: dict[str, Any] | None = None, configured: str | None = None,
+                 index_root: str | None = None, image_root: str | None = None,
                  on_swap: Callable[[Loaded], None] | None = None):
-        self.embed_dim, self.kind, self.bundle_step = embed_dim, kind, bundle_step
+        self.embed_dim, self.kind, self.identity = embed_dim, kind, identity
+        self.configured = configured or index.source
+        self.index_root = index_root or policy.default_index_root(self.configured)
+        self.image_root = image_root or index.base_dir
         self.on_swap = on_swap
         self._lock = threading.Lock()
         self.failures = 0
         self.last_error: str | None = None
+        self.check(index)
         self.current = Loaded(index, 1, time.time(), 0.0)
-        self._check_step(index)
 
-    def _check_step(self, index: ann.SearchIndex) -> str | None:
-        built = index.info.get("bundle_step")
-        if self.bundle_step is not None and built != self.bundle_step:
-            msg = (f"index {index.directory} was built with the bundle of step {built}, "
-                   f"serving step {self.bundle_step}")
-            logging.warning(msg)
-            return msg
-        return None
+    def check(self, index: ann.SearchIndex) -> None:
+        """``policy.Refused`` unless ``index`` may serve here (bundle, catalog root)."""
+        if self.identity is not None:
+            policy.check_bundle(index.info, self.identity, index.source)
+        policy.check_image_root(index.base_dir, self.image_root, index.source)
+
+    def _failed(self, target: str, e: Exception) -> None:
+        self.failures += 1
+        self.last_error = f"{type(e).__name__}: {e}"
+        logging.error("index reload from %s failed, still serving %s: %s", target,
+                      self.current.index.directory, self.last_error)
+
+    def load(self, directory: str | None = None) -> tuple[ann.SearchIndex, float]:
+        """Resolve (``policy.resolve_index``), load and check an index without serving it;
+        ``(index, seconds)``.  Raises ``policy.Forbidden``, ``policy.Refused`` or
+        :class:`ReloadError`; the current index is untouched either way."""
+        target = policy.resolve_index(directory, self.configured, self.index_root)
+        start = time.perf_counter()
+        try:
+            index = load_index(target, self.kind, self.embed_dim)
+        except Exception as e:  # noqa: BLE001 - any load failure keeps the old index
+            self._failed(target, e)
+            raise ReloadError(self.last_error) from e
+        try:
+            self.check(index)
+        except policy.Refused as e:
+            self._failed(target, e)
+            raise
+        return index, time.perf_counter() - start
+
+    def install(self, index: ann.SearchIndex, seconds: float) -> dict[str, Any]:
+        """Serve ``index`` from now on (one reference assignment); ``{"previous", "serving"}``."""
+        old = self.current
+        new = Loaded(index, old.generation + 1, time.time(), seconds)
+        self.current = new  # the swap: requests that already hold `old` keep it
+        self.last_error = None
+        logging.info("index swapped: %s (v%s, %d items) -> %s (v%s, %d items) in %.2f s",
+                     old.index.directory, old.index.version, len(old.index),
+                     index.directory, index.version, len(index), seconds)
+        if self.on_swap is not None:
+            self.on_swap(new)
+        return {"previous": old.describe(), "serving": new.describe()}
 
     def reload(self, directory: str | None = None) -> dict[str, Any]:
-        """Load ``directory`` (default: the serving index's path as given, so a flipped
-        symlink is followed) and swap to it; returns ``{"previous", "serving", ...}``."""
+        """Load ``directory`` (default: the configured ``--index`` path, so a flipped symlink
+        is followed) and swap to it; returns ``{"previous", "serving"}``."""
         if not self._lock.acquire(blocking=False):
             raise ReloadBusy("another index reload is in progress")
         try:
-            old = self.current
-            target = directory or old.index.source
-            start = time.perf_counter()
-            try:
-                index = load_index(target, self.kind, self.embed_dim)
-            except Exception as e:  # noqa: BLE001 - any load failure keeps the old index
-                self.failures += 1
-                self.last_error = f"{type(e).__name__}: {e}"
-                logging.error("index reload from %s failed, still serving %s: %s", target,
-                              old.index.directory, self.last_error)
-                raise ReloadError(self.last_error) from e
-            new = Loaded(index, old.generation + 1, time.time(), time.perf_counter() - start)
-            self.current = new  # the swap: requests that already hold `old` keep it
-            self.last_error = None
-            warning = self._check_step(index)
+            return self.install(*self.load(directory))
         finally:
             self._lock.release()
-        logging.info("index swapped: %s (v%s, %d items) -> %s (v%s, %d items) in %.2f s",
-                     old.index.directory, old.index.version, len(old.index),
-                     index.directory, index.version, len(index), new.load_seconds)
-        if self.on_swap is not None:
-            self.on_swap(new)
-        out = {"previous": old.describe(), "serving": new.describe()}
-        if warning:
-            out["warning"] = warning
-        return out

@@ -32,19 +32,18 @@ from typing import Any
 import numpy as np
 
 from vlp_jax.data import records
-from vlp_jax.serve import ann, index_files, item_embed
+from vlp_jax.serve import ann, index_files, item_embed, policy
 from vlp_jax.serve import bundle as bundle_lib
 
 
 def _load_base(directory: str, bundle: bundle_lib.Bundle) -> dict[str, Any]:
     info = ann.read_info(directory)
     legacy = int(info.get("format_version", 1)) < 2
-    made_with = info.get("bundle_created_at")
-    if (info.get("bundle_step") != bundle.step
-            or (made_with and made_with != bundle.manifest.get("created_at"))):
-        raise ValueError(f"{directory} was embedded by another bundle (step "
-                         f"{info.get('bundle_step')}, created {made_with}); mixing two models' "
-                         "embeddings in one index is meaningless: run a full build")
+    try:
+        policy.check_bundle(info, policy.bundle_identity(bundle.manifest), directory)
+    except policy.Refused as e:
+        raise ValueError(f"{e}; mixing two models' embeddings in one index is meaningless: "
+                         "run a full build") from e
     rows = ann.read_rows(directory)
     emb = np.load(os.path.join(directory, ann.EMBEDDINGS_FILE))
     if emb.shape[0] != len(rows):
@@ -160,7 +159,8 @@ def update_index_dir(bundle: bundle_lib.Bundle, items_path: str, base_index_dir:
     stats.kept = len(final_pos)
     counts = {**stats.as_dict(), "total_skipped": int(sum(stats.skipped.values()))}
     logging.info("index update: %s", summary)
-    keep_keys = ("bundle", "bundle_step", "bundle_created_at", "ann_params", "base_dir")
+    keep_keys = ("bundle", "bundle_step", "bundle_created_at", "bundle_fingerprint",
+                 "ann_params", "base_dir")
     info = index_files.write_index_dir(out_dir, embeddings=emb, ids=ids, rows=rows,
                                        indexes=indexes, tombstones=tombstones, info={
         **{k: info0[k] for k in keep_keys if k in info0},

@@ -1,0 +1,86 @@
+"""Assembling a search service: query tower + index → :class:`SearchService`, and a uvicorn
+server for it.  Shared by the single-process command line (``server.py``) and every worker
+process of ``--workers=N`` (``workers.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from vlp_jax.serve import bundle as bundle_lib
+from vlp_jax.serve import http_app, policy, protocol, swap
+from vlp_jax.serve.service import SearchService
+
+SERVE_BUCKETS = (1, 2, 4, 8, 16, 32)  # padding a batch wastes < 2x; 6 programs to compile
+
+
+def load_service(bundle_dir: str, index_dir: str, *, kind: str | None = None,
+                 num_devices: int = 1, warmup: bool = True,
+                 buckets: Sequence[int] = SERVE_BUCKETS, index_root: str | None = None,
+                 image_root: str | None = None, **options: Any) -> SearchService:
+    """Query tower + index → a running service (batch worker started; every bucket compiled
+    when ``warmup``, so the first requests do not pay for compilation).
+
+    ``index_root`` / ``image_root``: the admin rules of ``policy.py`` (defaults: the directory
+    holding ``index_dir``, the index's catalog root).  ``options``: ``max_k``, ``default_k``,
+    ``max_query_chars``, ``max_batch``, ``max_wait_ms``, ``faiss_threads``, ``max_queue``,
+    ``request_timeout_ms``, ``stall_seconds``, ``metrics``.
+    """
+    bundle = bundle_lib.load_bundle(bundle_dir, towers=("query",), num_devices=num_devices,
+                                    buckets=buckets)
+    if warmup:
+        bundle.warmup()
+    index = swap.load_index(index_dir, kind, bundle.embed_dim)
+    holder = swap.IndexHolder(index, embed_dim=bundle.embed_dim, kind=kind,
+                              identity=policy.bundle_identity(bundle.manifest),
+                              configured=index_dir, index_root=index_root,
+                              image_root=image_root)
+    return SearchService(bundle, holder, **options)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A bound TCP socket (``port=0`` picks a free one), listened on by uvicorn."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def make_server(service: SearchService, *, admin_ports: Sequence[int] = (),
+                access_log: bool = True, sighup_reload: bool = False,
+                graceful_timeout: float = 30.0, keep_alive: float = 5.0,
+                admin_token: str | None = None, max_in_flight: int = 256) -> Any:
+    """A uvicorn ``Server`` for ``service`` (run it with ``server.run(sockets=[...])``)."""
+    import uvicorn
+
+    asgi = http_app.create_app(service, admin_ports=admin_ports, access_log=access_log,
+                               sighup_reload=sighup_reload, admin_token=admin_token,
+                               max_in_flight=max_in_flight)
+
+    def rejected(status: int, client: Any) -> None:  # requests the HTTP parser refused
+        service.metrics.observe_request("unparsed", "", status, 0.0)
+        if access_log:
+            http_app.log_access(client, "", "unparsed", "", 0, status, 0, 0.0)
+
+    config = uvicorn.Config(
+        asgi, http=protocol.make_protocol(rejected), lifespan="on", access_log=False,
+        log_config=None, timeout_keep_alive=keep_alive, server_header=False,
+        timeout_graceful_shutdown=graceful_timeout, backlog=2048)
+    return uvicorn.Server(config)
+
+
+def access_log_to_stderr() -> None:
+    """Access lines are JSON documents: plain message, own handler, not absl's prefix."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    http_app.ACCESS_LOG.addHandler(handler)
+    http_app.ACCESS_LOG.setLevel(logging.INFO)
+    http_app.ACCESS_LOG.propagate = False
+
+
