@@ -1,6 +1,7 @@
 """The Beam item-embedding job equals the single-process index job (embeddings to 1e-6, same
-rows, same skip counts) on 2 DirectRunner worker processes, and resumes a single-process job's
-partial chunks, computing only the missing ones."""
+rows, same skip counts, same flat and IVF search results) on 2 DirectRunner worker processes
+reading items.jsonl in 256-byte ranges, and resumes a single-process job's partial chunks,
+computing only the missing ones."""
 
 from __future__ import annotations
 
@@ -59,10 +60,17 @@ def test_beam_embedding_equals_single_process_and_resumes(setup, tmp_path):
     assert part["complete"] is False
     info = beam_embed.build_index_dir_beam(
         bundle, items, out, ann_kind="ivf", batch_size=BATCH, chunk_size=CHUNK,
-        runner=RUNNER, pipeline_args=TWO_WORKERS, num_devices=1)
+        runner=RUNNER, pipeline_args=TWO_WORKERS, num_devices=1, range_bytes=256)
     assert info["beam"]["chunks_computed"] == info["beam"]["num_chunks"] - 1 >= 2
     assert info["counts"] == single["counts"] and info["num_items"] == single["num_items"] == 11
     assert ann.read_rows(out) == ann.read_rows(str(tmp_path / "single"))
     np.testing.assert_allclose(np.load(os.path.join(out, ann.EMBEDDINGS_FILE)),
                                np.load(tmp_path / "single" / ann.EMBEDDINGS_FILE), atol=1e-6)
     assert info["indexes"] == ["flat", "ivf"] and not os.path.exists(os.path.join(out, "chunks"))
+    # The driver streamed the chunk files into the indexes: same answers as the single job's.
+    queries = np.load(os.path.join(out, ann.EMBEDDINGS_FILE))
+    for kind in ("flat", "ivf"):
+        got = ann.SearchIndex(out, kind).search(queries, 5)
+        want = ann.SearchIndex(str(tmp_path / "single"), kind).search(queries, 5)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_allclose(got[0], want[0], atol=1e-6)

@@ -231,6 +231,12 @@ def rename(src: str, dst: str) -> None:
     FileSystems.rename([src], [dst])
 
 
+def delete(locs: Sequence[str]) -> None:
+    """Delete files (each must exist)."""
+    _ensure_options()
+    FileSystems.delete(list(locs))
+
+
 def delete_tree(loc: str) -> None:
     """Delete a folder and everything under it; nothing if it is not there."""
     target = normalize(loc)

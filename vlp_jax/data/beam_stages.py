@@ -76,30 +76,38 @@ def image_location(catalog_dir: str, rel: str) -> str:
     return os.path.join(catalog_dir, rel)
 
 
+def localize_images(catalog_dir: str, item: records.ItemMeta, local_dir: str,
+                    prefix: str = "") -> records.ItemMeta:
+    """Copy an object-store item's images into ``local_dir`` and return the item with their
+    local names (``<prefix><i><ext>``, relative to ``local_dir``); a missing object is left
+    missing, so decoding it gives the builder's ``image_missing``.  A refused key or an outage
+    raises: it must not read as missing images."""
+    local = []
+    for i, rel in enumerate(item.image_paths):
+        name = f"{prefix}{i}{os.path.splitext(rel)[1][:16]}"
+        try:
+            data = beam_io.read_bytes(image_location(catalog_dir, rel))
+        except FileNotFoundError:
+            local.append(name + ".missing")
+            continue
+        with open(os.path.join(local_dir, name), "wb") as f:
+            f.write(data)
+        local.append(name)
+    return records.ItemMeta(item.item_id, item.title, local)
+
+
 def load_item_image(catalog_dir: str, item: records.ItemMeta,
                     size: int) -> tuple[np.ndarray, list[str]]:
     """``records.load_item_image`` for a local or object-store catalog.
 
-    A remote item's images are first copied to a local temporary folder (a missing object stays
-    missing), so the decoder, the fallback order and every skip reason are the builder's own.
+    A remote item's images are first copied to a local temporary folder (:func:`localize_images`),
+    so the decoder, the fallback order and every skip reason are the builder's own.
     """
     if not beam_io.is_remote(catalog_dir) and not any(
             beam_io.is_remote(rel) for rel in item.image_paths):
         return records.load_item_image(catalog_dir, item, size)
     with tempfile.TemporaryDirectory(prefix="vlp-images-") as tmp:
-        local = []
-        for i, rel in enumerate(item.image_paths):
-            name = f"{i}{os.path.splitext(rel)[1][:16]}"
-            try:
-                data = beam_io.read_bytes(image_location(catalog_dir, rel))
-            except FileNotFoundError:  # "image_missing"; a refused key or outage still raises
-                local.append(name + ".missing")
-                continue
-            with open(os.path.join(tmp, name), "wb") as f:
-                f.write(data)
-            local.append(name)
-        return records.load_item_image(tmp, records.ItemMeta(item.item_id, item.title, local),
-                                       size)
+        return records.load_item_image(tmp, localize_images(catalog_dir, item, tmp), size)
 
 
 def merge_stats(rows: Iterable[Stat], splits: Iterable[str]) -> dict[str, records.SplitStats]:
