@@ -74,3 +74,25 @@ def test_beam_embedding_equals_single_process_and_resumes(setup, tmp_path):
         want = ann.SearchIndex(str(tmp_path / "single"), kind).search(queries, 5)
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_allclose(got[0], want[0], atol=1e-6)
+
+
+def test_ivf_training_rows_are_the_single_jobs_sample(tmp_path):
+    """Gathered chunk by chunk, in ``ann.build_index``'s order: the same trained quantizer."""
+    from vlp_jax.serve import beam_index
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(23, 4)).astype(np.float32)
+    sizes, paths, start = [5, 0, 7, 11], [], 0
+    for c, n in enumerate(sizes):
+        path = str(tmp_path / f"c{c}.npz")
+        with open(path, "wb") as f:
+            f.write(beam_index.chunk_bytes({"emb": x[start:start + n], "rows": np.arange(n),
+                                            "skipped": {}, "fixed": {}}, [{}] * n))
+        paths.append(path)
+        start += n
+    for sample in (6, 23, 50):
+        params = ann.AnnParams(train_sample=sample)
+        got = beam_index._ivf_training_rows(paths, sizes, params)
+        want = x if len(x) <= sample else x[np.random.default_rng(0).choice(len(x), sample,
+                                                                            False)]
+        np.testing.assert_array_equal(got, want)
