@@ -39,6 +39,13 @@ from absl import app, flags
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+import serve_procs  # noqa: E402
+from serve_procs import MALFORMED, plan  # noqa: E402
+
+ADMIN_TOKEN = "serve-load-benchmark-admin-token"  # the benchmark's own servers only
+OVERLOAD: dict = {}
 
 flags.DEFINE_enum("role", "driver", ["driver", "load"], "driver = everything; load = one run "
                   "(internal).")
@@ -50,6 +57,14 @@ flags.DEFINE_list("concurrency", ["1", "8", "32"], "Concurrent clients (locust u
 flags.DEFINE_float("malformed", 0.2, "Fraction of malformed requests.")
 flags.DEFINE_string("baseline_ref", "dac4320", "Commit of the old (ThreadingHTTPServer) server "
                     "('' = skip the baseline).")
+flags.DEFINE_string("asgi_ref", "f15229b", "Commit of the single-process Starlette server "
+                    "before issue 35.")
+flags.DEFINE_list("servers", ["baseline", "asgi", "new1", "new2"], "Servers to measure.")
+flags.DEFINE_integer("single_repeats", 5, "Extra 1-client runs of new1 (p50 stability).")
+flags.DEFINE_integer("single_requests", 2000, "Requests per extra 1-client run.")
+flags.DEFINE_string("overload_server", "new2", "Server given the overload burst ('' = none).")
+flags.DEFINE_float("overload_seconds", 60.0, "Overload burst length.")
+flags.DEFINE_integer("overload_connections", 400, "Connections of the overload burst.")
 flags.DEFINE_integer("seed", 0, "Request mix seed.")
 flags.DEFINE_string("out", "benchmarks/results/serve_load.json", "JSON output path.")
 # --role=load
@@ -59,46 +74,6 @@ flags.DEFINE_string("swap_to", "", "Index directory to swap to at half-time.")
 flags.DEFINE_integer("users", 1, "Concurrent users (--role=load).")
 flags.DEFINE_string("load_out", "", "Result JSON of one run (--role=load).")
 FLAGS = flags.FLAGS
-
-
-def _get(target: str, extra: bytes = b"") -> bytes:
-    return f"GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n".encode() + extra + b"\r\n"
-
-
-# Malformed request kinds: name -> raw request bytes (each must be answered 4xx).
-MALFORMED = {
-    "empty_query": _get("/search?q="),
-    "missing_query": _get("/search?k=3"),
-    "long_query": _get("/search?q=" + "x" * 300),
-    "k_zero": _get("/search?q=dress&k=0"),
-    "k_huge": _get("/search?q=dress&k=100000"),
-    "k_not_int": _get("/search?q=dress&k=ten"),
-    "bad_utf8_escape": _get("/search?q=%FF%FEdress"),
-    "bad_utf8_raw": b"GET /search?q=\xc3\x28 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-    "duplicate_q": _get("/search?q=a&q=b"),
-    "unknown_path": _get("/admin"),
-    "unknown_item": _get("/items/NOPE/image"),
-    "traversal": _get("/items/..%2F..%2Fetc%2Fpasswd/image"),
-    "huge_url": _get("/search?q=dress&pad=" + "y" * 6000),
-    "post_body": b"POST /search HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
-                 b"Connection: close\r\n\r\nhello",
-    "bad_method": b"BREW /search?q=tea HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-    "bad_version": b"GET /search?q=dress HTTP/7.0\r\nHost: t\r\n\r\n",
-    "garbage": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
-}
-
-
-def plan(total: int, malformed: float, seed: int) -> list[tuple[str, str]]:
-    """Shuffled ``(kind, target-or-latin-1 raw request)``; good targets ask for k in 1..100."""
-    import serving  # benchmarks/serving.py: query strings from the catalog vocabulary
-
-    rng = np.random.default_rng(seed)
-    num_bad = int(round(total * malformed))
-    good = [("good", f"/search?q={urllib.parse.quote(q)}&k={int(rng.integers(1, 101))}")
-            for q in serving.query_strings(total - num_bad, seed)]
-    bad = [(str(k), MALFORMED[k].decode("latin-1")) for k in rng.choice(list(MALFORMED), num_bad)]
-    items = good + bad
-    return [items[i] for i in rng.permutation(len(items))]
 
 
 # ----------------------------------------------------------------------------- one run (locust)
@@ -121,7 +96,8 @@ def load_role() -> None:
 
         start = time.perf_counter()
         conn = http.client.HTTPConnection(FLAGS.admin_url, timeout=120)
-        conn.request("POST", f"/admin/reload?index={urllib.parse.quote(FLAGS.swap_to)}")
+        conn.request("POST", f"/admin/reload?index={urllib.parse.quote(FLAGS.swap_to)}",
+                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
         resp = conn.getresponse()
         body = json.loads(resp.read())
         swap.update(at_request=state["done"], status=resp.status,
@@ -267,86 +243,84 @@ def prepare(work: str) -> dict:
             "update": info["update"], "update_seconds": info["update_seconds"]}
 
 
-def start_server(cmd: list[str], cwd: str, env: dict, log: str, url: str) -> subprocess.Popen:
-    import http.client
-
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=open(log, "w"))
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited; see {log}")
-        try:
-            conn = http.client.HTTPConnection(url, timeout=5)
-            conn.request("GET", "/healthz")
-            if conn.getresponse().status == 200:
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"server did not become healthy; see {log}")
-
-
-def _free_port() -> int:
-    from vlp_jax.serve.server import bind
-
-    with bind("127.0.0.1", 0) as s:
-        return s.getsockname()[1]
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a running process (Linux /proc), to report CPU per request."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _baseline_tree(ref: str, work: str) -> str:
+    """``vlp_jax`` of commit ``ref``, extracted once into the work dir."""
+    src = os.path.join(work, f"src_{ref}")
+    if not os.path.isdir(src):
+        os.makedirs(src)
+        archive = subprocess.run(["git", "archive", ref, "vlp_jax"], cwd=ROOT, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
+    return src
 
 
 def run_server(name: str, data: dict, work: str) -> list[dict]:
-    """All concurrency levels against one server (started once, stopped with SIGTERM)."""
-    port, admin = _free_port(), _free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    """All concurrency levels against one server (started once, stopped with SIGTERM).
+
+    ``baseline`` = the stdlib server of ``--baseline_ref``; ``asgi`` = the single-process
+    Starlette server of ``--asgi_ref``; ``new1`` / ``new2`` = this tree with 1 / 2 workers."""
+    port, admin = serve_procs.free_port(), serve_procs.free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "VLP_ADMIN_TOKEN": ADMIN_TOKEN}
     cmd = [sys.executable, "-m", "vlp_jax.serve.server", f"--bundle={data['bundle']}",
            f"--port={port}"]
+    cwd, ready, marker, swaps = ROOT, "/readyz", "", True
     if name == "baseline":
-        src = os.path.join(work, f"baseline_{FLAGS.baseline_ref}")
-        if not os.path.isdir(src):
-            os.makedirs(src)
-            archive = subprocess.run(["git", "archive", FLAGS.baseline_ref, "vlp_jax"], cwd=ROOT,
-                                     check=True, capture_output=True).stdout
-            subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
+        cwd = env["PYTHONPATH"] = _baseline_tree(FLAGS.baseline_ref, work)
         cmd.append(f"--index={data['v1_format1']}")
-        cwd, env["PYTHONPATH"] = src, src
+        ready, swaps = "/healthz", False
     else:
         cmd += [f"--index={data['v1']}", f"--admin_port={admin}"]
-        cwd = ROOT
-    proc = start_server(cmd, cwd, env, os.path.join(work, f"{name}.log"), f"127.0.0.1:{port}")
+        if name == "asgi":
+            cwd = env["PYTHONPATH"] = _baseline_tree(FLAGS.asgi_ref, work)
+        else:
+            cmd.append(f"--workers={name[3:]}")
+            marker = "workers serving" if name != "new1" else ""
+    proc = serve_procs.start_server(cmd, cwd, env, os.path.join(work, f"{name}.log"),
+                                    f"127.0.0.1:{port}", ready, marker)
     runs, target = [], data["v2"]
+    levels = [int(c) for c in FLAGS.concurrency]
+    levels += [1] * (FLAGS.single_repeats if name == "new1" else 0)
     try:
-        for users in [int(c) for c in FLAGS.concurrency]:
-            out = os.path.join(work, f"run_{name}_{users}.json")
+        for i, users in enumerate(levels):
+            repeat = i >= len(FLAGS.concurrency)
+            out = os.path.join(work, f"run_{name}_{users}{f'_r{i}' if repeat else ''}.json")
+            requests = FLAGS.single_requests if repeat else FLAGS.requests
             cmd = [sys.executable, os.path.abspath(__file__), "--role=load",
-                   f"--url=127.0.0.1:{port}", f"--users={users}", f"--requests={FLAGS.requests}",
+                   f"--url=127.0.0.1:{port}", f"--users={users}", f"--requests={requests}",
                    f"--malformed={FLAGS.malformed}", f"--seed={FLAGS.seed}", f"--load_out={out}"]
-            if name == "new":
+            if swaps and not repeat:
                 cmd += [f"--admin_url=127.0.0.1:{admin}", f"--swap_to={target}"]
                 target = data["v1"] if target == data["v2"] else data["v2"]
-            load, cpu = os.getloadavg(), _cpu_seconds(proc.pid)
+            load, cpu = os.getloadavg(), serve_procs.cpu_seconds(proc.pid)
             client = resource.getrusage(resource.RUSAGE_CHILDREN)
-            subprocess.run(cmd, cwd=ROOT, check=True)
+            subprocess.run(cmd, cwd=ROOT, check=True, env=env)
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             with open(out) as f:
-                runs.append({"server": name, "load_average_before": [round(x, 2) for x in load],
-                             **json.load(f)})
-            ms = {"server": _cpu_seconds(proc.pid) - cpu, "client": after.ru_utime
+                runs.append({"server": name, "repeat": repeat,
+                             "load_average_before": [round(x, 2) for x in load], **json.load(f)})
+            r = runs[-1]
+            ms = {"server": serve_procs.cpu_seconds(proc.pid) - cpu, "client": after.ru_utime
                   + after.ru_stime - client.ru_utime - client.ru_stime}  # client incl. startup
-            runs[-1]["cpu_ms_per_request"] = {k: round(v * 1000 / FLAGS.requests, 3)
-                                              for k, v in ms.items()}
-            print(name, users, {k: runs[-1][k] for k in ("requests_per_s", "good_latency_ms",
-                                                          "num_5xx", "failed_good")}, flush=True)
+            good = sum(n for s, n in r["by_kind"].get("good", {}).items() if s == "200")
+            r["cpu_ms_per_request"] = {k: round(v * 1000 / requests, 3) for k, v in ms.items()}
+            r["server_cpu_ms_per_good_request"] = round(ms["server"] * 1000 / max(good, 1), 3)
+            print(name, users, {k: r[k] for k in ("requests_per_s", "good_latency_ms",
+                                                  "num_5xx", "failed_good",
+                                                  "server_cpu_ms_per_good_request")}, flush=True)
+        if name == FLAGS.overload_server and FLAGS.overload_seconds > 0:
+            top = max(r["requests_per_s"] for r in runs) * (1 - FLAGS.malformed)
+            out = os.path.join(work, f"overload_{name}.json")
+            subprocess.run([sys.executable, os.path.join(HERE, "serve_overload.py"),
+                            f"--url=127.0.0.1:{port}", f"--pid={proc.pid}",
+                            f"--connections={FLAGS.overload_connections}",
+                            f"--seconds={FLAGS.overload_seconds}", f"--capacity={top:.1f}",
+                            f"--out={out}"], cwd=ROOT, check=True)
+            with open(out) as f:
+                OVERLOAD[name] = json.load(f)
     finally:
         start = time.perf_counter()
         proc.terminate()  # SIGTERM: the new server drains and exits 0
-        code = proc.wait(60)
+        code = proc.wait(90)
         for r in runs:
             r["server_exit"] = {"code": code, "seconds": round(time.perf_counter() - start, 2)}
     return runs
@@ -359,24 +333,27 @@ def main(argv: list[str]) -> None:
     load_start = [round(x, 2) for x in os.getloadavg()]
     work = FLAGS.work_dir
     data = prepare(work)
-    runs = (run_server("baseline", data, work) if FLAGS.baseline_ref else []) + run_server(
-        "new", data, work)
-    by = {(r["server"], r["concurrency"]): r for r in runs}
-    top = max(int(c) for c in FLAGS.concurrency)
-    ratio = (by[("new", top)]["requests_per_s"] / by[("baseline", top)]["requests_per_s"]
-             if ("baseline", top) in by else None)
+    runs = [r for name in FLAGS.servers for r in run_server(name, data, work)]
+    main_runs = [r for r in runs if not r["repeat"]]
     failures = sum(r["num_5xx"] + r["num_no_response"] + r["failed_good"] + r["malformed_2xx"]
-                   for r in runs)
+                   for r in main_runs)
+    singles = [r["good_latency_ms"]["p50"] for r in runs
+               if r["server"] == "new1" and r["concurrency"] == 1]
+    cpu = {name: float(np.median([r["server_cpu_ms_per_good_request"] for r in main_runs
+                                  if r["server"] == name])) for name in FLAGS.servers}
     result = {"num_items": FLAGS.num_items, "requests_per_run": FLAGS.requests,
               "malformed": FLAGS.malformed, "malformed_kinds": len(MALFORMED), "k": "1..100",
-              "baseline_ref": FLAGS.baseline_ref, "prepare": data, "runs": runs,
-              "load_average_start": load_start,
+              "baseline_ref": FLAGS.baseline_ref, "asgi_ref": FLAGS.asgi_ref, "prepare": data,
+              "runs": runs, "overload": OVERLOAD, "load_average_start": load_start,
               "load_average_end": [round(x, 2) for x in os.getloadavg()],
               "cpu_count": os.cpu_count(),
-              "summary": {"throughput_ratio_at_max_concurrency": ratio and round(ratio, 2),
-                          "failures": failures}}
+              "summary": {"failures": failures,
+                          "median_server_cpu_ms_per_good_request": cpu,
+                          "single_client_p50_ms_runs": singles,
+                          "single_client_p50_ms_median": float(np.median(singles))
+                          if singles else None}}
     print(f"{'server':>9} {'clients':>7} {'req/s':>7} {'good p50':>8} {'p90':>7} {'p99':>7} "
-          f"{'5xx':>4} {'no resp':>7} {'bad good':>8} {'swap':>14} {'srv cpu ms':>10} "
+          f"{'5xx':>4} {'no resp':>7} {'bad good':>8} {'swap':>14} {'cpu/good':>8} "
           f"{'load avg':>8}")
     for r in runs:
         lat, sw = r["good_latency_ms"], r["swap"]
@@ -384,9 +361,9 @@ def main(argv: list[str]) -> None:
         print(f"{r['server']:>9} {r['concurrency']:>7} {r['requests_per_s']:>7.1f} "
               f"{lat.get('p50', 0):>8.2f} {lat.get('p90', 0):>7.2f} {lat.get('p99', 0):>7.2f} "
               f"{r['num_5xx']:>4} {r['num_no_response']:>7} {r['failed_good']:>8} {swap:>14} "
-              f"{r['cpu_ms_per_request']['server']:>10.2f} {r['load_average_before'][0]:>8.2f}")
-    print("throughput ratio at", top, "clients:", result["summary"]["throughput_ratio_at_max_"
-                                                                  "concurrency"])
+              f"{r['server_cpu_ms_per_good_request']:>8.2f} {r['load_average_before'][0]:>8.2f}")
+    print("median server CPU ms per good request:", cpu)
+    print("single-client p50 ms (new1):", singles)
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w") as f:
         json.dump(result, f, indent=2)

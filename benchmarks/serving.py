@@ -121,7 +121,7 @@ def synthetic_index_dir(out: str, bundle, catalog: list[dict], base_dir: str,
     import faiss
 
     from vlp_jax.data import records
-    from vlp_jax.serve import index_files, item_embed
+    from vlp_jax.serve import index_files, item_embed, policy
 
     n, params = len(catalog), ann.AnnParams()
     emb = clustered_vectors(rng, n, bundle.embed_dim)
@@ -134,6 +134,7 @@ def synthetic_index_dir(out: str, bundle, catalog: list[dict], base_dir: str,
         "complete": True, "version": 1, "next_id": n, "ann_trained_items": n,
         "ann_params": dict(vars(params)), "base_dir": base_dir, "bundle": bundle.path,
         "bundle_step": bundle.step, "bundle_created_at": bundle.manifest.get("created_at"),
+        "bundle_fingerprint": policy.bundle_fingerprint(bundle.manifest),
         "build_seconds": seconds, "synthetic_embeddings": "clustered"})
     if legacy_copy:
         os.makedirs(legacy_copy, exist_ok=True)

@@ -114,7 +114,7 @@ def _define_flags() -> None:
     flags.DEFINE_float("keep_alive", 5.0, "Seconds an idle keep-alive connection stays open.")
     flags.DEFINE_integer("max_in_flight", 256, "Searches + image reads handled at once per "
                          "worker; more are answered 503 with Retry-After.")
-    flags.DEFINE_integer("max_queue", 128, "Searches waiting for the batch worker; more are "
+    flags.DEFINE_integer("max_queue", 64, "Searches waiting for the batch worker; more are "
                          "answered 503 with Retry-After.")
     flags.DEFINE_float("request_timeout_ms", 1000.0, "A search not answered in this time is "
                        "answered 504.")

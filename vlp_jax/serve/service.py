@@ -96,7 +96,7 @@ class SearchService:
 
     def __init__(self, bundle: bundle_lib.Bundle, holder: swap.IndexHolder, *, max_k: int = 100,
                  default_k: int = 10, max_query_chars: int = 256, max_batch: int = 32,
-                 max_wait_ms: float = 2.0, faiss_threads: int = 1, max_queue: int = 128,
+                 max_wait_ms: float = 2.0, faiss_threads: int = 1, max_queue: int = 64,
                  request_timeout_ms: float = 1000.0, stall_seconds: float = 10.0,
                  metrics: metrics_lib.Metrics | None = None):
         if not 1 <= default_k <= max_k:

@@ -122,7 +122,9 @@ class Supervisor:
         manifest_path = os.path.join(opts.bundle, "manifest.json")
         with open(manifest_path) as f:
             self.identity = policy.bundle_identity(json.load(f))
-        self.image_root = image_root or ann.read_info(opts.index)["base_dir"]
+        info = ann.read_info(opts.index)
+        self.image_root = image_root or info["base_dir"]
+        self.version = int(info.get("version", 1))
         opts.load_kwargs.update(index_root=self.index_root, image_root=self.image_root)
         self.current = opts.index  # what a (re)started worker loads
         self.generation = 1
@@ -236,11 +238,15 @@ class Supervisor:
             for w in self.workers:
                 w.conn.send(("commit", gen))
             acks = self._collect(gen, "committed", time.monotonic() + self.swap_timeout)
+            previous = {"directory": self.current, "version": self.version}
             self.generation, self.current, self.last_error = gen, path, None
+            self.version = int(info.get("version", 1))
             for i, err in acks.items():
                 if err:
                     self._restart(i, f"did not commit generation {gen}: {err}")
             return {"directory": path, "generation": gen, "workers": len(self.workers),
+                    "previous": previous, "serving": {"directory": path, "version": self.version,
+                                                      "generation": gen},
                     "commit_seconds": round(time.monotonic() - start, 4),
                     "restarted": sorted(i for i, e in acks.items() if e)}
         finally:
