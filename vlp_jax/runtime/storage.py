@@ -71,6 +71,25 @@ def call_with_deadline(fn: Callable[[], T], seconds: float, what: str) -> T:
     return result["value"]  # type: ignore[return-value]
 
 
+_UNREACHABLE_TYPES = ("ConnectionError", "ClientConnectorError", "ServerDisconnectedError",
+                      "RetryError", "ConnectTimeout", "EndpointConnectionError")
+
+
+def is_unreachable(err: BaseException | None) -> bool:
+    """True if ``err``'s chain says a storage endpoint could not be reached (refused
+    connection, client retries exhausted) — as opposed to a missing object or a full disk."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, ConnectionError) or any(
+                cls.__name__ in _UNREACHABLE_TYPES for cls in type(err).__mro__):
+            return True
+        if "connection refused" in str(err).lower():
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def is_disk_full(err: BaseException | None) -> bool:
     """True if ``err`` or any exception it was raised from is a full disk or quota."""
     seen: set[int] = set()

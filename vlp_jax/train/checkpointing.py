@@ -183,6 +183,10 @@ class Checkpointer:
         except Exception as err:
             if storage.is_disk_full(err):
                 raise self._save_failed(step, storage.reason(err)) from err
+            if storage.is_unreachable(err):
+                raise self._timed_out(step, storage.StorageTimeoutError(
+                    f"saving checkpoint step {step} to {self.directory} failed: the storage "
+                    f"cannot be reached ({storage.reason(err)})")) from err
             raise
         self._unverified = step if saved else None
         if saved:
@@ -278,17 +282,25 @@ class Checkpointer:
         """Wait for the save in flight; raise ``DiskFullError`` if it could not be completed
         (the incomplete step is deleted first, the older ones are untouched)."""
         step, self._unverified = self._unverified, None
+
+        def finish() -> bool:
+            self.manager.wait_until_finished()
+            return step is None or self.is_complete(step)
+
         try:
-            storage.call_with_deadline(
-                self.manager.wait_until_finished, self.timeout,
-                f"writing checkpoint step {step} to {self.directory}")
+            complete = storage.call_with_deadline(
+                finish, self.timeout, f"writing checkpoint step {step} to {self.directory}")
         except storage.StorageTimeoutError as err:
             raise self._timed_out(step, err) from err
         except Exception as err:
             if step is not None and storage.is_disk_full(err):
                 raise self._save_failed(step, storage.reason(err)) from err
+            if storage.is_unreachable(err):
+                raise self._timed_out(step, storage.StorageTimeoutError(
+                    f"writing checkpoint step {step} to {self.directory} failed: the storage "
+                    f"cannot be reached ({storage.reason(err)})")) from err
             raise
-        if step is not None and not _all_processes_ok(self.is_complete(step)):
+        if step is not None and not _all_processes_ok(complete):
             raise self._save_failed(step, f"the save did not complete ({COMMIT_MARKER} missing)")
 
     def _save_failed(self, step: int, why: str) -> storage.DiskFullError:
@@ -320,7 +332,8 @@ class Checkpointer:
         usable = (f"the newest complete checkpoint before it (step {max(older)}) is untouched"
                   if older else "there is no earlier complete checkpoint")
         return storage.StorageTimeoutError(
-            f"{err} (checkpoint.save_timeout_s); is the storage of {self.workdir} reachable? "
+            f"{err} (deadline: checkpoint.save_timeout_s); is the storage of {self.workdir} "
+            "reachable? "
             f"The unfinished step is never resumed from and {usable}: once the storage is back, "
             "rerun the same command to resume.")
 

@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 
-from vlp_jax.runtime import fs, object_store
+from vlp_jax.runtime import fs, object_store, storage
 
 LOCK_NAME = "train.lock"
 DEFAULT_LEASE_SECONDS = 600.0
@@ -190,16 +190,27 @@ class WorkdirLock:
             except Exception as err:  # noqa: BLE001 - a store hiccup: try again next beat
                 logging.warning("workdir lock heartbeat failed (will retry): %s", err)
 
-    def release(self) -> None:
+    def release(self, timeout: float = 15.0) -> None:
+        """Delete the lock if it is still ours.  Best effort and bounded: it runs in ``finally``
+        blocks, where an unreachable store must neither hide the error being raised nor hold
+        the process (a lock left behind goes stale: dead pid, or no heartbeat within its lease)."""
         if not self._held:
             return
         self._held = False
         self._stop.set()
         if self._beat is not None:
-            self._beat.join(timeout=10)
-        found = self._read()
-        if found is not None and self._mine(found[0]):
-            fs.remove(self.path)
+            self._beat.join(timeout=timeout)
+
+        def remove_if_mine() -> None:
+            found = self._read()
+            if found is not None and self._mine(found[0]):
+                fs.remove(self.path)
+
+        try:
+            storage.call_with_deadline(remove_if_mine, timeout, f"releasing {self.path}")
+        except Exception as err:  # noqa: BLE001
+            logging.warning("workdir lock %s not released (%s); the next run takes it over once "
+                            "it is stale", self.path, storage.reason(err))
 
     def __enter__(self) -> WorkdirLock:
         self.acquire()
