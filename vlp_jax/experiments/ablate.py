@@ -256,7 +256,7 @@ def run_grid(jobs: Sequence[RunJob], runner: Runner, log: Callable[[str], None] 
     for i, job in enumerate(todo):
         meta = read_meta(job.run_dir) or {"variant": job.variant, "seed": job.seed,
                                           "overrides": _jsonable(job.overrides), "attempts": []}
-        if hashes is not None and "stamp" not in meta:
+        if hashes is not None and "stamp" not in meta and not meta["attempts"]:  # new runs only
             meta["stamp"] = stamps.new_stamp(job.run_dir, job.variant, job.seed,
                                              hashes[job.run_dir], grid_name)
             _write_meta(job.run_dir, meta)

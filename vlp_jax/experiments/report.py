@@ -220,13 +220,14 @@ def _markdown(grid: grids.Grid, runs: Sequence[dict[str, Any]], summary: dict[st
               claims: Sequence[dict[str, Any]], variants: Sequence[str], seeds: Sequence[int],
               command: str, devices: int, notes: str) -> str:
     slices = slices_of(runs)
+    split = grid.common.get("eval.split", "test")  # what each run's eval/recall.json holds
     lines = [f"# Ablation: grid `{grid.name}`", "",
              f"Command: `{command}`", "",
              f"Budget: {grid.budget_note.rstrip('.')}. Seeds {list(seeds)} (train.seed: "
              f"parameter init, masking, data order); data and catalog identical for every "
              f"run; {devices} fake CPU devices per run. Finished runs: {len(runs)}.", "",
              "Recall@K = |relevant ∩ top-K| / min(|relevant|, K) per query, averaged over the "
-             "test queries; candidates = every item of the catalog.", "",
+             f"{split} queries; candidates = every item of the catalog.", "",
              "## Claims", "",
              "Verdict: **reproduced** if mean(A) − mean(B) > std(A) + std(B); **not reproduced** "
              "if mean(B) − mean(A) > std(A) + std(B); **inconclusive** if the mean ± std spreads "
@@ -331,6 +332,7 @@ def write_report(workdir: str, grid: grids.Grid, jobs: Sequence[Any], command: s
     claims = [c for c in judge_claims(grid, runs) if c["a"] in variants and c["b"] in variants]
     payload = {
         "grid": grid.name, "command": command, "budget": grid.budget_note, "devices": devices,
+        "eval_split": grid.common.get("eval.split", "test"),
         "seeds": seeds, "common_overrides": json.loads(json.dumps(grid.common, default=str)),
         "variants": {v.name: {"description": v.description,
                               "overrides": json.loads(json.dumps(v.overrides, default=str))}
