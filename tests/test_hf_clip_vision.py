@@ -15,9 +15,8 @@ import vision_helpers as vh
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from vlp_jax.convert import hf_bert, hf_vision, pretrained
+from vlp_jax.convert import hf_vision, pretrained
 from vlp_jax.convert.text_encoder import restore_params
-from vlp_jax.data import tokenizer as tokenizer_lib
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -86,43 +85,8 @@ def test_full_clip_model_folder_maps_like_the_vision_model(tmp_path):
 
 
 # ---------------------------------------------------------------------- text_init + image_init
-CORPUS = ["red striped cotton shirt", "blue denim jeans", "white leather sneakers",
-          "vintage wool scarf warm winter gift"]
-
-
-def _bert(tmp_path, width: int) -> str:
-    """A random BERT of ``width`` (2 layers) written as an HF folder and converted."""
-    src, out = tmp_path / f"bert{width}", tmp_path / f"bert{width}_converted"
-    src.mkdir()
-    tok = tokenizer_lib.train_wordpiece(CORPUS, 120, str(src))
-    vocab, inter, rng = len(tok), 2 * width, np.random.default_rng(width)
-    t = {"embeddings.word_embeddings.weight": (vocab, width),
-         "embeddings.position_embeddings.weight": (40, width),
-         "embeddings.token_type_embeddings.weight": (2, width),
-         "embeddings.LayerNorm.weight": (width,), "embeddings.LayerNorm.bias": (width,)}
-    for i in range(2):
-        p = f"encoder.layer.{i}."
-        for name, shape in {"attention.self.query": (width, width),
-                            "attention.self.key": (width, width),
-                            "attention.self.value": (width, width),
-                            "attention.output.dense": (width, width),
-                            "intermediate.dense": (inter, width),
-                            "output.dense": (width, inter)}.items():
-            t[p + name + ".weight"], t[p + name + ".bias"] = shape, shape[:1]
-        for name in ("attention.output.LayerNorm", "output.LayerNorm"):
-            t[p + name + ".weight"], t[p + name + ".bias"] = (width,), (width,)
-    tensors = {k: (rng.standard_normal(s) * 0.3).astype(np.float32) for k, s in t.items()}
-    save_file(tensors, str(src / "model.safetensors"))
-    with open(src / "config.json", "w") as f:
-        json.dump({"model_type": "bert", "vocab_size": vocab, "hidden_size": width,
-                   "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": inter,
-                   "max_position_embeddings": 40, "type_vocab_size": 2}, f)
-    hf_bert.convert(str(src), str(out))
-    return str(out)
-
-
 def test_text_and_image_init_together_follow_the_documented_rule(tmp_path):
-    text_dir = _bert(tmp_path, 32)
+    text_dir = vh.write_tiny_bert(str(tmp_path / "bert"), 32)
     config = vh.image_config(vh.CLIP_DIR, text_init=text_dir)
     config, _, params = vh.imported(config)
     m = config.model
@@ -155,6 +119,6 @@ def test_text_and_image_init_together_follow_the_documented_rule(tmp_path):
 
 
 def test_text_and_image_widths_must_match(tmp_path):
-    config = vh.image_config(vh.CLIP_DIR, text_init=_bert(tmp_path, 16))
+    config = vh.image_config(vh.CLIP_DIR, text_init=vh.write_tiny_bert(str(tmp_path / "bert"), 16))
     with pytest.raises(ValueError, match="has width 16 but model.image_init=.* has width 32"):
         pretrained.configure_text_init(config)

@@ -8,10 +8,12 @@ import os
 
 import jax
 import numpy as np
+from safetensors.numpy import save_file
 from scipy.special import erf
 
 from configs import tiny
-from vlp_jax.convert import pretrained
+from vlp_jax.convert import hf_bert, pretrained
+from vlp_jax.data import tokenizer as tokenizer_lib
 from vlp_jax.data.preprocess import image_to_patches
 from vlp_jax.models import make_model
 from vlp_jax.models.build import dummy_batch
@@ -20,6 +22,42 @@ DATA = os.path.join(os.path.dirname(__file__), "data")
 VIT_DIR = os.path.join(DATA, "vit_tiny")
 CLIP_DIR = os.path.join(DATA, "clip_vision_tiny")
 PATCH = 8
+
+
+CORPUS = ["red striped cotton shirt", "blue denim jeans", "white leather sneakers",
+          "vintage wool scarf warm winter gift"]
+
+
+def write_tiny_bert(out: str, width: int, max_len: int = 80) -> str:
+    """A random 2-layer BERT of ``width`` as an HF folder ``out + "_hf"`` (WordPiece vocab
+    trained on a few phrases), converted into ``out`` by ``vlp_jax.convert.hf_bert``."""
+    src = out + "_hf"
+    os.makedirs(src, exist_ok=True)
+    tok = tokenizer_lib.train_wordpiece(CORPUS, 120, src)
+    vocab, inter, rng = len(tok), 2 * width, np.random.default_rng(width)
+    t = {"embeddings.word_embeddings.weight": (vocab, width),
+         "embeddings.position_embeddings.weight": (max_len, width),
+         "embeddings.token_type_embeddings.weight": (2, width),
+         "embeddings.LayerNorm.weight": (width,), "embeddings.LayerNorm.bias": (width,)}
+    for i in range(2):
+        p = f"encoder.layer.{i}."
+        for name, shape in {"attention.self.query": (width, width),
+                            "attention.self.key": (width, width),
+                            "attention.self.value": (width, width),
+                            "attention.output.dense": (width, width),
+                            "intermediate.dense": (inter, width),
+                            "output.dense": (width, inter)}.items():
+            t[p + name + ".weight"], t[p + name + ".bias"] = shape, shape[:1]
+        for name in ("attention.output.LayerNorm", "output.LayerNorm"):
+            t[p + name + ".weight"], t[p + name + ".bias"] = (width,), (width,)
+    tensors = {k: (rng.standard_normal(s) * 0.3).astype(np.float32) for k, s in t.items()}
+    save_file(tensors, os.path.join(src, "model.safetensors"))
+    with open(os.path.join(src, "config.json"), "w") as f:
+        json.dump({"model_type": "bert", "vocab_size": vocab, "hidden_size": width,
+                   "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": inter,
+                   "max_position_embeddings": max_len, "type_vocab_size": 2}, f)
+    hf_bert.convert(src, out, overwrite=True)
+    return out
 
 
 def reference() -> dict[str, np.ndarray]:

@@ -95,9 +95,13 @@ def configure_text_init(config: ml_collections.ConfigDict) -> ml_collections.Con
         overrides = _text_overrides(config, directory)
     if image_dir:
         image = image_init.image_init_overrides(image_dir, config)
+        query = _query_keeps_text(config, directory) if directory else {}
         if directory:
             _check_same_width(overrides, image, directory, image_dir)
-            overrides.update(_query_keeps_text(config, directory))
+        if not query:  # a query tower the text checkpoint does not keep: the image layout
+            query = {f"model.query_{k}": image[f"model.{k}"] for k in image_init.LAYOUT_KEYS
+                     if f"query_{k}" in m}
+        overrides.update(query)
         overrides.update(image)
     config = copy.deepcopy(config)
     with config.unlocked():
