@@ -197,3 +197,41 @@ def test_declared_grids_are_valid_and_committed_literally():
         protocol.ProtocolGrid(grids.Grid("x", grids.MICRO_COMMON, VARIANTS, ()), ())
     with pytest.raises(ValueError, match="cannot reach alpha=0.05 with sign_flip"):
         protocol.Declared("x", "t", ("cand1",), "base", seeds=4, test="sign_flip")
+
+
+def _flat(cfg, prefix=""):
+    out = {}
+    for k, v in cfg.items():
+        if hasattr(v, "items"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_mpm_baseline_differs_in_the_loss_weight_only():
+    """``none_masked`` sees the same masked images as ``mpmr`` (the model keeps MPM on, so the
+    item tower gets the patch mask); the resolved configs differ in one field."""
+    from vlp_jax.models.build import make_model
+
+    base = ablate.load_config_file("configs/base.py")
+    pg = declared.MPM_CLOSEUP
+    cfg = {v.name: ablate.apply_overrides(base, grids.run_overrides(pg.grid, v, 0))
+           for v in pg.grid.variants}
+    a, b = _flat(cfg["mpmr"]), _flat(cfg["none_masked"])
+    assert {k for k in a if a[k] != b[k]} == {"loss.mpm_weight"}
+    assert make_model(cfg["none_masked"], 100).mpm_type == "contrastive"  # input masked
+    assert make_model(cfg["none"], 100).mpm_type == "none"  # the old arm: unmasked input
+
+
+def test_protocol_catalog_generated_once(tmp_path):
+    spec = {"num_items": 40, "seed": 1, "image_size": 16, "num_eval_queries": 6,
+            "object_scale": (1.1, 1.4), "text_noise": "realistic"}
+    out = protocol.ensure_catalog(spec, str(tmp_path))
+    assert out == protocol.catalog_dir(spec, str(tmp_path)) and "object_scale-1.1-1.4" in out
+    with open(os.path.join(out, "catalog_info.json")) as f:
+        info = json.load(f)
+    assert info["object_scale"] == [1.1, 1.4] and info["text_noise"] == "realistic"
+    stamp = os.stat(os.path.join(out, "items.jsonl")).st_mtime_ns
+    assert protocol.ensure_catalog(spec, str(tmp_path)) == out
+    assert os.stat(os.path.join(out, "items.jsonl")).st_mtime_ns == stamp  # not regenerated
