@@ -1,0 +1,100 @@
+"""Beam jobs with no shared disk: the dataset build and the embedding job read their inputs from
+and write their outputs to s3:// (the SeaweedFS server the suite starts, credentials enforced,
+endpoint and keys given as Beam's own ``--s3_*`` pipeline options) on 2 DirectRunner worker
+processes, and give what the local single-process build and index job give: the same records
+split by split, the same vocabulary byte for byte, the same report counts, the same embeddings
+(1e-6), rows and skip counts, and an index the search code loads."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("apache_beam", reason="Beam is the optional extra: pip install -e '.[beam]'")
+
+from test_beam_build import TIMING, _records, catalog  # noqa: E402,F401 (module fixture)
+from test_beam_embed import BATCH, CHUNK, setup  # noqa: E402,F401 (module fixture)
+from test_builder import S  # noqa: E402
+
+from vlp_jax.data import beam_build, beam_io, builder  # noqa: E402
+from vlp_jax.serve import ann, beam_embed, index  # noqa: E402
+
+RUNNER = "FnApiRunner"
+
+
+def _options(store) -> list[str]:
+    return [f"--s3_endpoint_url={store.endpoint}",
+            f"--s3_access_key_id={store.env['AWS_ACCESS_KEY_ID']}",
+            f"--s3_secret_access_key={store.env['AWS_SECRET_ACCESS_KEY']}",
+            "--s3_region_name=us-east-1",
+            "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+
+
+def _report_counts(report: dict) -> dict:
+    """The report without timings and the two fields that name locations."""
+    return {k: v for k, v in report.items()
+            if k not in TIMING + ("catalog_dir", "config_name")}
+
+
+def test_beam_build_on_s3_equals_local_build(s3, catalog, tmp_path):  # noqa: F811
+    args = _options(s3)
+    beam_io.configure(args)
+    root = s3.uri()
+    beam_io.upload_tree(catalog, f"{root}/catalog")
+    single = builder.build_dataset(catalog, str(tmp_path / "single"), image_size=S,
+                                   vocab_size=300)
+    remote = beam_build.build_dataset_beam(f"{root}/catalog", f"{root}/data", image_size=S,
+                                           vocab_size=300, runner=RUNNER, pipeline_args=args,
+                                           chunk_bytes=512)
+    assert not remote.cache_hit and remote.dataset_dir.startswith(f"{root}/data/vlp_catalog/")
+    assert remote.report["beam"]["item_blocks"] >= 2  # really split between tasks
+    # Only the finished dataset is left on the store: no stage folder, no temporary shard.
+    left = beam_io.glob(f"{root}/data/**")
+    assert all(p.startswith(remote.dataset_dir + "/") for p in left), left
+    assert not [p for p in left if "/shard-" in p or ".tmp" in p], left
+    local = beam_io.download_tree(remote.dataset_dir, str(tmp_path / "copy"))
+    got = builder.load_dataset(local)
+    assert _records(got) == _records(single)
+    assert _report_counts(got.report) == _report_counts(single.report)
+    assert got.report["catalog_dir"] == f"{root}/catalog"
+    for name in sorted(os.listdir(single.tokenizer_dir)):
+        with open(os.path.join(single.tokenizer_dir, name), "rb") as f:
+            assert beam_io.read_bytes(f"{remote.tokenizer_dir}/{name}") == f.read(), name
+    # A second call finds the finished build on the store (build_report.json present).
+    again = beam_build.build_dataset_beam(f"{root}/catalog", f"{root}/data", image_size=S,
+                                          vocab_size=300, runner=RUNNER, pipeline_args=args)
+    assert again.cache_hit and again.dataset_dir == remote.dataset_dir
+
+
+def test_beam_embedding_on_s3_equals_local_index_job(s3, setup, tmp_path):  # noqa: F811
+    catalog_dir, bundle = setup
+    args = _options(s3)
+    beam_io.configure(args)
+    root = s3.uri()
+    beam_io.upload_tree(catalog_dir, f"{root}/catalog")
+    beam_io.upload_tree(bundle.path, f"{root}/export")
+    single = index.build_index_dir(bundle, os.path.join(catalog_dir, "items.jsonl"),
+                                   str(tmp_path / "single"), ann_kind="ivf", batch_size=BATCH,
+                                   chunk_size=CHUNK, progress=False)
+    info = beam_embed.build_index_dir_beam(
+        bundle, f"{root}/catalog/items.jsonl", f"{root}/index", ann_kind="ivf",
+        bundle_loc=f"{root}/export", batch_size=BATCH, chunk_size=CHUNK, runner=RUNNER,
+        pipeline_args=args, num_devices=1, range_bytes=512)
+    assert info["beam"]["chunks_computed"] == info["beam"]["num_chunks"] >= 2
+    assert info["counts"] == single["counts"] and info["num_items"] == single["num_items"]
+    assert info["base_dir"] == f"{root}/catalog" and info["bundle"] == f"{root}/export"
+    local = beam_io.download_tree(f"{root}/index", str(tmp_path / "copy"))
+    assert sorted(os.listdir(local)) == sorted(
+        [ann.EMBEDDINGS_FILE, ann.ITEMS_FILE, ann.INFO_FILE, "index_flat.faiss",
+         "index_ivf.faiss"])  # the chunks are gone
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "source"}  # noqa: E731
+                          for r in rows]
+    assert strip(ann.read_rows(local)) == strip(ann.read_rows(str(tmp_path / "single")))
+    emb = np.load(os.path.join(local, ann.EMBEDDINGS_FILE))
+    np.testing.assert_allclose(emb, np.load(tmp_path / "single" / ann.EMBEDDINGS_FILE),
+                               atol=1e-6)
+    got = ann.SearchIndex(local, "ivf").search(emb, 5)
+    want = ann.SearchIndex(str(tmp_path / "single"), "ivf").search(emb, 5)
+    np.testing.assert_array_equal(got[1], want[1])
