@@ -15,10 +15,10 @@ other SIGABRT handler (faulthandler) and took a DNS failure or a connect timeout
 
 Now the training process keeps the default SIGABRT action (and faulthandler, if enabled):
 ``abort()`` ends it at once. Beforehand, in normal Python context, its watchdog hands the
-supervisor what it will need through a pipe (:func:`publish`: the coordinator's address and the
-watchdog's line, with process 0's pid and host; :func:`announce` in the others).
-The supervisor, the parent, sees the child die of SIGABRT and decides by one probe
-(:func:`verdict`):
+supervisor what it will need through a pipe (:func:`publish` in processes 1…N−1: the
+coordinator's address and the watchdog's line, with process 0's pid and host; :func:`announce`
+in process 0 or a single process). The supervisor, the parent, sees the child die of SIGABRT
+and decides by one probe (:func:`verdict`):
 
 * the address refuses the connection (ECONNREFUSED on every address it resolves to) → nothing
   listens: process 0 is gone; print the line, exit 8;
