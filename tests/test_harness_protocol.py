@@ -156,7 +156,8 @@ def test_select_on_valid_confirm_on_test_once(finished, tmp_path, monkeypatch):
     # Per-query: 8 queries, hits averaged over the 3 seeds, resampled.
     assert row["num_queries"] == 8 and row["query_ci95"][0] > 0
     with open(paths[1]) as f:
-        assert "| c1 | 2020-01-01T00:00:00Z" in f.read()
+        md = f.read()
+    assert "| c1 | 2020-01-01T00:00:00Z" in md and "paired_t α=0.05 (≥ 2 seeds), p=0.010" in md
     # Once: a changed valid ranking may not be confirmed on the same test split again.
     for j in jobs:
         if j.variant == "cand1":

@@ -357,8 +357,8 @@ def grid_command(args: Sequence[str]) -> str:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required")
+    if not FLAGS.workdir or (FLAGS.confirm and FLAGS.report_only):
+        raise app.UsageError("--workdir is required; --confirm cannot go with --report_only")
     grid, pg = declared.lookup(FLAGS.grid)
     base = load_config_file(FLAGS.base_config)
     extra = parse_set_flags(FLAGS.set)

@@ -300,7 +300,8 @@ def declared_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {r['claim_id']} | {decl} | `{r['selected']}` | `{r['baseline']}` | "
             f"{r['metric']} {r['slice']} | {_fmt_list(r.get('deltas', []))} | "
-            f"{r['test']} α={r['alpha']}, p={r.get('p_greater', math.nan):.3f} | "
+            f"{r['test']} α={r['alpha']} (≥ {verdict.min_seeds(r['test'], r['alpha'])} "
+            f"seeds), p={r.get('p_greater', math.nan):.3f} | "
             f"**{r['verdict']}** | "
             f"{f'[{ci[0]:+.3f}, {ci[1]:+.3f}]' if ci else '–'} | {r.get('old_rule', '–')} |")
     lines += ["", "Runs per claim: " + "; ".join(
