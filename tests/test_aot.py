@@ -71,6 +71,14 @@ def test_bad_topology_names_say_how_to_write_one(name, hint):
         topology.parse_name(name)
 
 
+def test_accelerator_type_names_the_slice_compiled_for():
+    # set for libtpu's start-up, which otherwise warns that it cannot find them (docs/aot.md)
+    assert topology.accelerator_type("v5e", 256) == "v5litepod-256"
+    assert topology.accelerator_type("v4", 128) == "v4-256"  # v4 / v5p count TensorCores
+    assert topology.accelerator_type("v5p", 64) == "v5p-128"
+    assert topology.accelerator_type("v6e", 64) == "v6e-64"
+
+
 def test_unknown_generation_and_missing_libtpu_are_clear(monkeypatch):
     with pytest.raises(ValueError, match="no chip figures for TPU generation 'v9z'"):
         topology.get_topology("v9z:2x2")

@@ -64,6 +64,13 @@ def parse_name(name: str) -> tuple[str, tuple[int, ...]]:
     return match.group(1), tuple(int(x) for x in match.group(2).split("x"))
 
 
+def accelerator_type(generation: str, num_chips: int) -> str:
+    """Cloud TPU's accelerator-type name of a slice (v4 and v5p count TensorCores)."""
+    prefix = {"v5e": "v5litepod"}.get(generation, generation)
+    cores = 2 * num_chips if generation in chips.MEGACORE else num_chips
+    return f"{prefix}-{cores}"
+
+
 def get_topology(name: str) -> Topology:
     """The compile-only devices of ``name``; raises ``TopologyError`` with what to do."""
     generation, dims = parse_name(name)
@@ -75,6 +82,12 @@ def get_topology(name: str) -> Topology:
     # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) meant for processes that drive
     # real chips; compile-only processes share nothing, so several may load it at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # libtpu's start-up asks the cloud metadata server which slice it is part of; on a machine
+    # that is not a TPU VM it prints "could not determine TPU accelerator type / worker
+    # hostnames" warnings and an INVALID_ARGUMENT trace.  A compile-only topology uses neither
+    # value (the compiled program is byte-identical either way): name the slice compiled for.
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type(generation, math.prod(dims)))
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     from jax.experimental import topologies
 
     kwargs = {"chip_config_name": "megacore"} if generation in chips.MEGACORE else {}
