@@ -2,6 +2,7 @@
 results.json, refusal of copied / relabelled / swapped runs unless declared reused, selection on
 valid, confirmation on test once, exploratory marking from the claim's commit time."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -40,7 +41,7 @@ def _write(run_dir, sub, payload):
 
 def _claims_repo(tmp_path, date):
     """A git repository whose claims file was committed at ``date`` (committer time)."""
-    repo = tmp_path / "claims"
+    repo = tmp_path / f"claims{date[:4]}"
     repo.mkdir()
     path = repo / "claims.py"
     path.write_text('Declared(claim_id="c1")\n')
@@ -52,10 +53,11 @@ def _claims_repo(tmp_path, date):
     return str(path)
 
 
-def _protocol_grid(source_file, reused=()):
-    claim = protocol.Declared(claim_id="c1", text="a candidate beats base",
-                              candidates=("cand1", "cand2"), baseline="base", seeds=3,
-                              reused=reused)
+CLAIM = protocol.Declared(claim_id="c1", text="a candidate beats base",
+                          candidates=("cand1", "cand2"), baseline="base", seeds=3)
+
+
+def _protocol_grid(source_file, claim=CLAIM):
     return protocol.ProtocolGrid(grids.Grid("proto", COMMON, VARIANTS, ()), (claim,), None,
                                  source_file)
 
@@ -67,7 +69,8 @@ def finished(tmp_path):
     jobs = ablate.plan_runs(grid, 3, str(tmp_path / "w"), "configs/base.py")
     hashes = ablate.job_hashes(jobs, ablate.load_config_file("configs/base.py"))
     ablate.run_grid(jobs, lambda j: _write(j.run_dir, "eval", _recall("valid", VALID[j.variant])),
-                    log=lambda m: None, hashes=hashes, grid_name="proto")
+                    log=lambda m: None, hashes=hashes,
+                    stamp_fields={"grid": "proto", "claims": {"c1": protocol.claim_hash(CLAIM)}})
     return grid, jobs, hashes
 
 
@@ -176,6 +179,16 @@ def test_runs_before_the_declaration_are_exploratory(finished, tmp_path, monkeyp
     row = protocol.judge(later, later.claims[0], runs, "cand2", report.classify)
     assert set(row["runs"].values()) == {"exploratory (started before the claim was declared)"}
     assert row["verdict"].startswith("untestable: 0 of 3 declared seeds admissible")
+    # Declared in time, but edited after the runs started (another metric): they do not count.
+    source = _claims_repo(tmp_path, "2020-01-01T00:00:00Z")
+    edited = _protocol_grid(source, dataclasses.replace(CLAIM, metric="R@1"))
+    row = protocol.judge(edited, edited.claims[0], runs, "cand2", report.classify)
+    assert set(row["runs"].values()) == {
+        "exploratory (the claim was absent or different when the run started)"}
+    assert protocol.claim_hash(dataclasses.replace(CLAIM, reused=("base/seed0",))) == (
+        protocol.claim_hash(CLAIM))  # declaring reuse later is allowed
+    row = protocol.judge(_protocol_grid(source), CLAIM, runs, "cand2", report.classify)
+    assert row["verdict"] == "reproduced"
     uncommitted = _protocol_grid(str(tmp_path / "nowhere.py"))
     assert protocol.declaration(uncommitted, uncommitted.claims[0]) is None
     assert stamps.is_exploratory(runs[0]["stamp"], None)

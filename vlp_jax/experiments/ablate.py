@@ -231,7 +231,7 @@ def _recall_line(run_dir: str) -> str:
 
 
 def run_grid(jobs: Sequence[RunJob], runner: Runner, log: Callable[[str], None] = print,
-             hashes: dict[str, str] | None = None, grid_name: str = ""
+             hashes: dict[str, str] | None = None, stamp_fields: dict[str, Any] | None = None
              ) -> dict[str, list[RunJob]]:
     """Run every unfinished job; returns ``{"executed", "skipped", "failed"}`` job lists.
 
@@ -258,7 +258,7 @@ def run_grid(jobs: Sequence[RunJob], runner: Runner, log: Callable[[str], None] 
                                           "overrides": _jsonable(job.overrides), "attempts": []}
         if hashes is not None and "stamp" not in meta and not meta["attempts"]:  # new runs only
             meta["stamp"] = stamps.new_stamp(job.run_dir, job.variant, job.seed,
-                                             hashes[job.run_dir], grid_name)
+                                             hashes[job.run_dir], **(stamp_fields or {}))
             _write_meta(job.run_dir, meta)
         started = stamps.now()
         resumed = " (resuming)" if meta["attempts"] else ""
@@ -377,8 +377,10 @@ def main(argv: Sequence[str]) -> None:
             protocol.ensure_catalog(pg.catalog, base.data.cache_dir)
         lock = acquire_lock(FLAGS.workdir)
         try:
+            fields = {"grid": grid.name, "claims": {c.claim_id: protocol.claim_hash(c)
+                                                    for c in (pg.claims if pg else ())}}
             failed = run_grid(jobs, subprocess_runner(FLAGS.devices), hashes=hashes,
-                              grid_name=grid.name)["failed"]
+                              stamp_fields=fields)["failed"]
             if FLAGS.confirm:
                 confirm_grid(pg, grid, jobs, hashes, FLAGS.workdir, FLAGS.devices)
         finally:

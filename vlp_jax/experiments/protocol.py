@@ -19,6 +19,8 @@ the claim, and not exploratory (started after the claim's declaration commit).  
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -90,6 +92,13 @@ def declaration(pg: ProtocolGrid, claim: Declared) -> dict[str, Any] | None:
     return stamps.declaration_time(f'claim_id="{claim.claim_id}"', pg.source_file)
 
 
+def claim_hash(claim: Declared) -> str:
+    """SHA-256 of the claim's definition (all fields but ``reused``): stamped into each run at
+    its start, so a claim edited after its runs began cannot count them."""
+    fields = {k: v for k, v in dataclasses.asdict(claim).items() if k != "reused"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
 def admissible(run: dict[str, Any], claim: Declared, declared: dict[str, Any] | None
                ) -> tuple[bool, str]:
     """(counts for the claim?, status) of one run record (``report.collect_runs``)."""
@@ -102,6 +111,8 @@ def admissible(run: dict[str, Any], claim: Declared, declared: dict[str, Any] | 
         status = "ok"
     if stamps.is_exploratory(run.get("stamp"), declared):
         return False, "exploratory (started before the claim was declared)"
+    if (run.get("stamp") or {}).get("claims", {}).get(claim.claim_id) != claim_hash(claim):
+        return False, "exploratory (the claim was absent or different when the run started)"
     return True, status
 
 

@@ -78,9 +78,11 @@ def file_sha256(path: str) -> str | None:
         return None
 
 
-def new_stamp(run_dir: str, variant: str, seed: int, cfg_hash: str, grid: str) -> dict[str, Any]:
-    """The stamp of a run about to start for the first time."""
-    return {"run_id": uuid.uuid4().hex, "run_dir": os.path.abspath(run_dir), "grid": grid,
+def new_stamp(run_dir: str, variant: str, seed: int, cfg_hash: str, **fields: Any
+              ) -> dict[str, Any]:
+    """The stamp of a run about to start for the first time; ``fields``: e.g. ``grid`` and
+    ``claims`` (``{claim_id: protocol.claim_hash}`` of the claims declared at the start)."""
+    return {"run_id": uuid.uuid4().hex, "run_dir": os.path.abspath(run_dir), **fields,
             "variant": variant, "seed": seed, "config_hash": cfg_hash, **git_commit(),
             "machine": machine(), "started_at": now()}
 
