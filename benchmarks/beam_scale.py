@@ -9,6 +9,10 @@ queries, encoded with the bundle's query tower.
 
     python benchmarks/beam_scale.py --num_items=1000000 --workers=1,2
     python benchmarks/beam_scale.py --num_items=20000 --out=benchmarks/results/beam_scale_20k.json
+    # the same jobs with catalog, bundle and outputs on s3:// (a SeaweedFS server on
+    # 127.0.0.1, started here as the tests start it), alternating with local runs
+    python benchmarks/beam_scale.py --num_items=2000 --workers=2 --stores=local,s3 --rounds=2 \
+        --out=benchmarks/results/beam_s3_2k.json
 
 ``--bundle=RUN/export`` embeds with a trained bundle; without it an untrained
 ``configs/base.py`` model is exported (same shapes, so the same speed; its recall figure is on
@@ -47,6 +51,9 @@ flags.DEFINE_integer("ivf_nprobe", 16, "IVF cells probed per query.")
 flags.DEFINE_string("bundle", "", "Serving bundle ('' = untrained configs/base.py).")
 flags.DEFINE_string("workdir", "", "Scratch directory ('' = a new temporary one).")
 flags.DEFINE_string("out", "benchmarks/results/beam_scale.json", "JSON output path.")
+flags.DEFINE_list("stores", ["local"], "Where catalog, bundle and outputs are: local and/or s3 "
+                  "(a local SeaweedFS server; no recall measured there: same embeddings).")
+flags.DEFINE_integer("rounds", 1, "Repeat the (store x workers) runs, alternating, for medians.")
 
 
 def _rss_mb(proc: psutil.Process) -> float:
@@ -167,32 +174,86 @@ def main(argv: list[str]) -> None:
         bundle = serving.untrained_bundle(os.path.join(work, "bundle"))
     result["bundle"] = FLAGS.bundle or "untrained configs/base.py"
     _save(result)
-    for w in (int(x) for x in FLAGS.workers):
-        opts = ["--", f"--direct_num_workers={w}", "--direct_running_mode=multi_processing"]
-        build = run_stage([py, "-m", "vlp_jax.data.build", f"--catalog_dir={catalog}",
-                           f"--data_dir={work}/tfds_w{w}", f"--image_size={FLAGS.image_size}",
-                           f"--chunk_mb={FLAGS.chunk_mb}", "--runner=DirectRunner", *opts])
-        beam = build["summary"].get("beam") or {}
-        write = beam.get("write_seconds") or (build["summary"]["build_seconds"] - beam.get(
-            "check_seconds", 0) - beam.get("tokenizer_seconds", 0))
-        build["items_per_sec"] = round(n / build["seconds"], 1)
-        build["check_items_per_sec"] = round(n / beam["check_seconds"], 1) if beam else None
-        build["write_items_per_sec"] = round(n / write, 1) if write > 0 else None
-        index_dir = os.path.join(work, f"index_w{w}")
-        embed = run_stage([py, "-m", "vlp_jax.serve.beam_embed", f"--bundle={bundle}",
-                           f"--items={catalog}/items.jsonl", f"--out={index_dir}", "--ann=ivf",
-                           f"--ivf_nprobe={FLAGS.ivf_nprobe}", f"--chunk_size={FLAGS.chunk_size}",
-                           f"--batch_size={FLAGS.batch_size}", "--num_devices=1",
-                           "--overwrite", *opts])
-        embed["items_per_sec"] = round(n / embed["seconds"], 1)
-        embed["embed_items_per_sec"] = embed["summary"]["beam"]["items_per_sec"]
-        result[f"workers_{w}"] = {"build": build, "embed_and_index": embed,
-                                  "recall": recall_vs_exact(index_dir, bundle, catalog)}
-        print(json.dumps(result[f"workers_{w}"], indent=1))
-        _save(result)
+    s3 = _start_s3(work, catalog, bundle) if "s3" in FLAGS.stores else None
+    if s3 is not None:
+        result["s3_upload_seconds"] = s3["upload_seconds"]
+    try:
+        for r in range(FLAGS.rounds):
+            for w in (int(x) for x in FLAGS.workers):
+                for store in FLAGS.stores:
+                    key = f"workers_{w}" if store == "local" else f"{store}_workers_{w}"
+                    if FLAGS.rounds > 1:
+                        key += f"_round_{r}"
+                    result[key] = _measure(py, work, n, catalog, bundle, w, store, s3)
+                    print(json.dumps(result[key], indent=1))
+                    _save(result)
+    finally:
+        if s3 is not None:
+            s3["store"].stop()
     result["load_average_at_end"] = [round(x, 1) for x in os.getloadavg()]
     _save(result)
     print(f"wrote {FLAGS.out}")
+
+
+def _start_s3(work: str, catalog: str, bundle: str) -> dict:
+    """The tests' SeaweedFS server (tests/object_stores.py) with the catalog and the bundle
+    uploaded; its environment exported, so the stages' subprocesses find it too."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from object_stores import export_env, start_s3
+
+    from vlp_jax.data import beam_io
+
+    store = start_s3()
+    export_env(store)
+    opts = [f"--s3_endpoint_url={store.endpoint}",
+            f"--s3_access_key_id={store.env['AWS_ACCESS_KEY_ID']}",
+            f"--s3_secret_access_key={store.env['AWS_SECRET_ACCESS_KEY']}",
+            "--s3_region_name=us-east-1"]
+    beam_io.configure(opts)
+    root = store.uri()
+    start = time.perf_counter()
+    beam_io.upload_tree(catalog, f"{root}/catalog")
+    beam_io.upload_tree(bundle, f"{root}/bundle")
+    return {"store": store, "root": root, "options": opts,
+            "upload_seconds": round(time.perf_counter() - start, 2)}
+
+
+def _measure(py: str, work: str, n: int, catalog: str, bundle: str, w: int, store: str,
+             s3: dict | None) -> dict:
+    """One Beam build and one Beam embedding + index with ``w`` workers on ``store``."""
+    opts = ["--", f"--direct_num_workers={w}", "--direct_running_mode=multi_processing"]
+    tag = f"{store}_w{w}_{time.time_ns()}"
+    if store == "local":
+        where = {"catalog": catalog, "bundle": bundle, "data": f"{work}/tfds_w{w}",
+                 "index": os.path.join(work, f"index_w{w}")}
+    else:
+        assert s3 is not None, store
+        where = {"catalog": f"{s3['root']}/catalog", "bundle": f"{s3['root']}/bundle",
+                 "data": f"{s3['root']}/{tag}/tfds", "index": f"{s3['root']}/{tag}/index"}
+        opts += s3["options"]
+    if store == "local" and FLAGS.rounds > 1:  # every round builds anew, as on the store
+        where["data"] = f"{work}/{tag}/tfds"
+    build = run_stage([py, "-m", "vlp_jax.data.build", f"--catalog_dir={where['catalog']}",
+                       f"--data_dir={where['data']}", f"--image_size={FLAGS.image_size}",
+                       f"--chunk_mb={FLAGS.chunk_mb}", "--runner=DirectRunner", *opts])
+    beam = build["summary"].get("beam") or {}
+    write = beam.get("write_seconds") or (build["summary"]["build_seconds"] - beam.get(
+        "check_seconds", 0) - beam.get("tokenizer_seconds", 0))
+    build["items_per_sec"] = round(n / build["seconds"], 1)
+    build["check_items_per_sec"] = round(n / beam["check_seconds"], 1) if beam else None
+    build["write_items_per_sec"] = round(n / write, 1) if write > 0 else None
+    embed = run_stage([py, "-m", "vlp_jax.serve.beam_embed", f"--bundle={where['bundle']}",
+                       f"--items={where['catalog']}/items.jsonl", f"--out={where['index']}",
+                       "--ann=ivf", f"--ivf_nprobe={FLAGS.ivf_nprobe}",
+                       f"--chunk_size={FLAGS.chunk_size}", f"--batch_size={FLAGS.batch_size}",
+                       "--num_devices=1", "--overwrite", *opts])
+    embed["items_per_sec"] = round(n / embed["seconds"], 1)
+    embed["embed_items_per_sec"] = embed["summary"]["beam"]["items_per_sec"]
+    out = {"store": store, "build": build, "embed_and_index": embed,
+           "load_average": [round(x, 1) for x in os.getloadavg()]}
+    if store == "local":
+        out["recall"] = recall_vs_exact(where["index"], bundle, catalog)
+    return out
 
 
 def _save(result: dict) -> None:

@@ -18,7 +18,7 @@ from test_beam_build import TIMING, _records, catalog  # noqa: E402,F401 (module
 from test_beam_embed import BATCH, CHUNK, setup  # noqa: E402,F401 (module fixture)
 from test_builder import S  # noqa: E402
 
-from vlp_jax.data import beam_build, beam_io, builder  # noqa: E402
+from vlp_jax.data import beam_build, beam_io, builder, remote_build  # noqa: E402
 from vlp_jax.serve import ann, beam_embed, index  # noqa: E402
 
 RUNNER = "FnApiRunner"
@@ -47,25 +47,28 @@ def test_beam_build_on_s3_equals_local_build(s3, catalog, tmp_path):  # noqa: F8
                                    vocab_size=300)
     remote = beam_build.build_dataset_beam(f"{root}/catalog", f"{root}/data", image_size=S,
                                            vocab_size=300, runner=RUNNER, pipeline_args=args,
-                                           chunk_bytes=512)
-    assert not remote.cache_hit and remote.dataset_dir.startswith(f"{root}/data/vlp_catalog/")
+                                           chunk_bytes=512, staging_dir=str(tmp_path / "st"))
+    assert not remote.cache_hit and remote.location.startswith(f"{root}/data/vlp_catalog/")
     assert remote.report["beam"]["item_blocks"] >= 2  # really split between tasks
-    # Only the finished dataset is left on the store: no stage folder, no temporary shard.
-    left = beam_io.glob(f"{root}/data/**")
-    assert all(p.startswith(remote.dataset_dir + "/") for p in left), left
+    # On the store: the committed attempt and its marker only (no stage folder, no temporary
+    # shard), in the single-process build's layout.
+    left = sorted(p[len(remote.location) + 1:] for p in beam_io.glob(f"{root}/data/**"))
+    assert left[0] == remote_build.MARKER and all(
+        p.startswith(remote.files_at[len(remote.location) + 1:] + "/") for p in left[1:]), left
     assert not [p for p in left if "/shard-" in p or ".tmp" in p], left
-    local = beam_io.download_tree(remote.dataset_dir, str(tmp_path / "copy"))
-    got = builder.load_dataset(local)
+    # Read back as training reads it: staged, verified against the marker, counts checked.
+    got = builder.load_dataset(remote.location, staging_dir=str(tmp_path / "st"))
     assert _records(got) == _records(single)
     assert _report_counts(got.report) == _report_counts(single.report)
     assert got.report["catalog_dir"] == f"{root}/catalog"
     for name in sorted(os.listdir(single.tokenizer_dir)):
         with open(os.path.join(single.tokenizer_dir, name), "rb") as f:
             assert beam_io.read_bytes(f"{remote.tokenizer_dir}/{name}") == f.read(), name
-    # A second call finds the finished build on the store (build_report.json present).
-    again = beam_build.build_dataset_beam(f"{root}/catalog", f"{root}/data", image_size=S,
-                                          vocab_size=300, runner=RUNNER, pipeline_args=args)
-    assert again.cache_hit and again.dataset_dir == remote.dataset_dir
+    # Either engine finds the other's committed build: the single-process entry point too.
+    again = builder.build_dataset(f"{root}/catalog", f"{root}/data", image_size=S,
+                                  vocab_size=300, staging_dir=str(tmp_path / "st"))
+    assert again.cache_hit and again.location == remote.location
+    assert again.files_at == remote.files_at
 
 
 def test_beam_embedding_on_s3_equals_local_index_job(s3, setup, tmp_path):  # noqa: F811

@@ -32,10 +32,9 @@ unchanged.  The report adds a ``beam`` section (runner, options, blocks, stage t
 
 **Object stores** (``beam_io``: every file through Beam's ``FileSystems``).  The catalog, its
 images and ``data_dir`` may be ``gs://`` or ``s3://``; workers then share no disk.  With a remote
-``data_dir`` the stage folder is on the store and the workers upload finished shards there; the
-driver writes TFDS's metadata, the tokenizer and the report to a local folder and uploads them
-to the dataset folder last, ``build_report.json`` after everything else — its presence is what
-"complete" means to every reader (``beam_remote``).
+``data_dir`` the stage folder is on the store, the workers upload finished shards into the
+build's attempt folder, and the driver uploads TFDS's metadata, the tokenizer and the report
+and commits the attempt with the single-process build's marker (``beam_remote``).
 """
 
 from __future__ import annotations
@@ -66,20 +65,20 @@ class VLPCatalogBeam(builder.VLPCatalog, skip_registration=True):
     """``VLPCatalog`` whose splits are computed by Beam; same name, so the same folder.
 
     ``shard_dir``: where finished shards go when it is not TFDS's own folder (an object-store
-    dataset folder; the stage folder is then made beside it, on the store, too).
+    attempt folder); ``stage_dir``: the stage folder then (on the store too; deleted after).
     """
 
     name = "vlp_catalog"
 
     def __init__(self, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  pipeline_args: Sequence[str] = (), shard_dir: str | None = None,
-                 **kwargs: Any):
+                 stage_dir: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         if chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
         self._chunk_bytes = int(chunk_bytes)
         self._pipeline_args = list(pipeline_args)
-        self._shard_dir = shard_dir
+        self._shard_dir, self._remote_stage = shard_dir, stage_dir
 
     def _generate_splits(self, dl_manager: Any, download_config: Any) -> list[Any]:
         """Check (pipeline 1), tokenizer (driver), write (pipeline 2): the splits' infos.
@@ -88,14 +87,14 @@ class VLPCatalogBeam(builder.VLPCatalog, skip_registration=True):
         encoded ``items`` split in the driver's memory on a local runner (``beam_write``).
         """
         cfg = self.builder_config
-        if self._shard_dir is None:
+        if self._remote_stage is None:
             self._stage_dir = tempfile.mkdtemp(prefix="stage-", dir=os.fspath(self.data_dir))
-        else:  # on the store, beside the dataset folder; unique per attempt
-            self._stage_dir = beam_io.normalize(f"{self._shard_dir}.stage-{os.urandom(8).hex()}")
+        else:
+            self._stage_dir = beam_io.normalize(self._remote_stage)
         try:
             return self._check_and_write(cfg, download_config)
         finally:
-            if self._shard_dir is not None:
+            if self._remote_stage is not None:
                 beam_io.delete_tree(self._stage_dir)
 
     def _check_and_write(self, cfg: Any, download_config: Any) -> list[Any]:
@@ -299,23 +298,25 @@ def build_dataset_beam(
     runner: str = "DirectRunner",
     pipeline_args: Sequence[str] = (),
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    staging_dir: str = "",
 ) -> builder.DatasetHandle:
     """``builder.build_dataset`` through Beam: same folder, records and report counts.
 
     ``pipeline_args`` are Beam pipeline options as on a command line (``--project=...``,
     ``--direct_num_workers=2``, ``--s3_endpoint_url=...``); a finished build of the same inputs
-    is reused, whichever engine made it.  With a ``gs://``/``s3://`` catalog or ``data_dir``
-    the build runs through ``beam_remote`` and the handle names the object-store folder (its
-    ``sources`` are empty: stage the folder to read it).
+    is reused, whichever engine made it.  The catalog may be on ``gs://``/``s3://``; with
+    ``data_dir`` there too the build goes through ``beam_remote`` and the handle names the
+    committed build without opening it (``sources`` empty; ``builder.load_dataset(
+    handle.location)`` stages it for reading).
     """
     options = beam_io.configure(pipeline_args)
     factory = functools.partial(VLPCatalogBeam, chunk_bytes=chunk_bytes,
                                 pipeline_args=pipeline_args)
-    if beam_io.is_remote(catalog_dir) or beam_io.is_remote(data_dir):
+    if beam_io.is_remote(data_dir):
         from vlp_jax.data import beam_remote
 
         return beam_remote.build_remote(catalog_dir, data_dir, image_size, tokenizer,
-                                        vocab_size, factory, runner, options)
+                                        vocab_size, factory, runner, options, staging_dir)
     return builder.build_dataset(
         catalog_dir, data_dir, image_size, tokenizer, vocab_size, builder_cls=factory,
-        beam_runner=runner, beam_options=options)
+        beam_runner=runner, beam_options=options, staging_dir=staging_dir)
