@@ -9,6 +9,9 @@
     python -m vlp_jax.data.build --catalog_dir=/mnt/catalog --data_dir=/mnt/tfds \
         --runner=FlinkRunner -- --flink_master=HOST:8081 --environment_type=LOOPBACK
 
+``--catalog_dir``, ``--data_dir`` and ``--tokenizer`` may be gs:// or s3:// URIs; the in-process
+build then publishes the build to the store with a commit marker (docs/pods_data.md).
+
 Everything after ``--`` is passed to Beam as pipeline options.  ``--runner=`` (empty) builds in
 this process with ``builder.build_dataset``.  With ``--config`` the catalog, cache folder,
 image size and vocabulary come from the config (``--config.data.*`` overrides), so training
@@ -18,10 +21,11 @@ with that config reuses the build.  Prints a JSON summary.
 from __future__ import annotations
 
 import json
-import os
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from vlp_jax.runtime import fs
 
 FLAGS = flags.FLAGS
 
@@ -55,7 +59,7 @@ def _settings() -> dict:
     data = config.data
     return {"catalog_dir": FLAGS.catalog_dir or data.catalog_dir
             or dataset.builtin_catalog_dir(data),
-            "data_dir": FLAGS.data_dir or os.path.join(dataset.cache_root(data), "tfds"),
+            "data_dir": FLAGS.data_dir or fs.join(dataset.cache_root(data), "tfds"),
             "image_size": data.image_size, "tokenizer": data.tokenizer,
             "vocab_size": data.vocab_size}
 
@@ -66,9 +70,10 @@ def _main(argv: list[str]) -> None:
     if not FLAGS.runner:
         if pipeline_args:
             raise app.UsageError(f"pipeline options {pipeline_args} need a --runner")
-        from vlp_jax.data import builder
+        from vlp_jax.data import builder, dataset
 
-        handle = builder.build_dataset(**settings)
+        staging_dir = dataset.staging_dir(FLAGS.config.data) if FLAGS.config else ""
+        handle = builder.build_dataset(**settings, staging_dir=staging_dir)
     else:
         try:
             from vlp_jax.data import beam_build
@@ -80,8 +85,8 @@ def _main(argv: list[str]) -> None:
             chunk_bytes=max(1, int(FLAGS.chunk_mb * (1 << 20))))
     report = handle.report
     print(json.dumps({
-        "dataset_dir": handle.dataset_dir, "cache_hit": handle.cache_hit,
-        "splits": {k: len(v) for k, v in handle.sources.items()},
+        "dataset_dir": handle.location, "cache_hit": handle.cache_hit,
+        "splits": {k: v["kept"] for k, v in report["splits"].items()},
         "total_skipped": report["total_skipped"], "build_seconds": report["build_seconds"],
         "items_per_sec": report["items_per_sec"], "beam": report.get("beam")}, indent=2))
 

@@ -54,6 +54,7 @@ from vlp_jax.data.fingerprint import BUILD_FORMAT, catalog_fingerprint
 from vlp_jax.runtime import fs
 
 _IMAGE_BLOCK = 256  # images decoded per thread-pool round (bounds memory of in-flight arrays)
+_REMOTE_IMAGE_THREADS = 16  # image reads in flight from a gs:// / s3:// catalog
 
 
 def catalog_features() -> tfds.features.FeaturesDict:
@@ -154,6 +155,8 @@ class VLPCatalog(tfds.core.GeneratorBasedBuilder):
             mode="w+", dtype=np.uint8, shape=(max(len(candidates), 1), s, s, 3),
         )
         workers = cfg.num_workers or min(8, os.cpu_count() or 1)
+        if not cfg.num_workers and fs.is_remote(cfg.catalog_dir):
+            workers = _REMOTE_IMAGE_THREADS  # one GET per image: latency, not CPU, bounds it
 
         def load(item: records.ItemMeta) -> tuple[np.ndarray | None, list[str]]:
             try:
