@@ -58,34 +58,61 @@ def run_cell(config: str, bank: int, topo: str, batch: int, hlo_root: str) -> st
     return f"{path}: exit {proc.returncode} in {time.time() - start:.0f} s"
 
 
+def cell_estimate(config: str, r: dict) -> dict:
+    """The report's ``aot.estimate`` of its train step; recomputed (model FLOPs from the
+    config at the cell's batch and bank) for cells saved before the estimator existed."""
+    p = r["programs"][0]
+    if "estimate" in p:
+        return p["estimate"]
+    sys.path.insert(0, ROOT)
+    import importlib
+
+    from vlp_jax.aot import estimate
+    from vlp_jax.convert import pretrained
+
+    cfg = importlib.import_module(f"configs.{config}").get_config()
+    cfg.train.batch_size = r["config"]["batch_size"]
+    cfg.negatives.bank_size = r["config"]["bank_size"]
+    cfg = pretrained.configure_text_init(cfg)
+    n = r["data_devices"]
+    flops = estimate.train_model_flops(cfg, r["config"]["vocab_size"])["total"] / n
+    return estimate.estimate(p, r["chip"], n, flops)
+
+
 def _row(config: str, bank: int, topo: str) -> str:
     path = cell_path(config, bank, topo)
+    blank = "| | | | | | |"
     if not os.path.exists(path):
-        return f"| {topo} | {config} | {bank:,} | (not compiled) | | | | | | |"
+        return f"| {topo} | {config} | {bank:,} | (not compiled) | {blank}"
     r = json.load(open(path))
     if "programs" not in r:
         first = r["error"].splitlines()[1 if len(r["error"].splitlines()) > 1 else 0].strip()
-        return f"| {topo} | {config} | {bank:,} | — | config error: {first} | | | | | |"
+        return f"| {topo} | {config} | {bank:,} | — | config error: {first} {blank}"
     p = r["programs"][0]
     hbm = r["chip"]["hbm_bytes"] / 2**30
     if "error" in p:
         need = p.get("required_bytes")
         used = (f"needs {need / 2**30:.1f} (temporaries) of {p['available_bytes'] / 2**30:.2f}"
                 if need else "—")
-        return f"| {topo} | {config} | {bank:,} | {used} | **no** | | | | | |"
+        return f"| {topo} | {config} | {bank:,} | {used} | **no** {blank}"
+    e = cell_estimate(config, r)
     ag, ar = p["collectives"]["all-gather"], p["collectives"]["all-reduce"]
-    src = "cost model" if p["step_time_source"].startswith("cost") else "roofline"
+    lo, hi = (t * 1e3 for t in e["step_seconds_range"])
+    rps, mfu = e["rows_per_second_range"], e["mfu_range"]
+    cm = e["cost_model_seconds"]
+    cost_model = f"{cm * 1e3:.2f}" if cm > 0 else f"unusable ({cm:.3g} s)"
     return (f"| {topo} | {config} | {bank:,} | {p['total_bytes'] / 2**30:.2f} of {hbm:.0f} | "
             f"{'yes' if p['fits'] else '**no**'} | {ag['count']} ({ag['bytes'] / 2**20:.2f}) | "
             f"{ar['count']} ({ar['bytes'] / 2**20:.2f}) | "
-            f"{p['step_seconds'] * 1e3:.2f} ({src}) | "
-            f"{p['rows_per_second']:,.0f} | {p['mfu']:.0%} |")
+            f"{lo:.2f}–{hi:.2f} ({e['bound_lower']} / {e['bound_upper']}) | "
+            f"{rps[0]:,.0f}–{rps[1]:,.0f} | {mfu[0]:.0%}–{mfu[1]:.0%} | {cost_model} |")
 
 
 def table() -> str:
     head = ["| topology | config | bank | HBM per device (GiB) | fits | all-gathers per step "
-            "(MiB per device) | all-reduces (MiB) | est. step (ms) | est. pairs/s | est. MFU |",
-            "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+            "(MiB per device) | all-reduces (MiB) | est. step (ms), low–high (bound at each "
+            "end) | est. pairs/s | MFU (model FLOPs) | XLA cost model (ms) |",
+            "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     rows = [_row(c, b, t) for t in TOPOLOGIES for c in CONFIGS for b in BANKS]
     return "\n".join(head + rows)
 

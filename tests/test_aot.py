@@ -4,6 +4,7 @@ divisibility errors naming config fields, the step-time estimate and the chip ta
 The golden compile for a real topology (libtpu) is in ``test_aot_golden.py``.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import sys
 import jax
 import pytest
 
-from vlp_jax.aot import analysis, chips, hlo, report, topology
+from vlp_jax.aot import analysis, chips, estimate, hlo, report, topology
 
 _HLO = "\n".join([
     'HloModule jit_step, is_scheduled=true, entry_computation_layout={(f32[8]{0})->f32[8]{0}}',
@@ -116,17 +117,61 @@ def test_invalid_config_fails_before_any_compile(tiny_config, monkeypatch):
         report.build_report(tiny_config, "v5e:2x2", programs=("train", "nope"))
 
 
-def test_step_time_uses_the_cost_model_only_when_it_is_usable():
-    chip = chips.chip_for("v5e")
-    coll = {"all-gather": {"count": 1, "bytes": int(4e9)}}
-    cost = {"flops": 197e12 * 0.010, "bytes accessed": 819e9 * 0.002, "optimal_seconds": -3.0}
-    t = analysis.timing(cost, coll, chip, rows=1000, devices=4)
-    assert t["step_time_source"].startswith("roofline")
-    assert t["step_seconds"] == pytest.approx(0.010)  # max(compute 10 ms, HBM 2, ICI 10)
-    assert t["mfu"] == pytest.approx(1.0) and t["rows_per_second"] == pytest.approx(1e5)
-    cost["optimal_seconds"] = 0.02
-    t = analysis.timing(cost, coll, chip, rows=1000, devices=4)
-    assert t["step_time_source"].startswith("cost model") and t["mfu"] == pytest.approx(0.5)
+def _program(**kw):
+    p = {"rows": 1000, "flops_per_device": 197e12 * 0.012, "bytes_accessed_per_device": 819e9
+         * 0.050, "optimal_seconds": -3.0, "alias_bytes": int(1e9), "argument_bytes": int(1.1e9),
+         "output_bytes": int(1e9), "temp_bytes": int(2e9),
+         "collective_list": [{"kind": "all-reduce", "bytes": int(1e9), "executions": 1},
+                             {"kind": "all-gather", "bytes": int(4e8), "executions": 2}]}
+    p.update(kw)
+    return p
+
+
+def test_estimator_bounds_terms_and_names_the_dominating_one():
+    chip = dataclasses.asdict(chips.chip_for("v5e"))
+    e = estimate.estimate(_program(), chip, data_devices=4, model_flops=197e12 * 0.010)
+    lo, hi = e["terms_lower_s"], e["terms_upper_s"]
+    assert lo["compute"] == pytest.approx(0.010)  # model FLOPs at peak, not XLA's 12 ms
+    # must move: state 1 GB read + written, 0.1 GB batch read, temp 2 GB written + read
+    assert e["memory_lower_bytes"] == pytest.approx(2e9 + 0.1e9 + 0 + 4e9)
+    assert lo["memory"] == pytest.approx(6.1e9 / 819e9) and hi["memory"] == pytest.approx(0.050)
+    # ring volumes on 4 devices: all-reduce 2*3/4 of 1 GB, all-gather 3/4 of 0.4 GB twice
+    assert e["ici_bytes_per_device"] == pytest.approx(1.5e9 + 0.6e9)
+    assert lo["ici"] == pytest.approx(2.1e9 / 400e9)
+    assert e["step_seconds_range"] == pytest.approx([0.010, 0.050])
+    assert (e["bound_lower"], e["bound_upper"]) == ("compute", "memory")
+    assert e["mfu_range"] == pytest.approx([0.2, 1.0])
+    assert e["hfu_range"] == pytest.approx([0.24, 1.2])
+    assert e["rows_per_second_range"] == pytest.approx([2e4, 1e5])
+    assert e["cost_model_seconds"] == -3.0  # reported, never used
+    line = report.format_estimate({"estimate": e})
+    assert "10.00-50.00 ms (compute-bound at the low end, memory-bound" in line
+    assert "XLA cost model unusable (-3 s)" in line
+    v4 = estimate.estimate(_program(), dataclasses.asdict(chips.chip_for("v4")), 4, None)
+    assert v4["terms_lower_s"]["ici"] == 0 and v4["ici_term"].startswith("n/a")
+    assert v4["flops_source"].startswith("XLA")
+
+
+def test_model_flops_follow_the_passes_the_step_runs(tiny_config):
+    c = tiny_config
+    c.loss.mlm_weight = c.loss.query_mlm_weight = c.loss.mpm_weight = 0.0
+    c.negatives.bank_size, c.negatives.momentum = 0, 0.0
+    parts = estimate.train_model_flops(c, vocab_size=100)
+    assert set(parts) == {"query_tower", "item_tower", "projections", "scores", "total"}
+    m, b = c.model, c.train.batch_size
+    w, mlp, lq, lt = m.width, m.mlp_ratio * m.width, c.data.query_len, c.data.title_len
+    n, pd = (c.data.image_size // m.patch_size) ** 2, m.patch_size ** 2 * 3
+
+    def enc(t, depth):  # 2 x params per token x tokens + 4 T^2 W per layer, forward
+        return 2 * depth * (4 * w * w + 2 * w * mlp) * t * b + 4 * depth * t * t * w * b
+
+    assert parts["query_tower"] == pytest.approx(3 * enc(lq, m.query_depth))
+    assert parts["item_tower"] == pytest.approx(3 * (enc(lt + n, m.depth) + 2 * pd * w * n * b))
+    assert parts["total"] == pytest.approx(sum(v for k, v in parts.items() if k != "total"))
+    c.loss.mlm_weight, c.negatives.momentum, c.negatives.bank_size = 0.5, 0.99, 64
+    more = estimate.train_model_flops(c, vocab_size=100)
+    assert {"masked_item_pass", "momentum_forward"} <= set(more)
+    assert more["scores"] > parts["scores"]
 
 
 def test_out_of_memory_message_is_parsed():

@@ -1,12 +1,7 @@
 """Compile a lowered program for its topology and turn what XLA reports into per-device
-figures: memory against the chip's HBM, collectives, and a step-time estimate.
-
-Step time: the TPU cost model's ``optimal_seconds`` when it is positive, else (it can come
-out negative for programs with custom calls and async collectives) a roofline —
-``max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM bandwidth, collective bytes / ICI
-bandwidth)``, every input per device.  Both are compile-time *estimates*, never measurements:
-a roofline assumes perfect overlap and peak matmul efficiency, so it is a lower bound on the
-step time and MFU at it an upper bound.  Every figure says which estimate it is.
+figures: memory against the chip's HBM, collectives, and XLA's raw cost figures (FLOPs, bytes
+accessed, the cost model's ``optimal_seconds``).  The step-time estimate built from them is
+``aot.estimate``'s, the only one.
 """
 
 from __future__ import annotations
@@ -97,8 +92,7 @@ def compile_program(program: Lowered, chip: chips.Chip, hlo_path: str = "") -> d
          "executions": c.executions, "origin": origin(c.op_name, c.shape, c.kind),
          "op_name": c.op_name[:160]}
         for c in sorted(found, key=lambda c: -c.bytes_per_call)]
-    out.update(timing(compiled.cost_analysis(), out["collectives"], chip, program.rows,
-                      program.num_devices))
+    out.update(timing(compiled.cost_analysis(), out["collectives"]))
     return out
 
 
@@ -114,26 +108,11 @@ def memory(compiled: Any, chip: chips.Chip) -> dict[str, Any]:
             "hbm_bytes": chip.hbm_bytes, "fits": total <= chip.hbm_bytes}
 
 
-def timing(cost: dict[str, float], collectives: dict[str, dict[str, int]], chip: chips.Chip,
-           rows: int, devices: int) -> dict[str, Any]:
-    """Estimated seconds per call, rows/s and MFU, naming the estimate used."""
-    flops = float(cost.get("flops", 0.0))
-    accessed = float(cost.get("bytes accessed", 0.0))
-    comm = sum(v["bytes"] for v in collectives.values())
-    terms = {"compute_s": flops / chip.peak_bf16_flops,
-             "hbm_s": accessed / chip.hbm_bytes_per_s,
-             "ici_s": comm / chip.ici_bytes_per_s if chip.ici_bytes_per_s else 0.0}
-    optimal = float(cost.get("optimal_seconds", -1.0))
-    if optimal > 0:
-        seconds, source = optimal, "cost model (optimal_seconds)"
-    else:
-        seconds = max(terms.values())
-        source = f"roofline (cost model optimal_seconds = {optimal:.3g}, unusable)"
-    out = {"flops_per_device": flops, "bytes_accessed_per_device": accessed,
-           "collective_bytes_per_device": comm, "optimal_seconds": optimal,
-           "roofline_terms": terms, "step_seconds": seconds, "step_time_source": source,
-           "bound": max(terms, key=terms.get)}
-    if seconds > 0:
-        out["rows_per_second"] = rows / seconds
-        out["mfu"] = flops / seconds / chip.peak_bf16_flops
-    return out
+def timing(cost: dict[str, float], collectives: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """XLA's raw figures per device and call: FLOPs (recomputation included), bytes accessed,
+    collective result bytes and the cost model's ``optimal_seconds``.  No step time here: the
+    one estimator is ``aot.estimate`` (it needs the model's FLOPs, which the config gives)."""
+    return {"flops_per_device": float(cost.get("flops", 0.0)),
+            "bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
+            "collective_bytes_per_device": sum(v["bytes"] for v in collectives.values()),
+            "optimal_seconds": float(cost.get("optimal_seconds", -1.0))}

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from vlp_jax.aot import analysis, topology
+from vlp_jax.aot import analysis, estimate, topology
 from vlp_jax.aot import programs as progs
 from vlp_jax.config import check as config_check
 from vlp_jax.convert import pretrained
@@ -60,6 +60,11 @@ def build_report(config: ml_collections.ConfigDict, topology_name: str, *,
         for lowered in progs.lower_serving_towers(config, topo.devices[0], vocab,
                                                      state.params, serve_batch):
             results.append(analysis.compile_program(lowered, topo.chip, hlo_path(lowered.name)))
+    for p in results:
+        if "error" not in p:
+            n = int(mesh.devices.size) if p["devices"] > 1 else 1
+            p["estimate"] = estimate.estimate(p, dataclasses.asdict(topo.chip), n,
+                                              model_flops(config, vocab, p) / n)
     t, neg, m = config.train, config.negatives, config.model
     return {
         "topology": topo.name, "devices": topo.num_devices, "hosts": topo.num_hosts,
@@ -78,6 +83,14 @@ def build_report(config: ml_collections.ConfigDict, topology_name: str, *,
         "programs": results,
         "jax_version": jax.__version__,
     }
+
+
+def model_flops(config: ml_collections.ConfigDict, vocab: int, p: dict[str, Any]) -> float:
+    """Model FLOPs of one call of program ``p`` (all devices; ``aot.estimate``)."""
+    if p["program"] == "train_step":
+        return estimate.train_model_flops(config, vocab)["total"]
+    kind = "query" if p["program"].endswith(("queries", "query")) else "item"
+    return estimate.encoder_model_flops(config, vocab, kind, p["rows"])
 
 
 def programs_lower_train(config, mesh, vocab):
@@ -120,13 +133,7 @@ def format_report(r: dict[str, Any]) -> str:
             f"{_gib(p['output_bytes'] - p['alias_bytes'])}, code {_gib(p['code_bytes'])}; "
             f"total {_gib(p['total_bytes'])} of {_gib(p['hbm_bytes'])} -> "
             f"{'fits' if p['fits'] else 'DOES NOT FIT'}")
-        terms = p["roofline_terms"]
-        lines.append(
-            f"  time per call: {p['step_seconds'] * 1e3:.2f} ms [{p['step_time_source']}; "
-            f"roofline terms compute {terms['compute_s'] * 1e3:.2f} / HBM "
-            f"{terms['hbm_s'] * 1e3:.2f} / ICI {terms['ici_s'] * 1e3:.2f} ms]; "
-            f"{p.get('rows_per_second', 0):,.0f} rows/s; MFU {p.get('mfu', 0):.0%} "
-            f"({p['flops_per_device'] / 1e9:.1f} GFLOP per device)")
+        lines.append("  " + format_estimate(p))
         for kind, v in p["collectives"].items():
             if v["count"]:
                 lines.append(f"  {kind}: {v['count']} per call, {v['bytes'] / 2**20:.2f} MiB "
@@ -135,6 +142,25 @@ def format_report(r: dict[str, Any]) -> str:
             why = analysis.origin(item["op_name"], item["shape"], item["kind"])
             lines.append(f"    {item['kind']} {item['shape'][:100]} x{item['executions']}: {why}")
     return "\n".join(lines)
+
+
+def format_estimate(p: dict[str, Any]) -> str:
+    """One line: the step-time range with its bounding terms, MFU / HFU, the cost model apart."""
+    e = p["estimate"]
+    lo, hi = e["step_seconds_range"]
+    tl, th = e["terms_lower_s"], e["terms_upper_s"]
+    text = (f"time per call {lo * 1e3:.2f}-{hi * 1e3:.2f} ms ({e['bound_lower']}-bound at the "
+            f"low end, {e['bound_upper']}-bound at the high end; compute {tl['compute'] * 1e3:.2f}"
+            f" ms from {e['model_flops_per_device'] / 1e9:.1f} {e['flops_source']} GFLOP, "
+            f"memory {tl['memory'] * 1e3:.2f}-{th['memory'] * 1e3:.2f} ms, ICI "
+            f"{tl['ici'] * 1e3:.2f} ms)")
+    if "mfu_range" in e:
+        rps, mfu, hfu = e["rows_per_second_range"], e["mfu_range"], e["hfu_range"]
+        text += (f"; {rps[0]:,.0f}-{rps[1]:,.0f} rows/s; MFU {mfu[0]:.0%}-{mfu[1]:.0%}, "
+                 f"hardware {hfu[0]:.0%}-{hfu[1]:.0%}")
+    cm = e["cost_model_seconds"]
+    return text + (f"; XLA cost model {cm * 1e3:.2f} ms" if cm > 0
+                   else f"; XLA cost model unusable ({cm:.3g} s)")
 
 
 def advice(r: dict[str, Any]) -> str:
