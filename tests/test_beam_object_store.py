@@ -7,6 +7,7 @@ split by split, the same vocabulary byte for byte, the same report counts, the s
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
@@ -92,6 +93,9 @@ def test_beam_embedding_on_s3_equals_local_index_job(s3, setup, tmp_path):  # no
     assert sorted(os.listdir(local)) == sorted(
         [ann.EMBEDDINGS_FILE, ann.ITEMS_FILE, ann.INFO_FILE, "index_flat.faiss",
          "index_ivf.faiss"])  # the chunks are gone
+    for name, want in info["files"].items():  # what a server checks after staging the index
+        with open(os.path.join(local, name), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == want["sha256"], name
     strip = lambda rows: [{k: v for k, v in r.items() if k != "source"}  # noqa: E731
                           for r in rows]
     assert strip(ann.read_rows(local)) == strip(ann.read_rows(str(tmp_path / "single")))

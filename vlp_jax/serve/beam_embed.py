@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -90,7 +91,9 @@ class EmbedChunk(beam.DoFn):
         self.batch_size, self.chunk_size, self.num_devices = batch_size, chunk_size, num_devices
 
     def setup(self) -> None:
-        self.bundle = bundle_lib.load_bundle(_local_bundle(self.bundle_loc), towers=("item",),
+        local = _local_bundle(self.bundle_loc)
+        self._copy = local if local != self.bundle_loc else None  # this worker's download
+        self.bundle = bundle_lib.load_bundle(local, towers=("item",),
                                              num_devices=self.num_devices,
                                              buckets=(self.batch_size,))
         self.pool = item_embed.worker_pool()
@@ -99,6 +102,8 @@ class EmbedChunk(beam.DoFn):
         pool = getattr(self, "pool", None)
         if pool is not None:
             pool.shutdown()
+        if getattr(self, "_copy", None):
+            shutil.rmtree(self._copy, ignore_errors=True)
 
     def process(self, element: tuple[int, Iterable[tuple]]) -> Iterator[tuple]:
         chunk, members = element

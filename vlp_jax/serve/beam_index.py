@@ -21,6 +21,7 @@ kept rows' ``items.jsonl`` fields, computed by the worker that embedded them.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -144,7 +145,8 @@ def build_from_chunks(chunk_paths: Sequence[str], kept: Sequence[int], dim: int,
         for kind, index in indexes.items():
             ann.write_index(index, os.path.join(scratch, ann.index_file(kind)))
         info = {**info, "format_version": ann.FORMAT_VERSION, "indexes": list(kinds),
-                "num_items": n, "embed_dim": int(dim), "tombstones": {},
+                "files": _digests(scratch), "num_items": n, "embed_dim": int(dim),
+                "tombstones": {},
                 "build_seconds": {k: round(v, 3) for k, v in seconds.items()}}
         with open(os.path.join(scratch, ann.INFO_FILE), "w") as f:
             json.dump(info, f, indent=2, sort_keys=True)
@@ -152,6 +154,20 @@ def build_from_chunks(chunk_paths: Sequence[str], kept: Sequence[int], dim: int,
         return info
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _digests(folder: str) -> dict[str, dict[str, Any]]:
+    """``{name: {"size", "sha256"}}`` of the data files, recorded in ``index_info.json`` so a
+    server staging the index from a store can check its copy (as the index job records them)."""
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        digest = hashlib.sha256()
+        with open(os.path.join(folder, name), "rb") as f:
+            while block := f.read(8 << 20):
+                digest.update(block)
+        out[name] = {"size": os.path.getsize(os.path.join(folder, name)),
+                     "sha256": digest.hexdigest()}
+    return out
 
 
 def _publish(scratch: str, out_dir: str) -> None:
