@@ -103,3 +103,22 @@ def test_staging_copies_verifies_and_reuses(location, tmp_path):
 def test_staging_refuses_an_empty_source(s3, tmp_path):
     with pytest.raises(staging.StagingError, match="holds no files"):
         staging.stage(s3.uri("empty"), str(tmp_path))
+
+
+def test_image_init_from_an_object_store_equals_the_local_folder(s3, tmp_path):
+    """``model.image_init=s3://…``: the HF folder is staged (verified) and imported exactly as
+    the local folder is."""
+    import jax
+    import numpy as np
+    import vision_helpers as vh
+
+    remote = s3.uri("vit_tiny")
+    for name in os.listdir(vh.VIT_DIR):
+        with open(os.path.join(vh.VIT_DIR, name), "rb") as f:
+            fs.write_bytes(fs.join(remote, name), f.read())
+    config = vh.image_config(remote)
+    config.data.staging_dir = str(tmp_path / "staged")
+    got_config, _, got = vh.imported(config)
+    assert got_config.model.image_init.startswith(str(tmp_path / "staged"))
+    _, _, want = vh.imported(vh.image_config(vh.VIT_DIR))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, want, got)

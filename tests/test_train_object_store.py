@@ -95,11 +95,14 @@ def local_reference(data_cache_dir, tmp_path_factory):
     return workdir, results
 
 
-def test_sigkill_on_gcs_then_resume_matches_a_local_run(local_reference, data_cache_dir, gcs):
+def test_sigkill_on_gcs_then_resume_matches_a_local_run(local_reference, gcs, tmp_path):
+    """Workdir *and* dataset on gs://: the build made there, staged to this host, trains the
+    same batches as the local build of the reference run."""
     ref_dir, ref_results = local_reference
-    workdir = gcs.uri("run")
+    workdir, cache = gcs.uri("run"), gcs.uri("data")
+    staging = f"--config.data.staging_dir={tmp_path / 'staged'}"
     kill_at = random.Random(os.getpid()).choice([2, 4])
-    proc = _main(workdir, data_cache_dir)
+    proc = _main(workdir, cache, staging)
     _wait_for(lambda: _committed(workdir, kill_at), proc)
     proc.send_signal(signal.SIGKILL)
     out = proc.communicate()[0]
@@ -107,7 +110,9 @@ def test_sigkill_on_gcs_then_resume_matches_a_local_run(local_reference, data_ca
     assert fs.exists(fs.join(workdir, workdir_lock.LOCK_NAME))  # left behind by the kill
     assert not os.path.exists(os.path.join(REPO, "gs:"))  # no local folder named after a URI
 
-    results = train.train_and_evaluate(_config(data_cache_dir), workdir)  # takes the stale lock
+    config = _config(cache)
+    config.data.staging_dir = str(tmp_path / "staged")
+    results = train.train_and_evaluate(config, workdir)  # takes the stale lock
     assert results["overall"] == ref_results["overall"]
     assert _steps(workdir)[-1] == 8
     assert not fs.exists(fs.join(workdir, workdir_lock.LOCK_NAME))
@@ -115,7 +120,7 @@ def test_sigkill_on_gcs_then_resume_matches_a_local_run(local_reference, data_ca
     got_state, _ = saved_state(workdir, 8)
     jax.tree_util.tree_map(np.testing.assert_array_equal, ref_state, got_state)
     assert _rows(workdir) == _rows(ref_dir)  # every loss and the eval row
-    for name in ("config.json", "eval/recall.json", "export/bundle.json"):
+    for name in ("config.json", "eval/recall.json", "export/manifest.json"):
         assert fs.exists(fs.join(workdir, name)), name
     assert fs.listdir(fs.join(workdir, "tensorboard"))
 
@@ -291,3 +296,38 @@ def _pid_of(workdir, index):
                 and f"--workdir={workdir}".encode() in args):
             return int(pid)
     raise AssertionError(f"process {index} of the run on {workdir} not found")
+
+
+def _readme_pod_command() -> list[str]:
+    """The per-worker command of README's pod section, as written there."""
+    import re
+    import shlex
+
+    readme = open(os.path.join(REPO, "README.md")).read()
+    block = re.search(r"```bash\n(# every worker of a pod runs:\n.*?)```", readme, re.S)
+    assert block, "README's pod section lost its per-worker command block"
+    lines = [ln for ln in block.group(1).replace("\\\n", " ").splitlines()
+             if ln.startswith("python -m vlp_jax.main")]
+    assert len(lines) == 1, lines
+    return shlex.split(lines[0])
+
+
+def test_readme_pod_command_runs_against_the_emulator(gcs, tmp_path):
+    """README's command with BUCKET set to the emulator's bucket; the only additions are
+    overrides that shrink the run to seconds (they come after, as a user's would)."""
+    cmd = _readme_pod_command()
+    assert any(a.startswith("--workdir=gs://") for a in cmd)
+    prefix = gcs.uri("readme").removeprefix("gs://")
+    cmd = [a.replace("BUCKET", prefix) for a in cmd]
+    shrink = ["--config.data.builtin_num_items=300", "--config.data.vocab_size=800",
+              "--config.train.batch_size=16", "--config.train.num_steps=2",
+              "--config.train.warmup_steps=1", "--config.checkpoint.every_steps=2",
+              "--config.eval.batch_size=64", "--config.eval.max_queries=64",
+              "--config.train.mesh_shape=1", f"--config.data.staging_dir={tmp_path}"]
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)
+    done = subprocess.run([sys.executable, *cmd[1:], *shrink], cwd=REPO, env=env, text=True,
+                          capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    workdir = next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir="))
+    assert _committed(workdir, 2)
+    assert fs.exists(fs.join(workdir, "export", "manifest.json"))

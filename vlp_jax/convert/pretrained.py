@@ -42,6 +42,8 @@ from flax import traverse_util
 from vlp_jax.convert import image_init
 from vlp_jax.convert.image_init import host_array, like
 from vlp_jax.convert.text_encoder import TOKENIZER_DIR, read_arch, restore_params
+from vlp_jax.data import dataset
+from vlp_jax.runtime import fs, staging
 
 TOWER_CHOICES = ("query", "item", "both")
 _PREFIX_ROWS = ("token_embed/embedding", "pos_embed", "type_embed")  # may be truncated
@@ -91,8 +93,16 @@ def configure_text_init(config: ml_collections.ConfigDict) -> ml_collections.Con
     if not directory and not image_dir:
         return config
     overrides: dict[str, Any] = {}
+    # Checkpoint folders on gs:// / s3:// are read from a verified local copy (the converters
+    # and safetensors read local files); the config keeps pointing at the copy.
+    for key, folder in (("model.text_init", directory), ("model.image_init", image_dir)):
+        if folder and fs.is_remote(folder):
+            local = staging.stage(folder, dataset.staging_dir(config.data), what=key)
+            overrides[key] = local
+            directory, image_dir = ((local, image_dir) if key == "model.text_init"
+                                    else (directory, local))
     if directory:
-        overrides = _text_overrides(config, directory)
+        overrides.update(_text_overrides(config, directory))
     if image_dir:
         image = image_init.image_init_overrides(image_dir, config)
         query = _query_keeps_text(config, directory) if directory else {}
