@@ -123,9 +123,12 @@ def test_overload_is_shed_with_503_and_deadlines_answer_504(tree):
         answers = []
         threads = [threading.Thread(target=lambda i=i: answers.append(
             call(srv.port, f"/search?q=q{i}&k=3"))) for i in range(3)]
-        for t in threads:
+        threads[0].start()
+        while svc.batcher.executing_since is None:  # the first one is in the wedged batch
+            time.sleep(0.002)
+        for t in threads[1:]:
             t.start()
-        while svc.batcher.waiting < 2:  # one request in the wedged batch, two queued
+        while svc.batcher.waiting < 2:  # two queued behind it
             time.sleep(0.002)
         shed = [call(srv.port, "/search?q=more&k=3")]  # 3 in flight: refused at admission
         guard.max_in_flight = 10

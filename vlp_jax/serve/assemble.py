@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vlp_jax.serve import bundle as bundle_lib
-from vlp_jax.serve import http_app, policy, protocol, swap
+from vlp_jax.serve import http_app, locations, policy, protocol, swap
 from vlp_jax.serve.service import SearchService
 
 SERVE_BUCKETS = (1, 2, 4, 8, 16, 32)  # padding a batch wastes < 2x; 6 programs to compile
@@ -21,24 +21,28 @@ SERVE_BUCKETS = (1, 2, 4, 8, 16, 32)  # padding a batch wastes < 2x; 6 programs 
 def load_service(bundle_dir: str, index_dir: str, *, kind: str | None = None,
                  num_devices: int = 1, warmup: bool = True,
                  buckets: Sequence[int] = SERVE_BUCKETS, index_root: str | None = None,
-                 image_root: str | None = None, **options: Any) -> SearchService:
+                 image_root: str | None = None, cache_dir: str | None = None,
+                 **options: Any) -> SearchService:
     """Query tower + index → a running service (batch worker started; every bucket compiled
     when ``warmup``, so the first requests do not pay for compilation).
 
     ``index_root`` / ``image_root``: the admin rules of ``policy.py`` (defaults: the directory
-    holding ``index_dir``, the index's catalog root).  ``options``: ``max_k``, ``default_k``,
+    holding ``index_dir``, the index's catalog root).  A ``gs://`` or ``s3://`` bundle or index
+    is staged to ``cache_dir`` first (``locations.py``).  ``options``: ``max_k``, ``default_k``,
     ``max_query_chars``, ``max_batch``, ``max_wait_ms``, ``faiss_threads``, ``max_queue``,
     ``request_timeout_ms``, ``stall_seconds``, ``metrics``.
     """
-    bundle = bundle_lib.load_bundle(bundle_dir, towers=("query",), num_devices=num_devices,
-                                    buckets=buckets)
+    cache_dir = cache_dir or locations.default_cache_dir()
+    bundle = bundle_lib.load_bundle(locations.stage_bundle(bundle_dir, cache_dir),
+                                    towers=("query",), num_devices=num_devices, buckets=buckets)
     if warmup:
         bundle.warmup()
-    index = swap.load_index(index_dir, kind, bundle.embed_dim)
+    index = swap.load_index(locations.stage_index(index_dir, cache_dir), kind, bundle.embed_dim)
+    index.source = index_dir
     holder = swap.IndexHolder(index, embed_dim=bundle.embed_dim, kind=kind,
                               identity=policy.bundle_identity(bundle.manifest),
                               configured=index_dir, index_root=index_root,
-                              image_root=image_root)
+                              image_root=image_root, cache_dir=cache_dir)
     return SearchService(bundle, holder, **options)
 
 

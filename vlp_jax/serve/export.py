@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 from vlp_jax.models import build, towers
 from vlp_jax.models.build import tower_param_keys
 from vlp_jax.runtime import storage
+from vlp_jax.serve import locations
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -166,7 +167,9 @@ def export_bundle(
     """Write the serving bundle of ``params`` to ``out_dir`` atomically; returns ``out_dir``.
 
     Args:
-      out_dir: bundle directory (usually ``WORKDIR/export``); replaced if it exists.
+      out_dir: bundle directory (usually ``WORKDIR/export``); replaced if it exists.  A
+        ``gs://`` or ``s3://`` URI is written locally, then published (``manifest.json`` deleted
+        first and uploaded last: readers never take a half-uploaded bundle for a finished one).
       params: the *full* training params (``state.params``; sharded or host arrays).
       config: the run's config (the bundle rebuilds the model from it).
       tokenizer: the training tokenizer (an HF fast tokenizer) or the path of its folder.
@@ -177,6 +180,14 @@ def export_bundle(
     """
     model_cfg = config.model
     parts = split_towers(_host_numpy(dict(params)), model_cfg)
+    if locations.is_remote(out_dir):
+        if jax.process_index() == 0:  # written locally, then published (manifest.json last)
+            with tempfile.TemporaryDirectory(prefix="vlp-export-") as tmp:
+                _write(tmp, parts, config, tokenizer, step)
+                locations.publish_dir(tmp, out_dir, last=MANIFEST)
+            logging.info("export: bundle of step %d published to %s", step, out_dir)
+        _sync()
+        return out_dir
     out_dir = os.path.abspath(out_dir)
     if jax.process_index() == 0:
         start = time.perf_counter()
@@ -193,11 +204,15 @@ def export_bundle(
             raise
         logging.info("export: bundle of step %d written to %s in %.1fs", step, out_dir,
                      time.perf_counter() - start)
+    _sync()
+    return out_dir
+
+
+def _sync() -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("vlp_jax.serve.export_bundle")
-    return out_dir
 
 
 def _export_failed(out_dir: str, step: int, err: Exception) -> storage.DiskFullError:

@@ -33,8 +33,8 @@ import numpy as np
 from absl import app, flags
 
 from vlp_jax.data import records
-from vlp_jax.runtime import atomic_io, storage
-from vlp_jax.serve import ann, index_files, item_embed, policy, update
+from vlp_jax.runtime import atomic_io, staging, storage
+from vlp_jax.serve import ann, index_files, item_embed, locations, policy, update
 from vlp_jax.serve import bundle as bundle_lib
 
 CHUNKS_DIR = "chunks"
@@ -251,6 +251,9 @@ def _define_flags() -> None:
                         "(only new/changed items are embedded); --out must be a new directory.")
     flags.DEFINE_float("max_deleted_fraction", 0.2, "With --update_from: rebuild the HNSW graph "
                        "(from stored embeddings) once removed items exceed this fraction of it.")
+    flags.DEFINE_string("cache_dir", "", "Local folder for a gs:// or s3:// --bundle / "
+                        "--update_from (staged) and --out (built here, then published); "
+                        f"default ${locations.CACHE_ENV} or ~/.cache/vlp_jax/serve.")
     flags.mark_flags_as_required(["bundle", "items", "out"])
 
 
@@ -278,12 +281,24 @@ def _run(argv: list[str]) -> None:
     from vlp_jax.runtime import devices as runtime
 
     runtime.quiet_library_logs()
-    bundle = bundle_lib.load_bundle(FLAGS.bundle, towers=("item",),
+    cache = FLAGS.cache_dir or locations.default_cache_dir()
+    out = FLAGS.out
+    if locations.is_remote(out):  # built locally (resumable there), published when finished
+        FLAGS.out = staging.cache_dir_for(out, cache) + ".build"
+    _build(locations.stage_bundle(FLAGS.bundle, cache),
+           FLAGS.update_from and locations.stage_index(FLAGS.update_from, cache))
+    if FLAGS.out != out:
+        locations.publish_dir(FLAGS.out, out, last=ann.INFO_FILE, skip=(CHUNKS_DIR,))
+        print(f"published to {out}")
+
+
+def _build(bundle_dir: str, update_from: str) -> None:
+    bundle = bundle_lib.load_bundle(bundle_dir, towers=("item",),
                                     num_devices=FLAGS.num_devices or None,
                                     buckets=(FLAGS.batch_size,))
-    if FLAGS.update_from:
+    if update_from:
         info = update.update_index_dir(
-            bundle, FLAGS.items, FLAGS.update_from, FLAGS.out, base_dir=FLAGS.base_dir or None,
+            bundle, FLAGS.items, update_from, FLAGS.out, base_dir=FLAGS.base_dir or None,
             batch_size=bundle.buckets[-1], max_deleted_fraction=FLAGS.max_deleted_fraction,
             progress=FLAGS.progress)
         print(json.dumps({k: info[k] for k in ("num_items", "version", "update", "counts",

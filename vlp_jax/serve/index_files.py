@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from vlp_jax.runtime import atomic_io
-from vlp_jax.serve import ann
+from vlp_jax.serve import ann, locations
 
 
 def _atomic_npy(path: str, array: np.ndarray) -> None:
@@ -65,7 +65,10 @@ def write_index_dir(out_dir: str, *, embeddings: np.ndarray, ids: np.ndarray,
             _atomic_npy(path, np.asarray(sorted(dead), np.int64))
         elif os.path.exists(path):
             os.remove(path)
+    written = [ann.EMBEDDINGS_FILE, ann.ITEMS_FILE, *(ann.index_file(k) for k in indexes),
+               *(ann.tombstone_file(k) for k, v in tombstones.items() if len(v))]
     info = {**info, "format_version": ann.FORMAT_VERSION, "indexes": list(indexes),
+            "files": locations.digests(out_dir, written),  # checked when staged from a store
             "num_items": n, "embed_dim": int(embeddings.shape[1]),
             "tombstones": {k: int(len(v)) for k, v in tombstones.items() if len(v)}}
     with atomic_io.replacing(os.path.join(out_dir, ann.INFO_FILE)) as tmp, open(tmp, "w") as f:

@@ -109,6 +109,8 @@ def _define_flags() -> None:
                         "(default: the directory holding --index).")
     flags.DEFINE_string("image_root", "", "The only catalog root images are served from "
                         "(default: the starting index's base_dir).")
+    flags.DEFINE_string("cache_dir", "", "Local folder gs:// and s3:// bundles and indexes are "
+                        "staged to (default $VLP_SERVE_CACHE or ~/.cache/vlp_jax/serve).")
     flags.DEFINE_bool("access_log", True, "One JSON line per request on stderr.")
     flags.DEFINE_float("graceful_timeout", 30.0, "Seconds in-flight requests get on SIGTERM.")
     flags.DEFINE_float("keep_alive", 5.0, "Seconds an idle keep-alive connection stays open.")
@@ -151,7 +153,7 @@ def _main(argv: list[str]) -> None:
                        max_batch=FLAGS.max_batch, max_wait_ms=FLAGS.max_wait_ms,
                        faiss_threads=FLAGS.faiss_threads, max_queue=FLAGS.max_queue,
                        request_timeout_ms=FLAGS.request_timeout_ms,
-                       stall_seconds=FLAGS.stall_seconds,
+                       stall_seconds=FLAGS.stall_seconds, cache_dir=FLAGS.cache_dir or None,
                        buckets=[int(b) for b in FLAGS.buckets])
     roots = dict(index_root=FLAGS.index_root or None, image_root=FLAGS.image_root or None)
     server_kwargs = dict(access_log=FLAGS.access_log, graceful_timeout=FLAGS.graceful_timeout,

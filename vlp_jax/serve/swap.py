@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from vlp_jax.serve import ann, policy
+from vlp_jax.serve import ann, locations, policy
 
 
 class ReloadError(Exception):
@@ -81,8 +81,10 @@ class IndexHolder:
     def __init__(self, index: ann.SearchIndex, *, embed_dim: int, kind: str | None = None,
                  identity: dict[str, Any] | None = None, configured: str | None = None,
                  index_root: str | None = None, image_root: str | None = None,
+                 cache_dir: str | None = None,
                  on_swap: Callable[[Loaded], None] | None = None):
         self.embed_dim, self.kind, self.identity = embed_dim, kind, identity
+        self.cache_dir = cache_dir  # where gs:// / s3:// indexes are staged (locations.py)
         self.configured = configured or index.source
         self.index_root = index_root or policy.default_index_root(self.configured)
         self.image_root = image_root or index.base_dir
@@ -109,10 +111,17 @@ class IndexHolder:
         """Resolve (``policy.resolve_index``), load and check an index without serving it;
         ``(index, seconds)``.  Raises ``policy.Forbidden``, ``policy.Refused`` or
         :class:`ReloadError`; the current index is untouched either way."""
-        target = policy.resolve_index(directory, self.configured, self.index_root)
+        return self.load_resolved(
+            policy.resolve_index(directory, self.configured, self.index_root))
+
+    def load_resolved(self, target: str) -> tuple[ann.SearchIndex, float]:
+        """:meth:`load` of a target already checked against the index root (a worker's
+        coordinator checks it once for all workers)."""
         start = time.perf_counter()
         try:
-            index = load_index(target, self.kind, self.embed_dim)
+            local = locations.stage_index(target, self.cache_dir)  # object store: local copy
+            index = load_index(local, self.kind, self.embed_dim)
+            index.source = target
         except Exception as e:  # noqa: BLE001 - any load failure keeps the old index
             self._failed(target, e)
             raise ReloadError(self.last_error) from e

@@ -40,7 +40,7 @@ import threading
 import time
 from typing import Any
 
-from vlp_jax.serve import ann, policy, swap
+from vlp_jax.serve import ann, locations, policy, swap
 
 _CTX = multiprocessing.get_context("spawn")  # never fork a process that may hold JAX threads
 
@@ -83,7 +83,7 @@ def _worker_main(opts: WorkerOptions, current: str, sock: socket.socket, conn: A
             kind, gen = msg[0], msg[1]
             try:
                 if kind == "prepare":
-                    staged[gen] = service.holder.load(msg[2])
+                    staged[gen] = service.holder.load_resolved(msg[2])
                     conn.send(("prepared", gen, None))
                 elif kind == "commit":
                     out = service.holder.install(*staged.pop(gen))
@@ -119,14 +119,16 @@ class Supervisor:
         self.opts, self.sock, self.swap_timeout = opts, sock, swap_timeout
         self.start_timeout = start_timeout
         self.index_root = index_root or policy.default_index_root(opts.index)
-        manifest_path = os.path.join(opts.bundle, "manifest.json")
-        with open(manifest_path) as f:
+        self.cache_dir = opts.load_kwargs.get("cache_dir") or locations.default_cache_dir()
+        opts.bundle = locations.stage_bundle(opts.bundle, self.cache_dir)  # once, for all
+        with open(os.path.join(opts.bundle, "manifest.json")) as f:
             self.identity = policy.bundle_identity(json.load(f))
-        info = ann.read_info(opts.index)
+        self.local = locations.stage_index(opts.index, self.cache_dir)  # what workers load
+        info = ann.read_info(self.local)
         self.image_root = image_root or info["base_dir"]
         self.version = int(info.get("version", 1))
         opts.load_kwargs.update(index_root=self.index_root, image_root=self.image_root)
-        self.current = opts.index  # what a (re)started worker loads
+        self.current = opts.index  # the serving index as given (self.local: its local copy)
         self.generation = 1
         self._lock = threading.Lock()
         self.stopping = False
@@ -141,7 +143,7 @@ class Supervisor:
     def _spawn(self) -> _Worker:
         parent, child = _CTX.Pipe()
         process = _CTX.Process(target=_worker_main, name="vlp-search-worker", daemon=False,
-                               args=(self.opts, self.current, self.sock, child))
+                               args=(self.opts, self.local, self.sock, child))
         process.start()
         child.close()
         return _Worker(process, parent)
@@ -217,8 +219,9 @@ class Supervisor:
         try:
             path = policy.resolve_index(target, self.opts.index, self.index_root)
             try:
-                info = ann.read_info(path)
-            except ValueError as e:
+                local = locations.stage_index(path, self.cache_dir)
+                info = ann.read_info(local)
+            except (OSError, ValueError) as e:
                 self.last_error = f"ValueError: {e}"
                 raise swap.ReloadError(self.last_error) from e
             policy.check_bundle(info, self.identity, path)
@@ -226,7 +229,7 @@ class Supervisor:
             gen = self.generation + 1
             deadline = time.monotonic() + self.swap_timeout
             for w in self.workers:
-                w.conn.send(("prepare", gen, path))
+                w.conn.send(("prepare", gen, local))
             failed = {i: e for i, e in self._collect(gen, "prepared", deadline).items() if e}
             if failed:
                 for w in self.workers:
@@ -240,6 +243,7 @@ class Supervisor:
             acks = self._collect(gen, "committed", time.monotonic() + self.swap_timeout)
             previous = {"directory": self.current, "version": self.version}
             self.generation, self.current, self.last_error = gen, path, None
+            self.local = local
             self.version = int(info.get("version", 1))
             for i, err in acks.items():
                 if err:
