@@ -141,7 +141,7 @@ def test_estimator_bounds_terms_and_names_the_dominating_one():
     assert e["step_seconds_range"] == pytest.approx([0.010, 0.050])
     assert (e["bound_lower"], e["bound_upper"]) == ("compute", "memory")
     assert e["mfu_range"] == pytest.approx([0.2, 1.0])
-    assert e["hfu_range"] == pytest.approx([0.24, 1.2])
+    assert e["hfu_range"] == pytest.approx([0.24, 1.0])  # XLA's 12 ms of FLOPs bound it
     assert e["rows_per_second_range"] == pytest.approx([2e4, 1e5])
     assert e["cost_model_seconds"] == -3.0  # reported, never used
     line = report.format_estimate({"estimate": e})

@@ -81,7 +81,9 @@ def estimate(p: dict[str, Any], chip: dict[str, Any], data_devices: int,
     if lo > 0:
         out["rows_per_second_range"] = [p["rows"] / hi, p["rows"] / lo]
         out["mfu_range"] = [flops / hi / peak, flops / lo / peak]
-        out["hfu_range"] = [xla_flops / hi / peak, xla_flops / lo / peak]
+        # the hardware executes XLA's FLOPs (recomputation included): no faster than those
+        hw_lo = max(lo, xla_flops / peak)
+        out["hfu_range"] = [xla_flops / max(hi, hw_lo) / peak, xla_flops / hw_lo / peak]
     return out
 
 
