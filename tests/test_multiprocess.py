@@ -11,8 +11,8 @@
 
 The uninterrupted 2-process run is made once (module fixture) and serves both.
 ``VLP_TEST_KILL_PROCESS=0`` kills process 0 (the coordination service's host) in step 2 instead:
-process 1 then ends through its supervisor (``runtime.supervise``) at once (not part of CI's run, to keep the
-suite's time; ``tests/test_abort_guard.py`` covers that path in CI).
+process 1 then ends through its supervisor (``runtime.supervise``) at once (not part of CI's
+run, to keep the suite's time; ``tests/test_abort_guard.py`` covers that path in CI).
 """
 
 from __future__ import annotations
