@@ -4,8 +4,8 @@ Thin on purpose: flags → ``train.train_and_evaluate``; all logic is importable
 Faults a user can act on end with one clear message and a distinct exit status instead of a
 traceback: 0 = finished or preempted (checkpoint saved; rerun to resume), 3 = non-finite loss,
 4 = workdir in use, 5 = checkpoint unusable or incompatible with the config, 6 = disk full,
-7 = dataset build damaged, 8 = another process of a multi-process run is gone
-(docs/reliability.md).
+7 = dataset build damaged, 8 = another process of a multi-process run is gone, 9 = storage
+unusable or a checkpoint save past its deadline (docs/reliability.md).
 """
 
 import os
