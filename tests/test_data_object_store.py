@@ -216,3 +216,37 @@ def test_missing_bucket_is_named_before_any_build(s3, make_tiny_config):
     config.data.cache_dir = "s3://no-such-bucket/cache"
     with pytest.raises(fs.StorageAccessError, match="data.cache_dir s3://no-such-bucket/cache"):
         dataset.prepare_dataset(config.data)
+
+
+def test_remote_images_missing_are_skipped_records_refused_access_aborts(s3, monkeypatch):
+    from PIL import Image
+
+    from vlp_jax.data import records
+    from vlp_jax.runtime import object_store
+
+    catalog = s3.uri("catalog")
+    local = os.path.join(str(s3.workdir), "a.png")
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(local)
+    fs.write_bytes(fs.join(catalog, "images", "a.png"), open(local, "rb").read())
+    fallback = records.ItemMeta("a", "t", ["images/missing.png", "images/a.png"])
+    present = records.ItemMeta("b", "t", ["images/a.png"])
+    fetched = records.fetch_images(catalog, [fallback, present])
+    assert list(fetched) == [fs.join(catalog, "images", "a.png")]  # the missing one left out
+    arr, notes = records.load_item_image(catalog, fallback, 8, fetched)
+    assert notes == ["image_fallback"] and arr[0, 0].tolist() == [255, 0, 0]
+    with pytest.raises(records.BadRecord, match="image_missing"):
+        records.load_item_image(catalog, records.ItemMeta("c", "t", ["images/x.png"]), 8, {})
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    object_store.reset_clients()
+    try:  # refused credentials: nothing fetched, and the reader's own read must abort
+        assert records.fetch_images(catalog, [present]) == {}
+    finally:
+        monkeypatch.undo()
+        object_store.reset_clients()
+
+    def refused(path):  # epath keeps its own client, so the refusal is simulated for the reader
+        raise PermissionError(f"403 Forbidden: {path}")
+
+    monkeypatch.setattr(records.fs, "read_bytes", refused)
+    with pytest.raises(PermissionError):  # an outage is never counted as a bad image
+        records.load_item_image(catalog, present, 8, {})

@@ -54,7 +54,6 @@ from vlp_jax.data.fingerprint import BUILD_FORMAT, catalog_fingerprint
 from vlp_jax.runtime import fs
 
 _IMAGE_BLOCK = 256  # images decoded per thread-pool round (bounds memory of in-flight arrays)
-_REMOTE_IMAGE_THREADS = 16  # image reads in flight from a gs:// / s3:// catalog
 
 
 def catalog_features() -> tfds.features.FeaturesDict:
@@ -155,12 +154,11 @@ class VLPCatalog(tfds.core.GeneratorBasedBuilder):
             mode="w+", dtype=np.uint8, shape=(max(len(candidates), 1), s, s, 3),
         )
         workers = cfg.num_workers or min(8, os.cpu_count() or 1)
-        if not cfg.num_workers and fs.is_remote(cfg.catalog_dir):
-            workers = _REMOTE_IMAGE_THREADS  # one GET per image: latency, not CPU, bounds it
 
-        def load(item: records.ItemMeta) -> tuple[np.ndarray | None, list[str]]:
+        def load(item: records.ItemMeta, fetched: dict[str, bytes]
+                 ) -> tuple[np.ndarray | None, list[str]]:
             try:
-                return records.load_item_image(cfg.catalog_dir, item, s)
+                return records.load_item_image(cfg.catalog_dir, item, s, fetched)
             except records.BadRecord as e:
                 return None, [e.reason]
 
@@ -168,7 +166,10 @@ class VLPCatalog(tfds.core.GeneratorBasedBuilder):
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
             for start in range(0, len(candidates), _IMAGE_BLOCK):
                 block = candidates[start : start + _IMAGE_BLOCK]
-                for item, (arr, notes) in zip(block, pool.map(load, block), strict=True):
+                # A store's images come in one concurrent fetch per block ({} for local files).
+                fetched = records.fetch_images(cfg.catalog_dir, block)
+                loaded = pool.map(functools.partial(load, fetched=fetched), block)
+                for item, (arr, notes) in zip(block, loaded, strict=True):
                     if arr is None:
                         stats.skipped[notes[0]] += 1
                         continue

@@ -215,14 +215,40 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image(path: str, size: int) -> tuple[np.ndarray, list[str]]:
+def fetch_images(catalog_dir: str, items: list[ItemMeta]) -> dict[str, bytes]:
+    """The bytes of each item's first image, fetched concurrently from a gs:// / s3:// catalog
+    (``{}`` for a local one).  Reading them one ``open`` at a time costs a metadata request and
+    a GET per image through one event loop, whatever the thread count (~10 ms per image on the
+    GCS emulator vs ~0.6 ms batched).  An image that cannot be fetched is left out: the reader
+    fetches it again itself, so a missing image is still a skipped record and an outage still
+    aborts the build."""
+    if not items or not fs.is_remote(catalog_dir):
+        return {}
+    import fsspec
+
+    paths = [fs.join(catalog_dir, item.image_paths[0]) for item in items]
+    if any(fsspec.core.has_magic(p) for p in paths):  # cat() would glob such names
+        return {}
+    filesystem, _ = fsspec.core.url_to_fs(fs.normalize(catalog_dir))
+    got = filesystem.cat(paths, on_error="return")
+    by_key = {filesystem._strip_protocol(k): v for k, v in got.items()}
+    out = {}
+    for path in paths:
+        value = by_key.get(filesystem._strip_protocol(path))
+        if isinstance(value, bytes):
+            out[path] = value
+    return out
+
+
+def load_image(path: str, size: int, data: bytes | None = None) -> tuple[np.ndarray, list[str]]:
     """Decode ``path`` → uint8 [size, size, 3] RGB plus fix notes (converted_*, tiny_image).
 
-    Raises BadRecord("image_missing" | "image_unreadable") instead of a PIL error, so a truncated
-    or corrupt file skips the item and never aborts the build.
+    ``data``: the file's bytes if already fetched (``fetch_images``).  Raises
+    BadRecord("image_missing" | "image_unreadable") instead of a PIL error, so a truncated or
+    corrupt file skips the item and never aborts the build.
     """
     try:
-        data = fs.read_bytes(path)
+        data = fs.read_bytes(path) if data is None else data
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
         raise BadRecord("image_missing", path) from e
     except OSError as e:
@@ -257,14 +283,16 @@ def load_image(path: str, size: int) -> tuple[np.ndarray, list[str]]:
     return arr, notes
 
 
-def load_item_image(catalog_dir: str, item: ItemMeta, size: int) -> tuple[np.ndarray, list[str]]:
-    """First readable image of the item (paths are relative to the catalog directory)."""
+def load_item_image(catalog_dir: str, item: ItemMeta, size: int,
+                    fetched: dict[str, bytes] | None = None) -> tuple[np.ndarray, list[str]]:
+    """First readable image of the item (paths are relative to the catalog directory);
+    ``fetched``: bytes already read by ``fetch_images``."""
     first_error: BadRecord | None = None
     any_present = False
     for i, rel in enumerate(item.image_paths):
         path = fs.join(catalog_dir, rel)
         try:
-            arr, notes = load_image(path, size)
+            arr, notes = load_image(path, size, (fetched or {}).get(path))
         except BadRecord as e:
             first_error = first_error or e
             any_present |= e.reason != "image_missing"

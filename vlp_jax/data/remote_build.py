@@ -31,7 +31,6 @@ Protocol:
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
@@ -50,7 +49,6 @@ from vlp_jax.runtime import fs, staging
 
 MARKER = "_COMPLETE.json"
 ATTEMPT_PREFIX = "attempt-"
-_UPLOAD_WORKERS = 8  # parallel uploads: per-object latency, not bandwidth, bounds small files
 
 
 def default_staging_dir() -> str:
@@ -82,22 +80,27 @@ def local_files(local_dir: str) -> dict[str, int]:
 
 
 def upload_tree(local_dir: str, dest: str, *, last: tuple[str, ...] = ()) -> dict[str, int]:
-    """Copy every file under ``local_dir`` to ``dest`` (parallel uploads); the ``last`` names
-    (relative) go up only after all others, so their presence means the rest is there."""
+    """Copy every file under ``local_dir`` to the store location ``dest``; the ``last``
+    names (relative) go up only after all others, so their presence means the rest is there.
+
+    One batched, concurrent ``put`` (fsspec): uploading file by file costs a round trip each
+    through one event loop, whatever the thread count.  Each object appears only once its
+    upload is complete (GCS and S3 never show a partial object)."""
+    import fsspec
+
     files = local_files(local_dir)
     if not files:
         raise ValueError(f"{local_dir} holds no files to upload to {dest}")
+    target = fs.normalize(dest)
+    filesystem, root = fsspec.core.url_to_fs(target)
 
-    def put(rel: str) -> None:
-        with open(os.path.join(local_dir, *rel.split("/")), "rb") as f:
-            fs.write_bytes(fs.join(dest, rel), f.read())
+    def put(names: list[str]) -> None:
+        if names:
+            filesystem.put([os.path.join(local_dir, *rel.split("/")) for rel in names],
+                           [f"{root}/{rel}" for rel in names])
 
-    first = sorted(rel for rel in files if rel not in last)
-    with concurrent.futures.ThreadPoolExecutor(_UPLOAD_WORKERS) as pool:
-        list(pool.map(put, first))
-    for rel in last:
-        if rel in files:
-            put(rel)
+    put(sorted(rel for rel in files if rel not in last))
+    put([rel for rel in last if rel in files])
     return files
 
 
