@@ -39,6 +39,37 @@ def _report_counts(report: dict) -> dict:
             if k not in TIMING + ("catalog_dir", "config_name")}
 
 
+@pytest.mark.parametrize("store_name", ["gcs", "s3"])
+def test_beam_io_on_both_stores(store_name, request, tmp_path):
+    """The file layer the workers use, on the GCS emulator and on SeaweedFS: whole writes,
+    ranged reads, listing, rename, deletes, and a missing object reads as FileNotFoundError
+    (which the image decoder counts as image_missing) — not as an empty file."""
+    store = request.getfixturevalue(store_name)
+    beam_io.configure(_options(store) if store_name == "s3" else [])
+    root = store.uri()
+    beam_io.write_bytes(f"{root}/a/x.jsonl", b"first\nsecond line\n")
+    assert beam_io.exists(f"{root}/a/x.jsonl") and beam_io.size(f"{root}/a/x.jsonl") == 18
+    with beam_io.open_read(f"{root}/a/x.jsonl") as f:
+        f.seek(6)
+        assert f.readline() == b"second line\n"
+    local = tmp_path / "up"
+    (local / "sub").mkdir(parents=True)
+    (local / "sub" / "m.bin").write_bytes(b"\0" * 70_000)
+    (local / "last.json").write_text("{}")
+    beam_io.upload_tree(str(local), f"{root}/t", last=("last.json",))
+    assert beam_io.glob(f"{root}/**") == [f"{root}/a/x.jsonl", f"{root}/t/last.json",
+                                         f"{root}/t/sub/m.bin"]
+    beam_io.rename(f"{root}/a/x.jsonl", f"{root}/a/y.jsonl")
+    assert beam_io.glob(f"{root}/a/*") == [f"{root}/a/y.jsonl"]
+    assert beam_io.read_bytes(f"{root}/a/y.jsonl") == b"first\nsecond line\n"
+    with pytest.raises(FileNotFoundError):
+        beam_io.read_bytes(f"{root}/a/x.jsonl")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        beam_io.size(f"{root}/nothing")
+    beam_io.delete_tree(root)
+    assert beam_io.glob(f"{root}/**") == [] and not beam_io.exists(f"{root}/a/y.jsonl")
+
+
 def test_beam_build_on_s3_equals_local_build(s3, catalog, tmp_path):  # noqa: F811
     args = _options(s3)
     beam_io.configure(args)

@@ -30,6 +30,7 @@ tests/test_beam_object_store.py).
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -136,8 +137,10 @@ class EmbedChunk(beam.DoFn):
         copy of each remote item's images (``beam_stages.localize_images``)."""
         if not beam_io.is_remote(self.base_dir):
             return self.base_dir, metas
-        return tmp, [stages.localize_images(self.base_dir, m, tmp, f"{k}-")
-                     for k, m in enumerate(metas)]
+        with concurrent.futures.ThreadPoolExecutor(stages.REMOTE_THREADS) as pool:
+            return tmp, list(pool.map(
+                lambda k: stages.localize_images(self.base_dir, metas[k], tmp, f"{k}-"),
+                range(len(metas))))
 
     def _item_row(self, meta: records.ItemMeta, local: records.ItemMeta,
                   base: str) -> dict[str, Any]:
