@@ -122,3 +122,18 @@ def test_image_init_from_an_object_store_equals_the_local_folder(s3, tmp_path):
     assert got_config.model.image_init.startswith(str(tmp_path / "staged"))
     _, _, want = vh.imported(vh.image_config(vh.VIT_DIR))
     jax.tree_util.tree_map(np.testing.assert_array_equal, want, got)
+
+
+@pytest.mark.parametrize("store", ["gcs", "s3"])
+def test_listings_see_what_another_process_wrote(store, request):
+    """No per-process listing cache: a prefix listed once shows a later write from elsewhere."""
+    import subprocess
+    import sys
+
+    loc = request.getfixturevalue(store).uri()
+    fs.write_text(fs.join(loc, "a"), "1")
+    assert fs.listdir(loc) == ["a"]
+    code = (f"from vlp_jax.runtime import fs; fs.write_text({fs.join(loc, 'b')!r}, '2')")
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))
+    assert fs.listdir(loc) == ["a", "b"]
+    assert fs.exists(fs.join(loc, "b"))

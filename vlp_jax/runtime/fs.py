@@ -30,6 +30,7 @@ import os
 import tempfile
 from typing import Any
 
+import fsspec.config
 from etils import epath
 
 from vlp_jax.runtime import object_store
@@ -45,6 +46,12 @@ from vlp_jax.runtime.uri import (  # noqa: F401  (re-exported: fs is the one imp
     parent,
     scheme,
 )
+
+# gcsfs and s3fs cache directory listings per process by default; another process (a pod host,
+# a racing run, the previous attempt) writes into the same prefixes, so a cached listing would
+# hide its checkpoints, commit markers and locks.  Every listing asks the store.
+for _protocol in ("gs", "gcs", "s3", "s3a"):
+    fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
 
 
 def path(loc: Location) -> epath.Path:
