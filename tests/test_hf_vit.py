@@ -162,3 +162,22 @@ def test_unsupported_settings_are_refused(tmp_path):
         vh.imported(bad, configure=False)
     assert "cannot initialise patch_embed" in str(e.value) and "the model has no ['cls_pos'" \
         in str(e.value)
+
+
+def test_image_cls_token_is_not_a_patch_for_mpm_and_pooling(vit):
+    import jax
+
+    from vlp_jax.models.build import dummy_batch
+
+    _, config, model, params, _ = vit
+    batch = dummy_batch(model, 2)
+    out = jax.eval_shape(lambda p, b: model.apply({"params": p}, b, train=False), params, batch)
+    n, w = model.num_patches, config.model.width
+    assert out["mpm_pred"].shape == out["mpm_target"].shape == (2, n, w)
+    item = jax.eval_shape(lambda p, b: model.apply(
+        {"params": p}, b["title_tokens"], b["title_mask"], b["patches"],
+        method=lambda m, *a: m.encode_item(*a)), params, batch)
+    assert item["patch_hidden"].shape == (2, n, w)  # the image [CLS] is sliced off
+    image = jax.eval_shape(lambda p, x: model.apply(
+        {"params": p}, x, method=lambda m, y: m.encode_image(y)), params, batch["patches"])
+    assert image.shape == (2, 1 + n, w)
