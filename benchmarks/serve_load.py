@@ -1,4 +1,4 @@
-"""Load test of the search service with locust: the new server vs the old one, side by side.
+"""Load test of the search service with locust: four servers side by side in one run.
 
     python benchmarks/serve_load.py [--num_items=100000 --requests=10000 --concurrency=1,8,32]
 
@@ -6,16 +6,20 @@ Prepares (cached in ``--work_dir``) a base-config bundle (untrained ``configs/ba
 ``serving.py``: same shapes, so the same speed; or ``--bundle``), a catalog of ``--num_items``
 items over the built-in catalog's images with clustered synthetic embeddings (speed does not
 depend on what they mean), its flat + HNSW index (v1), and v2 = v1 with 1 % of the items
-delisted and 1 % new ones, made by the real incremental job (``vlp_jax.serve.index
---update_from``, which embeds only the new items).
+delisted and 1 % new ones, made by the real incremental job.
 
-Then, per server and per concurrency, ``--requests`` requests (``--malformed`` of them broken in
-17 ways, sent as raw bytes) are driven by locust users (its library runner, headless: one
-process, gevent), good ones over keep-alive connections.  The new server swaps v1 <-> v2
-(``POST /admin/reload``) when half of each run is done.  The baseline is the pre-ASGI server
-checked out with ``git archive --baseline_ref`` and run on a format-1 copy of v1 (it cannot read
-labelled indexes).  Each run is a child process (``--role=load``) because locust monkey-patches
-the interpreter for gevent.
+Servers (``--servers``): ``baseline`` = the stdlib ``ThreadingHTTPServer`` of
+``--baseline_ref`` (on a format-1 copy of v1), ``asgi`` = the single-process Starlette server of
+``--asgi_ref`` (before issue 35), ``new1`` / ``new2`` = this tree with ``--workers=1`` / ``2``.
+Per server and concurrency, ``--requests`` requests (``--malformed`` of them broken in 17 ways,
+sent as raw bytes) are driven by locust users (library runner, headless, one process, gevent),
+good ones (k uniform in 1..100) over keep-alive connections; the run at ``--swap_at`` clients
+swaps v1 <-> v2 (``POST /admin/reload``) halfway.  Server CPU per good request is the server
+process tree's own CPU time (``serve_procs.py``) over the run, divided by the good answers.
+``new1`` gets ``--single_repeats`` extra 1-client runs (p50 stability), ``--overload_server``
+a burst of ``--overload_connections`` connections for ``--overload_seconds`` s
+(``serve_overload.py``).  Each locust run is a child process (``--role=load``) because locust
+monkey-patches the interpreter for gevent.
 
 A run fails on any 5xx, any request without a response, any good request not answered 200 with
 its results, or any malformed one answered 2xx.  Prints a table, writes ``--out`` (JSON), exits
@@ -60,6 +64,8 @@ flags.DEFINE_string("baseline_ref", "dac4320", "Commit of the old (ThreadingHTTP
 flags.DEFINE_string("asgi_ref", "f15229b", "Commit of the single-process Starlette server "
                     "before issue 35.")
 flags.DEFINE_list("servers", ["baseline", "asgi", "new1", "new2"], "Servers to measure.")
+flags.DEFINE_integer("swap_at", 8, "Client count of the run with an index swap halfway (the "
+                     "other runs give the CPU per request without a 100k-item load in it).")
 flags.DEFINE_integer("single_repeats", 5, "Extra 1-client runs of new1 (p50 stability).")
 flags.DEFINE_integer("single_requests", 2000, "Requests per extra 1-client run.")
 flags.DEFINE_string("overload_server", "new2", "Server given the overload burst ('' = none).")
@@ -288,7 +294,7 @@ def run_server(name: str, data: dict, work: str) -> list[dict]:
             cmd = [sys.executable, os.path.abspath(__file__), "--role=load",
                    f"--url=127.0.0.1:{port}", f"--users={users}", f"--requests={requests}",
                    f"--malformed={FLAGS.malformed}", f"--seed={FLAGS.seed}", f"--load_out={out}"]
-            if swaps and not repeat:
+            if swaps and not repeat and users == FLAGS.swap_at:
                 cmd += [f"--admin_url=127.0.0.1:{admin}", f"--swap_to={target}"]
                 target = data["v1"] if target == data["v2"] else data["v2"]
             load, cpu = os.getloadavg(), serve_procs.cpu_seconds(proc.pid)
@@ -339,8 +345,9 @@ def main(argv: list[str]) -> None:
                    for r in main_runs)
     singles = [r["good_latency_ms"]["p50"] for r in runs
                if r["server"] == "new1" and r["concurrency"] == 1]
-    cpu = {name: float(np.median([r["server_cpu_ms_per_good_request"] for r in main_runs
-                                  if r["server"] == name])) for name in FLAGS.servers}
+    top = max(int(c) for c in FLAGS.concurrency)
+    cpu = {r["server"]: r["server_cpu_ms_per_good_request"] for r in main_runs
+           if r["concurrency"] == top}
     result = {"num_items": FLAGS.num_items, "requests_per_run": FLAGS.requests,
               "malformed": FLAGS.malformed, "malformed_kinds": len(MALFORMED), "k": "1..100",
               "baseline_ref": FLAGS.baseline_ref, "asgi_ref": FLAGS.asgi_ref, "prepare": data,
@@ -348,7 +355,7 @@ def main(argv: list[str]) -> None:
               "load_average_end": [round(x, 2) for x in os.getloadavg()],
               "cpu_count": os.cpu_count(),
               "summary": {"failures": failures,
-                          "median_server_cpu_ms_per_good_request": cpu,
+                          f"server_cpu_ms_per_good_request_at_{top}_clients": cpu,
                           "single_client_p50_ms_runs": singles,
                           "single_client_p50_ms_median": float(np.median(singles))
                           if singles else None}}
@@ -362,7 +369,7 @@ def main(argv: list[str]) -> None:
               f"{lat.get('p50', 0):>8.2f} {lat.get('p90', 0):>7.2f} {lat.get('p99', 0):>7.2f} "
               f"{r['num_5xx']:>4} {r['num_no_response']:>7} {r['failed_good']:>8} {swap:>14} "
               f"{r['server_cpu_ms_per_good_request']:>8.2f} {r['load_average_before'][0]:>8.2f}")
-    print("median server CPU ms per good request:", cpu)
+    print(f"server CPU ms per good request at {top} clients:", cpu)
     print("single-client p50 ms (new1):", singles)
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w") as f:

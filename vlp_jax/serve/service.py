@@ -190,15 +190,11 @@ class SearchService:
                 done: float) -> dict[str, Any]:
         results = []
         for score, label in zip(scores.tolist(), labels.tolist(), strict=True):
-            item = index.item(label)
-            if item is None:  # faiss pads with -1 when an ANN search finds fewer than k
+            shown = index.shown(label)
+            if shown is None:  # faiss pads with -1 when an ANN search finds fewer than k
                 continue
-            results.append({
-                "item_id": item.item_id,
-                "score": round(score, 6),
-                "title": item.title,
-                "image_url": f"/items/{urllib.parse.quote(item.item_id, safe='')}/image",
-            })
+            results.append({"item_id": shown[0], "score": round(score, 6), "title": shown[1],
+                            "image_url": shown[2]})
         return {"query": r.query, "k": r.k, "took_ms": round((done - r.start) * 1000.0, 3),
                 "index": index.kind, "index_version": index.version, "results": results}
 

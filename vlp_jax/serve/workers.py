@@ -57,6 +57,10 @@ class WorkerOptions:
 
 def _worker_main(opts: WorkerOptions, current: str, sock: socket.socket, conn: Any) -> None:
     """A worker process: load, serve on ``sock``, obey the supervisor on ``conn``."""
+    # One core's worth of work per worker: XLA's CPU thread pool would only contend with the
+    # other workers (read when JAX's backend starts, in load_service below).
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
+                               "=false intra_op_parallelism_threads=1").strip()
     from vlp_jax.runtime import devices as runtime
     from vlp_jax.serve import assemble as server_lib
 
@@ -130,7 +134,8 @@ class Supervisor:
         opts.load_kwargs.update(index_root=self.index_root, image_root=self.image_root)
         self.current = opts.index  # the serving index as given (self.local: its local copy)
         self.generation = 1
-        self._lock = threading.Lock()
+        self._reload_lock = threading.Lock()  # one reload at a time (a second one: busy)
+        self._lock = threading.Lock()  # one conversation over the pipes at a time
         self.stopping = False
         self.workers: list[_Worker] = []
         self.last_error: str | None = None
@@ -214,47 +219,52 @@ class Supervisor:
 
     def reload(self, target: str | None = None) -> dict[str, Any]:
         """Two-phase swap of every worker to ``target`` (default: the configured --index)."""
-        if not self._lock.acquire(blocking=False):
+        if not self._reload_lock.acquire(blocking=False):
             raise swap.ReloadBusy("another index reload is in progress")
         try:
-            path = policy.resolve_index(target, self.opts.index, self.index_root)
-            try:
-                local = locations.stage_index(path, self.cache_dir)
-                info = ann.read_info(local)
-            except (OSError, ValueError) as e:
-                self.last_error = f"ValueError: {e}"
-                raise swap.ReloadError(self.last_error) from e
-            policy.check_bundle(info, self.identity, path)
-            policy.check_image_root(info["base_dir"], self.image_root, path)
-            gen = self.generation + 1
-            deadline = time.monotonic() + self.swap_timeout
-            for w in self.workers:
-                w.conn.send(("prepare", gen, local))
-            failed = {i: e for i, e in self._collect(gen, "prepared", deadline).items() if e}
-            if failed:
-                for w in self.workers:
-                    with contextlib.suppress(OSError):
-                        w.conn.send(("abort", gen))
-                self.last_error = "; ".join(f"worker {i}: {e}" for i, e in failed.items())
-                raise swap.ReloadError(self.last_error)
-            start = time.monotonic()
-            for w in self.workers:
-                w.conn.send(("commit", gen))
-            acks = self._collect(gen, "committed", time.monotonic() + self.swap_timeout)
-            previous = {"directory": self.current, "version": self.version}
-            self.generation, self.current, self.last_error = gen, path, None
-            self.local = local
-            self.version = int(info.get("version", 1))
-            for i, err in acks.items():
-                if err:
-                    self._restart(i, f"did not commit generation {gen}: {err}")
-            return {"directory": path, "generation": gen, "workers": len(self.workers),
-                    "previous": previous, "serving": {"directory": path, "version": self.version,
-                                                      "generation": gen},
-                    "commit_seconds": round(time.monotonic() - start, 4),
-                    "restarted": sorted(i for i, e in acks.items() if e)}
+            with self._lock:
+                return self._reload(target)
         finally:
-            self._lock.release()
+            self._reload_lock.release()
+
+    def _reload(self, target: str | None) -> dict[str, Any]:
+        """The swap itself (module docstring), with the pipes held."""
+        path = policy.resolve_index(target, self.opts.index, self.index_root)
+        try:
+            local = locations.stage_index(path, self.cache_dir)
+            info = ann.read_info(local)
+        except (OSError, ValueError) as e:
+            self.last_error = f"{type(e).__name__}: {e}"
+            raise swap.ReloadError(self.last_error) from e
+        policy.check_bundle(info, self.identity, path)
+        policy.check_image_root(info["base_dir"], self.image_root, path)
+        gen = self.generation + 1
+        deadline = time.monotonic() + self.swap_timeout
+        for w in self.workers:
+            w.conn.send(("prepare", gen, local))
+        failed = {i: e for i, e in self._collect(gen, "prepared", deadline).items() if e}
+        if failed:
+            for w in self.workers:
+                with contextlib.suppress(OSError):
+                    w.conn.send(("abort", gen))
+            self.last_error = "; ".join(f"worker {i}: {e}" for i, e in failed.items())
+            raise swap.ReloadError(self.last_error)
+        start = time.monotonic()
+        for w in self.workers:
+            w.conn.send(("commit", gen))
+        acks = self._collect(gen, "committed", time.monotonic() + self.swap_timeout)
+        previous = {"directory": self.current, "version": self.version}
+        self.generation, self.current, self.last_error = gen, path, None
+        self.local = local
+        self.version = int(info.get("version", 1))
+        for i, err in acks.items():
+            if err:
+                self._restart(i, f"did not commit generation {gen}: {err}")
+        return {"directory": path, "generation": gen, "workers": len(self.workers),
+                "previous": previous, "serving": {"directory": path, "version": self.version,
+                                                  "generation": gen},
+                "commit_seconds": round(time.monotonic() - start, 4),
+                "restarted": sorted(i for i, e in acks.items() if e)}
 
     def status(self) -> list[dict[str, Any]]:
         """What each worker serves, asked over its pipe."""
