@@ -14,6 +14,10 @@ this subclass overrides only that method and picks the status from the active ex
 * **400** for everything else, with llhttp's reason ("Invalid char in url query").
 
 ``on_reject(status, client)`` lets the service count these in its metrics and access log.
+
+``HttpToolsProtocol`` is private to uvicorn, so ``pyproject.toml`` pins uvicorn to the minor
+version these hooks were written against (0.55) and ``tests/test_serve_admission.py`` fails if
+an upgrade renames or reshapes one of them.
 """
 
 from __future__ import annotations

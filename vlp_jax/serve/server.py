@@ -2,28 +2,31 @@
 offline faiss index that can be swapped while serving.
 
     python -m vlp_jax.serve.server --bundle=RUN/export --index=INDEX_DIR --port=8080 \
-        [--admin_port=8081] [--max_batch=32 --max_wait_ms=2]
+        [--admin_port=8081 (token: $VLP_ADMIN_TOKEN)] [--workers=2] [--max_batch=32]
 
 Routes (``GET /openapi.json`` describes them):
 
 * ``GET /search?q=TEXT&k=K`` → ``{"query", "k", "took_ms", "index", "index_version",
   "results": [{"item_id", "score", "title", "image_url"}]}`` (``took_ms`` = batch wait + query
   encoding + index search)
-* ``GET /items/<item_id>/image`` → the item's image file
+* ``GET /items/<item_id>/image`` → the item's image file (from the catalog root only)
 * ``GET /healthz`` (liveness), ``GET /readyz`` (readiness), ``GET /metrics`` (Prometheus)
 * ``GET /`` → an HTML page with a search box and a grid of result images and titles
 * ``POST /admin/reload[?index=DIR]`` → load an index beside the serving one and swap to it; only
-  on the admin listener (``--admin_port``, bound to ``--admin_host``, localhost by default)
+  on the admin listener (``--admin_port``, bound to ``--admin_host``, localhost by default), with
+  the admin token, under the rules of ``policy.py``
 
-The stack is a Starlette app (``http_app.py``) under uvicorn, one process, one event loop;
-query encodes and index searches run on the batch worker thread (``batcher.py``), so concurrent
-requests share encoder calls instead of queueing for a lock.  Every client mistake is a JSON 4xx
-(``http_app.Guard``, ``service.parse_search``, and ``protocol.py`` for requests the HTTP parser
-rejects); unexpected exceptions are logged and answered with a generic JSON 500.
+The stack is a Starlette app (``http_app.py``) under uvicorn, one event loop per process; query
+encodes and index searches run on the batch worker thread (``batcher.py``), so concurrent
+requests share encoder calls and one index search.  Admission is bounded (503 + Retry-After when
+full, 504 past ``--request_timeout_ms``).  ``--workers=N`` runs N processes on one port with a
+coordinated swap (``workers.py``).  ``--bundle`` and ``--index`` may be gs:// or s3:// URIs,
+staged to a verified local cache first (``locations.py``).  Every client mistake is a JSON 4xx;
+unexpected exceptions are logged and answered with a generic JSON 500.
 
 Signals: SIGTERM/SIGINT stop accepting connections, let in-flight requests finish (up to
-``--graceful_timeout`` s), stop the batch worker and exit 0; SIGHUP reloads the index from
-``--index`` (follow a ``current -> vN`` symlink flip with ``kill -HUP``).
+``--graceful_timeout`` s), stop the batch worker and exit 0; SIGHUP reloads the index from the
+configured ``--index`` (follow a ``current -> vN`` symlink flip with ``kill -HUP``).
 """
 
 from __future__ import annotations
