@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlp_jax.data import preprocess, records
 from vlp_jax.data import tokenizer as tokenizer_lib
-from vlp_jax.serve import export
+from vlp_jax.serve import export, locations
 
 DEFAULT_BUCKETS = (1, 8, 32, 128)
 TOWERS = ("query", "item")
@@ -276,13 +276,15 @@ class Bundle:
 
 def load_bundle(path: str, *, towers: Sequence[str] = TOWERS, num_devices: int | None = None,
                 buckets: Sequence[int] = DEFAULT_BUCKETS) -> Bundle:
-    """Open the bundle at ``path`` (``WORKDIR/export``).
+    """Open the bundle at ``path`` (``WORKDIR/export``; a gs:// or s3:// URI is staged to the
+    local cache first, ``locations.stage_bundle``).
 
     Args:
       towers: which towers to load ("query" for a search service, "item" for indexing).
       num_devices: local devices to shard batches over (default: all).
       buckets: padded batch sizes (rounded up to multiples of ``num_devices``).
     """
+    path = locations.stage_bundle(path)
     if not os.path.isdir(path):
         raise ValueError(f"serving bundle {path!r} does not exist or is not a directory")
     return Bundle(path, towers=towers, num_devices=num_devices, buckets=buckets)

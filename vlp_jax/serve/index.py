@@ -281,6 +281,10 @@ def _run(argv: list[str]) -> None:
     from vlp_jax.runtime import devices as runtime
 
     runtime.quiet_library_logs()
+    for name in ("items", "base_dir"):
+        if locations.is_remote(getattr(FLAGS, name)):
+            raise app.UsageError(f"--{name} must be a local path (the catalog and its images are "
+                                 "read locally; copy them to this host, or use the Beam job)")
     cache = FLAGS.cache_dir or locations.default_cache_dir()
     out = FLAGS.out
     if locations.is_remote(out):  # built locally (resumable there), published when finished
