@@ -9,7 +9,6 @@
 """
 
 import json
-import multiprocessing
 import os
 import random
 import signal
@@ -132,7 +131,7 @@ def test_store_outage_during_save_exits_within_deadline_then_resumes(data_cache_
     try:
         workdir = store.uri("run")
         env = dict(store.env)
-        proc = _main(workdir, data_cache_dir, "--config.train.num_steps=40",
+        proc = _main(workdir, data_cache_dir, "--config.train.num_steps=16",
                      "--config.checkpoint.save_timeout_s=6", env=env)
         _wait_for(lambda: _probe(store, workdir, 2), proc)
         store.stop()
@@ -145,11 +144,11 @@ def test_store_outage_during_save_exits_within_deadline_then_resumes(data_cache_
         assert "rerun the same command to resume" in error[0]
         assert took < 60, took
         store.start()
-        proc = _main(workdir, data_cache_dir, "--config.train.num_steps=40", env=env)
+        proc = _main(workdir, data_cache_dir, "--config.train.num_steps=16", env=env)
         out = proc.communicate(timeout=600)[0]
         assert proc.returncode == 0, out
         assert "resuming from step" in out
-        assert _probe(store, workdir, 40)
+        assert _probe(store, workdir, 16)
     finally:
         store.stop()
 
@@ -188,32 +187,32 @@ def test_unusable_locations_fail_fast_naming_the_uri(case, gcs, s3, data_cache_d
     assert time.monotonic() - start < 60
 
 
-def _race(workdir, env, barrier, results):
-    os.environ.update(env)
-    lock = workdir_lock.WorkdirLock(workdir)
-    barrier.wait()
-    try:
-        lock.acquire()
-        results.put("won")
-        time.sleep(2)  # hold it while the others try
-        lock.release()
-    except workdir_lock.WorkdirLockedError:
-        results.put("refused")
+_RACER = """
+import sys, time
+from vlp_jax.train import workdir_lock
+lock = workdir_lock.WorkdirLock(sys.argv[1])
+while time.time() < float(sys.argv[2]):  # start together
+    time.sleep(0.001)
+try:
+    lock.acquire()
+except workdir_lock.WorkdirLockedError:
+    print("refused")
+else:
+    print("won")
+    time.sleep(2)  # hold it while the others try
+    lock.release()
+"""
 
 
 @pytest.mark.parametrize("store", ["gcs", "s3"])
 def test_two_runs_racing_for_one_workdir_one_wins(store, request):
+    """Three processes (the lock module alone: no JAX import) start acquiring at one instant."""
     server = request.getfixturevalue(store)
-    workdir = server.uri("run")
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(3), ctx.Queue()
-    procs = [ctx.Process(target=_race, args=(workdir, server.env, barrier, results))
-             for _ in range(3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    outcomes = sorted(results.get(timeout=5) for _ in procs)
+    workdir, start = server.uri("run"), str(time.time() + 3)
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, workdir, start], cwd=REPO,
+                              env=dict(os.environ, **server.env), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
     assert outcomes == ["refused", "refused", "won"]
 
 

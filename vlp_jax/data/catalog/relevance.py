@@ -15,8 +15,6 @@ much a perfect control would recover, never as a training recipe.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 import jax.numpy as jnp
@@ -24,6 +22,7 @@ import numpy as np
 
 from vlp_jax.data import catalog, preprocess
 from vlp_jax.data.catalog import queries, text
+from vlp_jax.runtime import fs
 
 NUM_FIELDS = len(queries.FIELDS)
 MAX_ITEMS = 500_000  # the tables become constants of the compiled step: keep them small
@@ -42,11 +41,10 @@ class RelevanceTables:
 
 def builtin_info(catalog_dir: str) -> dict[str, Any] | None:
     """``catalog_info.json`` of a built-in catalog, or None for a user catalog."""
-    path = os.path.join(catalog_dir, "catalog_info.json")
-    if not os.path.exists(path):
+    path = fs.join(catalog_dir, "catalog_info.json")
+    if not fs.exists(path):
         return None
-    with open(path) as f:
-        info = json.load(f)
+    info = fs.read_json(path)
     return info if info.get("generator") == "vlp_jax.data.catalog" else None
 
 
