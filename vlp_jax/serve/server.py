@@ -31,6 +31,7 @@ configured ``--index`` (follow a ``current -> vN`` symlink flip with ``kill -HUP
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import sys
@@ -169,6 +170,8 @@ def _main(argv: list[str]) -> None:
                   **roots)
         return
     service = load_service(FLAGS.bundle, FLAGS.index, **roots, **load_kwargs)
+    service.holder.freeze_gc = True  # a server process: index objects stay out of GC
+    gc.freeze()
     if FLAGS.access_log:
         access_log_to_stderr()
     server = make_server(service, admin_ports=[FLAGS.admin_port] if FLAGS.admin_port else [],

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import multiprocessing
@@ -69,6 +70,8 @@ def _worker_main(opts: WorkerOptions, current: str, sock: socket.socket, conn: A
     runtime.quiet_library_logs()
     logging.getLogger().setLevel(logging.INFO)  # absl's handler may be installed already
     service = server_lib.load_service(opts.bundle, current, **opts.load_kwargs)
+    service.holder.freeze_gc = True  # a server process: index objects stay out of GC
+    gc.freeze()
     service.holder.configured = opts.index  # the worker may start on a reloaded index
     if opts.server_kwargs.get("access_log"):
         server_lib.access_log_to_stderr()
