@@ -35,13 +35,14 @@ def local_build(make_tiny_config):
 
 @pytest.fixture(scope="module", params=["gcs", "s3"])
 def remote_run(request, local_build, make_tiny_config, tmp_path_factory):
-    """Catalog and cache on the store: built once per store (process 0's part of a pod run)."""
+    """Catalog and cache on the store, built once per store (process 0's part of a pod run):
+    on gs:// the built-in catalog generated into the cache, on s3:// a user catalog uploaded."""
     store = request.getfixturevalue(request.param)
-    catalog_uri = store.uri("catalog")
-    remote_build.upload_tree(local_build[1], catalog_uri, last=("items.jsonl",))
     config = make_tiny_config()
-    config.data.catalog_dir = catalog_uri
     config.data.cache_dir = store.uri("cache")
+    if store.scheme == "s3":
+        config.data.catalog_dir = store.uri("catalog")
+        remote_build.upload_tree(local_build[1], config.data.catalog_dir, last=("items.jsonl",))
     config.data.staging_dir = str(tmp_path_factory.mktemp(f"staged_{store.scheme}"))
     return store, config, dataset.prepare_dataset(config.data)
 
@@ -56,7 +57,9 @@ def test_build_on_a_store_holds_the_local_records(remote_run, local_build):
     assert handle.dataset_dir.startswith(config.data.staging_dir)  # read from local disk
     assert _records(handle) == local_records
     assert handle.report["splits"] == local_handle.report["splits"]
-    assert handle.report["catalog_dir"] == config.data.catalog_dir
+    catalog_dir = config.data.catalog_dir or dataset.builtin_catalog_dir(config.data)
+    assert handle.report["catalog_dir"] == catalog_dir
+    assert catalog_dir.startswith(config.data.catalog_dir or config.data.cache_dir)
     local_vocab = tokenizer_lib.load_tokenizer(local_handle.tokenizer_dir).get_vocab()
     assert tokenizer_lib.load_tokenizer(handle.tokenizer_dir).get_vocab() == local_vocab
     # The store holds exactly the marker and one attempt with every file the builder wrote.

@@ -313,6 +313,7 @@ def _build_remote(location: str, make: Callable[[str], bool], staging_dir: str) 
             tmp = tempfile.mkdtemp(prefix="build-", dir=staging_dir)
             try:
                 make(tmp)
+                # TFDS lays a build out as <data_dir>/<name>/<config>/<version>, as in the store
                 local = os.path.join(tmp, *location.split("/")[-3:])
                 attempt = remote_build.publish(local, location, staging_dir)
             finally:

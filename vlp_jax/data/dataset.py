@@ -47,25 +47,28 @@ def builtin_catalog_dir(data_cfg: ml_collections.ConfigDict) -> str:
     if fs.exists(fs.join(out, "items.jsonl")):
         return out
     logging.info("generating built-in catalog (%d items) in %s", data_cfg.builtin_num_items, out)
-    local = out
-    if fs.is_remote(out):
+    if not fs.is_remote(out):
+        stats = _generate(data_cfg, out)
+    else:  # generated on local disk, uploaded with items.jsonl (the "present" mark) last
         os.makedirs(staging_dir(data_cfg), exist_ok=True)
-        local = tempfile.mkdtemp(prefix="catalog-", dir=staging_dir(data_cfg))
-    try:
-        stats = catalog.generate_catalog(
-            local if local == out else os.path.join(local, name),
-            num_items=data_cfg.builtin_num_items,
-            seed=data_cfg.builtin_seed,
-            lang=data_cfg.builtin_lang,
-            image_size=data_cfg.image_size,
-        )
-        if local != out:
-            remote_build.upload_tree(os.path.join(local, name), out, last=("items.jsonl",))
-    finally:
-        if local != out:
-            shutil.rmtree(local, ignore_errors=True)
+        tmp = tempfile.mkdtemp(prefix="catalog-", dir=staging_dir(data_cfg))
+        try:
+            stats = _generate(data_cfg, os.path.join(tmp, name))
+            remote_build.upload_tree(os.path.join(tmp, name), out, last=("items.jsonl",))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     logging.info("built-in catalog: %s", stats)
     return out
+
+
+def _generate(data_cfg: ml_collections.ConfigDict, out: str) -> dict:
+    return catalog.generate_catalog(
+        out,
+        num_items=data_cfg.builtin_num_items,
+        seed=data_cfg.builtin_seed,
+        lang=data_cfg.builtin_lang,
+        image_size=data_cfg.image_size,
+    )
 
 
 def prepare_dataset(
