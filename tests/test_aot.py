@@ -230,3 +230,25 @@ def test_importing_vlp_jax_keeps_every_command_on_the_cpu():
                           "get('JAX_PLATFORMS'))"], env={**env, "JAX_PLATFORMS": "tpu"},
                          capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.split() == ["tpu"]
+
+
+def test_calibration_config_is_the_published_siglip_b16_shape():
+    """configs/calibration_siglip_b16.py (docs/aot.md, Calibration): the sigmoid loss alone on a
+    ViT-B/16 item tower (2 title + 1 [CLS] + 196 patch positions) and a 16-token B-sized text
+    tower at SigLIP's batch of 16,384 — the model FLOPs the calibration ratio rests on."""
+    from configs import calibration_siglip_b16
+    from vlp_jax.config import check
+
+    c = calibration_siglip_b16.get_config()
+    check.validate_config(c)
+    assert (c.loss.qic_type, c.loss.mpm_type, c.model.remat) == ("sigmoid", "none", "block")
+    parts = estimate.train_model_flops(c, vocab_size=c.data.vocab_size)
+    assert set(parts) == {"query_tower", "item_tower", "projections", "scores", "total"}
+    b, w, mlp = 16384, 768, 3072
+
+    def enc(t):  # 12 layers: 2 x params per token x tokens + 4 T^2 W, forward
+        return 2 * 12 * (4 * w * w + 2 * w * mlp) * t * b + 4 * 12 * t * t * w * b
+
+    assert parts["item_tower"] == pytest.approx(3 * (enc(199) + 2 * 768 * w * 196 * b))
+    assert parts["query_tower"] == pytest.approx(3 * enc(16))
+    assert parts["total"] / 16 == pytest.approx(117.45e12, rel=1e-3)  # per v4 chip per step
