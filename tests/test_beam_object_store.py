@@ -20,6 +20,7 @@ from test_beam_embed import BATCH, CHUNK, setup  # noqa: E402,F401 (module fixtu
 from test_builder import S  # noqa: E402
 
 from vlp_jax.data import beam_build, beam_io, builder, remote_build  # noqa: E402
+from vlp_jax.runtime.uri import StorageAccessError  # noqa: E402
 from vlp_jax.serve import ann, beam_embed, index  # noqa: E402
 
 RUNNER = "FnApiRunner"
@@ -68,6 +69,20 @@ def test_beam_io_on_both_stores(store_name, request, tmp_path):
         beam_io.size(f"{root}/nothing")
     beam_io.delete_tree(root)
     assert beam_io.glob(f"{root}/**") == [] and not beam_io.exists(f"{root}/a/y.jsonl")
+
+
+def test_refused_key_is_one_message_naming_the_uri_before_any_pipeline(s3, tmp_path):
+    args = [a if not a.startswith("--s3_secret_access_key=") else
+            "--s3_secret_access_key=wrong" for a in _options(s3)]
+    where = s3.uri("catalog")
+    try:
+        with pytest.raises(StorageAccessError, match=f"catalog {where}/items.jsonl: the "
+                           r"object store refused .*--s3_secret_access_key"):
+            beam_build.build_dataset_beam(where, str(tmp_path / "data"), runner=RUNNER,
+                                          pipeline_args=args)
+    finally:
+        beam_io.configure(_options(s3))  # later callers must not inherit the wrong key
+    assert not os.path.exists(tmp_path / "data")
 
 
 def test_beam_build_on_s3_equals_local_build(s3, catalog, tmp_path):  # noqa: F811

@@ -310,6 +310,9 @@ def build_dataset_beam(
     handle.location)`` stages it for reading).
     """
     options = beam_io.configure(pipeline_args)
+    items = beam_io.join(catalog_dir, "items.jsonl")
+    if not beam_io.check_exists(items, "catalog"):
+        raise ValueError(f"catalog {catalog_dir!r} has no items.jsonl ({items} not found)")
     factory = functools.partial(VLPCatalogBeam, chunk_bytes=chunk_bytes,
                                 pipeline_args=pipeline_args)
     if beam_io.is_remote(data_dir):

@@ -106,6 +106,23 @@ def exists(loc: str) -> bool:
     return os.path.exists(normalize(loc))
 
 
+def check_exists(loc: str, what: str) -> bool:
+    """Whether ``loc`` exists, asked with the pipeline's own options (what every worker will
+    use); a refused key, a missing bucket or an unreachable endpoint raises one
+    ``StorageAccessError`` naming ``loc`` — in the driver, before any pipeline starts, instead
+    of a stack trace from inside a worker."""
+    try:
+        return exists(loc)
+    except Exception as err:  # noqa: BLE001 - boto3, google-cloud and Beam raise their own
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        options = ("--s3_endpoint_url, --s3_access_key_id, --s3_secret_access_key"
+                   if uri.scheme(loc) == "s3" else "the workers' service account / "
+                   "GOOGLE_APPLICATION_CREDENTIALS")
+        raise uri.StorageAccessError(
+            f"{what} {loc}: the object store refused or could not be reached ({first}); "
+            f"the Beam workers use the same pipeline options ({options})") from err
+
+
 def size(loc: str) -> int:
     """Bytes in a file; FileNotFoundError naming it if it is not there."""
     store = _store_io(loc)

@@ -212,7 +212,7 @@ def embed_chunks_beam(bundle: bundle_lib.Bundle, items_path: str, out_dir: str, 
                          f"{batch_size}, {chunk_size}, {range_bytes}")
     options = beam_io.configure(pipeline_args)
     items_path = beam_io.normalize(items_path)
-    if not beam_io.exists(items_path):
+    if not beam_io.check_exists(items_path, "items file"):
         raise ValueError(f"items file {items_path!r} does not exist")
     base_dir = beam_io.normalize(base_dir or index_parent(items_path))
     bundle_loc = bundle_loc or bundle.path
