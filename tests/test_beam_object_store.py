@@ -1,9 +1,10 @@
 """Beam jobs with no shared disk: the dataset build and the embedding job read their inputs from
 and write their outputs to s3:// (the SeaweedFS server the suite starts, credentials enforced,
-endpoint and keys given as Beam's own ``--s3_*`` pipeline options) on 2 DirectRunner worker
-processes, and give what the local single-process build and index job give: the same records
-split by split, the same vocabulary byte for byte, the same report counts, the same embeddings
-(1e-6), rows and skip counts, and an index the search code loads."""
+endpoint and keys given as Beam's own ``--s3_*`` pipeline options; ``VLP_BEAM_STORES=gcs,s3``
+adds the GCS emulator) on 2 DirectRunner worker processes, and give what the local
+single-process build and index job give: the same records split by split, the same vocabulary
+byte for byte, the same report counts, the same embeddings (1e-6), rows and skip counts, and an
+index the search code loads."""
 
 from __future__ import annotations
 
@@ -26,7 +27,14 @@ from vlp_jax.serve import ann, beam_embed, index  # noqa: E402
 RUNNER = "FnApiRunner"
 
 
+# The stores the two pipeline tests run on: SeaweedFS's S3 in the suite; add the GCS emulator
+# with VLP_BEAM_STORES=gcs,s3 (same code above the file layer, tested on both stores below).
+PIPELINE_STORES = os.environ.get("VLP_BEAM_STORES", "s3").split(",")
+
+
 def _options(store) -> list[str]:
+    if store.scheme == "gs":  # the emulator: STORAGE_EMULATOR_HOST, no credentials
+        return ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
     return [f"--s3_endpoint_url={store.endpoint}",
             f"--s3_access_key_id={store.env['AWS_ACCESS_KEY_ID']}",
             f"--s3_secret_access_key={store.env['AWS_SECRET_ACCESS_KEY']}",
@@ -46,7 +54,7 @@ def test_beam_io_on_both_stores(store_name, request, tmp_path):
     ranged reads, listing, rename, deletes, and a missing object reads as FileNotFoundError
     (which the image decoder counts as image_missing) — not as an empty file."""
     store = request.getfixturevalue(store_name)
-    beam_io.configure(_options(store) if store_name == "s3" else [])
+    beam_io.configure(_options(store))
     root = store.uri()
     beam_io.write_bytes(f"{root}/a/x.jsonl", b"first\nsecond line\n")
     assert beam_io.exists(f"{root}/a/x.jsonl") and beam_io.size(f"{root}/a/x.jsonl") == 18
@@ -85,10 +93,13 @@ def test_refused_key_is_one_message_naming_the_uri_before_any_pipeline(s3, tmp_p
     assert not os.path.exists(tmp_path / "data")
 
 
-def test_beam_build_on_s3_equals_local_build(s3, catalog, tmp_path):  # noqa: F811
-    args = _options(s3)
+@pytest.mark.parametrize("store_name", PIPELINE_STORES)
+def test_beam_build_on_a_store_equals_local_build(store_name, request, catalog,  # noqa: F811
+                                                   tmp_path):
+    store = request.getfixturevalue(store_name)
+    args = _options(store)
     beam_io.configure(args)
-    root = s3.uri()
+    root = store.uri()
     beam_io.upload_tree(catalog, f"{root}/catalog")
     single = builder.build_dataset(catalog, str(tmp_path / "single"), image_size=S,
                                    vocab_size=300)
@@ -118,11 +129,14 @@ def test_beam_build_on_s3_equals_local_build(s3, catalog, tmp_path):  # noqa: F8
     assert again.files_at == remote.files_at
 
 
-def test_beam_embedding_on_s3_equals_local_index_job(s3, setup, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("store_name", PIPELINE_STORES)
+def test_beam_embedding_on_a_store_equals_local_index_job(store_name, request,
+                                                           setup, tmp_path):  # noqa: F811
     catalog_dir, bundle = setup
-    args = _options(s3)
+    store = request.getfixturevalue(store_name)
+    args = _options(store)
     beam_io.configure(args)
-    root = s3.uri()
+    root = store.uri()
     beam_io.upload_tree(catalog_dir, f"{root}/catalog")
     beam_io.upload_tree(bundle.path, f"{root}/export")
     single = index.build_index_dir(bundle, os.path.join(catalog_dir, "items.jsonl"),
