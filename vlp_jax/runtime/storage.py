@@ -127,6 +127,7 @@ def reason(err: BaseException) -> str:
 def free_bytes(path: str) -> int | None:
     """Bytes available to this user on the filesystem holding ``path`` (or its nearest existing
     parent); ``None`` if it cannot be asked (an object-store URI)."""
+    path = os.fspath(path)
     if "://" in path:
         return None
     path = os.path.abspath(path)
