@@ -123,8 +123,9 @@ def check_bucket(loc: uri.Location, what: str = "location") -> None:
         if uri.scheme(loc) == "gs":
             from google.api_core import exceptions as gex
 
-            try:
-                _gcs_client().get_bucket(bucket, timeout=30)
+            try:  # listing needs only storage.objects.list, which any reader of the run has
+                prefix = uri.bucket_and_key(loc)[1]
+                list(_gcs_client().list_blobs(bucket, prefix=prefix, max_results=1, timeout=30))
             except gex.NotFound as err:
                 raise uri.StorageAccessError(
                     f"{what} {where}: bucket gs://{bucket} does not exist") from err
@@ -135,8 +136,9 @@ def check_bucket(loc: uri.Location, what: str = "location") -> None:
             return
         from botocore.exceptions import ClientError, NoCredentialsError
 
-        try:
-            _s3_client().head_bucket(Bucket=bucket)
+        try:  # ListObjectsV2 needs only s3:ListBucket on the bucket, like every reader
+            _s3_client().list_objects_v2(Bucket=bucket, Prefix=uri.bucket_and_key(loc)[1],
+                                         MaxKeys=1)
         except NoCredentialsError as err:
             raise uri.StorageAccessError(
                 f"{what} {where}: no S3 credentials found (set AWS_ACCESS_KEY_ID and "
