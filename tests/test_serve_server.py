@@ -29,7 +29,8 @@ def run(tmp_path_factory, data_cache_dir):
 
 @pytest.fixture(scope="module")
 def service(run):
-    return server.load_service(run.bundle_dir, run.index_dir, buckets=TEST_BUCKETS)
+    return server.load_service(run.bundle_dir, run.index_dir, buckets=TEST_BUCKETS,
+                                 request_timeout_ms=60_000)
 
 
 @pytest.fixture(scope="module")

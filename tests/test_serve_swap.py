@@ -47,8 +47,10 @@ def root(tmp_path_factory):
 
 
 def serve(run, root):
+    # A generous deadline: these tests are about swaps, and a loaded CI box can take more than
+    # the default second per request (deadlines are tested in test_serve_admission.py).
     service = server.load_service(run.bundle_dir, run.index_dir, buckets=(1, 4, 16),
-                                  index_root=root)
+                                  index_root=root, request_timeout_ms=60_000)
     return service, server.RunningServer(service, admin_port=0,
                                          admin_token=serve_fixtures.ADMIN_TOKEN)
 
@@ -199,7 +201,7 @@ def test_workers_swap_together_with_no_mixed_answers(run, v2, root, tmp_path):
     port, admin = _free_port(), _free_port()
     cmd = [sys.executable, "-m", "vlp_jax.serve.server", f"--bundle={run.bundle_dir}",
            f"--index={current}", f"--port={port}", f"--admin_port={admin}", "--workers=2",
-           f"--index_root={root}", "--buckets=1,4"]
+           f"--index_root={root}", "--buckets=1,4", "--request_timeout_ms=60000"]
     env = {**os.environ, "VLP_ADMIN_TOKEN": serve_fixtures.ADMIN_TOKEN}
     log_file = tmp_path / "server.log"  # a file, not a pipe: access logs would fill a pipe
     with open(log_file, "w") as stderr:
