@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +26,7 @@ import ml_collections
 import numpy as np
 import pytest
 from checkpoint_helpers import saved_state
+from run_helpers import wait_for as _wait_for
 
 from vlp_jax.train import checkpointing, metrics_log, nonfinite, resume_config, workdir_lock
 from vlp_jax.train import loop as train
@@ -100,17 +100,6 @@ def _main(workdir, cache_dir):
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_for(predicate, proc, timeout=300.0, poll=0.002):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early (rc {proc.returncode}):\n{proc.stdout.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("timed out waiting for the run")
-        time.sleep(poll)
 
 
 def _sigterm_at(step):

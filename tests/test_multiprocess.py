@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 import pytest
+from run_helpers import process_pid as _process_pid
 
 from vlp_jax.train import loop as train
 
@@ -75,19 +76,6 @@ def _finish(proc, timeout=300) -> tuple[int, str]:
         proc.kill()
         raise
     return proc.returncode, err
-
-
-def _process_pid(workdir: str, index: int) -> int:
-    """The pid of ``vlp_jax.main --process_id=index`` running on ``workdir``."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if (f"--process_id={index}".encode() in args and b"vlp_jax.main" in args
-                and f"--workdir={workdir}".encode() in args):
-            return int(pid)
-    raise AssertionError(f"process {index} of the run on {workdir} not found")
 
 
 def _losses(workdir) -> dict[int, float]:

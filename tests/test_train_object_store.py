@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import pytest
 from checkpoint_helpers import saved_state
+from run_helpers import process_pid, wait_for
 
 from vlp_jax.runtime import fs
 from vlp_jax.train import loop as train
@@ -69,17 +70,6 @@ def _committed(workdir, step):
     return fs.exists(fs.join(workdir, "checkpoints", str(step), "commit_success.txt"))
 
 
-def _wait_for(predicate, proc, timeout=300.0, poll=0.02):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early (rc {proc.returncode}):\n{proc.stdout.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("timed out waiting for the run")
-        time.sleep(poll)
-
-
 def _rows(workdir):
     rows = [json.loads(line) for line in fs.read_text(fs.join(workdir, "metrics.jsonl"))
             .splitlines()]
@@ -102,7 +92,7 @@ def test_sigkill_on_gcs_then_resume_matches_a_local_run(local_reference, gcs, tm
     staging = f"--config.data.staging_dir={tmp_path / 'staged'}"
     kill_at = random.Random(os.getpid()).choice([2, 4])
     proc = _main(workdir, cache, staging)
-    _wait_for(lambda: _committed(workdir, kill_at), proc)
+    wait_for(lambda: _committed(workdir, kill_at), proc, poll=0.02)
     proc.send_signal(signal.SIGKILL)
     out = proc.communicate()[0]
     assert proc.returncode == -signal.SIGKILL, out
@@ -133,7 +123,7 @@ def test_store_outage_during_save_exits_within_deadline_then_resumes(data_cache_
         env = dict(store.env)
         proc = _main(workdir, data_cache_dir, "--config.train.num_steps=16",
                      "--config.checkpoint.save_timeout_s=6", env=env)
-        _wait_for(lambda: _probe(store, workdir, 2), proc)
+        wait_for(lambda: _probe(store, workdir, 2), proc, poll=0.02)
         store.stop()
         start = time.monotonic()
         out = proc.communicate(timeout=120)[0]
@@ -267,8 +257,8 @@ def test_two_processes_save_and_resume_on_gcs(gcs, make_tiny_config):
     dataset.prepare_dataset(make_tiny_config().data)  # built once, before the processes start
     workdir = gcs.uri("mp")
     proc = _launch_two(make_tiny_config, workdir)
-    _wait_for(lambda: _committed(workdir, 2), proc)
-    os.kill(_pid_of(workdir, 1), signal.SIGTERM)  # process 1 preempted: both save, exit 0
+    wait_for(lambda: _committed(workdir, 2), proc, poll=0.05)
+    os.kill(process_pid(workdir, 1), signal.SIGTERM)  # process 1 preempted: both save, exit 0
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out[-3000:]
     preempted = _steps(workdir)[-1]
@@ -283,18 +273,6 @@ def test_two_processes_save_and_resume_on_gcs(gcs, make_tiny_config):
     assert _process_states(workdir, 6) == ["process_0-of-2.json", "process_1-of-2.json"]
     rows = [json.loads(x) for x in fs.read_text(fs.join(workdir, "metrics.jsonl")).splitlines()]
     assert sorted(r["step"] for r in rows if "loss" in r) == list(range(1, 7))
-
-
-def _pid_of(workdir, index):
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if (f"--process_id={index}".encode() in args and b"vlp_jax.main" in args
-                and f"--workdir={workdir}".encode() in args):
-            return int(pid)
-    raise AssertionError(f"process {index} of the run on {workdir} not found")
 
 
 def _readme_pod_command() -> list[str]:
