@@ -145,7 +145,7 @@ def test_store_outage_during_save_exits_within_deadline_then_resumes(data_cache_
 
 def _probe(store, workdir, step):
     """Whether ``step`` is committed, asked of this store's JSON API directly (the test process's
-    clients point at the session's server, not this one)."""
+    clients point at the suite-wide emulator, not this one)."""
     bucket, key = fs.bucket_and_key(fs.join(workdir, "checkpoints", str(step),
                                             "commit_success.txt"))
     url = f"{store.endpoint}/storage/v1/b/{bucket}/o/{urllib.parse.quote(key, safe='')}"
