@@ -123,6 +123,20 @@ def bert_arch(hf_config: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- tensors
+def tensor_problems(missing: list[str], bad_shape: list[str], unexpected: list[str]
+                    ) -> list[str]:
+    """The parts of a "checkpoint does not match its config" message (shared by the text and
+    image converters), every bad tensor named."""
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if bad_shape:
+        problems.append(f"shape mismatches [{'; '.join(bad_shape)}]")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected}")
+    return problems
+
+
 def load_hf_tensors(src: str) -> dict[str, np.ndarray]:
     """All tensors of the checkpoint in ``src`` as float32/int numpy arrays (no torch needed)."""
     from safetensors.numpy import load_file
@@ -233,13 +247,7 @@ def map_bert_weights(
             node = node.setdefault(part, {})
         node[leaf] = np.ascontiguousarray(value.T if transpose else value)
     missing = sorted(prefix + k for k in expected if prefix + k not in tensors)
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {missing}")
-    if bad_shape:
-        problems.append(f"shape mismatches [{'; '.join(bad_shape)}]")
-    if unexpected:
-        problems.append(f"unexpected tensors {unexpected}")
+    problems = tensor_problems(missing, bad_shape, unexpected)
     if problems:
         raise ValueError(
             f"checkpoint does not match its config.json (width {arch['width']}, depth "

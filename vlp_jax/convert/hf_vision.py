@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from vlp_jax.convert import hf_clip_vision, hf_vit
-from vlp_jax.convert.hf_bert import load_hf_tensors
+from vlp_jax.convert.hf_bert import load_hf_tensors, tensor_problems
 
 FAMILIES = {"vit": hf_vit, "clip": hf_clip_vision}
 
@@ -219,13 +219,7 @@ def map_vision_weights(
     required = [prefix + k for k in blocks] + [prefix + roles[r] for r in roles if r in shapes
                                                and r != "mask_token"]
     missing = sorted(n for n in required if n not in tensors)
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {missing}")
-    if bad_shape:
-        problems.append(f"shape mismatches [{'; '.join(bad_shape)}]")
-    if unexpected:
-        problems.append(f"unexpected tensors {unexpected}")
+    problems = tensor_problems(missing, bad_shape, unexpected)
     if problems:
         raise ValueError(
             f"{family} checkpoint does not match its config.json (width {arch['width']}, depth "
