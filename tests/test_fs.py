@@ -9,7 +9,9 @@ import pytest
 from vlp_jax.runtime import fs, object_store, staging
 
 
-@pytest.mark.parametrize("bad", ["gs:/bucket/x", "s3:bucket", "http://host/x", "gs://"])
+@pytest.mark.parametrize("bad", ["gs:/bucket/x", "s3:bucket", "http://host/x", "gs://",
+                                 "gs://b/x/../run", "gs://b//run", "s3://b/./run",
+                                 "gs://b/run "])
 def test_refuses_malformed_locations(bad):
     with pytest.raises(fs.StorageAccessError):
         fs.normalize(bad)

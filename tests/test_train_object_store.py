@@ -221,8 +221,14 @@ def test_object_store_lock_lease_takeover(gcs):
     assert owner["host"] == socket.gethostname() and owner["pid"] == os.getpid()
     time.sleep(0.5)
     assert json.loads(fs.read_text(path))["heartbeat"] > owner["heartbeat"]  # refreshed
+    lock.check_held()
+    fs.write_text(path, json.dumps(dict(live, heartbeat=time.time())))  # another run took it
+    time.sleep(0.5)
+    assert lock.lost
+    with pytest.raises(workdir_lock.WorkdirLockedError, match="was taken over by another run"):
+        lock.check_held()  # the train loop calls this before every save
     lock.release()
-    assert not fs.exists(path)
+    assert fs.exists(path)  # not ours any more: left for its owner
 
 
 def _launch_two(make_tiny_config, workdir):

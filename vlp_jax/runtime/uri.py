@@ -43,6 +43,13 @@ def normalize(loc: Location) -> str:
         bucket = rest.split("/", 1)[0]
         if not bucket:
             raise StorageAccessError(f"location {text!r} names no bucket")
+        parts = rest.rstrip("/").split("/")
+        # Object keys are literal: "a/../run" and "a//run" would name other objects than
+        # "run" (two runs could then hold two locks for what a user means as one workdir).
+        if text != text.strip() or any(p in ("", ".", "..") for p in parts[1:]):
+            raise StorageAccessError(
+                f"location {text!r}: empty, '.' or '..' path segments and surrounding spaces "
+                "are not allowed in object-store URIs")
         return f"{head.lower()}://{rest.rstrip('/')}"
     if text.lower().startswith(("gs:", "s3:")):
         raise StorageAccessError(

@@ -170,7 +170,7 @@ def train_and_evaluate(
         lock.acquire()
     try:
         with preemption.PreemptionWatcher() as watcher:
-            return _train(config, workdir, watcher, batch_hook, rebuild_data)
+            return _train(config, workdir, watcher, batch_hook, rebuild_data, lock)
     finally:
         if lock is not None:
             lock.release()
@@ -179,6 +179,7 @@ def train_and_evaluate(
 def _train(
     config: ml_collections.ConfigDict, workdir: str, watcher: preemption.PreemptionWatcher,
     batch_hook: BatchHook | None, rebuild_data: bool = False,
+    lock: workdir_lock.WorkdirLock | None = None,
 ) -> dict[str, Any]:
     run = Run(config, workdir, writer=True, rebuild_data=rebuild_data)
     peers.align("train_start")  # before the first Gloo collective (restore, step 1)
@@ -223,6 +224,8 @@ def _train(
                 logger.flush()
             saved = step % cfg.checkpoint.every_steps == 0 or is_last
             if saved:
+                if lock is not None:
+                    lock.check_held()  # another run took the workdir over: never save into it
                 logger.flush()  # never checkpoint a state whose loss went non-finite
                 run.checkpointer.save(step, state, data_iter, force=True,
                                       loop_state=_loop_state(logger))

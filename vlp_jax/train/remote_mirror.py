@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 
 from vlp_jax.runtime import fs, storage
 
@@ -30,6 +31,7 @@ class RemoteMirror:
         digest = hashlib.sha256(self.remote.encode()).hexdigest()[:12]
         self.local = tempfile.mkdtemp(prefix=f"vlp_run_{digest}_")
         self._synced: dict[str, tuple[int, int]] = {}
+        self._inflight: threading.Thread | None = None
         for name in files_to_fetch:  # continued by a resumed run (e.g. metrics.jsonl)
             uri = fs.join(self.remote, name)
             if fs.exists(uri):
@@ -51,13 +53,31 @@ class RemoteMirror:
         return sorted(found)
 
     def sync(self, timeout: float = SYNC_TIMEOUT_S) -> None:
-        """Upload every file changed since the last sync; warn (never raise) on failure."""
-        try:
-            storage.call_with_deadline(self._upload, min(timeout, SYNC_TIMEOUT_S),
-                                       f"uploading run logs to {self.remote}")
-        except Exception as err:  # noqa: BLE001 - logs must never stop a run
+        """Upload every file changed since the last sync; warn (never raise) on failure.
+
+        An upload still running from an earlier sync (a slow store) is waited for, never
+        overlapped: a late old upload must not land after a newer one and drop rows."""
+        if self._inflight is not None and self._inflight.is_alive():
+            self._inflight.join(min(timeout, SYNC_TIMEOUT_S))
+            if self._inflight.is_alive():
+                logging.warning("run logs not uploaded to %s: the previous upload is still "
+                                "running (will retry at the next sync)", self.remote)
+                return
+        errors: list[BaseException] = []
+
+        def upload() -> None:
+            try:
+                self._upload()
+            except BaseException as err:  # noqa: BLE001 - reported by the caller below
+                errors.append(err)
+
+        self._inflight = threading.Thread(target=upload, name="run-log-upload", daemon=True)
+        self._inflight.start()
+        self._inflight.join(min(timeout, SYNC_TIMEOUT_S))
+        if self._inflight.is_alive() or errors:
+            why = storage.reason(errors[0]) if errors else "no answer within the deadline"
             logging.warning("run logs not uploaded to %s (will retry at the next sync): %s",
-                            self.remote, storage.reason(err))
+                            self.remote, why)
 
     def _upload(self) -> None:
         for rel in self._changed():

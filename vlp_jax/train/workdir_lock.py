@@ -190,6 +190,15 @@ class WorkdirLock:
             except Exception as err:  # noqa: BLE001 - a store hiccup: try again next beat
                 logging.warning("workdir lock heartbeat failed (will retry): %s", err)
 
+    def check_held(self) -> None:
+        """Raise ``WorkdirLockedError`` if another run has taken the lock over (its heartbeat
+        found a foreign owner): a run that lost its workdir must stop before its next write."""
+        if self.lost:
+            raise WorkdirLockedError(
+                f"workdir {self.workdir}: the lock {self.path} was taken over by another run "
+                "(this run's heartbeat could not reach the store within the lease). Stopping "
+                "before the next checkpoint; check which run should own the workdir.")
+
     def release(self, timeout: float = 15.0) -> None:
         """Delete the lock if it is still ours.  Best effort and bounded: it runs in ``finally``
         blocks, where an unreachable store must neither hide the error being raised nor hold
