@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vlp_jax.config.overrides import apply_overrides, load_config_file, parse_set_flags  # noqa: E402,E501
 from vlp_jax.data import dataset, preprocess, tokenizer  # noqa: E402
 from vlp_jax.data.catalog import relevance  # noqa: E402
-from vlp_jax.parallel import fn_control  # noqa: E402
+from vlp_jax.losses.qic import false_negatives as fn_control  # noqa: E402
 from vlp_jax.runtime import atomic_io  # noqa: E402
 
 FLAGS = flags.FLAGS

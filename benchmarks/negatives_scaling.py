@@ -47,9 +47,9 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from vlp_jax.losses.qic import qic_loss as sharded_qic_loss  # noqa: E402
 from vlp_jax.parallel import memory_bank  # noqa: E402
 from vlp_jax.parallel.mesh import DATA_AXIS, make_mesh  # noqa: E402
-from vlp_jax.parallel.negatives import sharded_qic_loss  # noqa: E402
 
 flags.DEFINE_integer("batch", 256, "Global batch B.")
 flags.DEFINE_integer("dim", 128, "Embedding size d.")

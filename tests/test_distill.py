@@ -16,9 +16,9 @@ from jax.sharding import PartitionSpec as P
 from configs import mbns
 from vlp_jax.config import check as config_check
 from vlp_jax.config.overrides import apply_overrides
-from vlp_jax.parallel import fn_control
+from vlp_jax.losses.qic import false_negatives as fn_control
+from vlp_jax.losses.qic import qic_loss as sharded_qic_loss
 from vlp_jax.parallel.mesh import DATA_AXIS
-from vlp_jax.parallel.negatives import sharded_qic_loss
 
 N, B, D, K = 8, 16, 8, 24
 BITS = 1024

@@ -13,9 +13,11 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vlp_jax.parallel import fn_control, memory_bank
+from vlp_jax.losses.qic import false_negatives as fn_control
+from vlp_jax.losses.qic import hooks
+from vlp_jax.losses.qic import qic_loss as sharded_qic_loss
+from vlp_jax.parallel import memory_bank
 from vlp_jax.parallel.mesh import DATA_AXIS
-from vlp_jax.parallel.negatives import sharded_qic_loss
 
 N, B, D, K = 8, 16, 8, 24
 BITS = 1024  # wide enough that the test vocabulary's words hash to distinct bits (asserted)
@@ -268,7 +270,7 @@ def test_staleness_is_one_for_fresh_keys(mesh):
     bank = jax.jit(lambda b: memory_bank.enqueue(mesh, b, emb, ids))(
         _shard(mesh, memory_bank.init_bank(K, D, N)))
     fn = jax.jit(jax.shard_map(
-        lambda cur, i, bk: memory_bank.staleness(cur, i, bk), mesh=mesh,
+        lambda cur, i, bk: hooks.bank_staleness(cur, i, bk), mesh=mesh,
         in_specs=(P(), P(), P(DATA_AXIS)), out_specs=P()))
     total, count = fn(emb[:6], ids[:6], {k: v for k, v in bank.items() if k != "ptr"})
     assert float(count) == 6 and float(total) == pytest.approx(6.0, abs=1e-5)

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Bottom to top; each package may import the ones listed before it.
-LAYERS = ("_tpu_host", "runtime", "config", "data", "models", "convert", "losses", "parallel",
+LAYERS = ("_tpu_host", "runtime", "config", "data", "models", "convert", "parallel", "losses",
           "eval", "serve", "train", "perf", "aot", "experiments", "main")
 
 

@@ -12,11 +12,11 @@ import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from qic_reference import qic_loss
 
-from vlp_jax.losses.contrastive import qic_loss
+from vlp_jax.losses.qic import qic_loss as sharded_qic_loss
 from vlp_jax.parallel import memory_bank
 from vlp_jax.parallel.mesh import DATA_AXIS
-from vlp_jax.parallel.negatives import sharded_qic_loss
 from vlp_jax.train.state import create_sharded_state
 
 N, B, D, K = 8, 16, 8, 40  # b = 2 per device, K/N = 5 rows per device, K % B != 0

@@ -1,8 +1,8 @@
 """Cross-device negatives (CDNS) on 8 fake CPU devices: gather, ring and local modes.
 
-The reference is the single-device ``contrastive.qic_loss`` on the global batch: the sharded loss
-must reproduce its value *and* its gradients (the open_clip question: do gathered negatives get
-correct gradients?), including duplicate products spread over several devices.
+The reference is the single-device ``qic_reference.qic_loss`` (tests/) on the global batch: the
+sharded loss must reproduce its value *and* its gradients (the open_clip question: do gathered
+negatives get correct gradients?), including duplicate products spread over several devices.
 """
 
 import jax
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from qic_reference import qic_loss
 
-from vlp_jax.losses.contrastive import qic_loss
+from vlp_jax.losses.qic import qic_loss as sharded_qic_loss
 from vlp_jax.parallel.mesh import DATA_AXIS
-from vlp_jax.parallel.negatives import sharded_qic_loss
 
 B, D, N = 32, 8, 8  # b = 4 rows per device
 TOL = dict(rtol=1e-5, atol=1e-5)

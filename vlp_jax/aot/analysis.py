@@ -14,7 +14,7 @@ from vlp_jax.aot import chips, hlo
 from vlp_jax.aot.programs import Lowered
 
 # Where a collective comes from, by kind and JAX name stack (first match wins): the ones the
-# design asks for (parallel/negatives, parallel/memory_bank, data-parallel gradients) and the
+# design asks for (losses/qic, parallel/memory_bank, data-parallel gradients) and the
 # ones the SPMD partitioner adds around them.
 _ORIGINS = (
     ("all-gather", r"shard_map/all_gather",

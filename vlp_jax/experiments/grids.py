@@ -288,7 +288,7 @@ MPM = Grid("mpm", MPM_COMMON, MPM_VARIANTS, MPM_CLAIMS,
 # where the seed spread is ~4x smaller than at the paper grid's quarter-size model: configs/mbns.py
 # with and without its bank.  ``mpmr`` of the mpm grid is configs/base.py at this same budget.
 # ``*_kw256``: the recipe with 256-bit keyword signatures (the default before 2026-12-04), whose
-# false keyword matches became wrong positives (vlp_jax/parallel/fn_control.py).
+# false keyword matches became wrong positives (vlp_jax/losses/qic/false_negatives.py).
 # ``*_mod``: with momentum distillation (ALBEF's alpha = 0.4): relevant items no keyword rule
 # catches (visual attributes the title does not name) get soft-target mass instead of a push.
 _KW256 = {"negatives.keyword_bits": 256}

@@ -1,12 +1,18 @@
-"""Training losses: pure JAX functions, float32 maths (see docs/architecture.md, "Losses")."""
+"""Training losses: pure JAX functions, float32 maths (docs/architecture.md, "Where do I change X").
 
-from vlp_jax.losses.contrastive import qic_loss, softmax_xent_with_masks
+* ``qic`` — the query–item contrastive loss (CDNS across devices, MBNS memory bank,
+  false-negative rules, momentum distillation): the one home of the retrieval objective.
+* ``masked`` — MLM and the masked-patch tasks (MPM_R and regression).
+* ``xent`` — the masked softmax cross-entropy both build on.
+"""
+
 from vlp_jax.losses.masked import mlm_loss, mpm_contrastive_loss, mpm_regression_loss
+from vlp_jax.losses.xent import KINDS, softmax_xent_with_masks
 
 __all__ = [
+    "KINDS",
     "mlm_loss",
     "mpm_contrastive_loss",
     "mpm_regression_loss",
-    "qic_loss",
     "softmax_xent_with_masks",
 ]

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlp_jax.losses.contrastive import softmax_xent_with_masks
+from vlp_jax.losses.xent import softmax_xent_with_masks
 
 CANDIDATES = ("batch", "image")
 

@@ -242,7 +242,7 @@ class VLPModel(nn.Module):
         p = self.patch_embed(patches) + self.item_encoder.type_embedding(IMAGE)
         return self.item_encoder.transform(p, None, train)
 
-    def _logit_scale(self) -> jax.Array:
+    def logit_scale(self) -> jax.Array:
         if self.learn_temperature:
             s = self.log_scale
         else:
@@ -320,7 +320,7 @@ class VLPModel(nn.Module):
         out = {
             "query_emb": query["embedding"],
             "item_emb": item["embedding"],
-            "logit_scale": self._logit_scale(),
+            "logit_scale": self.logit_scale(),
         }
         if self.sigmoid_bias_init is not None:
             out["sigmoid_bias"] = self.sigmoid_bias

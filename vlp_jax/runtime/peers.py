@@ -1,12 +1,11 @@
 """A dead peer process stops every other process within a bounded time, with one clear line.
 
 Why: with ``jax.distributed``, when one process dies (host preempted, OOM-killed) the others are
-left inside a collective or a barrier.  Measured with 2 processes × 2 CPU devices (Gloo), before
-this module (2026-12-03, docs/reliability.md): the survivor raised a 40-line Gloo traceback
-("Connection closed by peer") that never says which process is gone, then hung in
-``jax.distributed.shutdown`` until JAX's heartbeat timeout (100 s by default) and aborted with a
-C++ stack dump (SIGABRT) 84 s after the kill.  On other transports a collective can block
-instead of failing.
+left inside a collective or a barrier.  Without a watchdog (2 processes × 2 CPU devices, Gloo;
+docs/reliability.md) the survivor raises a 40-line Gloo traceback ("Connection closed by
+peer") that never says which process is gone, then hangs in ``jax.distributed.shutdown`` until
+JAX's heartbeat timeout (100 s by default) and aborts with a C++ stack dump (SIGABRT).
+On other transports a collective can block instead of failing.
 
 How: every process runs two daemon threads.  The *beat* thread writes a counter under
 ``vlp_jax/peers/alive/<i>`` in the coordination service's key-value store every ``interval``
@@ -274,10 +273,10 @@ def align(name: str, timeout: float = 900.0) -> None:
     """Wait until every process reaches ``name`` (a coordination-service barrier, no-op for one
     process).
 
-    Why: a Gloo collective waits only 30 s (fixed) for the other processes to join it.  On the
-    shared 2-core box (load 12-20, 2026-12-03) process 1 reached the first train step 20-25 s
-    after process 0 (its model init took 30 s against 9 s) and process 0 failed with ``Gloo
-    context initialization failed: DEADLINE_EXCEEDED``.  Lining the processes up here, with a
+    Why: a Gloo collective waits only 30 s (fixed) for the other processes to join it.  On a
+    loaded host one process can reach the first train step tens of seconds after another (its
+    model init is slower), and the early one then fails with ``Gloo context initialization
+    failed: DEADLINE_EXCEEDED``.  Lining the processes up here, with a
     generous timeout, before the first collective of training removes that race; a process
     that died meanwhile is caught by the watchdog.
     """

@@ -14,7 +14,7 @@ first and falls back to older ones, naming each unusable step, and raises
 
 A full disk: Orbax raises the write error (``RESOURCE_EXHAUSTED: ... No space left on
 device``) from its background thread at the next ``wait_until_finished`` or ``save`` and leaves
-``<step>.orbax-checkpoint-tmp/`` behind (orbax 0.12.8 on a full tmpfs, 2026-12-03).  Every save
+``<step>.orbax-checkpoint-tmp/`` behind (seen with orbax 0.12 on a full tmpfs).  Every save
 is therefore checked when it is waited for (``wait``, and before the next ``save``): on a
 failure the leftovers of that step are deleted (the space is needed) and
 ``storage.DiskFullError`` names the newest complete step, which is untouched.  A renamed step

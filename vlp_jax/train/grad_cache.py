@@ -51,15 +51,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlp_jax.parallel import memory_bank
 from vlp_jax.parallel.mesh import DATA_AXIS
+from vlp_jax.train.objective import uses_mpm
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 PyTree = Any
 ValueAndGrad = Callable[..., tuple[tuple[jax.Array, Metrics], PyTree]]
 
-# Per-micro-batch tasks: (metric-name prefix, loss-weight field, batch key whose sum counts the
-# positions the task averages over, model field capping MLM positions per row or "").
-# "query_mlm" must come before "mlm" (prefix match).
+# Per-micro-batch tasks (``train.objective.TASKS`` names): (task, loss-weight field, batch key
+# whose sum counts the positions the task averages over, model field capping MLM positions per
+# row or "").  Their metrics are the ones ``compute_losses(tasks=(task,))`` returns.
 _LOCAL_TASKS = (
     ("query_mlm", "query_mlm_weight", "query_mlm_weights", "query_mlm_predictions"),
     ("mlm", "mlm_weight", "title_mlm_weights", "title_mlm_predictions"),
@@ -81,8 +82,8 @@ def check_accum_divisible(batch_size: int, accum_steps: int, num_devices: int) -
 def caches_mpm(config: ml_collections.ConfigDict) -> bool:
     """True when MPM_R uses in-batch candidates, i.e. the MPM loss is computed in pass 1."""
     lo = config.loss
-    mpm_on = config.model.use_image and lo.mpm_type != "none" and lo.mpm_weight > 0
-    return bool(mpm_on and lo.mpm_type == "contrastive" and lo.mpm_candidates == "batch")
+    return bool(uses_mpm(config) and lo.mpm_type == "contrastive"
+                and lo.mpm_candidates == "batch")
 
 
 def _split(x: jax.Array, k: int, n: int, mesh: Mesh) -> jax.Array:
@@ -148,14 +149,8 @@ def accumulated_value_and_grad(
     cache_mpm = caches_mpm(config)
     use_image = bool(config.model.use_image)
     # Global part (pass 1): QIC (+ MPM_R over the batch).  Local part (pass 2): the rest.
-    global_cfg = config.copy_and_resolve_references()
-    global_cfg.loss.mlm_weight = global_cfg.loss.query_mlm_weight = 0.0
-    local_cfg = config.copy_and_resolve_references()
-    local_cfg.loss.qic_weight = 0.0
-    if cache_mpm:
-        local_cfg.loss.mpm_weight = 0.0
-    else:
-        global_cfg.loss.mpm_weight = 0.0
+    global_tasks = ("qic", "mpm") if cache_mpm else ("qic",)
+    local_tasks = tuple(t for t, *_ in _LOCAL_TASKS if t not in global_tasks)
     weights = {prefix: float(config.loss[field]) for prefix, field, _, _ in _LOCAL_TASKS}
     caps = {prefix: int(getattr(model, cap, 0) or 0) if cap else 0
             for prefix, _, _, cap in _LOCAL_TASKS}
@@ -173,9 +168,6 @@ def accumulated_value_and_grad(
         item = module.encode_item(micro["title_tokens"], micro["title_mask"], patches, None, True)
         return {"query_emb": query["embedding"], "item_emb": item["embedding"]}
 
-    def task_of(name: str) -> str | None:
-        return next((t[0] for t in _LOCAL_TASKS if name.startswith(t[0])), None)
-
     def value_and_grad(params, batch, step, extra=None, item_keys=None):
         size = next(iter(batch.values())).shape[0]
         check_accum_divisible(size, k, n)
@@ -191,7 +183,7 @@ def accumulated_value_and_grad(
 
         _, cached = jax.lax.scan(embed_one, None, (micro, keys))
         cached = {key: _merge(v, k, n, mesh) for key, v in cached.items()}
-        cached["logit_scale"] = model.apply(variables, method=lambda m: m._logit_scale())
+        cached["logit_scale"] = model.apply(variables, method=lambda m: m.logit_scale())
         if sigmoid_bias:  # a learned scalar like the scale: its cotangent is cached too
             cached["sigmoid_bias"] = params["sigmoid_bias"]
 
@@ -199,8 +191,8 @@ def accumulated_value_and_grad(
         active = step >= warmup if bank is not None else None
 
         def global_loss(outputs):
-            return compute_losses(outputs, batch, global_cfg, mesh, bank, active, item_keys,
-                                  step=step)
+            return compute_losses(outputs, batch, config, mesh, bank, active, item_keys,
+                                  step=step, tasks=global_tasks)
 
         (global_total, metrics), cot = jax.value_and_grad(global_loss, has_aux=True)(cached)
         scale_cot = cot.pop("logit_scale") / k
@@ -217,16 +209,16 @@ def accumulated_value_and_grad(
 
             def surrogate(p):
                 out = model.apply({"params": p}, mb, train=True, rngs={"dropout": key})
-                _, local = compute_losses(out, mb, local_cfg, mesh)
                 value = scale_cot * out["logit_scale"]
                 for name, c in mb_cot.items():
                     value = value + jnp.sum(c * out[name])
                 scaled: Metrics = {}
-                for name, v in local.items():
-                    task = task_of(name)
-                    if task is None:  # loss / embedding norms: taken from pass 1 instead
-                        continue
-                    scaled[name] = v if name.endswith(_COUNT_SUFFIXES) else v * fracs[task]
+                for task in local_tasks:
+                    _, local = compute_losses(out, mb, config, mesh, tasks=(task,))
+                    for name, v in local.items():
+                        if not name.startswith(task):  # loss / norms: taken from pass 1
+                            continue
+                        scaled[name] = v if name.endswith(_COUNT_SUFFIXES) else v * fracs[task]
                 local_total = jnp.zeros((), jnp.float32)
                 for task, weight in weights.items():
                     if f"{task}_loss" in scaled:

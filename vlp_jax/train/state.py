@@ -19,8 +19,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vlp_jax.losses.qic.false_negatives import NegativeFilter
 from vlp_jax.models.build import tower_param_keys
-from vlp_jax.parallel import fn_control, memory_bank
+from vlp_jax.parallel import memory_bank
 from vlp_jax.parallel import mesh as mesh_lib
 from vlp_jax.train.batch_contract import dummy_batch
 
@@ -75,17 +76,31 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransf
     return optax.chain(*parts)
 
 
-def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
-    """Replicate params/optimizer state; shard any leaf under ``extra`` tagged as per-device.
+# Logical axes of the entries of ``TrainState.extra`` (MaxText's logical-axis rules, reduced to
+# what this state holds): the leading axis of every memory-bank leaf is "bank_rows", split over
+# the data axis (each device owns K/N rows); the EMA copies of the params are replicated like
+# the params.  A new entry must be declared here: an undeclared one is an error, not a guess.
+EXTRA_LOGICAL_AXES: dict[str, tuple[str, ...]] = {
+    "sharded_bank": ("bank_rows",),
+    "momentum_params": (),
+    "mpm_teacher": (),
+}
+LOGICAL_AXIS_RULES: dict[str, str] = {"bank_rows": mesh_lib.DATA_AXIS}
 
-    Leaves of ``extra`` whose path contains ``sharded`` are split on ``data`` along their
-    leading axis (the memory bank); everything else is replicated.
-    """
+
+def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
+    """Replicate params/optimizer state; lay out ``extra`` by ``EXTRA_LOGICAL_AXES``."""
 
     def sharding_for(path, leaf):
         names = [getattr(k, "key", getattr(k, "name", "")) for k in path]
-        if "extra" in names and any("sharded" in str(n) for n in names) and leaf.ndim >= 1:
-            return NamedSharding(mesh, PartitionSpec(mesh_lib.DATA_AXIS))
+        if names and names[0] == "extra" and len(names) > 1:
+            entry = str(names[1])
+            if entry not in EXTRA_LOGICAL_AXES:
+                raise ValueError(f"train state extra[{entry!r}] has no declared layout: add it "
+                                 f"to train.state.EXTRA_LOGICAL_AXES")
+            axes = EXTRA_LOGICAL_AXES[entry]
+            if axes and leaf.ndim >= len(axes):
+                return NamedSharding(mesh, PartitionSpec(*(LOGICAL_AXIS_RULES[a] for a in axes)))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree_util.tree_map_with_path(sharding_for, abstract_state)
@@ -162,7 +177,7 @@ def uses_mpm_teacher(config: ml_collections.ConfigDict) -> bool:
     """MPM_R takes its targets from an EMA teacher of the item tower (``loss.mpm_target``)."""
     lo = config.loss
     return bool(config.model.use_image and lo.mpm_type == "contrastive" and lo.mpm_weight > 0
-                and lo.get("mpm_target", "patch_embed") == "teacher")
+                and lo.mpm_target == "teacher")
 
 
 def teacher_params(params: PyTree, config: ml_collections.ConfigDict) -> PyTree:
@@ -182,7 +197,7 @@ def init_extra(params: PyTree, config: ml_collections.ConfigDict, mesh: Mesh) ->
         extra["sharded_bank"] = memory_bank.init_bank(
             neg.bank_size, config.model.embed_dim, mesh.shape[mesh_lib.DATA_AXIS],
             jnp.dtype(neg.bank_dtype),
-            sig_words=fn_control.NegativeFilter.from_config(neg).sig_words,
+            sig_words=NegativeFilter.from_config(neg).sig_words,
         )
     if neg.momentum > 0:
         extra["momentum_params"] = jax.tree_util.tree_map(jnp.copy, params)

@@ -7,9 +7,10 @@ batch, or in the memory bank) are *false negatives*.  These tables let the train
 per query, how many such items it scores as negatives and how much softmax mass lands on them —
 the quantity that explains when a larger candidate set (MBNS) helps and when it hurts.
 
-Real catalogs have no such oracle; the false-negative *controls* (``parallel.fn_control``) use
-only what real data has.  The oracle mask (``negatives.oracle_fn_mask``) exists to measure how
-much a perfect control would recover, never as a training recipe.
+Real catalogs have no such oracle; the false-negative *controls*
+(``losses.qic.false_negatives``) use only what real data has. The oracle mask
+(``negatives.oracle_fn_mask``) exists to measure how much a perfect control would recover,
+never as a training recipe.
 """
 
 from __future__ import annotations

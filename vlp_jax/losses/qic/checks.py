@@ -1,4 +1,4 @@
-"""Argument checks of ``negatives.sharded_qic_loss``: clear errors before any tracing.
+"""Argument checks of ``losses.qic.qic_loss``: clear errors before any tracing.
 
 Kept apart from the loss so that the loss module shows the maths; every message names the
 argument (or the config field behind it) to change.
@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from vlp_jax.losses.contrastive import KINDS
-from vlp_jax.parallel import fn_control
+from vlp_jax.losses.qic import false_negatives
+from vlp_jax.losses.xent import KINDS
 from vlp_jax.parallel.mesh import DATA_AXIS
 
 
@@ -29,7 +29,7 @@ def check_qic_inputs(
     cross_device: bool,
     ring: bool,
     bank_item_grad: str,
-    filt: fn_control.NegativeFilter,
+    filt: false_negatives.NegativeFilter,
     signatures: tuple[jax.Array, jax.Array] | None,
     relevance: dict | None,
     oracle_mask: bool,

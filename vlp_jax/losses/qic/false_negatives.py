@@ -76,10 +76,10 @@ class NegativeFilter:
     @classmethod
     def from_config(cls, neg_cfg) -> NegativeFilter:
         return cls(
-            same_query=bool(neg_cfg.get("mask_same_query", False)),
-            keyword=str(neg_cfg.get("keyword_control", "off")),
-            keyword_bits=int(neg_cfg.get("keyword_bits", 1024)),
-            filter_margin=float(neg_cfg.get("filter_margin", -1.0)),
+            same_query=bool(neg_cfg.mask_same_query),
+            keyword=str(neg_cfg.keyword_control),
+            keyword_bits=int(neg_cfg.keyword_bits),
+            filter_margin=float(neg_cfg.filter_margin),
         )
 
 

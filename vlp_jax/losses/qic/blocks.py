@@ -1,8 +1,8 @@
 """Scoring blocks of the query–item contrastive loss: logits, candidate masks, log-sum-exps.
 
-Shared by the all-gather path and the ppermute ring of ``parallel.negatives`` (``softmax_block``
+Shared by the all-gather path and the ppermute ring of ``losses.qic.loss`` (``softmax_block``
 and ``sigmoid_block`` follow ``ring.BlockFn``), so both apply exactly the same false-negative
-rules (``fn_control``) to every block of candidates.
+rules (``false_negatives``) to every block of candidates.
 """
 
 from __future__ import annotations
@@ -10,18 +10,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vlp_jax.parallel import fn_control
+from vlp_jax.losses.qic import false_negatives
 from vlp_jax.parallel.mesh import DATA_AXIS
 
 
 def block_parts(rows, cols, row_keys, col_keys, params, pos_col, thr, *, precision, filt,
                  direction):
-    """Logits of rows vs cols and the candidate masks (see ``fn_control``)."""
+    """Logits of rows vs cols and the candidate masks (see ``false_negatives``)."""
     scale, margin, _ = params
     cos = jnp.dot(rows, cols.T, precision=precision)
     is_pos = pos_col[:, None] == jnp.arange(cols.shape[0])[None, :]
     logits = scale * (cos - margin * is_pos.astype(jnp.float32))
-    negative, extra = fn_control.candidate_masks(row_keys, col_keys, filt, direction)
+    negative, extra = false_negatives.candidate_masks(row_keys, col_keys, filt, direction)
     negative &= ~is_pos
     extra &= ~is_pos
     if thr is not None:
@@ -34,7 +34,7 @@ def softmax_block(rows, cols, row_keys, col_keys, params, pos_col, *, precision,
     """Ring protocol (``ring.BlockFn``): masked logits, the positive with its margin."""
     logits, metric, is_pos, negative, _ = block_parts(
         rows, cols, row_keys, col_keys, params, pos_col, None, precision=precision,
-        filt=filt or fn_control.NegativeFilter(),
+        filt=filt or false_negatives.NegativeFilter(),
         direction=direction)
     return jnp.where(negative | is_pos, logits, -jnp.inf), metric, negative
 
