@@ -59,7 +59,7 @@ BOXES = {
     "export": (COL_X[1], ROW_Y[2], BOX_W, BOX_H, "Serving bundle", "--mode=export → RUN/export/",
                "params-only query and item\ntowers, config, tokenizer,\nmanifest", OUT),
     "index": (COL_X[2], ROW_Y[2], BOX_W, BOX_H, "Item embeddings + ANN",
-              "python -m vlp_jax.serve.index",
+              "python -m vlp_jax.indexing.index",
               "item tower over the catalog,\nfaiss flat + HNSW / IVF;\n"
               "resumable, bad records counted", OUT),
     "service": (COL_X[3], ROW_Y[2], BOX_W, BOX_H, "Query service",
