@@ -109,7 +109,7 @@ class IndexHolder:
                  cache_dir: str | None = None,
                  on_swap: Callable[[Loaded], None] | None = None):
         self.embed_dim, self.kind, self.identity = embed_dim, kind, identity
-        self.cache_dir = cache_dir  # where gs:// / s3:// indexes are staged (locations.py)
+        self.cache_dir = cache_dir  # where gs:// / s3:// indexes are staged (indexing/locations.py)
         self.configured = configured or index.source
         self.index_root = index_root or policy.default_index_root(self.configured)
         self.image_root = image_root or index.base_dir
