@@ -133,12 +133,12 @@ def _queries(catalog: str, n: int) -> list[str]:
 def recall_vs_exact(index_dir: str, bundle_dir: str, catalog: str) -> dict:
     import faiss
 
-    from vlp_jax.serve import ann, load_bundle
+    from vlp_jax.serve import load_bundle, search_index
 
     queries = _queries(catalog, FLAGS.num_queries)
     q = load_bundle(bundle_dir, towers=("query",), num_devices=1).encode_queries(queries)
-    _, exact = ann.SearchIndex(index_dir, "flat").search(q, FLAGS.k)
-    ivf = ann.SearchIndex(index_dir, "ivf")
+    _, exact = search_index.SearchIndex(index_dir, "flat").search(q, FLAGS.k)
+    ivf = search_index.SearchIndex(index_dir, "ivf")
     start = time.perf_counter()
     _, approx = ivf.search(q, FLAGS.k)
     ms = (time.perf_counter() - start) / len(q) * 1e3
@@ -242,7 +242,7 @@ def _measure(py: str, work: str, n: int, catalog: str, bundle: str, w: int, stor
     build["items_per_sec"] = round(n / build["seconds"], 1)
     build["check_items_per_sec"] = round(n / beam["check_seconds"], 1) if beam else None
     build["write_items_per_sec"] = round(n / write, 1) if write > 0 else None
-    embed = run_stage([py, "-m", "vlp_jax.serve.beam_embed", f"--bundle={where['bundle']}",
+    embed = run_stage([py, "-m", "vlp_jax.indexing.beam_embed", f"--bundle={where['bundle']}",
                        f"--items={where['catalog']}/items.jsonl", f"--out={where['index']}",
                        "--ann=ivf", f"--ivf_nprobe={FLAGS.ivf_nprobe}",
                        f"--chunk_size={FLAGS.chunk_size}", f"--batch_size={FLAGS.batch_size}",

@@ -212,7 +212,8 @@ def prepare(work: str) -> dict:
 
     from configs import base
     from vlp_jax.data import dataset
-    from vlp_jax.serve import ann, load_bundle
+    from vlp_jax.indexing import ann
+    from vlp_jax.serve import load_bundle
 
     os.makedirs(work, exist_ok=True)
     bundle_dir = FLAGS.bundle or os.path.join(work, "export")
@@ -240,7 +241,7 @@ def prepare(work: str) -> dict:
         with open(v2_items, "w") as f:
             f.writelines(json.dumps(x) + "\n" for i, x in enumerate(catalog) if i not in gone)
             f.writelines(json.dumps(x) + "\n" for x in new)
-        cmd = [sys.executable, "-m", "vlp_jax.serve.index", f"--bundle={bundle_dir}",
+        cmd = [sys.executable, "-m", "vlp_jax.indexing.index", f"--bundle={bundle_dir}",
                f"--items={v2_items}", f"--update_from={v1}", f"--out={v2}",
                f"--base_dir={catalog_dir}", "--progress=false"]
         subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)

@@ -31,7 +31,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vlp_jax.serve import ann  # noqa: E402
+from vlp_jax.indexing import ann  # noqa: E402
+from vlp_jax.serve import search_index  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -100,8 +101,8 @@ def untrained_bundle(out_dir: str) -> str:
     from configs import base
     from vlp_jax.data import tokenizer
     from vlp_jax.data.catalog import vocab as catalog_vocab
+    from vlp_jax.indexing import export
     from vlp_jax.models import init_params
-    from vlp_jax.serve import export
 
     config = base.get_config()
     words = [w for ws in catalog_vocab.word_lists("en").values() for w in ws]
@@ -121,7 +122,7 @@ def synthetic_index_dir(out: str, bundle, catalog: list[dict], base_dir: str,
     import faiss
 
     from vlp_jax.data import records
-    from vlp_jax.serve import index_files, item_embed, policy
+    from vlp_jax.indexing import index_files, item_embed, provenance
 
     n, params = len(catalog), ann.AnnParams()
     emb = clustered_vectors(rng, n, bundle.embed_dim)
@@ -134,7 +135,7 @@ def synthetic_index_dir(out: str, bundle, catalog: list[dict], base_dir: str,
         "complete": True, "version": 1, "next_id": n, "ann_trained_items": n,
         "ann_params": dict(vars(params)), "base_dir": base_dir, "bundle": bundle.path,
         "bundle_step": bundle.step, "bundle_created_at": bundle.manifest.get("created_at"),
-        "bundle_fingerprint": policy.bundle_fingerprint(bundle.manifest),
+        "bundle_fingerprint": provenance.bundle_fingerprint(bundle.manifest),
         "build_seconds": seconds, "synthetic_embeddings": "clustered"})
     if legacy_copy:
         os.makedirs(legacy_copy, exist_ok=True)
@@ -211,11 +212,11 @@ def main(argv):
             index, build_s = ann.timed(ann.build_index, items, kind, params)
             name, values = sweeps[kind]
             for value in values:
-                ann.configure(index, kind, ann.AnnParams(**{**vars(params), name: value}))
+                search_index.configure(index, kind, ann.AnnParams(**{**vars(params), name: value}))
                 _, row = measure(n, kind, index, build_s, exact, f"{name}={value}")
                 if value == getattr(params, name):
                     served.append((index, row))
-            ann.configure(index, kind, params)
+            search_index.configure(index, kind, params)
         if bundle is not None:  # encode + search, 1 faiss thread: what one request costs
             faiss.omp_set_num_threads(1)
             texts = query_strings(FLAGS.e2e_queries)
@@ -223,7 +224,7 @@ def main(argv):
                 times = []
                 for text in texts:
                     start = time.perf_counter()
-                    ann.search(index, bundle.encode_queries([text]), 10)
+                    search_index.search(index, bundle.encode_queries([text]), 10)
                     times.append((time.perf_counter() - start) * 1000)
                 row["e2e_p50_ms"] = round(float(np.percentile(times, 50)), 3)
                 row["e2e_p99_ms"] = round(float(np.percentile(times, 99)), 3)

@@ -24,7 +24,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 DATA = ("#dbe9f6", "#2f6ea5")  # vlp_jax.data
 MODEL = ("#fde6cf", "#c46a10")  # models, losses, parallel
 TRAIN = ("#dcefd9", "#3b7d34")  # train
-OUT = ("#e8def3", "#6a4a9a")  # eval, serve
+OUT = ("#e8def3", "#6a4a9a")  # eval, indexing, serve
 
 COL_X = (12.5, 37.5, 62.5, 87.5)  # box centres of the four columns
 ROW_Y = (80.0, 50.0, 20.0)  # box centres of the three rows
@@ -59,7 +59,7 @@ BOXES = {
     "export": (COL_X[1], ROW_Y[2], BOX_W, BOX_H, "Serving bundle", "--mode=export → RUN/export/",
                "params-only query and item\ntowers, config, tokenizer,\nmanifest", OUT),
     "index": (COL_X[2], ROW_Y[2], BOX_W, BOX_H, "Item embeddings + ANN",
-              "python -m vlp_jax.serve.index",
+              "python -m vlp_jax.indexing.index",
               "item tower over the catalog,\nfaiss flat + HNSW / IVF;\n"
               "resumable, bad records counted", OUT),
     "service": (COL_X[3], ROW_Y[2], BOX_W, BOX_H, "Query service",
@@ -130,7 +130,7 @@ def draw(out: pathlib.Path) -> None:
 
     legend = [Patch(facecolor=f, edgecolor=e, label=label) for (f, e), label in (
         (DATA, "data"), (MODEL, "models, losses, parallel"), (TRAIN, "train"),
-        (OUT, "eval, serve"))]
+        (OUT, "eval, indexing, serve"))]
     ax.legend(handles=legend, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=4,
               fontsize=11, frameon=False, title="vlp_jax packages", title_fontsize=11)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ def serving_run(tmp_path_factory, data_cache_dir: str) -> types.SimpleNamespace:
     bundle_dir = export_checkpoint.export_from_checkpoint(config, workdir)
     catalog_dir = dataset.builtin_catalog_dir(config.data)
     index_dir = os.path.join(workdir, "index")
-    cmd = [sys.executable, "-m", "vlp_jax.serve.index", f"--bundle={bundle_dir}",
+    cmd = [sys.executable, "-m", "vlp_jax.indexing.index", f"--bundle={bundle_dir}",
            f"--items={os.path.join(catalog_dir, 'items.jsonl')}", f"--out={index_dir}",
            "--ann=hnsw", "--batch_size=64", "--chunk_size=128", "--progress=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,

@@ -17,8 +17,9 @@ from test_builder import S, make_catalog  # noqa: E402
 
 from configs import tiny  # noqa: E402
 from vlp_jax.data import tokenizer as tokenizer_lib  # noqa: E402
+from vlp_jax.indexing import ann, beam_embed, export, index  # noqa: E402
 from vlp_jax.models import init_params  # noqa: E402
-from vlp_jax.serve import ann, beam_embed, export, index, load_bundle  # noqa: E402
+from vlp_jax.serve import load_bundle, search_index  # noqa: E402
 
 TWO_WORKERS = ("--direct_num_workers=2", "--direct_running_mode=multi_processing")
 # The engine whose multi-process mode the options above select, named: "DirectRunner" first
@@ -70,15 +71,15 @@ def test_beam_embedding_equals_single_process_and_resumes(setup, tmp_path):
     # The driver streamed the chunk files into the indexes: same answers as the single job's.
     queries = np.load(os.path.join(out, ann.EMBEDDINGS_FILE))
     for kind in ("flat", "ivf"):
-        got = ann.SearchIndex(out, kind).search(queries, 5)
-        want = ann.SearchIndex(str(tmp_path / "single"), kind).search(queries, 5)
+        got = search_index.SearchIndex(out, kind).search(queries, 5)
+        want = search_index.SearchIndex(str(tmp_path / "single"), kind).search(queries, 5)
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_allclose(got[0], want[0], atol=1e-6)
 
 
 def test_ivf_training_rows_are_the_single_jobs_sample(tmp_path):
     """Gathered chunk by chunk, in ``ann.build_index``'s order: the same trained quantizer."""
-    from vlp_jax.serve import beam_index
+    from vlp_jax.indexing import beam_index
 
     rng = np.random.default_rng(3)
     x = rng.normal(size=(23, 4)).astype(np.float32)

@@ -21,8 +21,9 @@ from test_beam_embed import BATCH, CHUNK, setup  # noqa: E402,F401 (module fixtu
 from test_builder import S  # noqa: E402
 
 from vlp_jax.data import beam_build, beam_io, builder, remote_build  # noqa: E402
+from vlp_jax.indexing import ann, beam_embed, index  # noqa: E402
 from vlp_jax.runtime.uri import StorageAccessError  # noqa: E402
-from vlp_jax.serve import ann, beam_embed, index  # noqa: E402
+from vlp_jax.serve import search_index  # noqa: E402
 
 RUNNER = "FnApiRunner"
 
@@ -162,6 +163,6 @@ def test_beam_embedding_on_a_store_equals_local_index_job(store_name, request,
     emb = np.load(os.path.join(local, ann.EMBEDDINGS_FILE))
     np.testing.assert_allclose(emb, np.load(tmp_path / "single" / ann.EMBEDDINGS_FILE),
                                atol=1e-6)
-    got = ann.SearchIndex(local, "ivf").search(emb, 5)
-    want = ann.SearchIndex(str(tmp_path / "single"), "ivf").search(emb, 5)
+    got = search_index.SearchIndex(local, "ivf").search(emb, 5)
+    want = search_index.SearchIndex(str(tmp_path / "single"), "ivf").search(emb, 5)
     np.testing.assert_array_equal(got[1], want[1])

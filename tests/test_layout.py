@@ -11,7 +11,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Bottom to top; each package may import the ones listed before it.
 LAYERS = ("_tpu_host", "runtime", "config", "data", "models", "convert", "parallel", "losses",
-          "eval", "serve", "train", "perf", "aot", "experiments", "main")
+          "eval", "indexing", "serve", "train", "perf", "aot", "experiments", "main")
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -84,7 +84,7 @@ def test_no_import_circles_between_modules():
 
 @pytest.mark.parametrize("module, flag", [
     ("vlp_jax.main", "--workdir"), ("vlp_jax.data.catalog", "--num_items"),
-    ("vlp_jax.serve.server", "--bundle"), ("vlp_jax.serve.index", "--base_dir"),
+    ("vlp_jax.serve.server", "--bundle"), ("vlp_jax.indexing.index", "--base_dir"),
     ("vlp_jax.convert.hf_bert", "--src"), ("vlp_jax.experiments.ablate", "--grid"),
     ("vlp_jax.aot", "--topology"),
 ])

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import serve_fixtures
 
-from vlp_jax.serve import ann, batcher, index_files, policy, server, service, swap
+from vlp_jax.indexing import ann, index_files, provenance
+from vlp_jax.serve import batcher, policy, server, service, swap
 
 DIM = 8
 MANIFEST = {"step": 7, "created_at": "2026-12-07T00:00:00Z", "embed_dim": DIM}
-FINGERPRINT = policy.bundle_fingerprint(MANIFEST)
+FINGERPRINT = provenance.bundle_fingerprint(MANIFEST)
 AUTH = serve_fixtures.AUTH
 
 
@@ -76,7 +77,7 @@ def start(tree, **options):
     root, catalog, indexes, v1, _ = tree
     bundle = StubBundle()
     holder = swap.IndexHolder(swap.load_index(os.path.join(indexes, "current"), None, DIM),
-                              embed_dim=DIM, identity=policy.bundle_identity(MANIFEST),
+                              embed_dim=DIM, identity=provenance.bundle_identity(MANIFEST),
                               configured=os.path.join(indexes, "current"))
     max_in_flight = options.pop("max_in_flight", 256)
     svc = service.SearchService(bundle, holder, **options)

@@ -15,8 +15,9 @@ from PIL import Image
 
 from vlp_jax.data import dataset, preprocess
 from vlp_jax.data import tokenizer as tokenizer_lib
+from vlp_jax.indexing import ann, export, index
 from vlp_jax.models import init_params, make_model
-from vlp_jax.serve import ann, export, index, load_bundle
+from vlp_jax.serve import load_bundle, search_index
 from vlp_jax.train import export_checkpoint
 
 
@@ -172,7 +173,7 @@ def test_index_cli_output(run, bundle):
     assert [r["item_id"] for r in rows] == [x["item_id"] for x in run.items]
     np.testing.assert_allclose(emb[:8], bundle.encode_items(run.items[:8], run.catalog_dir),
                                atol=2e-6)  # CLI sharded over 8 devices == bundle API
-    flat = ann.SearchIndex(run.index_dir, "flat")
+    flat = search_index.SearchIndex(run.index_dir, "flat")
     scores, top = flat.search(emb[:50], 1)
     np.testing.assert_array_equal(top[:, 0], np.arange(50))  # each item finds itself
     assert not os.path.exists(os.path.join(run.index_dir, "chunks"))
@@ -222,7 +223,7 @@ def test_index_job_skips_bad_records_and_resumes(run, bundle, tmp_path):
     emb = np.load(os.path.join(out, "embeddings.npy"))
     base = os.path.dirname(items_path)
     np.testing.assert_allclose(emb, bundle.encode_items(kept, base_dir=base), atol=2e-6)
-    ivf = ann.SearchIndex(out)
+    ivf = search_index.SearchIndex(out)
     assert ivf.kind == "ivf" and len(ivf) == 42
     # Leftover chunks of another job are refused, not mixed in.
     os.makedirs(os.path.join(out, "chunks"))

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import serve_fixtures
 
+from vlp_jax.indexing import ann, index_files, locations
 from vlp_jax.runtime import fs
-from vlp_jax.serve import ann, index_files, locations, server, swap
+from vlp_jax.serve import server, swap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +26,7 @@ def run(tmp_path_factory, data_cache_dir):
 
 
 def index_job(*args, cache):
-    cmd = [sys.executable, "-m", "vlp_jax.serve.index", *args, "--batch_size=64",
+    cmd = [sys.executable, "-m", "vlp_jax.indexing.index", *args, "--batch_size=64",
            "--chunk_size=128", "--progress=false", f"--cache_dir={cache}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import serve_fixtures
 
-from vlp_jax.serve import ann, index_files, load_bundle, server, update
+from vlp_jax.indexing import ann, index_files, update
+from vlp_jax.serve import load_bundle, server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import serve_fixtures
 
-from vlp_jax.serve import ann, index, load_bundle, update
+from vlp_jax.indexing import ann, index, update
+from vlp_jax.serve import load_bundle, search_index
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def _rows(directory):
 
 
 def _same_results(a_dir, b_dir, kind, queries, k=10):
-    a, b = ann.SearchIndex(a_dir, kind), ann.SearchIndex(b_dir, kind)
+    a, b = search_index.SearchIndex(a_dir, kind), search_index.SearchIndex(b_dir, kind)
     (sa, la), (sb, lb) = a.search(queries, k), b.search(queries, k)
     ids_a = [[a.item(x).item_id for x in row] for row in la]
     ids_b = [[b.item(x).item_id for x in row] for row in lb]
@@ -114,7 +115,7 @@ def test_update_reads_format_1_and_refuses_unsafe_inputs(run, bundle, catalogs, 
     with open(legacy / "index_info.json", "w") as f:
         json.dump({"indexes": ["flat"], "base_dir": run.catalog_dir,
                    "bundle_step": serve_fixtures.NUM_STEPS}, f)
-    old = ann.SearchIndex(str(legacy))
+    old = search_index.SearchIndex(str(legacy))
     assert old.version == 1 and old.item(7).item_id == rows[7]["item_id"]
     info = update.update_index_dir(bundle, v2_items, str(legacy), str(tmp_path / "new"),
                                    base_dir=run.catalog_dir, progress=False)

@@ -104,9 +104,9 @@ def _rows(workdir):
 
 
 def test_full_disk_in_training_export_and_index_job(tiny_config, small_fs, caplog):
-    from vlp_jax.serve import ann
-    from vlp_jax.serve import bundle as bundle_lib
-    from vlp_jax.serve import index as index_job
+    from vlp_jax.indexing import ann
+    from vlp_jax.indexing import bundle as bundle_lib
+    from vlp_jax.indexing import index as index_job
     from vlp_jax.train import export_checkpoint
     from vlp_jax.train import loop as train
 
@@ -178,7 +178,7 @@ def test_full_disk_in_training_export_and_index_job(tiny_config, small_fs, caplo
 def test_index_command_ends_a_full_disk_with_one_line_and_exit_6(monkeypatch, capsys, tmp_path):
     from absl import flags
 
-    from vlp_jax.serve import index as index_job
+    from vlp_jax.indexing import index as index_job
 
     def full(argv):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.npy"))

@@ -4,7 +4,7 @@ The point is that nothing here is a re-implementation: the train step is
 ``train.step.make_train_step`` (loss, CDNS, the sharded memory bank, GradCache accumulation,
 the non-finite guard, AdamW, the state donated), the state is ``train.state.abstract_model_state``
 (``jax.eval_shape`` + the project's ``state_shardings``), the eval encoders are
-``eval.embed.make_encode_fns`` and the serving towers are ``serve.export.serving_model``'s.
+``eval.embed.make_encode_fns`` and the serving towers are ``indexing.export.serving_model``'s.
 Only their *inputs* are abstract (``jax.ShapeDtypeStruct`` with a sharding), so XLA compiles
 the exact programs a pod would run while no array is ever allocated.
 """
@@ -20,10 +20,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlp_jax.eval import embed
+from vlp_jax.indexing import export
 from vlp_jax.models import make_model
 from vlp_jax.models.build import tower_param_keys
 from vlp_jax.parallel import mesh as mesh_lib
-from vlp_jax.serve import export
 from vlp_jax.train import state as train_state
 from vlp_jax.train import step as train_step
 from vlp_jax.train.batch_contract import dummy_batch
@@ -91,7 +91,7 @@ def lower_serving_towers(config: ml_collections.ConfigDict, device: jax.Device, 
     """The serving bundle's towers on one chip (the service's usual placement) at one bucket.
 
     Params are the exported tower subtrees, replicated; the jitted functions are the ones
-    ``serve.bundle.Bundle`` runs (``encode_query`` / ``encode_item`` of the towers-only model).
+    ``indexing.bundle.Bundle`` runs (``encode_query`` / ``encode_item`` of the towers-only model).
     """
     model = export.serving_model(config, vocab_size)
     mesh = Mesh(np.asarray([device]), (mesh_lib.DATA_AXIS,))

@@ -11,8 +11,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from vlp_jax.serve import bundle as bundle_lib
-from vlp_jax.serve import http_app, locations, policy, protocol, swap
+from vlp_jax.indexing import bundle as bundle_lib
+from vlp_jax.indexing import locations, provenance
+from vlp_jax.serve import http_app, protocol, swap
 from vlp_jax.serve.service import SearchService
 
 SERVE_BUCKETS = (1, 2, 4, 8, 16, 32)  # padding a batch wastes < 2x; 6 programs to compile
@@ -40,7 +41,7 @@ def load_service(bundle_dir: str, index_dir: str, *, kind: str | None = None,
     index = swap.load_index(locations.stage_index(index_dir, cache_dir), kind, bundle.embed_dim)
     index.source = index_dir
     holder = swap.IndexHolder(index, embed_dim=bundle.embed_dim, kind=kind,
-                              identity=policy.bundle_identity(bundle.manifest),
+                              identity=provenance.bundle_identity(bundle.manifest),
                               configured=index_dir, index_root=index_root,
                               image_root=image_root, cache_dir=cache_dir)
     return SearchService(bundle, holder, **options)

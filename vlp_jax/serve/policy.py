@@ -24,12 +24,12 @@ multi-worker coordinator (``workers.py``):
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import json
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from vlp_jax.indexing import provenance
 
 TOKEN_ENV = "VLP_ADMIN_TOKEN"
 MIN_TOKEN_CHARS = 16
@@ -103,36 +103,13 @@ def default_index_root(index_path: str) -> str:
     return os.path.dirname(os.path.abspath(index_path))
 
 
-def bundle_fingerprint(manifest: Mapping[str, Any]) -> str:
-    """A short digest of a bundle's ``manifest.json`` (step, creation time, tower shapes and
-    parameter counts): two exports share it only if they are the same export."""
-    blob = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def bundle_identity(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """What an index records about its bundle (``index_info.json``) and reloads compare."""
-    return {"fingerprint": bundle_fingerprint(manifest), "step": manifest.get("step"),
-            "created_at": manifest.get("created_at")}
-
-
 def check_bundle(info: Mapping[str, Any], identity: Mapping[str, Any], where: str) -> None:
-    """Refused unless the index ``info`` was embedded by the bundle of ``identity``.
-
-    Indexes written before fingerprints were recorded are compared by step and creation time.
-    """
-    recorded = info.get("bundle_fingerprint")
-    if recorded is not None:
-        if recorded != identity["fingerprint"]:
-            raise Refused(f"index {where} was embedded by another bundle (fingerprint "
-                          f"{recorded}, step {info.get('bundle_step')}); the serving bundle "
-                          f"is {identity['fingerprint']} (step {identity['step']})")
-        return
-    made = info.get("bundle_created_at")
-    if info.get("bundle_step") != identity["step"] or (made and made != identity["created_at"]):
-        raise Refused(f"index {where} was embedded by another bundle (step "
-                      f"{info.get('bundle_step')}, created {made}); the serving bundle is "
-                      f"step {identity['step']}, created {identity['created_at']}")
+    """Refused unless the index ``info`` was embedded by the bundle of ``identity``
+    (``provenance.bundle_identity``; the rule is ``provenance.mismatch``, which the offline
+    update applies too)."""
+    reason = provenance.mismatch(info, identity, where)
+    if reason is not None:
+        raise Refused(reason)
 
 
 def check_image_root(base_dir: str, image_root: str, where: str) -> None:

@@ -40,7 +40,8 @@ import time
 
 from absl import app, flags
 
-from vlp_jax.serve import ann, policy
+from vlp_jax.indexing import ann
+from vlp_jax.serve import policy
 from vlp_jax.serve.assemble import (  # noqa: F401 - the public names of this module
     SERVE_BUCKETS,
     access_log_to_stderr,
@@ -93,7 +94,7 @@ FLAGS = flags.FLAGS
 
 def _define_flags() -> None:
     flags.DEFINE_string("bundle", None, "Serving bundle directory (RUN/export).")
-    flags.DEFINE_string("index", None, "Index directory written by vlp_jax.serve.index.")
+    flags.DEFINE_string("index", None, "Index directory written by vlp_jax.indexing.index.")
     flags.DEFINE_string("host", "127.0.0.1", "Interface to bind (0.0.0.0 = every interface).")
     flags.DEFINE_integer("port", 8080, "TCP port.")
     flags.DEFINE_enum("kind", None, list(ann.KINDS), "Index to search (default: the ANN if built).")

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from vlp_jax.indexing import bundle as bundle_lib
 from vlp_jax.serve import batcher as batcher_lib
-from vlp_jax.serve import bundle as bundle_lib
 from vlp_jax.serve import metrics as metrics_lib
 from vlp_jax.serve import policy, swap
 

@@ -27,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from vlp_jax.serve import ann, locations, policy
+from vlp_jax.indexing import locations
+from vlp_jax.serve import policy
+from vlp_jax.serve.search_index import SearchIndex
 
 
 class ReloadError(Exception):
@@ -42,7 +44,7 @@ class ReloadBusy(Exception):
 class Loaded:
     """One loaded index and when it started serving."""
 
-    index: ann.SearchIndex
+    index: SearchIndex
     generation: int  # 1 for the index the process started with, +1 per successful swap
     loaded_at: float  # time.time()
     load_seconds: float
@@ -76,10 +78,10 @@ def _no_cyclic_gc():
             gc.enable()
 
 
-def load_index(directory: str, kind: str | None, embed_dim: int) -> ann.SearchIndex:
+def load_index(directory: str, kind: str | None, embed_dim: int) -> SearchIndex:
     """Open and check an index directory as the service would serve it; ValueError if not."""
     with _no_cyclic_gc():
-        index = ann.SearchIndex(directory, kind)
+        index = SearchIndex(directory, kind)
     if index.dim != embed_dim:
         raise ValueError(f"index vectors have d={index.dim} but the bundle embeds to "
                          f"d={embed_dim}; build the index with this bundle")
@@ -94,20 +96,20 @@ def load_index(directory: str, kind: str | None, embed_dim: int) -> ann.SearchIn
 class IndexHolder:
     """The serving index (:attr:`current`) and its replacement (:meth:`reload`).
 
-    ``identity`` (``policy.bundle_identity`` of the serving bundle) makes every index, the
+    ``identity`` (``provenance.bundle_identity`` of the serving bundle) makes every index, the
     first included, prove it was embedded by that bundle; ``configured`` is the ``--index``
     path a reload without a directory re-reads; ``index_root`` bounds reload targets
     (default: ``configured``'s directory); ``image_root`` (default: the first index's
     ``base_dir``) is the only catalog root an index may serve images from.
     """
 
-    def __init__(self, index: ann.SearchIndex, *, embed_dim: int, kind: str | None = None,
+    def __init__(self, index: SearchIndex, *, embed_dim: int, kind: str | None = None,
                  identity: dict[str, Any] | None = None, configured: str | None = None,
                  index_root: str | None = None, image_root: str | None = None,
                  cache_dir: str | None = None,
                  on_swap: Callable[[Loaded], None] | None = None):
         self.embed_dim, self.kind, self.identity = embed_dim, kind, identity
-        self.cache_dir = cache_dir  # where gs:// / s3:// indexes are staged (locations.py)
+        self.cache_dir = cache_dir  # where gs:// / s3:// indexes are staged (indexing/locations.py)
         self.configured = configured or index.source
         self.index_root = index_root or policy.default_index_root(self.configured)
         self.image_root = image_root or index.base_dir
@@ -119,7 +121,7 @@ class IndexHolder:
         self.current = Loaded(index, 1, time.time(), 0.0)
         self.freeze_gc = False  # server processes: gc.freeze() after every swap (see above)
 
-    def check(self, index: ann.SearchIndex) -> None:
+    def check(self, index: SearchIndex) -> None:
         """``policy.Refused`` unless ``index`` may serve here (bundle, catalog root)."""
         if self.identity is not None:
             policy.check_bundle(index.info, self.identity, index.source)
@@ -131,14 +133,14 @@ class IndexHolder:
         logging.error("index reload from %s failed, still serving %s: %s", target,
                       self.current.index.directory, self.last_error)
 
-    def load(self, directory: str | None = None) -> tuple[ann.SearchIndex, float]:
+    def load(self, directory: str | None = None) -> tuple[SearchIndex, float]:
         """Resolve (``policy.resolve_index``), load and check an index without serving it;
         ``(index, seconds)``.  Raises ``policy.Forbidden``, ``policy.Refused`` or
         :class:`ReloadError`; the current index is untouched either way."""
         return self.load_resolved(
             policy.resolve_index(directory, self.configured, self.index_root))
 
-    def load_resolved(self, target: str) -> tuple[ann.SearchIndex, float]:
+    def load_resolved(self, target: str) -> tuple[SearchIndex, float]:
         """:meth:`load` of a target already checked against the index root (a worker's
         coordinator checks it once for all workers)."""
         start = time.perf_counter()
@@ -156,7 +158,7 @@ class IndexHolder:
             raise
         return index, time.perf_counter() - start
 
-    def install(self, index: ann.SearchIndex, seconds: float) -> dict[str, Any]:
+    def install(self, index: SearchIndex, seconds: float) -> dict[str, Any]:
         """Serve ``index`` from now on (one reference assignment); ``{"previous", "serving"}``."""
         old = self.current
         new = Loaded(index, old.generation + 1, time.time(), seconds)

@@ -41,7 +41,8 @@ import threading
 import time
 from typing import Any
 
-from vlp_jax.serve import ann, locations, policy, swap
+from vlp_jax.indexing import ann, locations, provenance
+from vlp_jax.serve import policy, search_index, swap
 
 _CTX = multiprocessing.get_context("spawn")  # never fork a process that may hold JAX threads
 
@@ -76,7 +77,7 @@ def _worker_main(opts: WorkerOptions, current: str, sock: socket.socket, conn: A
     if opts.server_kwargs.get("access_log"):
         server_lib.access_log_to_stderr()
     srv = server_lib.make_server(service, **opts.server_kwargs)
-    staged: dict[int, tuple[ann.SearchIndex, float]] = {}
+    staged: dict[int, tuple[search_index.SearchIndex, float]] = {}
 
     def control() -> None:
         while not srv.started:
@@ -129,7 +130,7 @@ class Supervisor:
         self.cache_dir = opts.load_kwargs.get("cache_dir") or locations.default_cache_dir()
         opts.bundle = locations.stage_bundle(opts.bundle, self.cache_dir)  # once, for all
         with open(os.path.join(opts.bundle, "manifest.json")) as f:
-            self.identity = policy.bundle_identity(json.load(f))
+            self.identity = provenance.bundle_identity(json.load(f))
         self.local = locations.stage_index(opts.index, self.cache_dir)  # what workers load
         info = ann.read_info(self.local)
         self.image_root = image_root or info["base_dir"]

@@ -7,5 +7,5 @@ contrastive gradients over micro-batches.  The rest guard a long run: ``checkpoi
 atomic, falls back past unreadable steps), ``resume_config``, ``preemption``, ``nonfinite``,
 ``workdir_lock``, ``metrics_log``.
 
-May import: runtime, config, data, models, convert, losses, parallel, eval, serve.
+May import: runtime, config, data, models, convert, losses, parallel, eval, indexing, serve.
 """

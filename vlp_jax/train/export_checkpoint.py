@@ -1,7 +1,7 @@
 """``--mode=export``: a serving bundle from a checkpoint, restored through the checkpointing layer.
 
-It lives with training (not in ``vlp_jax.serve``) because it needs the train state's abstract
-shapes and the checkpoint reader; ``serve.export`` only writes a bundle from params.
+It lives with training (not in ``vlp_jax.indexing``) because it needs the train state's abstract
+shapes and the checkpoint reader; ``indexing.export`` only writes a bundle from params.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from vlp_jax.config import check as config_check
 from vlp_jax.convert import pretrained
 from vlp_jax.data import dataset
 from vlp_jax.data import tokenizer as tokenizer_lib
+from vlp_jax.indexing import export
 from vlp_jax.models import make_model
 from vlp_jax.parallel import mesh as mesh_lib
 from vlp_jax.runtime import fs
-from vlp_jax.serve import export
 from vlp_jax.train import checkpointing
 from vlp_jax.train import state as train_state
 

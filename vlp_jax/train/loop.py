@@ -27,10 +27,10 @@ from vlp_jax.data import tokenizer as tokenizer_lib
 from vlp_jax.data.catalog import relevance as catalog_relevance
 from vlp_jax.data.device_prefetch import DevicePrefetchIterator
 from vlp_jax.eval import embed
+from vlp_jax.indexing import export
 from vlp_jax.models import make_model
 from vlp_jax.parallel import mesh as mesh_lib
 from vlp_jax.runtime import fs, peers
-from vlp_jax.serve import export
 from vlp_jax.train import (
     checkpointing,
     metrics_log,

@@ -13,6 +13,10 @@ Publishing needs the opposite care, because object stores have no rename: the fi
 for completeness (``index_info.json`` of an index, ``manifest.json`` of a bundle) is deleted
 first and uploaded last, so a reader sees the previous finished folder, or "unfinished", never a
 finished-looking mixture; objects of an earlier version that the new one lacks are deleted.
+
+Both sides stage (the index job its bundle and ``--update_from`` index, the service its bundle
+and every index it loads) and the offline side publishes, so this module lives with the offline
+side, below ``vlp_jax.serve``.
 """
 
 from __future__ import annotations
@@ -116,7 +120,7 @@ def stage_index(loc: str, cache_dir: str | None = None) -> str:
     """A local, verified copy of the index directory at ``loc`` (``loc`` itself when local)."""
     if not is_remote(loc):
         return loc
-    from vlp_jax.serve import ann
+    from vlp_jax.indexing import ann
 
     local = staging.stage(loc, cache_dir or default_cache_dir(), what="index")
     info = ann.read_info(local)  # ValueError: not a finished index directory

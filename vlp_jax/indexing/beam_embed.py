@@ -1,10 +1,10 @@
 """The offline item-embedding job on Apache Beam: the index job's output, computed by many workers.
 
-    python -m vlp_jax.serve.beam_embed --bundle=RUN/export --items=CATALOG/items.jsonl \
+    python -m vlp_jax.indexing.beam_embed --bundle=RUN/export --items=CATALOG/items.jsonl \
         --out=DIR --ann=ivf --runner=DirectRunner \
         -- --direct_num_workers=2 --direct_running_mode=multi_processing
 
-Same output directory as ``python -m vlp_jax.serve.index`` (``ann.py`` describes it), built in
+Same output directory as ``python -m vlp_jax.indexing.index`` (``ann.py`` describes it), built in
 two steps, neither of which holds the catalog in the driver:
 
 1. **Embed (Beam).**  Workers read items.jsonl in byte ranges and apply the builder's text
@@ -45,8 +45,8 @@ from absl import app, flags, logging
 
 from vlp_jax.data import beam_io, records
 from vlp_jax.data import beam_stages as stages
-from vlp_jax.serve import ann, beam_index, index, item_embed
-from vlp_jax.serve import bundle as bundle_lib
+from vlp_jax.indexing import ann, beam_index, index, item_embed
+from vlp_jax.indexing import bundle as bundle_lib
 
 RANGE_BYTES = 4 << 20  # bytes of items.jsonl per read range
 SUMMARY_FILE = "beam_chunks.json"  # per chunk: (chunk, kept, skipped, fixed, computed)
@@ -323,7 +323,7 @@ def _define_flags() -> None:
 def _main(argv: list[str]) -> None:
     if FLAGS.update_from:
         raise app.UsageError("--update_from is the single-process job's: python -m "
-                             "vlp_jax.serve.index (an update embeds only the changed items)")
+                             "vlp_jax.indexing.index (an update embeds only the changed items)")
     from vlp_jax.runtime import devices as runtime
 
     runtime.quiet_library_logs()

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from vlp_jax.indexing import ann, locations
 from vlp_jax.runtime import atomic_io
-from vlp_jax.serve import ann, locations
 
 
 def _atomic_npy(path: str, array: np.ndarray) -> None:

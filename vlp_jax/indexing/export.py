@@ -35,10 +35,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vlp_jax.indexing import locations
 from vlp_jax.models import build, towers
 from vlp_jax.models.build import tower_param_keys
 from vlp_jax.runtime import storage
-from vlp_jax.serve import locations
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -212,7 +212,7 @@ def _sync() -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("vlp_jax.serve.export_bundle")
+        multihost_utils.sync_global_devices("vlp_jax.indexing.export_bundle")
 
 
 def _export_failed(out_dir: str, step: int, err: Exception) -> storage.DiskFullError:

@@ -1,6 +1,6 @@
 """Offline item embedding + faiss index: the catalog side of serving.
 
-    python -m vlp_jax.serve.index --bundle=RUN/export --items=CATALOG/items.jsonl --out=DIR \
+    python -m vlp_jax.indexing.index --bundle=RUN/export --items=CATALOG/items.jsonl --out=DIR \
         [--ann=hnsw|ivf|none] [--batch_size=256] [--hnsw_m=32 ...]
 
 Streams the catalog through the item tower in batches (sharded over the local devices), with a
@@ -33,9 +33,9 @@ import numpy as np
 from absl import app, flags
 
 from vlp_jax.data import records
+from vlp_jax.indexing import ann, index_files, item_embed, locations, provenance, update
+from vlp_jax.indexing import bundle as bundle_lib
 from vlp_jax.runtime import atomic_io, staging, storage
-from vlp_jax.serve import ann, index_files, item_embed, locations, policy, update
-from vlp_jax.serve import bundle as bundle_lib
 
 CHUNKS_DIR = "chunks"
 JOB_FILE = "job.json"
@@ -210,7 +210,7 @@ def build_index_dir(
         "bundle": bundle.path,
         "bundle_step": bundle.step,
         "bundle_created_at": bundle.manifest.get("created_at"),
-        "bundle_fingerprint": policy.bundle_fingerprint(bundle.manifest),
+        "bundle_fingerprint": provenance.bundle_fingerprint(bundle.manifest),
         "counts": counts,
         "chunks_computed": res["chunks_computed"],
         "chunks_reused": res["chunks_reused"],

@@ -1,4 +1,7 @@
-"""faiss indexes over item embeddings: build, update in place, save, load, search.
+"""faiss indexes over item embeddings and the index directory format: build, update in place,
+save, load.  Searching a loaded directory is the service's (``serve/search_index.py``); the
+format and its readers live here, below ``serve``, because the incremental update reads a
+finished directory as much as the service does.
 
 Inner product is the training similarity (cosine, as the towers L2-normalise), so every index uses
 ``METRIC_INNER_PRODUCT``.  ``flat`` (``IndexFlatIP``) is exact and the reference for recall;
@@ -15,7 +18,7 @@ adds one, nothing else is touched or re-embedded.  A fresh build labels rows ``0
 drops it from every result.  ``update.py`` rebuilds the graph from the stored embeddings (no
 re-embedding) once tombstones pass a fraction of it.
 
-An index directory (written by ``vlp_jax.serve.index``; format 2)::
+An index directory (written by ``vlp_jax.indexing.index``; format 2)::
 
     embeddings.npy        float32 [N, d] item embeddings (row r = line r of items.jsonl)
     items.jsonl           one line per row: {"row", "id", "item_id", "title", "image", "source"}
@@ -34,7 +37,6 @@ import json
 import math
 import os
 import time
-import urllib.parse
 from typing import Any
 
 import numpy as np
@@ -141,36 +143,6 @@ def remove_ids(index: Any, kind: str, ids: np.ndarray) -> int:
     return int(index.remove_ids(labels)) if labels.size else 0
 
 
-def _inner(index: Any) -> Any:
-    """The index under an ``IndexIDMap2`` wrapper, downcast to its concrete type."""
-    faiss = _faiss()
-    index = faiss.downcast_index(index)
-    if isinstance(index, faiss.IndexIDMap2 | faiss.IndexIDMap):
-        index = faiss.downcast_index(index.index)
-    return index
-
-
-def configure(index: Any, kind: str, params: AnnParams) -> None:
-    """Apply search-time parameters to a loaded index."""
-    faiss = _faiss()
-    if kind == "hnsw":
-        _inner(index).hnsw.efSearch = params.hnsw_ef_search
-    elif kind == "ivf":
-        ivf = faiss.extract_index_ivf(index)
-        ivf.nprobe = min(params.ivf_nprobe, ivf.nlist)
-
-
-def search(index: Any, queries: np.ndarray, k: int,
-           params: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(scores float32 [q, k'], labels int64 [q, k'])`` with k' = min(k, ntotal); faiss pads
-    with label -1 when it finds fewer."""
-    k = max(1, min(int(k), index.ntotal))
-    q = np.ascontiguousarray(queries, dtype=np.float32)
-    if params is None:
-        return index.search(q, k)
-    return index.search(q, k, params=params)
-
-
 def write_index(index: Any, path: str) -> None:
     """Write a faiss index atomically (temporary file, then rename)."""
     with atomic_io.replacing(path) as tmp:
@@ -194,19 +166,12 @@ def tombstone_file(kind: str) -> str:
     return f"tombstones_{kind}.npy"
 
 
-@dataclasses.dataclass
-class ItemRow:
-    item_id: str
-    title: str
-    image: str
-
-
 def read_info(directory: str) -> dict[str, Any]:
     """``index_info.json`` of a finished index directory (ValueError otherwise)."""
     info_path = os.path.join(directory, INFO_FILE)
     if not os.path.isfile(info_path):
         raise ValueError(f"{directory!r} is not a finished index directory (no {INFO_FILE}; "
-                         "run python -m vlp_jax.serve.index)")
+                         "run python -m vlp_jax.indexing.index)")
     try:
         with open(info_path) as f:
             return json.load(f)
@@ -228,73 +193,6 @@ def read_rows(directory: str) -> list[dict[str, Any]]:
 def read_tombstones(directory: str, kind: str) -> np.ndarray:
     path = os.path.join(directory, tombstone_file(kind))
     return np.load(path).astype(np.int64) if os.path.isfile(path) else np.zeros(0, np.int64)
-
-
-class SearchIndex:
-    """An index directory opened for search: faiss index + item metadata + images' base dir.
-
-    The directory's symlinks are resolved once, first, so a directory swapped underneath (a
-    ``current -> vN`` link flipped mid-load) can never yield files of two versions.
-    """
-
-    def __init__(self, directory: str, kind: str | None = None, mmap: bool = True):
-        self.source = directory
-        self.directory = os.path.realpath(directory)
-        self.info = read_info(self.directory)
-        built = list(self.info.get("indexes", []))
-        self.kind = kind or next((k for k in built if k != "flat"), "flat")
-        if self.kind not in built:
-            raise ValueError(f"index kind {self.kind!r} was not built in {directory} "
-                             f"(built: {built})")
-        self.version = int(self.info.get("version", 1))
-        self.params = AnnParams(**self.info.get("ann_params", {}))
-        self.index = read_index(os.path.join(self.directory, index_file(self.kind)), mmap=mmap)
-        configure(self.index, self.kind, self.params)
-        self.base_dir = self.info["base_dir"]
-        rows = read_rows(self.directory)
-        self.items = [ItemRow(r["item_id"], r["title"], r["image"]) for r in rows]
-        self.ids = np.asarray([r["id"] for r in rows], np.int64)
-        self.row_of = {item.item_id: r for r, item in enumerate(self.items)}
-        self._row_of_label = {int(label): r for r, label in enumerate(self.ids)}
-        self._shown: dict[int, tuple[str, str, str]] = {}
-        self.tombstones = read_tombstones(self.directory, self.kind)
-        if self.index.ntotal != len(self.items) + len(self.tombstones):
-            raise ValueError(f"index has {self.index.ntotal} vectors but {ITEMS_FILE} has "
-                             f"{len(self.items)} rows (+{len(self.tombstones)} tombstones)")
-        self.dim = int(self.index.d)
-        self._search_params = None
-        if len(self.tombstones):  # the selector objects must outlive every search
-            faiss = _faiss()
-            self._selector_batch = faiss.IDSelectorBatch(self.tombstones)
-            self._selector = faiss.IDSelectorNot(self._selector_batch)
-            self._search_params = faiss.SearchParametersHNSW(
-                efSearch=self.params.hnsw_ef_search, sel=self._selector)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(scores, labels)`` of the top ``min(k, len(self))``; label -1 = no result."""
-        k = min(int(k), max(len(self), 1))
-        return search(self.index, queries, k, self._search_params)
-
-    def shown(self, label: int) -> tuple[str, str, str] | None:
-        """``(item_id, title, image_url)`` of label ``label`` (None for -1 padding), built once
-        per item: quoting the id on every answer cost ~0.1 ms per request of k = 100."""
-        got = self._shown.get(label)
-        if got is None:
-            item = self.item(label)
-            if item is None:
-                return None
-            got = self._shown[label] = (
-                item.item_id, item.title,
-                f"/items/{urllib.parse.quote(item.item_id, safe='')}/image")
-        return got
-
-    def item(self, label: int) -> ItemRow | None:
-        """The item with faiss label ``label`` (None for -1 padding)."""
-        row = self._row_of_label.get(int(label))
-        return None if row is None else self.items[row]
 
 
 def timed(fn, *args, **kwargs) -> tuple[Any, float]:

@@ -2,6 +2,10 @@
 
 ``load_bundle(path).encode_queries(["red dress"])`` → L2-normalised float32 ``[n, d]`` numpy.
 
+Both sides of serving load bundles: the search service for its query tower, the offline index
+jobs for the item tower.  So the loader lives with the offline side, below ``vlp_jax.serve``,
+which imports it (and re-exports ``load_bundle`` as its public entry point).
+
 Why it looks like this:
 
 * **Fixed bucketed shapes.**  Text is always padded to the training lengths and a batch of ``n``
@@ -34,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlp_jax.data import preprocess, records
 from vlp_jax.data import tokenizer as tokenizer_lib
-from vlp_jax.serve import export, locations
+from vlp_jax.indexing import export, locations
 
 DEFAULT_BUCKETS = (1, 8, 32, 128)
 TOWERS = ("query", "item")

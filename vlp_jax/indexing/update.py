@@ -1,6 +1,6 @@
 """Incremental index update: new catalog lines in, delisted ids out, nothing else re-embedded.
 
-    python -m vlp_jax.serve.index --bundle=RUN/export --items=CATALOG/items.jsonl \
+    python -m vlp_jax.indexing.index --bundle=RUN/export --items=CATALOG/items.jsonl \
         --update_from=INDEX_V1 --out=INDEX_V2
 
 The catalog file is the *whole* current catalog (what a full build would read).  Against the
@@ -32,18 +32,17 @@ from typing import Any
 import numpy as np
 
 from vlp_jax.data import records
-from vlp_jax.serve import ann, index_files, item_embed, policy
-from vlp_jax.serve import bundle as bundle_lib
+from vlp_jax.indexing import ann, index_files, item_embed, provenance
+from vlp_jax.indexing import bundle as bundle_lib
 
 
 def _load_base(directory: str, bundle: bundle_lib.Bundle) -> dict[str, Any]:
     info = ann.read_info(directory)
     legacy = int(info.get("format_version", 1)) < 2
-    try:
-        policy.check_bundle(info, policy.bundle_identity(bundle.manifest), directory)
-    except policy.Refused as e:
-        raise ValueError(f"{e}; mixing two models' embeddings in one index is meaningless: "
-                         "run a full build") from e
+    reason = provenance.mismatch(info, provenance.bundle_identity(bundle.manifest), directory)
+    if reason is not None:
+        raise ValueError(f"{reason}; mixing two models' embeddings in one index is meaningless: "
+                         "run a full build")
     rows = ann.read_rows(directory)
     emb = np.load(os.path.join(directory, ann.EMBEDDINGS_FILE))
     if emb.shape[0] != len(rows):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from vlp_jax.data import records
-from vlp_jax.serve import bundle as bundle_lib
+from vlp_jax.indexing import bundle as bundle_lib
 
 
 def load_item(meta: records.ItemMeta, base_dir: str, size: int):
