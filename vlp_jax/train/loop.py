@@ -5,7 +5,7 @@ state → restore the newest usable checkpoint if any (state *and* data iterator
 checked against the one it was written with) → train loop with periodic logging, checkpointing
 and evaluation → final checkpoint, evaluation and serving export.
 
-Faults (README "Faults and preemption"): SIGTERM → checkpoint at the current step and return;
+Faults (docs/reliability.md): SIGTERM → checkpoint at the current step and return;
 SIGKILL → the next run resumes from the newest complete checkpoint, bit-identically; unreadable
 checkpoints → fallback to older ones; non-finite steps → ``train.nonfinite_policy``.
 """
