@@ -111,3 +111,61 @@ def test_benchmarks_and_scripts_import_only_modules_that_exist():
                     missing += [f"{path.relative_to(ROOT)}: {a.name}" for a in node.names
                                 if a.name.startswith("vlp_jax") and a.name not in files]
     assert missing == []
+
+
+# ---- docs/architecture.md states the same rules: checked here, so the two cannot drift apart.
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+
+
+def _doc_section(title: str) -> str:
+    text = ARCHITECTURE.read_text()
+    start = text.index(f"## {title}")
+    end = text.find("\n## ", start + 3)
+    return text[start:] if end < 0 else text[start:end]
+
+
+def _package_bullets() -> list[tuple[str, str]]:
+    """(package, its paragraph) for each top-level bullet of the packages section."""
+    import re
+
+    section = _doc_section("Packages and what each may import")
+    parts = re.split(r"^- \*\*`([A-Za-z_]+)(?:/|\.py)`\*\*", section, flags=re.M)
+    return [(parts[i], parts[i + 1].split("\n\nOutside the package")[0])
+            for i in range(1, len(parts), 2)]
+
+
+def test_architecture_doc_lists_the_layers_in_this_order():
+    assert tuple(name for name, _ in _package_bullets()) == LAYERS
+
+
+def test_architecture_doc_names_only_modules_that_exist():
+    import re
+
+    missing = []
+    for package, paragraph in _package_bullets():
+        base = ROOT / "vlp_jax" / package
+        for name in re.findall(r"`([a-z_0-9/]+(?:\.py|/))`", paragraph):
+            if not (base / name).exists():
+                missing.append(f"{package}: {name}")
+    text = ARCHITECTURE.read_text()
+    for dotted in sorted(set(re.findall(r"vlp_jax(?:\.[A-Za-z_][A-Za-z_0-9]*)+", text))):
+        parts = dotted.split(".")
+        path, i = ROOT, 0
+        while i < len(parts) and ((path / parts[i]).is_dir() or
+                                  (path / f"{parts[i]}.py").exists()):
+            path, i = path / parts[i], i + 1
+        if i < len(parts):  # the rest must be names defined in that module
+            module = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+            tree = ast.parse(module.read_text()) if module.exists() else ast.Module([], [])
+            defined = set()
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                    defined.add(node.name)
+                elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                    defined |= {t.id for t in targets if isinstance(t, ast.Name)}
+                elif isinstance(node, ast.ImportFrom):
+                    defined |= {a.asname or a.name for a in node.names}
+            if parts[i] not in defined:
+                missing.append(dotted)
+    assert missing == []
