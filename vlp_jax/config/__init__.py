@@ -1,5 +1,5 @@
 """Config helpers: ``check`` validates a config before any work, naming the field that is wrong;
 ``overrides`` applies ``--set key=value`` overrides and loads config files.
 
-May import: nothing else of vlp_jax (every other package may import this one).
+What it may import: docs/architecture.md ("Packages"), checked by tests/test_layout.py.
 """

@@ -2,5 +2,5 @@
 (``profiling``), a harness that times one compiled train step (``step_harness``) and random
 batches with the train-batch contract (``synthetic``).
 
-May import: everything except experiments; nothing outside benchmarks and tests imports it.
+What it may import: docs/architecture.md ("Packages"), checked by tests/test_layout.py.
 """

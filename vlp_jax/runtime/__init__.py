@@ -1,5 +1,7 @@
 """Process plumbing: CPU device count and the compilation cache (``devices``), a caching
-malloc for XLA:CPU (``allocator``), atomic file writes (``atomic_io``).
+malloc for XLA:CPU (``allocator``), locations and file operations on local disks and object
+stores (``fs``), atomic writes (``atomic_io``), storage faults (``storage``), peers and
+supervision of multi-process runs (``peers``, ``supervise``).
 
-May import: nothing else of vlp_jax but the leaf `_tpu_host` (it is the bottom layer).
+What it may import: docs/architecture.md ("Packages"), checked by tests/test_layout.py.
 """

@@ -1,4 +1,5 @@
-"""``python -m vlp_jax.serve.beam_embed``: the former name of ``python -m vlp_jax.indexing.beam_embed``.
+"""``python -m vlp_jax.serve.beam_embed``: the former name of
+``python -m vlp_jax.indexing.beam_embed``.
 
 Why it exists: building the item index is offline work and moved to ``vlp_jax.indexing``;
 scripts and pipelines written against the old command keep working through this alias (same
