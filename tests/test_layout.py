@@ -169,3 +169,13 @@ def test_architecture_doc_names_only_modules_that_exist():
             if parts[i] not in defined:
                 missing.append(dotted)
     assert missing == []
+
+
+def test_the_catalog_oracle_stays_out_of_the_product_path():
+    """The built-in catalog (and its relevance oracle) is a lab tool: the loss, the model, the
+    sharded primitives and serving never import it; the train objective injects the oracle."""
+    product = ("vlp_jax.models", "vlp_jax.parallel", "vlp_jax.losses", "vlp_jax.indexing",
+               "vlp_jax.serve")
+    leaks = [f"{a} imports {b}" for a, deps in _graph().items() if a.startswith(product)
+             for b in deps if b.startswith("vlp_jax.data.catalog")]
+    assert leaks == []
