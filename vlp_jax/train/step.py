@@ -26,7 +26,7 @@ import optax
 from jax.sharding import Mesh
 
 from vlp_jax.data.catalog import relevance as catalog_relevance
-from vlp_jax.data.preprocess import num_masked_patches
+from vlp_jax.data.input.preprocess import num_masked_patches
 from vlp_jax.losses import masked
 from vlp_jax.models.build import towers_only
 from vlp_jax.parallel import fn_control, memory_bank, negatives
