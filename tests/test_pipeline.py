@@ -1,4 +1,4 @@
-"""Tests for vlp_jax.data.pipeline: the Grain train iterator and the eval iterators."""
+"""Tests for vlp_jax.data.input.pipeline: the Grain train iterator and the eval iterators."""
 
 import importlib.util
 import itertools

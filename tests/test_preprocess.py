@@ -1,4 +1,4 @@
-"""Tests for vlp_jax.data.preprocess: tokenisation, BERT masking, patches, patch masking."""
+"""Tests for vlp_jax.data.input.preprocess: tokenisation, BERT masking, patches, patch masking."""
 
 import zlib
 
