@@ -51,10 +51,10 @@ def catalog(tmp_path_factory):
 
 def test_beam_build_equals_single_process_build(catalog, tmp_path):
     single = tfds_builder.build_dataset(catalog, str(tmp_path / "single"), image_size=S,
-                                   vocab_size=300)
+                                        vocab_size=300)
     beam = beam_pipeline.build_dataset_beam(catalog, str(tmp_path / "beam"), image_size=S,
-                                         vocab_size=300, runner=RUNNER, pipeline_args=TWO_WORKERS,
-                                         chunk_bytes=256)
+                                            vocab_size=300, runner=RUNNER,
+                                            pipeline_args=TWO_WORKERS, chunk_bytes=256)
     assert not beam.cache_hit
     assert os.path.relpath(beam.dataset_dir, tmp_path / "beam") == os.path.relpath(
         single.dataset_dir, tmp_path / "single")  # same config name: each other's cache hit

@@ -89,7 +89,7 @@ def test_refused_key_is_one_message_naming_the_uri_before_any_pipeline(s3, tmp_p
         with pytest.raises(StorageAccessError, match=f"catalog {where}/items.jsonl: the "
                            r"object store refused .*--s3_secret_access_key"):
             beam_pipeline.build_dataset_beam(where, str(tmp_path / "data"), runner=RUNNER,
-                                          pipeline_args=args)
+                                             pipeline_args=args)
     finally:
         beam_io.configure(_options(s3))  # later callers must not inherit the wrong key
     assert not os.path.exists(tmp_path / "data")
@@ -104,10 +104,10 @@ def test_beam_build_on_a_store_equals_local_build(store_name, request, catalog, 
     root = store.uri()
     beam_io.upload_tree(catalog, f"{root}/catalog")
     single = tfds_builder.build_dataset(catalog, str(tmp_path / "single"), image_size=S,
-                                   vocab_size=300)
+                                        vocab_size=300)
     remote = beam_pipeline.build_dataset_beam(f"{root}/catalog", f"{root}/data", image_size=S,
-                                           vocab_size=300, runner=RUNNER, pipeline_args=args,
-                                           chunk_bytes=512, staging_dir=str(tmp_path / "st"))
+                                              vocab_size=300, runner=RUNNER, pipeline_args=args,
+                                              chunk_bytes=512, staging_dir=str(tmp_path / "st"))
     assert not remote.cache_hit and remote.location.startswith(f"{root}/data/vlp_catalog/")
     assert remote.report["beam"]["item_blocks"] >= 2  # really split between tasks
     # On the store: the committed attempt and its marker only (no stage folder, no temporary
@@ -126,7 +126,7 @@ def test_beam_build_on_a_store_equals_local_build(store_name, request, catalog, 
             assert beam_io.read_bytes(f"{remote.tokenizer_dir}/{name}") == f.read(), name
     # Either engine finds the other's committed build: the single-process entry point too.
     again = tfds_builder.build_dataset(f"{root}/catalog", f"{root}/data", image_size=S,
-                                  vocab_size=300, staging_dir=str(tmp_path / "st"))
+                                       vocab_size=300, staging_dir=str(tmp_path / "st"))
     assert again.cache_hit and again.location == remote.location
     assert again.files_at == remote.files_at
 

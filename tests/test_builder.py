@@ -284,7 +284,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     os.makedirs(tmp_path / "emptytok")
     with pytest.raises(ValueError, match="has no tokenizer files"):
         tfds_builder.build_dataset(str(tmp_path), str(tmp_path / "tfds"),
-                              tokenizer=str(tmp_path / "emptytok"))
+                                   tokenizer=str(tmp_path / "emptytok"))
     with pytest.raises(ValueError, match="not a vlp_jax dataset build"):
         dataset_reader.load_dataset(str(tmp_path))
 

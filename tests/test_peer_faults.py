@@ -160,7 +160,7 @@ def test_main_ends_each_fault_with_one_error_line_and_its_code(raised, code, lin
 
     if raised == "corrupt":
         raised = shard_check.DatasetCorruptError("/d", "/d/x-train.array_record-00000-of-00001",
-                                            "is missing")
+                                                 "is missing")
 
     def fail():
         raise raised

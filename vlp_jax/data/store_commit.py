@@ -113,7 +113,7 @@ def read_marker(location: str) -> dict | None:
     if not isinstance(marker, dict) or not str(marker.get("attempt", "")).startswith(
             ATTEMPT_PREFIX) or not isinstance(marker.get("files"), dict):
         raise shard_check.DatasetCorruptError(location, fs.join(location, MARKER),
-                                         "is not a commit marker this code wrote")
+                                              "is not a commit marker this code wrote")
     return marker
 
 
