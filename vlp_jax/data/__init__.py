@@ -22,5 +22,6 @@ The direction follows the code: the builder needs the reader (``load_dataset``,
 build never imports the TFDS builder or Beam.
 
 ``catalog`` is the synthetic built-in catalog (generator and its relevance oracle); ``build``
-generates it when ``data.catalog_dir`` is empty.
+generates it when ``data.catalog_dir`` is empty, and it never imports ``build`` (its oracle
+uses ``input.preprocess``).
 """
