@@ -201,7 +201,7 @@ def _start_s3(work: str, catalog: str, bundle: str) -> dict:
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from object_stores import export_env, start_s3
 
-    from vlp_jax.data import beam_io
+    from vlp_jax.data.build import beam_io
 
     store = start_s3()
     export_env(store)

@@ -8,7 +8,7 @@ started here as the tests start them), then, in alternating rounds:
 - ``gs direct``: the same random reads through ArrayRecord's own gs:// reader (one ranged GET
   per record);
 - ``s3 direct``: what ArrayRecord does with s3:// (it cannot open it);
-- ``stage``: ``remote_build.stage_build`` into a fresh folder (listing checked against the
+- ``stage``: ``store_commit.stage_build`` into a fresh folder (listing checked against the
   commit marker, every file copied and size-checked), then reads from that copy; and the
   ``re-check`` cost when the copy is current (a listing, no copy).
 
@@ -45,14 +45,16 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from configs import base as base_config  # noqa: E402
 from configs import tiny as tiny_config  # noqa: E402
-from vlp_jax.data import builder, dataset, remote_build, shards  # noqa: E402
+from vlp_jax.data import shard_check, store_commit  # noqa: E402
+from vlp_jax.data.build import from_config  # noqa: E402
+from vlp_jax.data.input import dataset_reader  # noqa: E402
 
 SPLITS = ("items", "train")
 BATCH = 64
 
 
 def _shard_bytes(local_dir: str, split: str) -> int:
-    return sum(os.path.getsize(p) for p, _ in shards.shard_files(local_dir)
+    return sum(os.path.getsize(p) for p, _ in shard_check.shard_files(local_dir)
                if f"-{split}.array_record" in p)
 
 
@@ -74,7 +76,7 @@ def _direct_source(attempt_uri: str, split: str, image_size: int):
     import tensorflow_datasets as tfds
 
     tfds_builder = tfds.builder_from_directory(attempt_uri)
-    return builder.TextSource(tfds_builder.as_data_source(split), split, image_size)
+    return dataset_reader.TextSource(tfds_builder.as_data_source(split), split, image_size)
 
 
 def _s3_direct(attempt_uri: str, image_size: int) -> str:
@@ -92,7 +94,7 @@ def _s3_direct(attempt_uri: str, image_size: int) -> str:
 def bench_config(name: str, config, stores: dict, reads: int, rounds: int, cache: str) -> dict:
     config.data.cache_dir = cache
     t0 = time.perf_counter()
-    local = dataset.prepare_dataset(config.data)
+    local = from_config.prepare_dataset(config.data)
     prepare_s = time.perf_counter() - t0
     size = int(local.report["image_size"])
     work = tempfile.mkdtemp(prefix="data_staging_")
@@ -103,10 +105,10 @@ def bench_config(name: str, config, stores: dict, reads: int, rounds: int, cache
         location = store.uri("tfds", name, "1.0.0")
         t0 = time.perf_counter()
         shutil.copytree(local.dataset_dir, copy, dirs_exist_ok=True)
-        attempt = remote_build.publish(copy, location, os.path.join(work, f"adopt-{scheme}"))
+        attempt = store_commit.publish(copy, location, os.path.join(work, f"adopt-{scheme}"))
         published[scheme] = {"location": location, "attempt": attempt,
                              "publish_s": time.perf_counter() - t0}
-    total_bytes = sum(remote_build.local_files(local.dataset_dir).values())
+    total_bytes = sum(store_commit.local_files(local.dataset_dir).values())
     rng = np.random.default_rng(0)
     orders = {s: rng.integers(0, len(local.sources[s]), min(reads, len(local.sources[s])))
               for s in SPLITS}
@@ -127,13 +129,13 @@ def bench_config(name: str, config, stores: dict, reads: int, rounds: int, cache
         for scheme, pub in published.items():
             stage_dir = os.path.join(work, f"stage-{scheme}-{r}")
             t0 = time.perf_counter()
-            local_copy, _ = remote_build.stage_build(pub["location"], stage_dir)
+            local_copy, _ = store_commit.stage_build(pub["location"], stage_dir)
             add(f"{scheme}_stage/cold_s", time.perf_counter() - t0)
             t0 = time.perf_counter()
-            remote_build.stage_build(pub["location"], stage_dir)
+            store_commit.stage_build(pub["location"], stage_dir)
             add(f"{scheme}_stage/recheck_s", time.perf_counter() - t0)
             if scheme == "gs":
-                staged = builder.load_dataset(local_copy)
+                staged = dataset_reader.load_dataset(local_copy)
                 for split in SPLITS:
                     for key, sec in _time_reads(staged.sources[split], orders[split]).items():
                         add(f"staged/{split}/{key}", sec)
@@ -171,28 +173,28 @@ def bench_build(name: str, make_config, stores: dict, cache: str) -> dict:
     (build on local disk + publish + stage), and of a second host's ``prepare_dataset``."""
     config = make_config()
     config.data.cache_dir = cache
-    catalog = dataset.builtin_catalog_dir(config.data)
+    catalog = from_config.builtin_catalog_dir(config.data)
     work = tempfile.mkdtemp(prefix="data_build_")
     out = {}
     try:
         config.data.catalog_dir = catalog
         config.data.cache_dir = os.path.join(work, "local")
         t0 = time.perf_counter()
-        dataset.prepare_dataset(config.data)
+        from_config.prepare_dataset(config.data)
         out["local"] = {"prepare_s": round(time.perf_counter() - t0, 2)}
         for scheme, store in stores.items():
             t0 = time.perf_counter()
             config.data.catalog_dir = store.uri("catalog")
-            remote_build.upload_tree(catalog, config.data.catalog_dir, last=("items.jsonl",))
+            store_commit.upload_tree(catalog, config.data.catalog_dir, last=("items.jsonl",))
             upload = time.perf_counter() - t0
             config.data.cache_dir = store.uri("cache")
             config.data.staging_dir = os.path.join(work, f"host0-{scheme}")
             t0 = time.perf_counter()
-            dataset.prepare_dataset(config.data)
+            from_config.prepare_dataset(config.data)
             first = time.perf_counter() - t0
             config.data.staging_dir = os.path.join(work, f"host1-{scheme}")
             t0 = time.perf_counter()
-            dataset.prepare_dataset(config.data)
+            from_config.prepare_dataset(config.data)
             out[scheme] = {"catalog_upload_s": round(upload, 2),
                            "prepare_s": round(first, 2),
                            "other_host_prepare_s": round(time.perf_counter() - t0, 2)}

@@ -35,8 +35,10 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vlp_jax.config.overrides import apply_overrides, load_config_file, parse_set_flags  # noqa: E402,E501
-from vlp_jax.data import dataset, preprocess, tokenizer  # noqa: E402
+from vlp_jax.data import tokenizer  # noqa: E402
+from vlp_jax.data.build import from_config  # noqa: E402
 from vlp_jax.data.catalog import relevance  # noqa: E402
+from vlp_jax.data.input import preprocess  # noqa: E402
 from vlp_jax.losses.qic import false_negatives as fn_control  # noqa: E402
 from vlp_jax.runtime import atomic_io  # noqa: E402
 
@@ -59,8 +61,8 @@ def _word_sets(tokens: np.ndarray, mask: np.ndarray) -> list[frozenset[int]]:
 
 
 def measure(data_cfg, bits: list[int], num_queries: int, num_candidates: int, seed: int) -> dict:
-    handle = dataset.prepare_dataset(data_cfg)
-    catalog_dir = data_cfg.catalog_dir or dataset.builtin_catalog_dir(data_cfg)
+    handle = from_config.prepare_dataset(data_cfg)
+    catalog_dir = data_cfg.catalog_dir or from_config.builtin_catalog_dir(data_cfg)
     with open(os.path.join(catalog_dir, "items.jsonl")) as f:
         items = [json.loads(line) for line in f]
     with open(os.path.join(catalog_dir, "train.jsonl")) as f:

@@ -1,4 +1,5 @@
-"""Input-pipeline throughput: train batches/s of vlp_jax.data.pipeline on a synthetic source.
+"""Input-pipeline throughput: train batches/s of vlp_jax.data.input.pipeline on a synthetic
+source.
 
 Builds ~5k items (64×64 RGB, 12-word titles) and ~5k (query, item) pairs in memory, a WordPiece
 tokenizer trained on them, and times ``make_train_iterator`` (tokenise, MLM + patch masking,
@@ -27,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs.base import get_config  # noqa: E402
-from vlp_jax.data import pipeline  # noqa: E402
+from vlp_jax.data.input import pipeline  # noqa: E402
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 

@@ -211,7 +211,7 @@ def prepare(work: str) -> dict:
     import serving
 
     from configs import base
-    from vlp_jax.data import dataset
+    from vlp_jax.data.build import from_config
     from vlp_jax.indexing import ann
     from vlp_jax.serve import load_bundle
 
@@ -220,7 +220,7 @@ def prepare(work: str) -> dict:
     if not FLAGS.bundle and not os.path.isdir(bundle_dir):
         serving.untrained_bundle(work)
     bundle = load_bundle(bundle_dir, towers=("query",), num_devices=1)
-    catalog_dir = dataset.builtin_catalog_dir(base.get_config().data)
+    catalog_dir = from_config.builtin_catalog_dir(base.get_config().data)
     with open(os.path.join(catalog_dir, "items.jsonl")) as f:
         source = [json.loads(line) for line in f]
     tag = f"n{FLAGS.num_items}"

@@ -36,10 +36,10 @@ BOXES = {
                 "python -m vlp_jax.data.catalog", "", DATA),
     "user": (COL_X[0], ROW_Y[0] - 5.5, BOX_W, 8.5, "or your catalog",
              "--config.data.catalog_dir=DIR", "", DATA),
-    "tfds": (COL_X[1], ROW_Y[0], BOX_W, BOX_H, "TFDS build", "vlp_jax.data.builder",
+    "tfds": (COL_X[1], ROW_Y[0], BOX_W, BOX_H, "TFDS build", "vlp_jax.data.build",
              "array_record splits: items,\ntrain, valid, test; tokenizer/;\n"
              "bad records skipped + counted", DATA),
-    "grain": (COL_X[2], ROW_Y[0], BOX_W, BOX_H, "Grain pipeline", "vlp_jax.data.pipeline",
+    "grain": (COL_X[2], ROW_Y[0], BOX_W, BOX_H, "Grain pipeline", "vlp_jax.data.input",
               "shuffle, shard per process,\ntokenise, mask, batch;\niterator state checkpointed",
               DATA),
     "towers": (COL_X[3], ROW_Y[0], BOX_W, BOX_H, "Query + item towers", "vlp_jax.models",

@@ -36,7 +36,7 @@ def serving_run(tmp_path_factory, data_cache_dir: str) -> types.SimpleNamespace:
     global _RUN
     if _RUN is not None:
         return _RUN
-    from vlp_jax.data import dataset
+    from vlp_jax.data.build import from_config
     from vlp_jax.train import export_checkpoint
     from vlp_jax.train import loop as train
 
@@ -44,7 +44,7 @@ def serving_run(tmp_path_factory, data_cache_dir: str) -> types.SimpleNamespace:
     workdir = str(tmp_path_factory.mktemp("serve_run"))
     train.train_and_evaluate(config, workdir)
     bundle_dir = export_checkpoint.export_from_checkpoint(config, workdir)
-    catalog_dir = dataset.builtin_catalog_dir(config.data)
+    catalog_dir = from_config.builtin_catalog_dir(config.data)
     index_dir = os.path.join(workdir, "index")
     cmd = [sys.executable, "-m", "vlp_jax.indexing.index", f"--bundle={bundle_dir}",
            f"--items={os.path.join(catalog_dir, 'items.jsonl')}", f"--out={index_dir}",

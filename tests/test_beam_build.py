@@ -13,7 +13,9 @@ pytest.importorskip("apache_beam", reason="Beam is the optional extra: pip insta
 
 from test_builder import KEPT_IDS, S, _item, _line, make_catalog  # noqa: E402
 
-from vlp_jax.data import beam_build, beam_stages, beam_write, builder, records  # noqa: E402
+from vlp_jax.data import records  # noqa: E402
+from vlp_jax.data.build import beam_pipeline, beam_stages, beam_write, tfds_builder  # noqa: E402
+from vlp_jax.data.input import dataset_reader  # noqa: E402
 
 TWO_WORKERS = ("--direct_num_workers=2", "--direct_running_mode=multi_processing")
 # The engine whose multi-process mode the options above select, named: "DirectRunner" first
@@ -48,11 +50,11 @@ def catalog(tmp_path_factory):
 
 
 def test_beam_build_equals_single_process_build(catalog, tmp_path):
-    single = builder.build_dataset(catalog, str(tmp_path / "single"), image_size=S,
-                                   vocab_size=300)
-    beam = beam_build.build_dataset_beam(catalog, str(tmp_path / "beam"), image_size=S,
-                                         vocab_size=300, runner=RUNNER, pipeline_args=TWO_WORKERS,
-                                         chunk_bytes=256)
+    single = tfds_builder.build_dataset(catalog, str(tmp_path / "single"), image_size=S,
+                                        vocab_size=300)
+    beam = beam_pipeline.build_dataset_beam(catalog, str(tmp_path / "beam"), image_size=S,
+                                            vocab_size=300, runner=RUNNER,
+                                            pipeline_args=TWO_WORKERS, chunk_bytes=256)
     assert not beam.cache_hit
     assert os.path.relpath(beam.dataset_dir, tmp_path / "beam") == os.path.relpath(
         single.dataset_dir, tmp_path / "single")  # same config name: each other's cache hit
@@ -74,7 +76,8 @@ def test_beam_build_equals_single_process_build(catalog, tmp_path):
     assert len(item_shards) == beam.report["beam"]["item_blocks"]
     assert item_shards[-1].endswith(f"-of-{len(item_shards):05d}")
     # Built by Beam, reused by the single-process entry point (what training calls).
-    again = builder.build_dataset(catalog, str(tmp_path / "beam"), image_size=S, vocab_size=300)
+    again = tfds_builder.build_dataset(catalog, str(tmp_path / "beam"), image_size=S,
+                                       vocab_size=300)
     assert again.cache_hit and again.report == beam.report
 
 
@@ -95,7 +98,7 @@ def test_stats_merge_round_trip():
     st.fixed["tiny_image"] = 1
     rows = [(tuple(json.loads(json.dumps(t.value))[0]), t.value[1])
             for t in beam_stages.stat_rows("items", st)]
-    merged = beam_stages.merge_stats(rows + rows, builder.SPLITS)
+    merged = beam_stages.merge_stats(rows + rows, dataset_reader.SPLITS)
     assert merged["items"].as_dict() == {"lines": 10, "kept": 4,
                                          "skipped": {"empty_title": 2, "invalid_json": 4},
                                          "fixed": {"tiny_image": 2}}

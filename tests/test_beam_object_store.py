@@ -20,7 +20,9 @@ from test_beam_build import TIMING, _records, catalog  # noqa: E402,F401 (module
 from test_beam_embed import BATCH, CHUNK, setup  # noqa: E402,F401 (module fixture)
 from test_builder import S  # noqa: E402
 
-from vlp_jax.data import beam_build, beam_io, builder, remote_build  # noqa: E402
+from vlp_jax.data import store_commit  # noqa: E402
+from vlp_jax.data.build import beam_io, beam_pipeline, tfds_builder  # noqa: E402
+from vlp_jax.data.input import dataset_reader  # noqa: E402
 from vlp_jax.indexing import ann, beam_embed, index  # noqa: E402
 from vlp_jax.runtime.uri import StorageAccessError  # noqa: E402
 from vlp_jax.serve import search_index  # noqa: E402
@@ -87,8 +89,8 @@ def test_refused_key_is_one_message_naming_the_uri_before_any_pipeline(s3, tmp_p
     try:
         with pytest.raises(StorageAccessError, match=f"catalog {where}/items.jsonl: the "
                            r"object store refused .*--s3_secret_access_key"):
-            beam_build.build_dataset_beam(where, str(tmp_path / "data"), runner=RUNNER,
-                                          pipeline_args=args)
+            beam_pipeline.build_dataset_beam(where, str(tmp_path / "data"), runner=RUNNER,
+                                             pipeline_args=args)
     finally:
         beam_io.configure(_options(s3))  # later callers must not inherit the wrong key
     assert not os.path.exists(tmp_path / "data")
@@ -102,21 +104,21 @@ def test_beam_build_on_a_store_equals_local_build(store_name, request, catalog, 
     beam_io.configure(args)
     root = store.uri()
     beam_io.upload_tree(catalog, f"{root}/catalog")
-    single = builder.build_dataset(catalog, str(tmp_path / "single"), image_size=S,
-                                   vocab_size=300)
-    remote = beam_build.build_dataset_beam(f"{root}/catalog", f"{root}/data", image_size=S,
-                                           vocab_size=300, runner=RUNNER, pipeline_args=args,
-                                           chunk_bytes=512, staging_dir=str(tmp_path / "st"))
+    single = tfds_builder.build_dataset(catalog, str(tmp_path / "single"), image_size=S,
+                                        vocab_size=300)
+    remote = beam_pipeline.build_dataset_beam(f"{root}/catalog", f"{root}/data", image_size=S,
+                                              vocab_size=300, runner=RUNNER, pipeline_args=args,
+                                              chunk_bytes=512, staging_dir=str(tmp_path / "st"))
     assert not remote.cache_hit and remote.location.startswith(f"{root}/data/vlp_catalog/")
     assert remote.report["beam"]["item_blocks"] >= 2  # really split between tasks
     # On the store: the committed attempt and its marker only (no stage folder, no temporary
     # shard), in the single-process build's layout.
     left = sorted(p[len(remote.location) + 1:] for p in beam_io.glob(f"{root}/data/**"))
-    assert left[0] == remote_build.MARKER and all(
+    assert left[0] == store_commit.MARKER and all(
         p.startswith(remote.files_at[len(remote.location) + 1:] + "/") for p in left[1:]), left
     assert not [p for p in left if "/shard-" in p or ".tmp" in p], left
     # Read back as training reads it: staged, verified against the marker, counts checked.
-    got = builder.load_dataset(remote.location, staging_dir=str(tmp_path / "st"))
+    got = dataset_reader.load_dataset(remote.location, staging_dir=str(tmp_path / "st"))
     assert _records(got) == _records(single)
     assert _report_counts(got.report) == _report_counts(single.report)
     assert got.report["catalog_dir"] == f"{root}/catalog"
@@ -124,8 +126,8 @@ def test_beam_build_on_a_store_equals_local_build(store_name, request, catalog, 
         with open(os.path.join(single.tokenizer_dir, name), "rb") as f:
             assert beam_io.read_bytes(f"{remote.tokenizer_dir}/{name}") == f.read(), name
     # Either engine finds the other's committed build: the single-process entry point too.
-    again = builder.build_dataset(f"{root}/catalog", f"{root}/data", image_size=S,
-                                  vocab_size=300, staging_dir=str(tmp_path / "st"))
+    again = tfds_builder.build_dataset(f"{root}/catalog", f"{root}/data", image_size=S,
+                                       vocab_size=300, staging_dir=str(tmp_path / "st"))
     assert again.cache_hit and again.location == remote.location
     assert again.files_at == remote.files_at
 

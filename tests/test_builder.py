@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlp_jax.data import builder, records
+from vlp_jax.data import records
 from vlp_jax.data import tokenizer as tokenizer_lib
+from vlp_jax.data.build import fingerprint, tfds_builder
+from vlp_jax.data.input import dataset_reader
 
 S = 16  # image_size of the tests: small and fast
 
@@ -121,7 +123,7 @@ def make_catalog(d: str) -> str:
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("builder")
     catalog = make_catalog(str(root / "catalog"))
-    handle = builder.build_dataset(catalog, str(root / "tfds"), image_size=S, vocab_size=300)
+    handle = tfds_builder.build_dataset(catalog, str(root / "tfds"), image_size=S, vocab_size=300)
     return catalog, str(root / "tfds"), handle
 
 
@@ -150,7 +152,7 @@ def test_report_counts_every_reason_exactly(built):
                               "skipped": {"invalid_json": 1, "unknown_item": 1}, "fixed": {}}
     assert handle.report["total_skipped"] == 12 + 7 + 1 + 2
     assert handle.report["image_size"] == S
-    on_disk = json.load(open(os.path.join(handle.dataset_dir, builder.REPORT_FILE)))
+    on_disk = json.load(open(os.path.join(handle.dataset_dir, dataset_reader.REPORT_FILE)))
     assert on_disk == handle.report
 
 
@@ -227,43 +229,43 @@ def test_cache_hit_then_rebuild_on_change(built, tmp_path):
     catalog, _, first = built
     cat = shutil.copytree(catalog, str(tmp_path / "cat"))
     data_dir = str(tmp_path / "tfds")
-    a = builder.build_dataset(cat, data_dir, image_size=S, vocab_size=300)
+    a = tfds_builder.build_dataset(cat, data_dir, image_size=S, vocab_size=300)
     assert not a.cache_hit and a.num_items == 11
     info = os.path.join(a.dataset_dir, "dataset_info.json")
     mtime = os.stat(info).st_mtime_ns
-    b = builder.build_dataset(cat, data_dir, image_size=S, vocab_size=300)
+    b = tfds_builder.build_dataset(cat, data_dir, image_size=S, vocab_size=300)
     assert b.cache_hit and b.dataset_dir == a.dataset_dir
     assert os.stat(info).st_mtime_ns == mtime  # nothing rewritten
     assert b.report == a.report
     with open(os.path.join(cat, "items.jsonl"), "ab") as f:
         f.write(_item("new", "new green item", "images/green.png"))
-    c = builder.build_dataset(cat, data_dir, image_size=S, vocab_size=300)
+    c = tfds_builder.build_dataset(cat, data_dir, image_size=S, vocab_size=300)
     assert not c.cache_hit and c.dataset_dir != a.dataset_dir
     assert c.num_items == 12 and c.sources["items"][11]["item_id"] == "new"
     # A changed image (new size/mtime) must rebuild too.
     _save(Image.new("RGB", (S, S), (1, 2, 3)), os.path.join(cat, "images", "green.png"))
     os.utime(os.path.join(cat, "images", "green.png"), ns=(1, 1))
-    d = builder.build_dataset(cat, data_dir, image_size=S, vocab_size=300)
+    d = tfds_builder.build_dataset(cat, data_dir, image_size=S, vocab_size=300)
     assert not d.cache_hit and d.dataset_dir != c.dataset_dir
     np.testing.assert_array_equal(d.sources["items"][1]["image"], _solid((1, 2, 3)))
-    e = builder.load_dataset(d.dataset_dir)
+    e = dataset_reader.load_dataset(d.dataset_dir)
     assert len(e.sources["train"]) == 5 and e.report == d.report
 
 
 def test_cache_key_follows_the_vocab_training_recipe(built, monkeypatch):
     # A build holds its trained vocab: a new recipe (or tokenizers release) must not reuse it.
     catalog, _, first = built
-    trained = builder.catalog_fingerprint(catalog, S, "", 300)
-    given = builder.catalog_fingerprint(catalog, S, first.tokenizer_dir, 300)
+    trained = fingerprint.catalog_fingerprint(catalog, S, "", 300)
+    given = fingerprint.catalog_fingerprint(catalog, S, first.tokenizer_dir, 300)
     monkeypatch.setattr(tokenizer_lib, "WORDPIECE_TRAINER", "another-recipe")
-    assert builder.catalog_fingerprint(catalog, S, "", 300) != trained
-    assert builder.catalog_fingerprint(catalog, S, first.tokenizer_dir, 300) == given
+    assert fingerprint.catalog_fingerprint(catalog, S, "", 300) != trained
+    assert fingerprint.catalog_fingerprint(catalog, S, first.tokenizer_dir, 300) == given
     assert first.dataset_dir.endswith(f"s{S}_{trained}/1.0.0")
 
 
 def test_given_tokenizer_is_copied(built, tmp_path):
     catalog, _, first = built
-    handle = builder.build_dataset(
+    handle = tfds_builder.build_dataset(
         catalog, str(tmp_path / "tfds"), image_size=S, tokenizer=first.tokenizer_dir)
     a = tokenizer_lib.load_tokenizer(first.tokenizer_dir)
     b = tokenizer_lib.load_tokenizer(handle.tokenizer_dir)
@@ -274,17 +276,17 @@ def test_given_tokenizer_is_copied(built, tmp_path):
 
 def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="has no items.jsonl"):
-        builder.build_dataset(str(tmp_path), str(tmp_path / "tfds"))
+        tfds_builder.build_dataset(str(tmp_path), str(tmp_path / "tfds"))
     with open(tmp_path / "items.jsonl", "wb") as f:
         f.writelines([_item("a", ""), b"junk\n"])
     with pytest.raises(ValueError, match="no usable item.*empty_title"):
-        builder.build_dataset(str(tmp_path), str(tmp_path / "tfds"), image_size=S)
+        tfds_builder.build_dataset(str(tmp_path), str(tmp_path / "tfds"), image_size=S)
     os.makedirs(tmp_path / "emptytok")
     with pytest.raises(ValueError, match="has no tokenizer files"):
-        builder.build_dataset(str(tmp_path), str(tmp_path / "tfds"),
-                              tokenizer=str(tmp_path / "emptytok"))
+        tfds_builder.build_dataset(str(tmp_path), str(tmp_path / "tfds"),
+                                   tokenizer=str(tmp_path / "emptytok"))
     with pytest.raises(ValueError, match="not a vlp_jax dataset build"):
-        builder.load_dataset(str(tmp_path))
+        dataset_reader.load_dataset(str(tmp_path))
 
 
 def test_load_image_sixteen_bit_grey(tmp_path):

@@ -13,12 +13,14 @@ import threading
 import numpy as np
 import pytest
 
-from vlp_jax.data import builder, dataset, remote_build, shards
+from vlp_jax.data import shard_check, store_commit
 from vlp_jax.data import tokenizer as tokenizer_lib
+from vlp_jax.data.build import from_config
+from vlp_jax.data.input import dataset_reader
 from vlp_jax.runtime import fs, staging
 
 
-def _records(handle: builder.DatasetHandle) -> dict[str, list]:
+def _records(handle: dataset_reader.DatasetHandle) -> dict[str, list]:
     def plain(record):
         return {k: (v.tobytes() if isinstance(v, np.ndarray) else v) for k, v in record.items()}
 
@@ -29,8 +31,8 @@ def _records(handle: builder.DatasetHandle) -> dict[str, list]:
 def local_build(make_tiny_config):
     """The tests' tiny catalog and its local build (shared with the rest of the suite)."""
     config = make_tiny_config()
-    handle = dataset.prepare_dataset(config.data)
-    return handle, dataset.builtin_catalog_dir(config.data), _records(handle)
+    handle = from_config.prepare_dataset(config.data)
+    return handle, from_config.builtin_catalog_dir(config.data), _records(handle)
 
 
 @pytest.fixture(scope="module", params=["gcs", "s3"])
@@ -42,9 +44,9 @@ def remote_run(request, local_build, make_tiny_config, tmp_path_factory):
     config.data.cache_dir = store.uri("cache")
     if store.scheme == "s3":
         config.data.catalog_dir = store.uri("catalog")
-        remote_build.upload_tree(local_build[1], config.data.catalog_dir, last=("items.jsonl",))
+        store_commit.upload_tree(local_build[1], config.data.catalog_dir, last=("items.jsonl",))
     config.data.staging_dir = str(tmp_path_factory.mktemp(f"staged_{store.scheme}"))
-    return store, config, dataset.prepare_dataset(config.data)
+    return store, config, from_config.prepare_dataset(config.data)
 
 
 def test_build_on_a_store_holds_the_local_records(remote_run, local_build):
@@ -52,18 +54,18 @@ def test_build_on_a_store_holds_the_local_records(remote_run, local_build):
     local_handle, _, local_records = local_build
     assert not handle.cache_hit
     assert handle.location.startswith(f"{store.scheme}://") and handle.location.endswith("1.0.0")
-    marker = remote_build.read_marker(handle.location)
+    marker = store_commit.read_marker(handle.location)
     assert handle.files_at == fs.join(handle.location, marker["attempt"])
     assert handle.dataset_dir.startswith(config.data.staging_dir)  # read from local disk
     assert _records(handle) == local_records
     assert handle.report["splits"] == local_handle.report["splits"]
-    catalog_dir = config.data.catalog_dir or dataset.builtin_catalog_dir(config.data)
+    catalog_dir = config.data.catalog_dir or from_config.builtin_catalog_dir(config.data)
     assert handle.report["catalog_dir"] == catalog_dir
     assert catalog_dir.startswith(config.data.catalog_dir or config.data.cache_dir)
     local_vocab = tokenizer_lib.load_tokenizer(local_handle.tokenizer_dir).get_vocab()
     assert tokenizer_lib.load_tokenizer(handle.tokenizer_dir).get_vocab() == local_vocab
     # The store holds exactly the marker and one attempt with every file the builder wrote.
-    assert fs.listdir(handle.location) == sorted([remote_build.MARKER, marker["attempt"]])
+    assert fs.listdir(handle.location) == sorted([store_commit.MARKER, marker["attempt"]])
     assert staging.listing(handle.files_at).keys() == marker["files"].keys()
 
 
@@ -71,19 +73,19 @@ def test_another_host_stages_the_committed_build_and_reuses_its_copy(remote_run,
                                                                      tmp_path):
     _, config, first = remote_run
     config.data.staging_dir = str(tmp_path / "host1")
-    other = dataset.prepare_dataset(config.data)  # a second host: finds the marker, stages
+    other = from_config.prepare_dataset(config.data)  # a second host: finds the marker, stages
     assert other.cache_hit and other.location == first.location
     assert other.dataset_dir.startswith(str(tmp_path / "host1"))
     assert _records(other) == local_build[2]
-    shard = shards.shard_files(other.dataset_dir)[0][0]
+    shard = shard_check.shard_files(other.dataset_dir)[0][0]
     inode = os.stat(shard).st_ino
-    again = dataset.prepare_dataset(config.data)
+    again = from_config.prepare_dataset(config.data)
     assert again.dataset_dir == other.dataset_dir and os.stat(shard).st_ino == inode  # reused
     # A new version of an object in the store invalidates the copy: it is staged again.
-    report_uri = fs.join(first.files_at, builder.REPORT_FILE)
+    report_uri = fs.join(first.files_at, dataset_reader.REPORT_FILE)
     text = fs.read_text(report_uri)
     fs.write_text(report_uri, text.replace('"image_encoding": "uint8', '"image_encoding": "UINT8'))
-    third = dataset.prepare_dataset(config.data)
+    third = from_config.prepare_dataset(config.data)
     assert third.report["image_encoding"].startswith("UINT8")
     assert os.stat(shard).st_ino != inode
     assert _records(third) == local_build[2]
@@ -97,7 +99,7 @@ def published(request, local_build, tmp_path):
     copy = str(tmp_path / "build")
     shutil.copytree(local_build[0].dataset_dir, copy)
     location = store.uri("tfds", "vlp_catalog", "s32_x", "1.0.0")
-    attempt = remote_build.publish(copy, location, str(tmp_path / "staged"))
+    attempt = store_commit.publish(copy, location, str(tmp_path / "staged"))
     return location, attempt, str(tmp_path / "staged2")
 
 
@@ -110,19 +112,19 @@ def test_truncated_or_missing_shard_in_the_store_is_named(published):
     train = _shard_uri(attempt, "train")
     data = fs.read_bytes(train)
     fs.write_bytes(train, data[: len(data) // 2])
-    with pytest.raises(shards.DatasetCorruptError) as err:
-        builder.load_dataset(location, staging_dir=staging_dir)
+    with pytest.raises(shard_check.DatasetCorruptError) as err:
+        dataset_reader.load_dataset(location, staging_dir=staging_dir)
     assert str(err.value).startswith(
         f"dataset build {location} is damaged: {train} holds {len(data) // 2} bytes, the build "
         f"wrote {len(data)} (truncated or replaced). Rebuild it: rerun the same command with "
         "--rebuild_data")
     assert err.value.dataset_dir == location  # what --rebuild_data deletes
     fs.remove(_shard_uri(attempt, "items"))
-    with pytest.raises(shards.DatasetCorruptError,
+    with pytest.raises(shard_check.DatasetCorruptError,
                        match=f"{_shard_uri(attempt, 'items')} is missing"):
-        builder.load_dataset(location, staging_dir=staging_dir)
-    builder.delete_build(location)
-    assert not fs.exists(fs.join(location, remote_build.MARKER))
+        dataset_reader.load_dataset(location, staging_dir=staging_dir)
+    dataset_reader.delete_build(location)
+    assert not fs.exists(fs.join(location, store_commit.MARKER))
     assert staging.listing(location) == {}
 
 
@@ -130,40 +132,40 @@ def test_a_shard_short_of_records_is_refused(published, local_build):
     """The staged copy's shards are opened and counted against dataset_info.json: a build whose
     metadata claims one record more than its shard holds never trains."""
     location, attempt, staging_dir = published
-    good = builder.load_dataset(location, staging_dir=staging_dir)
+    good = dataset_reader.load_dataset(location, staging_dir=staging_dir)
     assert len(good.sources["train"]) == len(local_build[2]["train"])
-    info_uri = fs.join(attempt, shards.INFO_FILE)
+    info_uri = fs.join(attempt, shard_check.INFO_FILE)
     info = fs.read_json(info_uri)
     n = next(s for s in info["splits"] if s["name"] == "train")["shardLengths"][0]
     assert len(str(int(n) + 1)) == len(str(n))  # same byte size: the marker's sizes still match
     fs.write_text(info_uri, fs.read_text(info_uri).replace(f'"{n}"', f'"{int(n) + 1}"'))
     train = _shard_uri(attempt, "train")
-    with pytest.raises(shards.DatasetCorruptError,
+    with pytest.raises(shard_check.DatasetCorruptError,
                        match=f"{train} holds {n} records, {int(n) + 1} expected"):
-        builder.load_dataset(location, staging_dir=staging_dir)
+        dataset_reader.load_dataset(location, staging_dir=staging_dir)
 
 
 def test_split_length_is_checked_against_the_build_report(local_build, tmp_path):
     copy = str(tmp_path / "build")
     shutil.copytree(local_build[0].dataset_dir, copy)
-    report_path = os.path.join(copy, builder.REPORT_FILE)
+    report_path = os.path.join(copy, dataset_reader.REPORT_FILE)
     report = json.load(open(report_path))
     report["splits"]["valid"]["kept"] += 1
     with open(report_path, "w") as f:
         json.dump(report, f)
-    with pytest.raises(shards.DatasetCorruptError,
+    with pytest.raises(shard_check.DatasetCorruptError,
                        match=r"its valid split reads \d+ records where build_report.json records"):
-        builder.load_dataset(copy)
+        dataset_reader.load_dataset(copy)
 
 
 def test_a_build_without_its_marker_is_absent(gcs, local_build, tmp_path):
     location = gcs.uri("tfds", "1.0.0")
-    remote_build.upload_tree(local_build[0].dataset_dir, fs.join(location, "attempt-x"))
-    assert remote_build.stage_build(location, str(tmp_path)) is None
+    store_commit.upload_tree(local_build[0].dataset_dir, fs.join(location, "attempt-x"))
+    assert store_commit.stage_build(location, str(tmp_path)) is None
     with pytest.raises(ValueError, match="holds no committed vlp_jax dataset build"):
-        builder.load_dataset(location, staging_dir=str(tmp_path))
+        dataset_reader.load_dataset(location, staging_dir=str(tmp_path))
     with pytest.raises(ValueError, match="reads a local copy"):
-        shards.check_build(fs.join(location, "attempt-x"))
+        shard_check.check_build(fs.join(location, "attempt-x"))
 
 
 def test_racing_builders_commit_exactly_one_build(s3, local_build, tmp_path):
@@ -176,20 +178,20 @@ def test_racing_builders_commit_exactly_one_build(s3, local_build, tmp_path):
 
     def build(i: int) -> None:
         barrier.wait()
-        results.append(remote_build.publish(copies[i], location, str(tmp_path / f"staged{i}")))
+        results.append(store_commit.publish(copies[i], location, str(tmp_path / f"staged{i}")))
 
     threads = [threading.Thread(target=build, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    marker = remote_build.read_marker(location)
+    marker = store_commit.read_marker(location)
     assert results == [fs.join(location, marker["attempt"])] * 3
     # No leftovers: the losers deleted their uploads (listed as files: SeaweedFS keeps empty
     # folders).
     tops = {rel.split("/")[0] for rel in staging.listing(location)}
-    assert tops == {remote_build.MARKER, marker["attempt"]}
-    handle = builder.load_dataset(location, staging_dir=str(tmp_path / "reader"))
+    assert tops == {store_commit.MARKER, marker["attempt"]}
+    handle = dataset_reader.load_dataset(location, staging_dir=str(tmp_path / "reader"))
     assert _records(handle) == local_build[2]
 
 
@@ -198,16 +200,16 @@ def test_rebuild_data_replaces_a_damaged_build_in_the_store(remote_run, local_bu
     if store.scheme == "gs":
         pytest.skip("store-agnostic (delete_build + build); run on s3 only to save a build")
     fs.remove(_shard_uri(first.files_at, "test"))
-    with pytest.raises(shards.DatasetCorruptError, match="is missing"):
-        dataset.prepare_dataset(config.data)
-    handle = dataset.prepare_dataset(config.data, rebuild=True)
+    with pytest.raises(shard_check.DatasetCorruptError, match="is missing"):
+        from_config.prepare_dataset(config.data)
+    handle = from_config.prepare_dataset(config.data, rebuild=True)
     assert handle.location == first.location and handle.files_at != first.files_at
     assert _records(handle) == local_build[2]
 
 
 def test_tokenizer_folder_on_a_store_is_staged(s3, local_build, tmp_path):
     folder = s3.uri("tok")
-    remote_build.upload_tree(local_build[0].tokenizer_dir, folder)
+    store_commit.upload_tree(local_build[0].tokenizer_dir, folder)
     tok = tokenizer_lib.load_tokenizer(folder, str(tmp_path))
     assert tok.get_vocab() == tokenizer_lib.load_tokenizer(local_build[0].tokenizer_dir).get_vocab()
     with pytest.raises(ValueError, match="tokenizer folder 's3://.*' does not exist"):
@@ -218,7 +220,7 @@ def test_missing_bucket_is_named_before_any_build(s3, make_tiny_config):
     config = make_tiny_config()
     config.data.cache_dir = "s3://no-such-bucket/cache"
     with pytest.raises(fs.StorageAccessError, match="data.cache_dir s3://no-such-bucket/cache"):
-        dataset.prepare_dataset(config.data)
+        from_config.prepare_dataset(config.data)
 
 
 def test_remote_images_missing_are_skipped_records_refused_access_aborts(s3, monkeypatch):

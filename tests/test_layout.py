@@ -82,8 +82,28 @@ def test_no_import_circles_between_modules():
     assert cycles == []
 
 
+# Inside vlp_jax.data (its docstring): the shared modules directly in the package import none of
+# its subpackages; input imports only the shared modules; catalog never imports build.
+DATA_FORBIDDEN = {"shared": ("build", "input", "catalog"), "input": ("build", "catalog"),
+                  "catalog": ("build",), "build": ()}
+
+
+def test_data_input_never_imports_data_build():
+    graph = _graph()
+    subpackages = {"build", "input", "catalog"}
+
+    def part(module: str) -> str:
+        name = module.split(".")[2] if module.count(".") >= 2 else ""
+        return name if name in subpackages else "shared"
+
+    wrong = [f"{a} imports {b}" for a, deps in graph.items() if a.startswith("vlp_jax.data.")
+             for b in deps if b.startswith("vlp_jax.data.") and part(b) in DATA_FORBIDDEN[part(a)]]
+    assert wrong == []
+
+
 @pytest.mark.parametrize("module, flag", [
     ("vlp_jax.main", "--workdir"), ("vlp_jax.data.catalog", "--num_items"),
+    ("vlp_jax.data.build", "--runner"),
     ("vlp_jax.serve.server", "--bundle"), ("vlp_jax.indexing.index", "--base_dir"),
     ("vlp_jax.convert.hf_bert", "--src"), ("vlp_jax.experiments.ablate", "--grid"),
     ("vlp_jax.aot", "--topology"),

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import tiny
 from vlp_jax.config import check as config_check
-from vlp_jax.data import preprocess
+from vlp_jax.data.input import preprocess
 from vlp_jax.losses import masked
 from vlp_jax.models import make_model
 from vlp_jax.models.build import towers_only

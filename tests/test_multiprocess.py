@@ -111,10 +111,10 @@ def _checkpoints(workdir) -> list[int]:
 @pytest.fixture(scope="module")
 def reference(make_tiny_config, tmp_path_factory) -> str:
     """The workdir of an uninterrupted 2-process run of NUM_STEPS steps."""
-    from vlp_jax.data import dataset
+    from vlp_jax.data.build import from_config
 
     config = _config(make_tiny_config)
-    dataset.prepare_dataset(config.data)  # built once, before the processes race for it
+    from_config.prepare_dataset(config.data)  # built once, before the processes race for it
     workdir = str(tmp_path_factory.mktemp("mp") / "reference")
     rc, err = _finish(_launch(config, workdir))
     assert rc == 0, err[-3000:]

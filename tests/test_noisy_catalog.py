@@ -100,7 +100,7 @@ def test_noisy_duplicates_and_exact_relevance(noisy):
     by_id = {it["item_id"]: i for i, it in enumerate(items)}
     for split in ("valid", "test"):
         pairs = _jsonl(os.path.join(noisy, f"{split}.jsonl"))
-        from vlp_jax.data import preprocess
+        from vlp_jax.data.input import preprocess
 
         for q in {p["query"] for p in pairs}:
             pos = np.searchsorted(tables.query_hashes, preprocess.query_hash(q))
@@ -113,7 +113,7 @@ def test_click_noise_rate(noisy, tmp_path):
     def irrelevant_share(root, items):
         tables = relevance.relevance_tables(root, [it["item_id"] for it in items])
         by_id = {it["item_id"]: i for i, it in enumerate(items)}
-        from vlp_jax.data import preprocess
+        from vlp_jax.data.input import preprocess
 
         pairs = _jsonl(os.path.join(root, "train.jsonl"))
         pos = np.searchsorted(tables.query_hashes,

@@ -155,12 +155,12 @@ def test_full_disk_is_recognised_through_wrapped_errors():
 def test_main_ends_each_fault_with_one_error_line_and_its_code(raised, code, line, capsys):
     # vlp_jax.main calls exit_status.run_or_exit around the run; tested here without importing
     # main, whose absl flags would clash with another CLI's imported in the same test worker.
-    from vlp_jax.data import shards
+    from vlp_jax.data import shard_check
     from vlp_jax.train import exit_status
 
     if raised == "corrupt":
-        raised = shards.DatasetCorruptError("/d", "/d/x-train.array_record-00000-of-00001",
-                                            "is missing")
+        raised = shard_check.DatasetCorruptError("/d", "/d/x-train.array_record-00000-of-00001",
+                                                 "is missing")
 
     def fail():
         raise raised

@@ -1,4 +1,4 @@
-"""Tests for vlp_jax.data.pipeline: the Grain train iterator and the eval iterators."""
+"""Tests for vlp_jax.data.input.pipeline: the Grain train iterator and the eval iterators."""
 
 import importlib.util
 import itertools
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_preprocess import WORDS, make_tokenizer
 
-from vlp_jax.data import pipeline, preprocess
+from vlp_jax.data.input import pipeline, preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_ITEMS, NUM_PAIRS, SIZE, PATCH = 20, 96, 16, 4

@@ -1,4 +1,4 @@
-"""Tests for vlp_jax.data.preprocess: tokenisation, BERT masking, patches, patch masking."""
+"""Tests for vlp_jax.data.input.preprocess: tokenisation, BERT masking, patches, patch masking."""
 
 import zlib
 
@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from vlp_jax.data import preprocess
+from vlp_jax.data.input import preprocess
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ["red", "shoe", "blue", "dress", "bag", "hat", "green", "big", "small", "soft", "##s"]

@@ -13,8 +13,9 @@ import serve_fixtures
 from checkpoint_helpers import saved_state
 from PIL import Image
 
-from vlp_jax.data import dataset, preprocess
 from vlp_jax.data import tokenizer as tokenizer_lib
+from vlp_jax.data.build import from_config
+from vlp_jax.data.input import preprocess
 from vlp_jax.indexing import ann, export, index
 from vlp_jax.models import init_params, make_model
 from vlp_jax.serve import load_bundle, search_index
@@ -35,7 +36,7 @@ def bundle(run):
 def training_params(run):
     """(dataset handle, tokenizer, training model, params of the final checkpoint, step)."""
     state, step = saved_state(run.workdir)
-    handle = dataset.prepare_dataset(run.config.data)
+    handle = from_config.prepare_dataset(run.config.data)
     tok = tokenizer_lib.load_tokenizer(handle.tokenizer_dir)
     model = make_model(run.config, len(tok))
     return types.SimpleNamespace(data=handle, tokenizer=tok, model=model), \

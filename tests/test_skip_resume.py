@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vlp_jax.data.device_prefetch import DevicePrefetchIterator
+from vlp_jax.data.input.device_prefetch import DevicePrefetchIterator
 from vlp_jax.train import checkpointing
 from vlp_jax.train import loop as train
 from vlp_jax.train.metrics_log import NonFiniteLossError

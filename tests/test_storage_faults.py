@@ -155,9 +155,9 @@ def test_full_disk_in_training_export_and_index_job(tiny_config, small_fs, caplo
 
     # 4) Index job on a full disk: nothing half-written, no index_info.json; the rerun
     # finishes from the chunks that were complete.
-    from vlp_jax.data import dataset
+    from vlp_jax.data.build import from_config
 
-    items = os.path.join(dataset.builtin_catalog_dir(tiny_config.data), "items.jsonl")
+    items = os.path.join(from_config.builtin_catalog_dir(tiny_config.data), "items.jsonl")
     bundle = bundle_lib.load_bundle(bundle_dir, towers=("item",), buckets=(64,))
     out = str(small_fs / "index")
     index_job.build_index_dir(bundle, items, out, ann_kind="none", batch_size=64,

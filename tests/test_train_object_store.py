@@ -258,9 +258,9 @@ def _process_states(workdir, step):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="finds the processes through /proc")
 def test_two_processes_save_and_resume_on_gcs(gcs, make_tiny_config):
-    from vlp_jax.data import dataset
+    from vlp_jax.data.build import from_config
 
-    dataset.prepare_dataset(make_tiny_config().data)  # built once, before the processes start
+    from_config.prepare_dataset(make_tiny_config().data)  # built once, before the processes start
     workdir = gcs.uri("mp")
     proc = _launch_two(make_tiny_config, workdir)
     wait_for(lambda: _committed(workdir, 2), proc, poll=0.05)

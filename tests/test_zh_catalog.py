@@ -8,8 +8,8 @@ import unicodedata
 
 import numpy as np
 
-from vlp_jax.data import dataset
 from vlp_jax.data import tokenizer as tokenizer_lib
+from vlp_jax.data.build import from_config
 from vlp_jax.eval import retrieval
 from vlp_jax.train import loop as train
 
@@ -54,7 +54,7 @@ def test_zh_catalog_tokenises_and_a_zh_run_learns(tiny_config, tmp_path):
     results = train.train_and_evaluate(cfg, workdir)
 
     # --- tokenisation of the held-out Chinese queries (never seen by the vocab trainer)
-    handle = dataset.prepare_dataset(cfg.data)
+    handle = from_config.prepare_dataset(cfg.data)
     tok = tokenizer_lib.load_tokenizer(handle.tokenizer_dir)
     queries = retrieval.group_queries(handle.sources["test"]).queries
     assert len(queries) >= 20 and all(any(_is_cjk(c) for c in q) for q in queries)

@@ -14,7 +14,7 @@ from scipy.special import erf
 from configs import tiny
 from vlp_jax.convert import hf_bert, pretrained
 from vlp_jax.data import tokenizer as tokenizer_lib
-from vlp_jax.data.preprocess import image_to_patches
+from vlp_jax.data.input.preprocess import image_to_patches
 from vlp_jax.models import make_model
 from vlp_jax.models.build import dummy_batch
 

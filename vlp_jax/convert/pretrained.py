@@ -42,7 +42,7 @@ from flax import traverse_util
 from vlp_jax.convert import image_init
 from vlp_jax.convert.image_init import host_array, like
 from vlp_jax.convert.text_encoder import TOKENIZER_DIR, read_arch, restore_params
-from vlp_jax.data import dataset
+from vlp_jax.data.build import from_config
 from vlp_jax.runtime import fs, staging
 
 TOWER_CHOICES = ("query", "item", "both")
@@ -97,7 +97,7 @@ def configure_text_init(config: ml_collections.ConfigDict) -> ml_collections.Con
     # and safetensors read local files); the config keeps pointing at the copy.
     for key, folder in (("model.text_init", directory), ("model.image_init", image_dir)):
         if folder and fs.is_remote(folder):
-            local = staging.stage(folder, dataset.staging_dir(config.data), what=key)
+            local = staging.stage(folder, from_config.staging_dir(config.data), what=key)
             overrides[key] = local
             directory, image_dir = ((local, image_dir) if key == "model.text_init"
                                     else (directory, local))

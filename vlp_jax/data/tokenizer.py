@@ -31,7 +31,7 @@ from tokenizers import (
 )
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from vlp_jax.data import remote_build
+from vlp_jax.data import store_commit
 from vlp_jax.runtime import fs, staging
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # [PAD] = id 0
@@ -194,7 +194,7 @@ def local_folder(path: str, staging_dir: str = "") -> str:
     if not path or not fs.is_remote(path):
         return path
     try:
-        return staging.stage(path, staging_dir or remote_build.default_staging_dir(),
+        return staging.stage(path, staging_dir or store_commit.default_staging_dir(),
                              what="tokenizer folder")
     except staging.StagingError as e:
         raise ValueError(f"tokenizer folder {path!r} does not exist or is empty ({e})") from e

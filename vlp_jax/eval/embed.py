@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from vlp_jax.data import pipeline
+from vlp_jax.data.input import pipeline
 from vlp_jax.eval import report, retrieval
 from vlp_jax.parallel import mesh as mesh_lib
 

@@ -43,8 +43,9 @@ from typing import Any
 import apache_beam as beam
 from absl import app, flags, logging
 
-from vlp_jax.data import beam_io, records
-from vlp_jax.data import beam_stages as stages
+from vlp_jax.data import records
+from vlp_jax.data.build import beam_io
+from vlp_jax.data.build import beam_stages as stages
 from vlp_jax.indexing import ann, beam_index, index, item_embed
 from vlp_jax.indexing import bundle as bundle_lib
 

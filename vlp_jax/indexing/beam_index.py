@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from vlp_jax.data import beam_io
+from vlp_jax.data.build import beam_io
 from vlp_jax.indexing import ann
 
 CHUNK_FILE = "chunk_{chunk:06d}.npz"

@@ -36,8 +36,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vlp_jax.data import preprocess, records
+from vlp_jax.data import records
 from vlp_jax.data import tokenizer as tokenizer_lib
+from vlp_jax.data.input import preprocess
 from vlp_jax.indexing import export, locations
 
 DEFAULT_BUCKETS = (1, 8, 32, 128)

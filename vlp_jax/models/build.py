@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vlp_jax.data.preprocess import mlm_max_predictions
+from vlp_jax.data.input.preprocess import mlm_max_predictions
 from vlp_jax.models.towers import MPM_TYPES, VLPModel
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from vlp_jax.data.preprocess import mlm_max_predictions
+from vlp_jax.data.input.preprocess import mlm_max_predictions
 from vlp_jax.train.batch_contract import dummy_batch
 
 

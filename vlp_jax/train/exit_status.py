@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from vlp_jax.data import shards
+from vlp_jax.data import shard_check
 from vlp_jax.runtime import fs, peers, storage
 from vlp_jax.train import checkpointing, metrics_log, resume_config, workdir_lock
 
@@ -25,7 +25,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (checkpointing.CheckpointRestoreError, 5),
     (resume_config.ConfigMismatchError, 5),
     (storage.DiskFullError, storage.DISK_FULL_EXIT),
-    (shards.DatasetCorruptError, shards.DATASET_DAMAGED_EXIT),
+    (shard_check.DatasetCorruptError, shard_check.DATASET_DAMAGED_EXIT),
     (fs.StorageAccessError, storage.STORAGE_UNAVAILABLE_EXIT),
     (storage.StorageTimeoutError, storage.STORAGE_UNAVAILABLE_EXIT),
 )

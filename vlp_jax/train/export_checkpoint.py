@@ -10,8 +10,8 @@ import ml_collections
 
 from vlp_jax.config import check as config_check
 from vlp_jax.convert import pretrained
-from vlp_jax.data import dataset
 from vlp_jax.data import tokenizer as tokenizer_lib
+from vlp_jax.data.build import from_config
 from vlp_jax.indexing import export
 from vlp_jax.models import make_model
 from vlp_jax.parallel import mesh as mesh_lib
@@ -35,7 +35,7 @@ def export_from_checkpoint(
     config = pretrained.configure_text_init(config)
     config_check.validate_config(config)
     mesh = mesh_lib.make_mesh(tuple(config.train.mesh_shape))
-    tokenizer = tokenizer_lib.load_tokenizer(dataset.prepare_dataset(
+    tokenizer = tokenizer_lib.load_tokenizer(from_config.prepare_dataset(
         config.data, rebuild=rebuild_data).tokenizer_dir)
     model = make_model(config, vocab_size=len(tokenizer))
     abstract = train_state.abstract_model_state(model, config, mesh)

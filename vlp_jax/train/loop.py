@@ -22,10 +22,11 @@ import ml_collections
 
 from vlp_jax.config import check as config_check
 from vlp_jax.convert import pretrained
-from vlp_jax.data import dataset, pipeline
 from vlp_jax.data import tokenizer as tokenizer_lib
+from vlp_jax.data.build import from_config
 from vlp_jax.data.catalog import relevance as catalog_relevance
-from vlp_jax.data.device_prefetch import DevicePrefetchIterator
+from vlp_jax.data.input import pipeline
+from vlp_jax.data.input.device_prefetch import DevicePrefetchIterator
 from vlp_jax.eval import embed
 from vlp_jax.indexing import export
 from vlp_jax.models import make_model
@@ -82,7 +83,7 @@ class Run:
             except BaseException:
                 self.checkpointer.close()
                 raise
-        self.data = dataset.prepare_dataset(config.data, rebuild=rebuild_data)
+        self.data = from_config.prepare_dataset(config.data, rebuild=rebuild_data)
         self.tokenizer = tokenizer_lib.load_tokenizer(self.data.tokenizer_dir)
         # Checkpoints record the vocabulary they were trained on; resuming checks it.
         self.vocab = tokenizer_lib.vocab_fingerprint(self.tokenizer)
@@ -287,7 +288,7 @@ def _relevance_tables(run: Run) -> catalog_relevance.RelevanceTables | None:
         return None
     items = run.data.sources["items"]
     tables = catalog_relevance.relevance_tables(
-        dataset.builtin_catalog_dir(cfg.data), run.item_ids(range(len(items))))
+        from_config.builtin_catalog_dir(cfg.data), run.item_ids(range(len(items))))
     if tables is not None:
         logging.info("false-negative diagnostics on: %d query combinations, %d items",
                      len(tables.query_hashes), len(tables.item_attrs))

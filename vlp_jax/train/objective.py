@@ -17,7 +17,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from vlp_jax.data.catalog import relevance as catalog_relevance
-from vlp_jax.data.preprocess import num_masked_patches
+from vlp_jax.data.input.preprocess import num_masked_patches
 from vlp_jax.losses import masked
 from vlp_jax.losses.qic import QicOptions, Relevance, false_negatives, qic_loss
 

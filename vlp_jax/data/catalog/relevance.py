@@ -21,8 +21,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from vlp_jax.data import catalog, preprocess
+from vlp_jax.data import catalog
 from vlp_jax.data.catalog import queries, text
+from vlp_jax.data.input import preprocess
 from vlp_jax.runtime import fs
 
 NUM_FIELDS = len(queries.FIELDS)

@@ -87,8 +87,8 @@ def keyword_signature(tokens: jax.Array, mask: jax.Array, bits: int) -> jax.Arra
     """[B, L] token ids → [B, bits/32] int32 bit signatures of the *word* tokens.
 
     Word tokens are the valid positions between [CLS] (position 0) and [SEP] (the last valid
-    position), which is how ``data.preprocess.encode_texts`` lays every text out.  Each token id
-    sets one bit chosen by a multiplicative hash.
+    position), which is how ``data.input.preprocess.encode_texts`` lays every text out.  Each
+    token id sets one bit chosen by a multiplicative hash.
     """
     tokens = jnp.asarray(tokens)
     mask = jnp.asarray(mask, jnp.bool_)

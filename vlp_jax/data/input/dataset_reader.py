@@ -1,8 +1,8 @@
 """Opening a finished dataset build: its splits as random-access sources, checked for length.
 
-Apart from ``builder`` (which makes builds) because readers — training, export, evaluation —
-need only this, and a build on gs:// / s3:// is opened through its verified local copy
-(``remote_build``).  Record layout: docs/architecture.md "TFDS records".
+Apart from ``data.build.tfds_builder`` (which makes builds) because readers — training,
+export, evaluation — need only this, and a build on gs:// / s3:// is opened through its verified
+local copy (``store_commit``).  Record layout: docs/architecture.md "TFDS records".
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vlp_jax.data import records, remote_build, shards
+from vlp_jax.data import records, shard_check, store_commit
 from vlp_jax.runtime import fs
 
 SPLITS = ("items",) + records.PAIR_SPLITS
@@ -94,13 +94,13 @@ def load_dataset(dataset_dir: str, *, cache_hit: bool = True, staging_dir: str =
 
     A gs:// / s3:// build is staged to ``staging_dir`` first (verified, reused while current).
     Every split's length is checked against the build report: an empty or partial read raises
-    ``shards.DatasetCorruptError`` instead of training on it."""
+    ``shard_check.DatasetCorruptError`` instead of training on it."""
     if fs.is_remote(dataset_dir):
         location = fs.normalize(dataset_dir)
-        staged = remote_build.stage_build(location, staging_root(staging_dir))
+        staged = store_commit.stage_build(location, staging_root(staging_dir))
         if staged is None:
             raise ValueError(f"{location!r} holds no committed vlp_jax dataset build (no "
-                             f"{remote_build.MARKER})")
+                             f"{store_commit.MARKER})")
         return open_local(staged[0], cache_hit, location, staged[1])
     return open_local(dataset_dir, cache_hit, "", "")
 
@@ -109,7 +109,7 @@ def open_local(local: str, cache_hit: bool, location: str, files_at: str) -> Dat
     """Open the local build folder ``local``; ``location``/``files_at`` name the store's copy
     (whose shards are checked here: the local copy is all training will read)."""
     if location and fs.is_remote(location):
-        shards.check_build(local, location=location, files_at=files_at)
+        shard_check.check_build(local, location=location, files_at=files_at)
     report_path = os.path.join(local, REPORT_FILE)
     if not os.path.isfile(report_path):
         raise ValueError(f"{location or local!r} is not a vlp_jax dataset build "
@@ -130,7 +130,7 @@ def open_local(local: str, cache_hit: bool, location: str, files_at: str) -> Dat
     for split, source in sources.items():  # never an empty or partial read
         expected = report.get("splits", {}).get(split, {}).get("kept")
         if expected is not None and len(source) != int(expected):
-            raise shards.DatasetCorruptError(
+            raise shard_check.DatasetCorruptError(
                 handle.location, f"its {split} split",
                 f"reads {len(source)} records where {REPORT_FILE} records {expected}")
     return handle
@@ -138,12 +138,12 @@ def open_local(local: str, cache_hit: bool, location: str, files_at: str) -> Dat
 
 def staging_root(staging_dir: str) -> str:
     """The local folder for copies of object-store data (``data.staging_dir`` or default)."""
-    return os.path.abspath(staging_dir or remote_build.default_staging_dir())
+    return os.path.abspath(staging_dir or store_commit.default_staging_dir())
 
 
 def delete_build(location: str) -> None:
     """Delete a build folder, local or on a store (``--rebuild_data``)."""
     if fs.is_remote(location):
-        remote_build.delete_build(location)
+        store_commit.delete_build(location)
     else:
         shutil.rmtree(location, ignore_errors=True)

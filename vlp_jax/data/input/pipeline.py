@@ -34,7 +34,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from vlp_jax.data import preprocess
+from vlp_jax.data.input import preprocess
 
 TRAIN_KEYS = (
     "query_tokens", "query_mask", "query_mlm_tokens", "query_mlm_targets", "query_mlm_weights",

@@ -1,6 +1,6 @@
 """The build cache key: a hash of everything a dataset build reads.
 
-Apart from ``builder`` so the single-process and the Beam build (``beam_build``) name their
+Apart from ``tfds_builder`` so the single-process and the Beam build (``beam_pipeline``) name their
 output folder identically: a dataset built by either is the other's cache hit.
 
 On an object store (gs://, s3://) a file's "stat" is its size and version tag (ETag or GCS

@@ -35,8 +35,8 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 
-from vlp_jax.data import beam_io
-from vlp_jax.data import beam_stages as stages
+from vlp_jax.data.build import beam_io
+from vlp_jax.data.build import beam_stages as stages
 
 SHARD_PREFIX = "shard-"  # temporary shard names, renamed by ``finish_shards``
 Shard = tuple[str, int, int, int, str]  # (split, unit, examples, bytes, temporary path)

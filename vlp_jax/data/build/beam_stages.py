@@ -1,4 +1,4 @@
-"""The parallel stages of the Beam dataset build (``beam_build``): DoFns over byte ranges of the
+"""The parallel stages of the Beam dataset build (``beam_pipeline``): DoFns over byte ranges of the
 catalog files, each applying the rules of ``records`` to its own lines.
 
 Apart from the TFDS builder so a Beam worker imports only Beam, numpy, PIL and ``records``.
@@ -28,8 +28,9 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 
-from vlp_jax.data import beam_io, records
+from vlp_jax.data import records
 from vlp_jax.data import tokenizer as tokenizer_lib
+from vlp_jax.data.build import beam_io
 
 STATS = "stats"  # tagged output: ((split, kind, reason), n)
 SEEN = "seen"  # tagged output: (item_id, None) for every item line with a usable id

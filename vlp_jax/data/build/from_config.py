@@ -8,7 +8,7 @@
 With the cache on a store, the built-in catalog is generated on local disk and uploaded
 (``items.jsonl`` last: it is the "catalog present" mark), the TFDS build is published with a
 commit marker and every host trains on a verified local copy under ``data.staging_dir``
-(``remote_build``).
+(``store_commit``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from vlp_jax.data import builder, catalog, remote_build, shards
+from vlp_jax.data import catalog, shard_check, store_commit
+from vlp_jax.data.build import tfds_builder
+from vlp_jax.data.input import dataset_reader
 from vlp_jax.runtime import fs
 
 
@@ -34,7 +36,7 @@ def cache_root(data_cfg: ml_collections.ConfigDict) -> str:
 
 def staging_dir(data_cfg: ml_collections.ConfigDict) -> str:
     """The local folder for copies of object-store data (``data.staging_dir``)."""
-    return builder.staging_root(data_cfg.get("staging_dir", ""))
+    return dataset_reader.staging_root(data_cfg.get("staging_dir", ""))
 
 
 def builtin_catalog_dir(data_cfg: ml_collections.ConfigDict) -> str:
@@ -54,7 +56,7 @@ def builtin_catalog_dir(data_cfg: ml_collections.ConfigDict) -> str:
         tmp = tempfile.mkdtemp(prefix="catalog-", dir=staging_dir(data_cfg))
         try:
             stats = _generate(data_cfg, os.path.join(tmp, name))
-            remote_build.upload_tree(os.path.join(tmp, name), out, last=("items.jsonl",))
+            store_commit.upload_tree(os.path.join(tmp, name), out, last=("items.jsonl",))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     logging.info("built-in catalog: %s", stats)
@@ -73,7 +75,7 @@ def _generate(data_cfg: ml_collections.ConfigDict, out: str) -> dict:
 
 def prepare_dataset(
     data_cfg: ml_collections.ConfigDict, *, rebuild: bool = False
-) -> builder.DatasetHandle:
+) -> dataset_reader.DatasetHandle:
     """Catalog → TFDS array_record build (cached, its shards checked) → handle.
 
     Multi-process: process 0 generates/builds first while the others wait at a barrier; then
@@ -82,7 +84,7 @@ def prepare_dataset(
     build are deterministic), so every host trains on identical data.
 
     A cached build with a missing or truncated shard, or a split whose length differs from
-    the build report, raises ``shards.DatasetCorruptError`` naming the file (its gs:// / s3://
+    the build report, raises ``shard_check.DatasetCorruptError`` naming the file (its gs:// / s3://
     URI for a build on a store); with ``rebuild`` (``--rebuild_data``) that build is deleted
     and made again instead.
     """
@@ -96,33 +98,34 @@ def prepare_dataset(
     return _prepare(data_cfg, rebuild)
 
 
-def _prepare(data_cfg: ml_collections.ConfigDict, rebuild: bool = False) -> builder.DatasetHandle:
+def _prepare(data_cfg: ml_collections.ConfigDict,
+             rebuild: bool = False) -> dataset_reader.DatasetHandle:
     try:
         return _checked(data_cfg)
-    except shards.DatasetCorruptError as err:
+    except shard_check.DatasetCorruptError as err:
         if not rebuild:
             raise
         logging.warning("%s %s; --rebuild_data: deleting %s and building it again",
                         err.path, err.problem, err.dataset_dir)
-        builder.delete_build(err.dataset_dir)
+        dataset_reader.delete_build(err.dataset_dir)
         return _checked(data_cfg)
 
 
-def _checked(data_cfg: ml_collections.ConfigDict) -> builder.DatasetHandle:
+def _checked(data_cfg: ml_collections.ConfigDict) -> dataset_reader.DatasetHandle:
     handle = _build(data_cfg)
     if not fs.is_remote(handle.location):  # a staged copy was checked when it was opened
-        shards.check_build(handle.dataset_dir)
+        shard_check.check_build(handle.dataset_dir)
     return handle
 
 
-def _build(data_cfg: ml_collections.ConfigDict) -> builder.DatasetHandle:
+def _build(data_cfg: ml_collections.ConfigDict) -> dataset_reader.DatasetHandle:
     for field in ("catalog_dir", "cache_dir", "tokenizer"):
         if data_cfg[field] and fs.is_remote(data_cfg[field]):
             fs.check_access(data_cfg[field], f"data.{field}")  # one line naming the URI
     catalog_dir = data_cfg.catalog_dir or builtin_catalog_dir(data_cfg)
     if not fs.isdir(catalog_dir):
         raise FileNotFoundError(f"data.catalog_dir={catalog_dir!r} is not a directory")
-    handle = builder.build_dataset(
+    handle = tfds_builder.build_dataset(
         catalog_dir,
         data_dir=fs.join(cache_root(data_cfg), "tfds"),
         image_size=data_cfg.image_size,

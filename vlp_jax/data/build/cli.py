@@ -1,4 +1,5 @@
-"""Build (or reuse) a catalog's TFDS dataset ahead of training, on Apache Beam or in-process.
+"""Command line of the dataset build: build (or reuse) a catalog's TFDS dataset ahead of
+training, on Apache Beam or in-process.  Run as ``python -m vlp_jax.data.build``.
 
     # the dataset configs/base.py trains on, built by 2 local Beam worker processes; `make
     # train` then finds it in data.cache_dir and skips its own build
@@ -13,7 +14,7 @@
 build then publishes the build to the store with a commit marker (docs/pods_data.md).
 
 Everything after ``--`` is passed to Beam as pipeline options.  ``--runner=`` (empty) builds in
-this process with ``builder.build_dataset``.  With ``--config`` the catalog, cache folder,
+this process with ``tfds_builder.build_dataset``.  With ``--config`` the catalog, cache folder,
 image size and vocabulary come from the config (``--config.data.*`` overrides), so training
 with that config reuses the build.  Prints a JSON summary.
 """
@@ -54,12 +55,12 @@ def _settings() -> dict:
         return {"catalog_dir": FLAGS.catalog_dir, "data_dir": FLAGS.data_dir,
                 "image_size": FLAGS.image_size, "tokenizer": FLAGS.tokenizer,
                 "vocab_size": FLAGS.vocab_size}
-    from vlp_jax.data import dataset
+    from vlp_jax.data.build import from_config
 
     data = config.data
     return {"catalog_dir": FLAGS.catalog_dir or data.catalog_dir
-            or dataset.builtin_catalog_dir(data),
-            "data_dir": FLAGS.data_dir or fs.join(dataset.cache_root(data), "tfds"),
+            or from_config.builtin_catalog_dir(data),
+            "data_dir": FLAGS.data_dir or fs.join(from_config.cache_root(data), "tfds"),
             "image_size": data.image_size, "tokenizer": data.tokenizer,
             "vocab_size": data.vocab_size}
 
@@ -70,17 +71,17 @@ def _main(argv: list[str]) -> None:
     if not FLAGS.runner:
         if pipeline_args:
             raise app.UsageError(f"pipeline options {pipeline_args} need a --runner")
-        from vlp_jax.data import builder, dataset
+        from vlp_jax.data.build import from_config, tfds_builder
 
-        staging_dir = dataset.staging_dir(FLAGS.config.data) if FLAGS.config else ""
-        handle = builder.build_dataset(**settings, staging_dir=staging_dir)
+        staging_dir = from_config.staging_dir(FLAGS.config.data) if FLAGS.config else ""
+        handle = tfds_builder.build_dataset(**settings, staging_dir=staging_dir)
     else:
         try:
-            from vlp_jax.data import beam_build
+            from vlp_jax.data.build import beam_pipeline
         except ImportError as e:
             raise SystemExit(
                 f"the Beam build needs Apache Beam: pip install -e '.[beam]' ({e})") from e
-        handle = beam_build.build_dataset_beam(
+        handle = beam_pipeline.build_dataset_beam(
             **settings, runner=FLAGS.runner, pipeline_args=pipeline_args,
             chunk_bytes=max(1, int(FLAGS.chunk_mb * (1 << 20))))
     report = handle.report
@@ -90,7 +91,3 @@ def _main(argv: list[str]) -> None:
         "total_skipped": report["total_skipped"], "build_seconds": report["build_seconds"],
         "items_per_sec": report["items_per_sec"], "beam": report.get("beam")}, indent=2))
 
-
-if __name__ == "__main__":
-    _define_flags()
-    app.run(_main)

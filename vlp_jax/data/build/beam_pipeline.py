@@ -1,4 +1,4 @@
-"""The TFDS dataset build on Apache Beam: the same dataset as ``builder``, built by many workers.
+"""The TFDS dataset build on Apache Beam: the dataset ``tfds_builder`` makes, by many workers.
 
     python -m vlp_jax.data.build --catalog_dir=DIR --data_dir=DIR --runner=DirectRunner \
         -- --direct_num_workers=2 --direct_running_mode=multi_processing
@@ -34,7 +34,7 @@ unchanged.  The report adds a ``beam`` section (runner, options, blocks, stage t
 images and ``data_dir`` may be ``gs://`` or ``s3://``; workers then share no disk.  With a remote
 ``data_dir`` the stage folder is on the store, the workers upload finished shards into the
 build's attempt folder, and the driver uploads TFDS's metadata, the tokenizer and the report
-and commits the attempt with the single-process build's marker (``beam_remote``).
+and commits the attempt with the single-process build's marker (``beam_commit``).
 """
 
 from __future__ import annotations
@@ -51,9 +51,11 @@ import tensorflow_datasets as tfds
 from absl import logging
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from vlp_jax.data import beam_io, beam_write, builder, records
-from vlp_jax.data import beam_stages as stages
+from vlp_jax.data import records
 from vlp_jax.data import tokenizer as tokenizer_lib
+from vlp_jax.data.build import beam_io, beam_write, tfds_builder
+from vlp_jax.data.build import beam_stages as stages
+from vlp_jax.data.input import dataset_reader
 
 DEFAULT_CHUNK_BYTES = 4 << 20  # bytes of a catalog file per read range and per decode block
 PAIRS_DIR = "pairs"
@@ -61,7 +63,7 @@ WRITTEN = "written.json"  # the write pipeline's shard rows, read by the driver
 UNK_SAMPLE = 2000  # titles the report's unk fraction is measured on (as the single build)
 
 
-class VLPCatalogBeam(builder.VLPCatalog, skip_registration=True):
+class VLPCatalogBeam(tfds_builder.VLPCatalog, skip_registration=True):
     """``VLPCatalog`` whose splits are computed by Beam; same name, so the same folder.
 
     ``shard_dir``: where finished shards go when it is not TFDS's own folder (an object-store
@@ -143,7 +145,7 @@ class VLPCatalogBeam(builder.VLPCatalog, skip_registration=True):
             super()._prepare_tokenizer(first_titles, [])
             return
         counts = dict(beam_io.read_json(beam_io.join(self._stage_dir, "words.json")))
-        out = os.path.join(os.fspath(self.data_dir), builder.TOKENIZER_DIR)
+        out = os.path.join(os.fspath(self.data_dir), dataset_reader.TOKENIZER_DIR)
         tok = tokenizer_lib.train_wordpiece_counts(counts, cfg.vocab_size, out)
         texts = self._stats["items"].kept + self._stats["train"].kept
         self._tokenizer_report = {
@@ -228,7 +230,7 @@ def _write_sorted(rows: list[Any], path: str) -> None:
 def _read_stats(stage_dir: str) -> dict[str, records.SplitStats]:
     rows = [(tuple(key), n) for key, n in beam_io.read_json(
         beam_io.join(stage_dir, "stats.json"))]
-    return stages.merge_stats(rows, builder.SPLITS)
+    return stages.merge_stats(rows, dataset_reader.SPLITS)
 
 
 def _read_blocks(stage_dir: str) -> list[tuple[int, int]]:
@@ -261,7 +263,7 @@ def write_pipeline(pipeline: beam.Pipeline, stage_dir: str, blocks: list[tuple[i
                | "Blocks" >> beam.Create([(block, (block, start)) for block, start in blocks])
                | "SpreadBlocks" >> beam.Reshuffle()
                | "WriteItems" >> beam.ParDo(beam_write.WriteShard(
-                   "items", stage_dir, builder.catalog_features,
+                   "items", stage_dir, tfds_builder.catalog_features,
                    functools.partial(_staged_items, stage_dir)))]
     for split in pair_splits:
         label = split.capitalize()
@@ -272,7 +274,7 @@ def write_pipeline(pipeline: beam.Pipeline, stage_dir: str, blocks: list[tuple[i
             | f"Units{label}" >> beam.Create(units)
             | f"Spread{label}" >> beam.Reshuffle()
             | f"Write{label}" >> beam.ParDo(beam_write.WriteShard(
-                split, stage_dir, builder.catalog_features,
+                split, stage_dir, tfds_builder.catalog_features,
                 functools.partial(_staged_pairs, starts=starts))))
     _save_list(written | "AllShards" >> beam.Flatten(), "Shards",
                beam_io.join(stage_dir, WRITTEN))
@@ -299,14 +301,14 @@ def build_dataset_beam(
     pipeline_args: Sequence[str] = (),
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     staging_dir: str = "",
-) -> builder.DatasetHandle:
-    """``builder.build_dataset`` through Beam: same folder, records and report counts.
+) -> dataset_reader.DatasetHandle:
+    """``tfds_builder.build_dataset`` through Beam: same folder, records and report counts.
 
     ``pipeline_args`` are Beam pipeline options as on a command line (``--project=...``,
     ``--direct_num_workers=2``, ``--s3_endpoint_url=...``); a finished build of the same inputs
     is reused, whichever engine made it.  The catalog may be on ``gs://``/``s3://``; with
-    ``data_dir`` there too the build goes through ``beam_remote`` and the handle names the
-    committed build without opening it (``sources`` empty; ``builder.load_dataset(
+    ``data_dir`` there too the build goes through ``beam_commit`` and the handle names the
+    committed build without opening it (``sources`` empty; ``dataset_reader.load_dataset(
     handle.location)`` stages it for reading).
     """
     options = beam_io.configure(pipeline_args)
@@ -316,10 +318,10 @@ def build_dataset_beam(
     factory = functools.partial(VLPCatalogBeam, chunk_bytes=chunk_bytes,
                                 pipeline_args=pipeline_args)
     if beam_io.is_remote(data_dir):
-        from vlp_jax.data import beam_remote
+        from vlp_jax.data.build import beam_commit
 
-        return beam_remote.build_remote(catalog_dir, data_dir, image_size, tokenizer,
+        return beam_commit.build_remote(catalog_dir, data_dir, image_size, tokenizer,
                                         vocab_size, factory, runner, options, staging_dir)
-    return builder.build_dataset(
+    return tfds_builder.build_dataset(
         catalog_dir, data_dir, image_size, tokenizer, vocab_size, builder_cls=factory,
         beam_runner=runner, beam_options=options, staging_dir=staging_dir)

@@ -16,7 +16,7 @@ settings (with a trained vocab's recipe), so unchanged inputs reuse the build.  
 
 The catalog, the tokenizer folder and ``data_dir`` may each be local or on gs:// / s3://.  With
 ``data_dir`` on a store the build is made on local disk and published whole with a commit
-marker, and it is read through a verified local copy (``remote_build`` says why and how).
+marker, and it is read through a verified local copy (``store_commit`` says why and how).
 """
 
 from __future__ import annotations
@@ -37,20 +37,18 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from vlp_jax.data import records, remote_build
+from vlp_jax.data import records, store_commit
 from vlp_jax.data import tokenizer as tokenizer_lib
-from vlp_jax.data.build_reader import (  # noqa: F401  (re-exported: the builder's public API)
+from vlp_jax.data.build.fingerprint import BUILD_FORMAT, catalog_fingerprint
+from vlp_jax.data.input.dataset_reader import (
     REPORT_FILE,
     SPLITS,
     TOKENIZER_DIR,
     DatasetHandle,
-    TextSource,
-    delete_build,
     load_dataset,
     open_local,
     staging_root,
 )
-from vlp_jax.data.fingerprint import BUILD_FORMAT, catalog_fingerprint
 from vlp_jax.runtime import fs
 
 _IMAGE_BLOCK = 256  # images decoded per thread-pool round (bounds memory of in-flight arrays)
@@ -254,7 +252,7 @@ def build_dataset(
 ) -> DatasetHandle:
     """Build (or reuse) the TFDS dataset of ``catalog_dir`` under ``data_dir``.
 
-    ``builder_cls``/``beam_runner``/``beam_options``: the Beam build (``beam_build``), which
+    ``builder_cls``/``beam_runner``/``beam_options``: the Beam build (``beam_pipeline``), which
     writes the same dataset folder, so either build is the other's cache hit.
     ``staging_dir``: local folder for copies of object-store data ("" = ~/.cache/vlp_jax/staged).
     """
@@ -284,7 +282,7 @@ def build_dataset(
         return _build_remote(dataset_dir, make, staging_root(staging_dir))
     if os.path.isfile(os.path.join(dataset_dir, REPORT_FILE)):
         return load_dataset(dataset_dir, cache_hit=True)
-    with remote_build.host_lock(data_dir, config.name):
+    with store_commit.host_lock(data_dir, config.name):
         cache_hit = make(data_dir)
     return load_dataset(dataset_dir, cache_hit=cache_hit)
 
@@ -306,8 +304,8 @@ def _prepare(config: VLPCatalogConfig, builder_cls: Any, beam_runner: Any, beam_
 
 def _build_remote(location: str, make: Callable[[str], bool], staging_dir: str) -> DatasetHandle:
     """Build on local disk, publish to ``location`` with its marker, open the verified copy."""
-    with remote_build.host_lock(staging_dir, location):
-        staged = remote_build.stage_build(location, staging_dir)
+    with store_commit.host_lock(staging_dir, location):
+        staged = store_commit.stage_build(location, staging_dir)
         cache_hit = staged is not None
         if staged is None:
             tmp = tempfile.mkdtemp(prefix="build-", dir=staging_dir)
@@ -315,10 +313,10 @@ def _build_remote(location: str, make: Callable[[str], bool], staging_dir: str) 
                 make(tmp)
                 # TFDS lays a build out as <data_dir>/<name>/<config>/<version>, as in the store
                 local = os.path.join(tmp, *location.split("/")[-3:])
-                attempt = remote_build.publish(local, location, staging_dir)
+                attempt = store_commit.publish(local, location, staging_dir)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-            staged = remote_build.stage_build(location, staging_dir)
+            staged = store_commit.stage_build(location, staging_dir)
             if staged is None or staged[1] != attempt:
                 raise RuntimeError(f"dataset build {location}: committed {attempt}, but the "
                                    f"store now shows {staged and staged[1]}")

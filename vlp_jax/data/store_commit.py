@@ -24,7 +24,7 @@ Protocol:
   unreferenced attempt folder.
 - no marker = no build: an interrupted upload is invisible to readers.
 - a reader checks the store's listing of the attempt against the marker (a missing or
-  truncated object raises ``shards.DatasetCorruptError`` naming its URI), then stages the
+  truncated object raises ``shard_check.DatasetCorruptError`` naming its URI), then stages the
   attempt folder to local disk (``runtime.staging``: sizes verified, reused while the store
   still lists the same versions).  The caller then checks record counts on the local copy.
 """
@@ -44,7 +44,7 @@ from collections.abc import Iterator
 
 from absl import logging
 
-from vlp_jax.data import shards
+from vlp_jax.data import shard_check
 from vlp_jax.runtime import fs, staging
 
 MARKER = "_COMPLETE.json"
@@ -112,8 +112,8 @@ def read_marker(location: str) -> dict | None:
         return None
     if not isinstance(marker, dict) or not str(marker.get("attempt", "")).startswith(
             ATTEMPT_PREFIX) or not isinstance(marker.get("files"), dict):
-        raise shards.DatasetCorruptError(location, fs.join(location, MARKER),
-                                         "is not a commit marker this code wrote")
+        raise shard_check.DatasetCorruptError(location, fs.join(location, MARKER),
+                                              "is not a commit marker this code wrote")
     return marker
 
 
@@ -166,9 +166,9 @@ def verify_listing(location: str, marker: dict) -> str:
     for rel, size in sorted(marker["files"].items()):
         uri = fs.join(attempt_uri, rel)
         if rel not in listed:
-            raise shards.DatasetCorruptError(location, uri, "is missing")
+            raise shard_check.DatasetCorruptError(location, uri, "is missing")
         if listed[rel]["size"] != size:
-            raise shards.DatasetCorruptError(
+            raise shard_check.DatasetCorruptError(
                 location, uri, f"holds {listed[rel]['size']} bytes, the build wrote {size} "
                 "(truncated or replaced)")
     return attempt_uri

@@ -3,8 +3,8 @@
 Why: array_record files are opened lazily, so a truncated or deleted shard used to surface as
 ``RuntimeError: ArrayRecord file should be at least 64KB big`` from inside a Grain worker at
 the first batch, naming neither the file nor the fix.  A finished build folder is only ever
-created by an atomic rename (``builder``), so damage means something outside the build touched
-it: a disk error, a partial copy or sync, a hand edit.
+created by an atomic rename (``data.build.tfds_builder``), so damage means something outside
+the build touched it: a disk error, a partial copy or sync, a hand edit.
 
 ``check_build`` opens every shard listed in the build's ``dataset_info.json``, compares its
 record count with the count TFDS recorded and reads its last record; a failure raises
@@ -12,7 +12,7 @@ record count with the count TFDS recorded and reads its last record; a failure r
 build and makes it again from the catalog).  Cost: one footer and one record per shard
 (milliseconds for the built-in catalogs).
 
-A build on object storage is checked on its local copy (``remote_build``); ``location`` and
+A build on object storage is checked on its local copy (``store_commit``); ``location`` and
 ``files_at`` make the messages name the store's URIs, not the copy's paths.
 """
 
@@ -84,7 +84,7 @@ def check_build(dataset_dir: str, *, location: str = "", files_at: str = "") -> 
     ``files_at`` is where its files really are (both default to ``dataset_dir``)."""
     if fs.is_remote(dataset_dir):  # ArrayRecord cannot open s3:// and reads gs:// per record
         raise ValueError(f"check_build reads a local copy, not {dataset_dir}: stage it first "
-                         "(remote_build.stage_build)")
+                         "(store_commit.stage_build)")
     location = location or dataset_dir
     files_at = files_at or dataset_dir
 
