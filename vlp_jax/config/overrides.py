@@ -15,6 +15,7 @@ import copy
 import difflib
 import importlib.util
 import os
+import pathlib
 import re
 import sys
 import types
@@ -27,8 +28,7 @@ import ml_collections
 # loaded by path (``--config=configs/mbns.py``); a recipe the ablation harness also varies (the
 # bank recipe's overrides, ``configs/mbns.py:RECIPE``) is read from its config file here, so it
 # is written once, in configs/.
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "configs")
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 
 def _exec_config(path: str, root: str, name: str) -> types.ModuleType:
@@ -51,7 +51,7 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
 
 def shipped_config(name: str) -> types.ModuleType:
     """The module of ``configs/<name>.py`` in this checkout (for the values it defines)."""
-    return _exec_config(os.path.join(CONFIGS_DIR, f"{name}.py"), os.path.dirname(CONFIGS_DIR),
+    return _exec_config(str(CONFIGS_DIR / f"{name}.py"), str(CONFIGS_DIR.parent),
                         f"_shipped_config_{name}")
 
 

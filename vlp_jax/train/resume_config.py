@@ -18,6 +18,9 @@ Three classes of fields:
   they stay on (> 0): switching a task or clipping on/off adds or removes parameters/state.
 - everything else (model shapes, data and tokenisation, batch size, seed, memory bank, process
   count, device count when a sharded bank exists): must match, or resuming is refused.
+
+A checkpoint written before a field existed compares as the field's ``ADDED_FIELDS`` value
+(``vlp_jax.config.saved``); a field it has that this code does not know is refused by name.
 """
 
 from __future__ import annotations
