@@ -221,7 +221,7 @@ def apply_text_init(
 ) -> Any:
     """``params`` with the chosen towers' layers replaced by the configured checkpoints' weights.
 
-    Text: ``which`` defaults to ``config.model.text_init_towers`` ("both" when absent); with
+    Text: ``which`` defaults to ``config.model.text_init_towers``; with
     ``model.image_init`` too, a tower that the image checkpoint initialises takes only its text
     embedding tables from ``model.text_init``.  Image: :func:`image_init.apply_image_init`.
     Other subtrees are returned unchanged (same objects); replaced leaves keep their dtype and,
