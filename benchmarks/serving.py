@@ -109,7 +109,7 @@ def untrained_bundle(out_dir: str) -> str:
     tok = tokenizer.train_wordpiece([" ".join(words)] * 4, config.data.vocab_size,
                                     os.path.join(out_dir, "tok"))
     model = export.serving_model(config, len(tok))
-    params = init_params(model, jax.random.key(0))
+    params = init_params(model, config, jax.random.key(0))
     return export.export_bundle(os.path.join(out_dir, "export"), params=params, config=config,
                                 tokenizer=tok, step=0)
 

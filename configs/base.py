@@ -9,6 +9,7 @@ Every field is documented inline.  Override any field from the command line, e.g
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -62,6 +63,19 @@ def get_config() -> ml_collections.ConfigDict:
     m.layer_norm_eps = 1e-6  # LayerNorm epsilon (BERT checkpoints: 1e-12, set by text_init)
     m.pre_norm = True  # pre-LN blocks; False = BERT post-LN (forced by text_init)
     m.remat = "none"  # activation rematerialisation: "none" | "block" (recompute each block)
+    m.patch_pos_emb = "learned"  # image patch positions: "learned" or "sincos" (fixed 2-D)
+    m.activation = "gelu"  # transformer MLP activation: "gelu" (BERT, ViT) | "quick_gelu" (CLIP)
+    # LayerNorm on the embeddings: None = only in post-LN (BERT) towers; CLIP checkpoints: True
+    m.embed_norm = placeholder(bool)
+    m.image_cls = False  # an image [CLS] token before the patches (ViT checkpoints: image_init)
+    # A separate query tower's own layout, where a text checkpoint's differs from the item
+    # tower's (set by text_init next to image_init); None = the item tower's field above.
+    m.query_num_heads = placeholder(int)
+    m.query_mlp_dim = placeholder(int)
+    m.query_layer_norm_eps = placeholder(float)
+    m.query_pre_norm = placeholder(bool)
+    m.query_activation = placeholder(str)
+    m.query_embed_norm = placeholder(bool)
 
     # ---------------------------------------------------------------- losses
     c.loss = lo = ml_collections.ConfigDict()

@@ -72,7 +72,7 @@ def build(config=None, seed: int = 0):
     key = (config.to_json(), seed)
     if key not in _INIT:
         model = make_model(config, V)
-        init = lambda r: model.init(r, dummy_batch(model, B), train=False)["params"]
+        init = lambda r: model.init(r, dummy_batch(config, B), train=False)["params"]
         _INIT[key] = (model, jax.jit(init, compiler_options=FAST_COMPILE)(jax.random.key(seed)))
     return _INIT[key]
 
@@ -80,7 +80,7 @@ def build(config=None, seed: int = 0):
 def param_shapes(config):
     """Param tree structure without computing anything (tracing only)."""
     model = make_model(config, V)
-    init = lambda: model.init(jax.random.key(0), dummy_batch(model, B), train=False)
+    init = lambda: model.init(jax.random.key(0), dummy_batch(config, B), train=False)
     return model, jax.eval_shape(init)["params"]
 
 

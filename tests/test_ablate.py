@@ -55,7 +55,8 @@ def test_set_flags_and_override_errors(tiny_config):
         "train.num_steps": 600, "model.pooling": "cls", "train.mesh_shape": (8,)}
     with pytest.raises(ValueError, match=r"KEY=VALUE with a dotted KEY .*, got 'steps'"):
         ablate.parse_set_flags(["steps"])
-    with pytest.raises(KeyError, match=r"unknown config field\(s\) \['model.widht'\]"):
+    with pytest.raises(KeyError,
+                       match=r"field\(s\) .*'model.widht' \(did you mean 'model.width'\?\)"):
         ablate.apply_overrides(tiny_config, {"model.widht": 3})
     with pytest.raises(ValueError, match="unknown grid 'papr'; known grids: "):
         grids.get_grid("papr")

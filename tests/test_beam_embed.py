@@ -42,7 +42,7 @@ def setup(tmp_path_factory):
     titles = ["red striped t-shirt", "green cotton dress", "grey socks", "palette hat"]
     tok = tokenizer_lib.train_wordpiece(titles, 60, tok_dir)
     model = export.serving_model(config, len(tok))
-    params = jax.jit(lambda key: init_params(model, key))(jax.random.key(0))
+    params = jax.jit(lambda key: init_params(model, config, key))(jax.random.key(0))
     bundle_dir = export.export_bundle(str(root / "export"), params=params, config=config,
                                       tokenizer=tok_dir, step=1)
     bundle = load_bundle(bundle_dir, towers=("item",), num_devices=1, buckets=(BATCH,))

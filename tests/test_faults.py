@@ -253,7 +253,7 @@ def test_resume_refuses_a_checkpoint_of_another_vocabulary(tiny_config, tmp_path
 
 
 def test_corrupt_latest_checkpoints_fall_back_then_fail_clearly(tmp_path, caplog):
-    cfg = ml_collections.ConfigDict({"keep": 5, "async_save": True})
+    cfg = ml_collections.ConfigDict({"keep": 5, "async_save": True, "save_timeout_s": 600.0})
     ck = checkpointing.Checkpointer(str(tmp_path), cfg, cleanup_tmp=True)
     for step in (1, 2, 3):
         ck.save(step, _tiny_state(step), None, force=True)
@@ -349,7 +349,7 @@ def test_guard_step_flags_grad_only_nonfinite_and_keeps_the_state():
 # ------------------------------------------------------------------ workdir lock
 
 
-def test_workdir_lock_refuses_live_owner_and_takes_over_stale(tmp_path, caplog):
+def test_workdir_lock_refuses_live_owner_and_takes_over_stale(tmp_path, caplog, tiny_config):
     lock_path = tmp_path / workdir_lock.LOCK_NAME
     with workdir_lock.WorkdirLock(str(tmp_path)):
         with pytest.raises(workdir_lock.WorkdirLockedError,
@@ -367,4 +367,4 @@ def test_workdir_lock_refuses_live_owner_and_takes_over_stale(tmp_path, caplog):
     lock_path.write_text(json.dumps({"pid": 1, "host": "other-host"}))
     with pytest.raises(workdir_lock.WorkdirLockedError,
                        match=f"on host other-host .* If that run is gone, delete {lock_path}"):
-        train.train_and_evaluate(ml_collections.ConfigDict(), str(tmp_path))
+        train.train_and_evaluate(tiny_config, str(tmp_path))  # refused before any work

@@ -240,7 +240,7 @@ def configured(fake):
     cfg = pretrained.configure_text_init(_tiny(out))
     tok = tokenizer_lib.load_tokenizer(cfg.data.tokenizer)
     model = make_model(cfg, vocab_size=len(tok))
-    params = jax.jit(lambda key: init_params(model, key))(jax.random.key(0))
+    params = jax.jit(lambda key: init_params(model, cfg, key))(jax.random.key(0))
     return cfg, tok, model, params
 
 

@@ -170,7 +170,7 @@ def test_image_cls_token_is_not_a_patch_for_mpm_and_pooling(vit):
     from vlp_jax.models.build import dummy_batch
 
     _, config, model, params, _ = vit
-    batch = dummy_batch(model, 2)
+    batch = dummy_batch(config, 2)
     out = jax.eval_shape(lambda p, b: model.apply({"params": p}, b, train=False), params, batch)
     n, w = model.num_patches, config.model.width
     assert out["mpm_pred"].shape == out["mpm_target"].shape == (2, n, w)

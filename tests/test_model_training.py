@@ -134,7 +134,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_mlm_cap_gives_exactly_the_all_position_loss_and_grads():
     """Logits only at the capped positions: same MLM losses and gradients as at every position."""
     from vlp_jax.losses import masked
-    from vlp_jax.train.step import _mlm_labels
+    from vlp_jax.train.objective import _mlm_labels
 
     capped = tiny_config()
     capped.data.mlm_max_fraction = 0.3  # query: ceil(1.5) = 2 of 5, title: ceil(2.1) = 3 of 7

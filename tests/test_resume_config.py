@@ -34,6 +34,11 @@ def test_checkpoints_written_before_the_negatives_fields_still_resume(tiny_confi
     old = resume_config.resume_metadata(tiny_config, num_devices=1, process_count=1)
     for field in resume_config.ADDED_FIELDS:
         del old["config"][field]
+    # Written without an MLM cap (the field's absence meant 1.0): refused at base.py's 0.3, ...
+    with pytest.raises(resume_config.ConfigMismatchError,
+                       match="data.mlm_max_fraction: '<absent>' .* -> 0.3"):
+        resume_config.check_resume(old, tiny_config, 1, 1, "old ckpt")
+    old["config"]["data.mlm_max_fraction"] = 0.3  # ... resumed when it had the cap
     assert resume_config.check_resume(old, tiny_config, 1, 1, "old ckpt") == []
     changed = ml_collections.ConfigDict(tiny_config.to_dict())
     changed.negatives.momentum_keys = True

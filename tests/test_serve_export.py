@@ -137,7 +137,7 @@ def test_shared_query_encoder_bundle_and_atomic_replace(run, tmp_path, monkeypat
     tok_dir = os.path.join(run.bundle_dir, "tokenizer")
     vocab = len(tokenizer_lib.load_tokenizer(tok_dir))
     model = export.serving_model(config, vocab)
-    params = jax.jit(lambda key: init_params(model, key))(jax.random.key(3))  # no heads
+    params = jax.jit(lambda key: init_params(model, config, key))(jax.random.key(3))  # no heads
     out = str(tmp_path / "export")
     export.export_bundle(out, params=params, config=config, tokenizer=tok_dir, step=7)
     b = load_bundle(out, towers=("query",), num_devices=1)

@@ -41,7 +41,7 @@ def _iterators():
 @pytest.mark.parametrize("kind", ["grain", "prefetch"])
 def test_loop_state_round_trips_and_old_data_items_restore_with_none(tmp_path, kind):
     make = dict(_iterators())[kind]
-    cfg = ml_collections.ConfigDict({"keep": 5, "async_save": False})
+    cfg = ml_collections.ConfigDict({"keep": 5, "async_save": False, "save_timeout_s": 600.0})
     ck = checkpointing.Checkpointer(str(tmp_path), cfg)
     it = make()
     assert [next(it) for _ in range(3)] == [0, 1, 2]

@@ -66,7 +66,7 @@ def _tiny_state(seed: int):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_checkpoint_save_on_a_full_disk_keeps_the_previous_step(small_fs, caplog):
-    cfg = ml_collections.ConfigDict({"keep": 5, "async_save": True})
+    cfg = ml_collections.ConfigDict({"keep": 5, "async_save": True, "save_timeout_s": 600.0})
     ck = checkpointing.Checkpointer(str(small_fs), cfg, cleanup_tmp=True)
     ck.save(1, _tiny_state(1), None, force=True)
     ck.wait()

@@ -74,11 +74,11 @@ def image_config(image_init: str, image_size: int = 32, **model):
     return config
 
 
-def zero_params(model):
+def zero_params(model, config):
     """Every param of ``model`` as zeros: its shapes without running (or compiling) an init,
     which costs tens of seconds on a loaded 2-core box; the imported leaves replace zeros."""
     shapes = jax.eval_shape(
-        lambda rng: model.init(rng, dummy_batch(model), train=False)["params"],
+        lambda rng: model.init(rng, dummy_batch(config), train=False)["params"],
         jax.random.PRNGKey(0))
     return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
@@ -88,7 +88,7 @@ def imported(config, configure: bool = True):
     if configure:
         config = pretrained.configure_text_init(config)
     model = make_model(config, vocab_size=config.data.vocab_size)
-    return config, model, pretrained.apply_text_init(config, zero_params(model))
+    return config, model, pretrained.apply_text_init(config, zero_params(model, config))
 
 
 def run_image(model, params, images: np.ndarray) -> np.ndarray:

@@ -104,10 +104,10 @@ def train_model_flops(config: Any, vocab_size: int) -> dict[str, float]:
     model = make_model(config, vocab_size=vocab_size)
     m, b = config.model, int(config.train.batch_size)
     w = int(m.width)
-    mlp = int(m.get("mlp_dim", 0) or m.mlp_ratio * w)
+    mlp = int(m.mlp_dim or m.mlp_ratio * w)
     q_depth = m.depth if m.shared_query_encoder else m.query_depth
-    q_mlp = int(m.get("query_mlp_dim", 0) or mlp) if not m.shared_query_encoder else mlp
-    n = model.num_patches + int(bool(m.get("image_cls", False))) if m.use_image else 0
+    q_mlp = int(m.query_mlp_dim or mlp) if not m.shared_query_encoder else mlp
+    n = model.num_patches + int(bool(m.image_cls)) if m.use_image else 0
     item_tokens = model.max_title_len + n
     patch = 2.0 * model.patch_dim * w * model.num_patches * b if m.use_image else 0.0
     item = _encoder_flops(item_tokens, m.depth, w, mlp, b) + patch
@@ -143,12 +143,12 @@ def encoder_model_flops(config: Any, vocab_size: int, kind: str, rows: int) -> f
     model = make_model(config, vocab_size=vocab_size)
     m = config.model
     w = int(m.width)
-    mlp = int(m.get("mlp_dim", 0) or m.mlp_ratio * w)
+    mlp = int(m.mlp_dim or m.mlp_ratio * w)
     proj = 2.0 * w * int(m.embed_dim) * rows
     if kind == "query":
         depth = m.depth if m.shared_query_encoder else m.query_depth
-        q_mlp = int(m.get("query_mlp_dim", 0) or mlp) if not m.shared_query_encoder else mlp
+        q_mlp = int(m.query_mlp_dim or mlp) if not m.shared_query_encoder else mlp
         return _encoder_flops(model.max_query_len, depth, w, q_mlp, rows) + proj
-    n = model.num_patches + int(bool(m.get("image_cls", False))) if m.use_image else 0
+    n = model.num_patches + int(bool(m.image_cls)) if m.use_image else 0
     patch = 2.0 * model.patch_dim * w * model.num_patches * rows if m.use_image else 0.0
     return _encoder_flops(model.max_title_len + n, m.depth, w, mlp, rows) + patch + proj

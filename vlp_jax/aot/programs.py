@@ -22,11 +22,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from vlp_jax.eval import embed
 from vlp_jax.indexing import export
 from vlp_jax.models import make_model
-from vlp_jax.models.build import tower_param_keys
+from vlp_jax.models.build import dummy_batch, tower_param_keys
 from vlp_jax.parallel import mesh as mesh_lib
 from vlp_jax.train import state as train_state
 from vlp_jax.train import step as train_step
-from vlp_jax.train.batch_contract import dummy_batch
 
 EVAL_ITEM_KEYS = ("title_tokens", "title_mask", "patches")
 EVAL_QUERY_KEYS = ("query_tokens", "query_mask")

@@ -19,7 +19,7 @@ from vlp_jax.aot import analysis, estimate, topology
 from vlp_jax.aot import programs as progs
 from vlp_jax.config import check as config_check
 from vlp_jax.convert import pretrained
-from vlp_jax.train import state as train_state
+from vlp_jax.models import param_count
 
 GIB = 1024**3
 PROGRAMS = ("train", "eval", "serve")
@@ -78,7 +78,7 @@ def build_report(config: ml_collections.ConfigDict, topology_name: str, *,
                    "patch_size": int(m.patch_size), "vocab_size": vocab,
                    "momentum": float(neg.momentum), "cross_device": bool(neg.cross_device),
                    "ring": bool(neg.ring)},
-        "param_count": train_state.param_count(state.params),
+        "param_count": param_count(state.params),
         "state_bytes_per_device": progs.state_bytes_per_device(state),
         "programs": results,
         "jax_version": jax.__version__,

@@ -74,7 +74,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         value = _get(config, field)
         if not 0.0 <= value < 1.0:
             problems.append(f"{field}={value!r} must be in [0, 1)")
-    if not 0.0 < config.data.get("mlm_max_fraction", 1.0) <= 1.0:
+    if not 0.0 < config.data.mlm_max_fraction <= 1.0:
         problems.append(
             f"data.mlm_max_fraction={config.data.mlm_max_fraction!r} must be in (0, 1]"
         )
@@ -89,38 +89,38 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     neg = config.negatives
     if neg.ring and not neg.cross_device:
         problems.append("negatives.ring=True needs negatives.cross_device=True")
-    if neg.momentum > 0 and neg.bank_size == 0 and not neg.get("momentum_keys", False):
+    if neg.momentum > 0 and neg.bank_size == 0 and not neg.momentum_keys:
         problems.append("negatives.momentum > 0 only produces keys for the bank or for "
                         "negatives.momentum_keys: set negatives.bank_size or momentum_keys")
-    if neg.get("momentum_keys", False):
+    if neg.momentum_keys:
         if neg.momentum <= 0:
             problems.append("negatives.momentum_keys=True needs negatives.momentum > 0 (the "
                             "EMA tower that produces the keys)")
         if not config.loss.symmetric:
             problems.append("negatives.momentum_keys=True needs loss.symmetric=True: with "
                             "momentum keys the item tower learns from the item->query term")
-    fn_rules = (neg.get("mask_same_query", False) or neg.get("keyword_control", "off") != "off"
-                or neg.get("filter_margin", -1.0) >= 0)
+    fn_rules = (neg.mask_same_query or neg.keyword_control != "off"
+                or neg.filter_margin >= 0)
     if fn_rules and config.loss.qic_type == "sigmoid":
         problems.append("negatives.mask_same_query / keyword_control / filter_margin are "
                         "implemented for the softmax kinds, not loss.qic_type='sigmoid'")
-    if neg.ring and (neg.get("filter_margin", -1.0) >= 0
-                     or neg.get("keyword_control", "off") == "positive"):
+    if neg.ring and (neg.filter_margin >= 0
+                     or neg.keyword_control == "positive"):
         problems.append("negatives.ring supports only the id and keyword masks: set "
                         "filter_margin < 0 and keyword_control != 'positive'")
     if neg.bank_warmup_steps < -1:
         problems.append(f"negatives.bank_warmup_steps={neg.bank_warmup_steps} must be >= 0, "
                         "or -1 for the end of the learning-rate warm-up")
-    alpha = float(neg.get("distill_alpha", 0.0))
+    alpha = float(neg.distill_alpha)
     if not 0.0 <= alpha < 1.0:
         problems.append(f"negatives.distill_alpha={alpha!r} must be in [0, 1)")
-    if alpha > 0 and not neg.get("momentum_keys", False):
+    if alpha > 0 and not neg.momentum_keys:
         problems.append("negatives.distill_alpha > 0 needs negatives.momentum_keys=True (the "
                         "momentum model scores the candidates)")
     if alpha > 0 and (neg.ring or config.loss.qic_type == "sigmoid"):
         problems.append("negatives.distill_alpha > 0 needs the all-gather path and a softmax "
                         "loss.qic_type (negatives.ring=False)")
-    bits = int(neg.get("keyword_bits", 1024))
+    bits = int(neg.keyword_bits)
     if bits < 32 or bits & (bits - 1):
         problems.append(f"negatives.keyword_bits={bits} must be a power of two >= 32")
     m = config.model
@@ -159,8 +159,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
-    if neg.bank_size > 0 and not neg.get("momentum_keys", False) and (
-            neg.get("bank_item_grad", "full") == "full"):
+    if neg.bank_size > 0 and not neg.momentum_keys and (
+            neg.bank_item_grad == "full"):
         logging.warning(
             "negatives.bank_size=%d with online in-batch keys and bank keys from past steps: "
             "such a bank makes training drift (docs/results/negatives.md); start from "

@@ -30,10 +30,10 @@ def _read_json(path: str) -> dict[str, Any]:
 
 def _special_names(src: str) -> dict[str, str]:
     names = dict(_SPECIALS)
-    for cfg in (_read_json(os.path.join(src, "tokenizer_config.json")),
-                _read_json(os.path.join(src, "special_tokens_map.json"))):
+    for settings in (_read_json(os.path.join(src, "tokenizer_config.json")),
+                     _read_json(os.path.join(src, "special_tokens_map.json"))):
         for key in names:
-            value = cfg.get(key)
+            value = settings.get(key)
             if isinstance(value, dict):  # {"content": "[UNK]", ...}
                 value = value.get("content")
             if isinstance(value, str):
@@ -43,7 +43,7 @@ def _special_names(src: str) -> dict[str, str]:
 
 def build_from_vocab(src: str) -> PreTrainedTokenizerFast:
     """A BERT WordPiece tokenizer from ``vocab.txt`` + ``tokenizer_config.json`` settings."""
-    cfg = _read_json(os.path.join(src, "tokenizer_config.json"))
+    settings = _read_json(os.path.join(src, "tokenizer_config.json"))
     with open(os.path.join(src, "vocab.txt"), encoding="utf-8") as f:
         tokens = [line.rstrip("\n") for line in f]
     vocab: dict[str, int] = {}
@@ -57,9 +57,9 @@ def build_from_vocab(src: str) -> PreTrainedTokenizerFast:
                                      max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(
         clean_text=True,
-        handle_chinese_chars=cfg.get("tokenize_chinese_chars", True),
-        strip_accents=cfg.get("strip_accents"),
-        lowercase=cfg.get("do_lower_case", True),
+        handle_chinese_chars=settings.get("tokenize_chinese_chars", True),
+        strip_accents=settings.get("strip_accents"),
+        lowercase=settings.get("do_lower_case", True),
     )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
@@ -70,7 +70,7 @@ def build_from_vocab(src: str) -> PreTrainedTokenizerFast:
         special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])],
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, model_max_length=int(cfg.get("model_max_length", 512)), **names
+        tokenizer_object=tok, model_max_length=int(settings.get("model_max_length", 512)), **names
     )
 
 

@@ -35,7 +35,6 @@ from vlp_jax.convert import hf_vision
 
 TOWER_CHOICES = ("item", "both")
 IMAGE_TYPE = 1  # the item tower's type-embedding row of image tokens (models/towers.py)
-LAYOUT_KEYS = ("num_heads", "mlp_dim", "layer_norm_eps", "pre_norm", "activation", "embed_norm")
 
 
 def check_which(which: str) -> None:
@@ -51,7 +50,7 @@ def image_init_overrides(
     ValueError when the model has no image path or the image size does not fit the patches.
     """
     m = config.model
-    which = m.get("image_init_towers", "item")
+    which = m.image_init_towers
     check_which(which)
     if not m.use_image:
         raise ValueError(f"model.image_init={directory!r} needs model.use_image=True")
@@ -133,10 +132,10 @@ def apply_image_init(config: ml_collections.ConfigDict, params: Any) -> Any:
     blocks and norms.  Everything else is returned unchanged (same objects).  No-op without
     ``model.image_init``.
     """
-    directory = config.model.get("image_init", "")
+    directory = config.model.image_init
     if not directory:
         return params
-    which = config.model.get("image_init_towers", "item")
+    which = config.model.image_init_towers
     check_which(which)
     if "patch_embed" not in params:
         raise ValueError("params have no 'patch_embed' (model.use_image=False?); "

@@ -43,6 +43,7 @@ from vlp_jax.convert import image_init
 from vlp_jax.convert.image_init import host_array, like
 from vlp_jax.convert.text_encoder import TOKENIZER_DIR, read_arch, restore_params
 from vlp_jax.data.build import from_config
+from vlp_jax.models.build import QUERY_LAYOUT_KEYS
 from vlp_jax.runtime import fs, staging
 
 TOWER_CHOICES = ("query", "item", "both")
@@ -88,8 +89,8 @@ def configure_text_init(config: ml_collections.ConfigDict) -> ml_collections.Con
     checkpoints' widths differ.
     """
     m = config.model
-    directory = m.get("text_init", "")
-    image_dir = m.get("image_init", "")
+    directory = m.text_init
+    image_dir = m.image_init
     if not directory and not image_dir:
         return config
     overrides: dict[str, Any] = {}
@@ -109,21 +110,20 @@ def configure_text_init(config: ml_collections.ConfigDict) -> ml_collections.Con
         if directory:
             _check_same_width(overrides, image, directory, image_dir)
         if not query:  # a query tower the text checkpoint does not keep: the image layout
-            query = {f"model.query_{k}": image[f"model.{k}"] for k in image_init.LAYOUT_KEYS
-                     if f"query_{k}" in m}
+            query = {f"model.query_{k}": image[f"model.{k}"] for k in QUERY_LAYOUT_KEYS
+                     if m[f"query_{k}"] is not None}  # None: follows the item tower anyway
         overrides.update(query)
         overrides.update(image)
     config = copy.deepcopy(config)
-    with config.unlocked():
-        for dotted, value in overrides.items():
-            section, field = dotted.split(".")
-            config[section][field] = value
+    for dotted, value in overrides.items():  # existing fields only: a locked config accepts them
+        section, field = dotted.split(".")
+        config[section][field] = value
     return config
 
 
 def _text_overrides(config: ml_collections.ConfigDict, directory: str) -> dict[str, Any]:
     m = config.model
-    which = m.get("text_init_towers", "both")
+    which = m.text_init_towers
     overrides = text_init_overrides(directory, which, bool(m.shared_query_encoder))
     wanted = overrides["data.tokenizer"]
     given = config.data.tokenizer
@@ -154,9 +154,9 @@ def _query_keeps_text(config: ml_collections.ConfigDict, directory: str) -> dict
     """``model.query_*`` layout fields: a separate query tower that ``text_init`` initialises
     and ``image_init`` does not keeps the text checkpoint's whole layout."""
     m = config.model
-    text_which = m.get("text_init_towers", "both")
+    text_which = m.text_init_towers
     if (m.shared_query_encoder or text_which == "item"
-            or m.get("image_init_towers", "item") == "both"):
+            or m.image_init_towers == "both"):
         return {}
     arch = read_arch(directory)
     return {
@@ -221,24 +221,24 @@ def apply_text_init(
 ) -> Any:
     """``params`` with the chosen towers' layers replaced by the configured checkpoints' weights.
 
-    Text: ``which`` defaults to ``config.model.text_init_towers`` ("both" when absent); with
+    Text: ``which`` defaults to ``config.model.text_init_towers``; with
     ``model.image_init`` too, a tower that the image checkpoint initialises takes only its text
     embedding tables from ``model.text_init``.  Image: :func:`image_init.apply_image_init`.
     Other subtrees are returned unchanged (same objects); replaced leaves keep their dtype and,
     for jax.Arrays, their sharding (works for multi-process replicated params).  No-op without
     either init.
     """
-    directory = config.model.get("text_init", "")
-    image_dir = config.model.get("image_init", "")
+    directory = config.model.text_init
+    image_dir = config.model.image_init
     out = dict(params)
     if directory:
-        which = which or config.model.get("text_init_towers", "both")
+        which = which or config.model.text_init_towers
         _check_which(which)
         converted = traverse_util.flatten_dict(restore_params(directory), sep="/")
         from_image = set()
         if image_dir:
             from_image.add("item_encoder")
-            if config.model.get("image_init_towers", "item") == "both":
+            if config.model.image_init_towers == "both":
                 from_image.add("query_encoder")
         for name in _encoder_names(params, which):
             if name not in params:

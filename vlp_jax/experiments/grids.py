@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from vlp_jax.config.overrides import shipped_config
+
 Overrides = dict[str, Any]  # dotted config path -> value, e.g. {"model.use_image": False}
 
 
@@ -162,17 +164,11 @@ MICRO = Grid(
 )
 
 # ------------------------------------------------------------------------------------- mbns
-# The bank with consistent keys and id-level false-negative masks only.
-MBNS_KEYS: Overrides = {
-    "negatives.bank_size": 2048,  # 16 x the global batch of 128
-    "negatives.momentum": 0.99,  # EMA item tower producing the keys
-    "negatives.momentum_keys": True,  # positives, in-batch and bank keys all from the EMA tower
-    "negatives.bank_warmup_steps": -1,  # bank joins when the LR warm-up ends
-    "negatives.mask_same_query": True,  # items clicked for the same query text: not negatives
-}
-# The recommended CDNS + MBNS recipe (configs/mbns.py applies exactly these fields to base.py):
-# + keyword control, a title holding every query keyword counts as one more positive.
-MBNS_RECIPE: Overrides = {**MBNS_KEYS, "negatives.keyword_control": "positive"}
+# The recommended CDNS + MBNS recipe: exactly the fields configs/mbns.py applies to base.py
+# (defined there, read from that file so the grids measure the recipe it trains).
+MBNS_RECIPE: Overrides = dict(shipped_config("mbns").RECIPE)
+# The bank with consistent keys and id-level false-negative masks only (no keyword control).
+MBNS_KEYS: Overrides = {k: v for k, v in MBNS_RECIPE.items() if k != "negatives.keyword_control"}
 _NO_BANK = {"negatives.bank_size": 0}
 _LOCAL_RECIPE = {**MBNS_KEYS, "negatives.cross_device": False}
 MBNS_VARIANTS = (

@@ -36,6 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vlp_jax.config import saved as saved_config
 from vlp_jax.data import records
 from vlp_jax.data import tokenizer as tokenizer_lib
 from vlp_jax.data.input import preprocess
@@ -102,8 +103,8 @@ class Bundle:
             raise ValueError(f"bundle {self.path} has format_version "
                              f"{self.manifest.get('format_version')}, this code reads "
                              f"{export.FORMAT_VERSION}")
-        self.config = ml_collections.ConfigDict(
-            _read_json(os.path.join(self.path, export.CONFIG_FILE)))
+        self.config = ml_collections.ConfigDict(saved_config.complete(  # older bundles: fields
+            _read_json(os.path.join(self.path, export.CONFIG_FILE))))  # added since, filled
         self.preprocessing = _read_json(os.path.join(self.path, export.PREPROCESSING_FILE))
         self._check_preprocessing()
         self.tokenizer = tokenizer_lib.load_tokenizer(os.path.join(self.path, export.TOKENIZER_DIR))

@@ -96,7 +96,7 @@ def check_tower_shapes(parts: dict[str, Any], config: ml_collections.ConfigDict,
     """Fail before writing anything if the params do not fit the model ``config`` describes."""
     model = serving_model(config, vocab_size)
     expected = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), build.dummy_batch(model), train=False))["params"]
+        lambda: model.init(jax.random.key(0), build.dummy_batch(config), train=False))["params"]
     for tower, tree in parts.items():
         want = {k: expected[k] for k in tree}
         got_shapes = jax.tree_util.tree_map(np.shape, tree)
@@ -117,10 +117,6 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "unknown"
     return out
-
-
-def _param_count(tree: Any) -> int:
-    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))
 
 
 def preprocessing_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -251,7 +247,7 @@ def _write(tmp: str, parts: dict[str, Any], config: ml_collections.ConfigDict, t
         "shared_query_encoder": bool(config.model.shared_query_encoder),
         "towers": {
             tower: {"dir": TOWER_DIRS[tower], "subtrees": sorted(tree),
-                    "param_count": _param_count(tree)}
+                    "param_count": build.param_count(tree)}
             for tower, tree in parts.items()
         },
         "versions": _versions(),

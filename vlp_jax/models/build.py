@@ -22,8 +22,8 @@ def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> VLPModel:
 
     Task switches: title MLM iff ``loss.mlm_weight > 0``, query MLM iff
     ``loss.query_mlm_weight > 0``, MPM iff ``model.use_image`` and ``loss.mpm_type != "none"``
-    and ``loss.mpm_weight > 0``.  Optional ``model.patch_pos_emb`` / ``model.pre_norm`` are read
-    when present, and so are ``model.mlp_dim`` / ``model.layer_norm_eps`` (converted checkpoints).
+    and ``loss.mpm_weight > 0``.  The model sees the ``model`` section with every unset (None)
+    ``model.query_*`` layout field resolved to the item tower's value (:func:`query_layout`).
     """
     m, d, lo = config.model, config.data, config.loss
     if d.image_size % m.patch_size:
@@ -35,7 +35,7 @@ def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> VLPModel:
     side = d.image_size // m.patch_size
     do_mpm = m.use_image and lo.mpm_type != "none" and lo.mpm_weight > 0
     return VLPModel(
-        config=ml_collections.FrozenConfigDict(m),
+        config=ml_collections.FrozenConfigDict(query_layout(m)),
         vocab_size=vocab_size,
         num_patches=side * side,
         patch_dim=m.patch_size * m.patch_size * 3,
@@ -43,15 +43,29 @@ def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> VLPModel:
         max_title_len=d.title_len,
         init_temperature=lo.temperature,
         learn_temperature=lo.learn_temperature,
-        sigmoid_bias_init=lo.get("sigmoid_bias_init", -10.0) if lo.qic_type == "sigmoid" else None,
+        sigmoid_bias_init=lo.sigmoid_bias_init if lo.qic_type == "sigmoid" else None,
         mpm_type=lo.mpm_type if do_mpm else "none",
         compute_title_mlm=lo.mlm_weight > 0,
         compute_query_mlm=lo.query_mlm_weight > 0,
-        patch_pos_emb=m.get("patch_pos_emb", "learned"),
-        pre_norm=m.get("pre_norm", True),
+        patch_pos_emb=m.patch_pos_emb,
+        pre_norm=m.pre_norm,
         title_mlm_predictions=_mlm_cap(d, d.title_len),
         query_mlm_predictions=_mlm_cap(d, d.query_len),
     )
+
+
+QUERY_LAYOUT_KEYS = ("num_heads", "mlp_dim", "layer_norm_eps", "pre_norm", "activation",
+                     "embed_norm")
+
+
+def query_layout(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The ``model`` section as a dict, each ``query_<key>`` that is None (the default: a query
+    tower laid out like the item tower) set to the item tower's ``<key>``."""
+    out = model_cfg.to_dict()
+    for key in QUERY_LAYOUT_KEYS:
+        if out[f"query_{key}"] is None:
+            out[f"query_{key}"] = out[key]
+    return out
 
 
 def towers_only(model: VLPModel) -> VLPModel:
@@ -74,28 +88,37 @@ def tower_param_keys(model_cfg: Any) -> dict[str, tuple[str, ...]]:
 
 def _mlm_cap(data_cfg: ml_collections.ConfigDict, length: int) -> int:
     """The pipeline's per-row MLM cap for sequences of ``length`` (0 = no cap)."""
-    cap = mlm_max_predictions(length, data_cfg.get("mlm_max_fraction", 1.0))
+    cap = mlm_max_predictions(length, data_cfg.mlm_max_fraction)
     return cap if cap < length else 0
 
 
-def dummy_batch(model: VLPModel, batch_size: int = 1) -> dict[str, np.ndarray]:
-    """A well-formed all-keys batch (for ``init`` / ``jax.eval_shape``)."""
-    b, lq, lt, n = batch_size, model.max_query_len, model.max_title_len, model.num_patches
-    q = np.zeros((b, lq), np.int32)
-    t = np.zeros((b, lt), np.int32)
+def dummy_batch(config: ml_collections.ConfigDict, batch_size: int = 2) -> dict[str, np.ndarray]:
+    """Zeros with the train-batch contract's shapes (docs/architecture.md): every key a train
+    step reads, for ``init`` / ``jax.eval_shape`` (the model's own inputs are a subset)."""
+    d = config.data
+    n = (d.image_size // config.model.patch_size) ** 2
+    pdim = config.model.patch_size**2 * 3
+    lq, lt = d.query_len, d.title_len
+
+    def z(*shape, dt=np.int32):
+        return np.zeros((batch_size, *shape), dt)
+
+    ids = np.arange(batch_size, dtype=np.int32)
+    f32 = np.float32
     return {
-        "query_tokens": q, "query_mask": np.ones((b, lq), bool), "query_mlm_tokens": q,
-        "title_tokens": t, "title_mask": np.ones((b, lt), bool), "title_mlm_tokens": t,
-        "query_mlm_weights": np.zeros((b, lq), np.float32),
-        "title_mlm_weights": np.zeros((b, lt), np.float32),
-        "patches": np.zeros((b, n, model.patch_dim), np.float32),
-        "patch_mask": np.zeros((b, n), bool),
+        "query_tokens": z(lq), "query_mask": z(lq, dt=bool),
+        "query_mlm_tokens": z(lq), "query_mlm_targets": z(lq), "query_mlm_weights": z(lq, dt=f32),
+        "title_tokens": z(lt), "title_mask": z(lt, dt=bool),
+        "title_mlm_tokens": z(lt), "title_mlm_targets": z(lt), "title_mlm_weights": z(lt, dt=f32),
+        "patches": z(n, pdim, dt=f32), "patch_mask": z(n, dt=bool),
+        "item_index": ids, "query_id": ids.copy(),
     }
 
 
-def init_params(model: VLPModel, rng: jax.Array, batch_size: int = 1) -> Any:
-    """Initialise every parameter (runs ``__call__`` on :func:`dummy_batch`)."""
-    return model.init(rng, dummy_batch(model, batch_size), train=False)["params"]
+def init_params(model: VLPModel, config: ml_collections.ConfigDict, rng: jax.Array) -> Any:
+    """Initialise every parameter of ``model`` (built from ``config``) on a
+    :func:`dummy_batch`."""
+    return model.init(rng, dummy_batch(config, 1), train=False)["params"]
 
 
 def param_count(params: Any) -> int:

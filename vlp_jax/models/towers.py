@@ -121,22 +121,23 @@ class VLPModel(nn.Module):
 
         def text_transformer(depth, max_len, num_types, prefix=""):
             # ``query_*`` fields (set by vlp_jax.convert.pretrained when a separate query tower
-            # keeps a text checkpoint's layout next to an image-initialised item tower) override
-            # the shared ones for the query tower only.
-            def get(key, default):
-                return c.get(prefix + key, c.get(key, default))
+            # keeps a text checkpoint's layout next to an image-initialised item tower; filled
+            # with the item tower's values by ``models.build.query_layout`` otherwise) are the
+            # query tower's own layout.
+            def get(key):
+                return c[prefix + key]
 
-            pre_norm = bool(c.get(prefix + "pre_norm", self.pre_norm)) if prefix else self.pre_norm
+            pre_norm = bool(c[prefix + "pre_norm"]) if prefix else self.pre_norm
 
             return TextTransformer(
                 vocab_size=self.vocab_size, width=c.width, depth=depth,
-                num_heads=get("num_heads", 0), mlp_ratio=c.mlp_ratio, max_len=max_len,
+                num_heads=get("num_heads"), mlp_ratio=c.mlp_ratio, max_len=max_len,
                 num_types=num_types, dropout=c.dropout,
                 pre_norm=pre_norm,
-                dtype=dt, mlp_dim=get("mlp_dim", 0) or None,
-                layer_norm_eps=get("layer_norm_eps", 1e-6),
-                remat=c.get("remat", "none") == "block",
-                activation=get("activation", "gelu"), input_norm=get("embed_norm", None),
+                dtype=dt, mlp_dim=get("mlp_dim") or None,
+                layer_norm_eps=get("layer_norm_eps"),
+                remat=c.remat == "block",
+                activation=get("activation"), input_norm=get("embed_norm"),
             )
 
         shared = c.shared_query_encoder
@@ -145,7 +146,7 @@ class VLPModel(nn.Module):
         if c.use_image:
             self.patch_embed = PatchEmbed(
                 c.width, self.num_patches, self.patch_dim, pos_emb=self.patch_pos_emb, dtype=dt,
-                cls_token=bool(c.get("image_cls", False)),
+                cls_token=bool(c.image_cls),
             )
             if c.modal_adaptation:
                 self.modal_gate = Dense(2, kernel_init=nn.initializers.zeros)

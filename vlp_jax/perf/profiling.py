@@ -189,12 +189,12 @@ def format_summary(summary: dict) -> str:
            f"{'category':>30} {'ms/step':>8} {'share':>6} {'fwd':>7} {'bwd':>7} {'GFLOP':>7} "
            f"{'GFLOP/s':>8}"]
     cats = sorted(summary["categories"].items(), key=lambda kv: -kv[1]["ms"])
-    for name, c in cats:
-        if c["ms"] <= 0:
+    for name, cat in cats:
+        if cat["ms"] <= 0:
             continue
-        out.append(f"{name:>30} {c['ms']:>8.1f} {c['share'] * 100:>5.1f}% "
-                   f"{c.get('forward_ms', 0.0):>7.1f} {c.get('backward_ms', 0.0):>7.1f} "
-                   f"{c['gflop']:>7.2f} {c['gflops_per_s']:>8.1f}")
+        out.append(f"{name:>30} {cat['ms']:>8.1f} {cat['share'] * 100:>5.1f}% "
+                   f"{cat.get('forward_ms', 0.0):>7.1f} {cat.get('backward_ms', 0.0):>7.1f} "
+                   f"{cat['gflop']:>7.2f} {cat['gflops_per_s']:>8.1f}")
     out.append("")
     out.append(f"{'ms/step':>8} {'GFLOP':>6} {'category':>29} {'pass':>8}  op (shape) layer")
     for r in summary["top_ops"]:

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from vlp_jax.models import make_model
+from vlp_jax.models import make_model, param_count
 from vlp_jax.parallel import mesh as mesh_lib
 from vlp_jax.perf.synthetic import random_batch
 from vlp_jax.train import state as train_state
@@ -36,7 +36,7 @@ class StepHarness:
         return self.step.lower(self.state, self.batch)
 
     def param_count(self) -> int:
-        return train_state.param_count(self.state.params)
+        return param_count(self.state.params)
 
 
 def build(config: ml_collections.ConfigDict, batch_size: int, vocab_size: int) -> StepHarness:

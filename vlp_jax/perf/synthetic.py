@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 
 from vlp_jax.data.input.preprocess import mlm_max_predictions
-from vlp_jax.train.batch_contract import dummy_batch
+from vlp_jax.models.build import dummy_batch
 
 
 def random_batch(
@@ -23,7 +23,7 @@ def random_batch(
             batch[key] = rng.integers(5, vocab, value.shape).astype(np.int32)
         elif key.endswith("weights"):  # ~15% selected, at most the pipeline's cap per row
             draws = rng.random(value.shape)
-            cap = mlm_max_predictions(value.shape[1], config.data.get("mlm_max_fraction", 1.0))
+            cap = mlm_max_predictions(value.shape[1], config.data.mlm_max_fraction)
             rank = np.argsort(np.argsort(draws, axis=1), axis=1)
             batch[key] = ((draws < 0.15) & (rank < cap)).astype(np.float32)
         elif key == "patches":

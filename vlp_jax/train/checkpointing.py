@@ -127,7 +127,7 @@ class Checkpointer:
         self.workdir = fs.normalize(workdir)
         self.directory = fs.join(self.workdir, "checkpoints")
         self.metadata = metadata
-        self.timeout = float(cfg.get("save_timeout_s", 600.0))
+        self.timeout = float(cfg.save_timeout_s)
         self.loop_state: dict[str, Any] = {}  # of the step last restored with its iterator
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep,

@@ -12,7 +12,7 @@ Two passes over the k micro-batches (``train.accum_steps = k``):
 
 1. **Embed** every micro-batch *without* gradients (a ``lax.scan`` of forward passes; no
    activation is kept), put the k·(B/k) embeddings back into global batch order and compute the
-   global losses exactly as the one-step path does (``train_step.compute_losses`` → the sharded
+   global losses exactly as the one-step path does (``train.objective.compute_losses`` → the sharded
    CDNS loss with all B items, memory bank included) together with their gradient w.r.t. the
    embeddings and the logit scale.
 2. **Re-run** each micro-batch forward with gradients (``jax.grad`` inside a second
@@ -127,7 +127,7 @@ def make_value_and_grad(
     ``train.accum_steps == 1``: ``jax.value_and_grad(loss_fn, has_aux=True)`` unchanged.
     Otherwise the two-pass accumulation of the module docstring, with the same outputs
     (``metrics["_item_emb"]`` included, for the memory-bank update).  ``compute_losses`` is
-    the objective (``train_step.compute_losses``), handed in so that this module does not
+    the objective (``train.objective.compute_losses``), handed in so that this module does not
     import the train step that uses it.
     """
     k = int(config.train.accum_steps)

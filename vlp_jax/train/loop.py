@@ -29,7 +29,7 @@ from vlp_jax.data.input import pipeline
 from vlp_jax.data.input.device_prefetch import DevicePrefetchIterator
 from vlp_jax.eval import embed
 from vlp_jax.indexing import export
-from vlp_jax.models import make_model
+from vlp_jax.models import make_model, param_count
 from vlp_jax.parallel import mesh as mesh_lib
 from vlp_jax.runtime import fs, peers
 from vlp_jax.train import (
@@ -62,6 +62,9 @@ class Run:
         killed saves and move unreadable checkpoints aside); eval/export only read.
         ``rebuild_data``: rebuild a damaged TFDS build instead of stopping (``--rebuild_data``)."""
         config = pretrained.configure_text_init(config)  # widths/tokenizer from a checkpoint
+        # Locked: code writing a field that configs/base.py lacks fails naming it (config_flags
+        # locks --config already; configs built in Python, e.g. by tests, are locked here).
+        config.lock()
         config_check.validate_config(config)
         workdir = run_workdir.resolve(workdir, config)
         self.config, self.workdir = config, workdir
@@ -93,13 +96,13 @@ class Run:
         self.optimizer, self.state, self.shardings = train_state.init_model_state(
             self.model, config, self.mesh
         )
-        if config.model.text_init or config.model.get("image_init"):
+        if config.model.text_init or config.model.image_init:
             self.state = train_state.replace_params(
                 self.state, pretrained.apply_text_init(config, self.state.params), config
             )
         self.encode_fns = embed.make_encode_fns(self.model, self.mesh)
         logging.info(
-            "model: %s parameters; mesh %s", f"{train_state.param_count(self.state.params):,}",
+            "model: %s parameters; mesh %s", f"{param_count(self.state.params):,}",
             dict(self.mesh.shape),
         )
 
@@ -165,7 +168,7 @@ def train_and_evaluate(
     """
     workdir = run_workdir.resolve(workdir, config)  # refuses unusable locations before any work
     fs.makedirs(workdir)
-    lease = config.get("checkpoint", {}).get("lock_lease_s", workdir_lock.DEFAULT_LEASE_SECONDS)
+    lease = config.checkpoint.lock_lease_s
     lock = workdir_lock.WorkdirLock(workdir, lease) if jax.process_index() == 0 else None
     if lock is not None:
         lock.acquire()
@@ -282,7 +285,7 @@ def _relevance_tables(run: Run) -> catalog_relevance.RelevanceTables | None:
     """The built-in catalog's relevance oracle for the false-negative diagnostics, or None
     (user catalog, ``negatives.relevance_probe`` off, or no contrastive loss)."""
     cfg = run.config
-    if not cfg.negatives.get("relevance_probe", False) or cfg.loss.qic_weight <= 0:
+    if not cfg.negatives.relevance_probe or cfg.loss.qic_weight <= 0:
         return None
     if cfg.data.catalog_dir or cfg.negatives.ring:
         return None

@@ -157,14 +157,14 @@ class MetricsLogger:
     def _check_finite(self, steps: list[int], host: list[dict[str, Any]], ids: list) -> list[bool]:
         """Apply the non-finite policy; returns which steps are good (raises to stop)."""
         good = []
-        for step, m, batch_ids in zip(steps, host, ids, strict=True):
-            loss_ok = math.isfinite(float(m["loss"]))
-            ok = loss_ok and not float(m.get("nonfinite", 0.0))
+        for step, row, batch_ids in zip(steps, host, ids, strict=True):
+            loss_ok = math.isfinite(float(row["loss"]))
+            ok = loss_ok and not float(row.get("nonfinite", 0.0))
             good.append(ok)
             if ok:
                 self.consecutive_skips = 0
                 continue
-            bad = {k: float(v) for k, v in m.items() if not math.isfinite(float(v))}
+            bad = {k: float(v) for k, v in row.items() if not math.isfinite(float(v))}
             what = "loss" if not loss_ok else "gradients"
             if self.nonfinite_policy != "skip":
                 raise NonFiniteLossError(

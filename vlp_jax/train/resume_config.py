@@ -18,6 +18,9 @@ Three classes of fields:
   they stay on (> 0): switching a task or clipping on/off adds or removes parameters/state.
 - everything else (model shapes, data and tokenisation, batch size, seed, memory bank, process
   count, device count when a sharded bank exists): must match, or resuming is refused.
+
+A checkpoint written before a field existed compares as the field's ``ADDED_FIELDS`` value
+(``vlp_jax.config.saved``); a field it has that this code does not know is refused by name.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from typing import Any
 
 import ml_collections
 
+from vlp_jax.config.saved import ADDED_FIELDS  # fields older checkpoints lack
+
 SAFE_TO_CHANGE = (
     "train.log_every_steps", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save",
     "checkpoint.save_timeout_s", "checkpoint.lock_lease_s",
@@ -35,18 +40,6 @@ SAFE_TO_CHANGE = (
     "model.remat", "model.text_init", "model.image_init", "train.mesh_shape", "train.cpu_devices",
     "negatives.stale_probe", "negatives.relevance_probe",  # diagnostics only
 )
-# Fields added after checkpoints were already being written, with the value that reproduces the
-# behaviour of the code that wrote them: a checkpoint without the field resumes if the field
-# still has that value.
-ADDED_FIELDS = {
-    "negatives.momentum_keys": False, "negatives.bank_item_grad": "full",
-    "negatives.mask_same_query": False, "negatives.keyword_control": "off",
-    "negatives.keyword_bits": 256, "negatives.filter_margin": -1.0,
-    "negatives.oracle_fn_mask": False, "loss.mpm_dup_threshold": 1.0,
-    "loss.mpm_norm_target": False, "loss.mpm_target": "patch_embed",
-    "loss.mpm_teacher_momentum": 0.996, "data.patch_mask_shape": "random",
-    "negatives.distill_alpha": 0.0, "model.image_init": "", "model.image_init_towers": "item",
-}
 # Fields that shape nothing while another field keeps a value: keyword signatures exist only with
 # keyword control on, so a changed ``keyword_bits`` (its default moved from 256 to 1,024) does
 # not matter to a run without it.
@@ -153,8 +146,15 @@ def check_resume(
     if vocab is not None and old_vocab is None:
         warnings.append("vocabulary: the checkpoint does not record which vocabulary it was "
                         "trained on (written by an older vlp_jax); make sure it is this one")
-    for field in sorted(set(old_cfg) | set(new_cfg)):
-        old, new = old_cfg.get(field, "<absent>"), new_cfg.get(field, "<absent>")
+    unknown = sorted(f for f in set(old_cfg) - set(new_cfg)
+                     if _classify(f, old_cfg[f], None) != "safe")
+    if unknown:  # a field since removed or renamed: what it did cannot be reproduced
+        raise ConfigMismatchError(
+            f"cannot resume from {where}: its config has field(s) {unknown} that this version "
+            "of vlp_jax does not know (removed or renamed since the checkpoint was written). "
+            "Resume with the vlp_jax that wrote it, or start a new run with another --workdir.")
+    for field in sorted(new_cfg):
+        old, new = old_cfg.get(field, "<absent>"), new_cfg[field]
         if old == new or (old == "<absent>" and ADDED_FIELDS.get(field, old) == new):
             continue
         if _inert(field, old_cfg, new_cfg):

@@ -15,15 +15,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlp_jax.losses.qic.false_negatives import NegativeFilter
-from vlp_jax.models.build import tower_param_keys
+from vlp_jax.models.build import dummy_batch, tower_param_keys
 from vlp_jax.parallel import memory_bank
 from vlp_jax.parallel import mesh as mesh_lib
-from vlp_jax.train.batch_contract import dummy_batch
 
 PyTree = Any
 
@@ -129,10 +127,6 @@ def create_sharded_state(
     shardings = state_shardings(abstract, mesh)
     state = jax.jit(init, out_shardings=shardings)(rng)
     return state, shardings
-
-
-def param_count(params: PyTree) -> int:
-    return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
 
 
 def init_model_state(

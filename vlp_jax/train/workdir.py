@@ -26,8 +26,9 @@ def resolve(workdir: str, config: ml_collections.ConfigDict | None = None) -> st
             "paths). Use a gs:// workdir or a local/shared filesystem for the run; the catalog, "
             "data.cache_dir, exports and indexes may stay on s3://.")
     loc = fs.check_access(loc, "--workdir")
-    data = (config or {}).get("data", {})
-    for key in ("catalog_dir", "cache_dir"):  # the data locations, also before any work
-        if data.get(key) and fs.is_remote(data[key]):
-            fs.check_access(data[key], f"data.{key}")
+    if config is not None:
+        for key in ("catalog_dir", "cache_dir"):  # the data locations, also before any work
+            where = config.data[key]
+            if where and fs.is_remote(where):
+                fs.check_access(where, f"data.{key}")
     return loc

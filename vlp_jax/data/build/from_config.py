@@ -36,7 +36,7 @@ def cache_root(data_cfg: ml_collections.ConfigDict) -> str:
 
 def staging_dir(data_cfg: ml_collections.ConfigDict) -> str:
     """The local folder for copies of object-store data (``data.staging_dir``)."""
-    return dataset_reader.staging_root(data_cfg.get("staging_dir", ""))
+    return dataset_reader.staging_root(data_cfg.staging_dir)
 
 
 def builtin_catalog_dir(data_cfg: ml_collections.ConfigDict) -> str:

@@ -153,9 +153,9 @@ class PreprocessBatch(grain.transforms.Map):
         self._title_len = int(data_cfg.title_len)
         self._image_size = int(data_cfg.image_size)
         self._mlm_prob = float(data_cfg.mlm_prob)
-        self._mlm_max_fraction = float(data_cfg.get("mlm_max_fraction", 1.0))
+        self._mlm_max_fraction = float(data_cfg.mlm_max_fraction)
         self._ratio = float(data_cfg.patch_mask_ratio)
-        self._mask_shape = str(data_cfg.get("patch_mask_shape", "random"))
+        self._mask_shape = str(data_cfg.patch_mask_shape)
         self._patch_size = int(patch_size)
         self._num_patches = (self._image_size // self._patch_size) ** 2
         self._seed = int(seed)
