@@ -1,7 +1,7 @@
 """Precision of keyword control's "title holds every query keyword" test, by signature size.
 
 ``negatives.keyword_control`` tests containment on one-hash bit signatures of the token ids
-(``vlp_jax.parallel.fn_control``).  A false bit makes an item a keyword match it is not; with
+(``vlp_jax.losses.qic.false_negatives``).  A false bit makes an item a keyword match it is not; with
 ``keyword_control="positive"`` every such item among the loss's candidates becomes a wrong
 positive, and a memory bank multiplies the candidates.  This script measures, on a built-in
 catalog where relevance is known, for random training queries against random candidate items:

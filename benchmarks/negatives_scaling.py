@@ -1,7 +1,7 @@
 """Cost of cross-device negatives: all-gather vs ring, with and without a memory bank.
 
 For a fixed global batch B (default 256, d=128) and N devices in {1, 2, 4, 8} (so b = B/N per
-device), times one jitted loss + gradient of ``negatives.sharded_qic_loss`` w.r.t. the query and
+device), times one jitted loss + gradient of ``losses.qic.qic_loss`` w.r.t. the query and
 item embeddings, and reports the per-device logits memory:
 
 * analytic: the largest logits block a device holds — gather ``b × N·b`` (in-batch) and
