@@ -62,12 +62,18 @@ class Metrics:
         self.deadline_exceeded = Counter("vlp_search_deadline_exceeded", "Searches answered "
                                          "504: not done within the request deadline.",
                                          registry=r)
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.admin_denied = Counter("vlp_admin_denied", "Admin requests refused for a missing "
                                     "or wrong token.", registry=r)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:  # label lookups cost ~20 us a request; the set is bounded
+            children = self._children[key] = (self.requests.labels(route, method, str(status)),
+                                              self.latency.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_batch(self, size: int, waits: list[float], seconds: float) -> None:
         self.batch_size.observe(size)

@@ -58,12 +58,10 @@ class WorkerOptions:
 
 def _worker_main(opts: WorkerOptions, current: str, sock: socket.socket, conn: Any) -> None:
     """A worker process: load, serve on ``sock``, obey the supervisor on ``conn``."""
-    # One core's worth of work per worker: XLA's CPU thread pool would only contend with the
-    # other workers (read when JAX's backend starts, in load_service below).
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
-                               "=false intra_op_parallelism_threads=1").strip()
     from vlp_jax.runtime import devices as runtime
     from vlp_jax.serve import assemble as server_lib
+
+    server_lib.single_threaded_xla()  # before load_service starts JAX's backend
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
