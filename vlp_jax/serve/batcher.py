@@ -83,6 +83,9 @@ class Batcher(Generic[T, R]):
         self._waiting = 0  # queued, not yet taken by the worker (guarded by _close_lock)
         self.executing_since: float | None = None  # monotonic start of the running batch
         self.on_batch, self.init = on_batch, init
+        # Called with the monotonic start of each batch and None when it ends (the workers of
+        # --workers=N publish it for each other's /readyz, fleet.py).
+        self.on_progress: Callable[[float | None], None] | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._close_lock = threading.Lock()
@@ -207,6 +210,8 @@ class Batcher(Generic[T, R]):
     def _execute(self, live: list[_Pending]) -> None:
         start = time.perf_counter()
         self.executing_since = time.monotonic()
+        if self.on_progress is not None:
+            self.on_progress(self.executing_since)
         try:
             results = list(self.fn([p.item for p in live]))
             if len(results) != len(live):
@@ -219,6 +224,8 @@ class Batcher(Generic[T, R]):
             return
         finally:
             self.executing_since = None
+            if self.on_progress is not None:
+                self.on_progress(None)
             self.batches += 1
             self.items += len(live)
         for p, result in zip(live, results, strict=True):

@@ -109,6 +109,7 @@ class SearchService:
         self.timeout, self.stall_seconds = request_timeout_ms / 1000.0, stall_seconds
         self.max_k, self.default_k, self.max_query_chars = max_k, default_k, max_query_chars
         self.metrics = metrics or metrics_lib.Metrics()
+        self.fleet: Any = None  # a fleet.WorkerView in the worker processes of --workers=N
         self.metrics.set_index(holder.current)
         holder.on_swap = self.metrics.set_index
         self.batcher: batcher_lib.Batcher[SearchRequest, answer_lib.Answer] = batcher_lib.Batcher(
@@ -213,12 +214,17 @@ class SearchService:
     def ready(self) -> tuple[bool, dict[str, Any]]:
         """Readiness: the batch worker runs (buckets were compiled before it started) and its
         current batch, if any, started less than ``stall_seconds`` ago (a wedged encoder or
-        search makes the instance unready, so a balancer stops sending it traffic)."""
+        search makes the instance unready, so a balancer stops sending it traffic); in a worker
+        of ``--workers=N``, the same holds for every serving worker (``fleet.py``)."""
         stalled = self.batcher.stalled(self.stall_seconds)
         ok = self.batcher.running and not stalled
-        return ok, {"ready": ok, "stalled": stalled, "queued": self.batcher.waiting,
-                    "index": self.holder.current.describe(),
-                    "last_reload_error": self.holder.last_error}
+        body = {"ready": ok, "stalled": stalled, "queued": self.batcher.waiting,
+                "index": self.holder.current.describe(),
+                "last_reload_error": self.holder.last_error}
+        if self.fleet is not None:  # a worker of --workers=N: every worker counts (fleet.py)
+            fleet_ok, body["workers"] = self.fleet.status(self.stall_seconds)
+            body["ready"] = ok = ok and fleet_ok
+        return ok, body
 
     def close(self) -> None:
         self.batcher.close(timeout=30)
