@@ -61,6 +61,7 @@ LOCAL_BY_CONSTRUCTION = {
     "serve/bundle.py": (9, "reads the staged local copy of a bundle"),
     "serve/export.py": (21, "the bundle is written locally, then published"),
     "serve/index.py": (22, "the index job works in a local folder, then publishes"),
+    "serve/fleet.py": (1, "the workers' metric files: a local temporary folder"),
     "serve/index_files.py": (13, "local index files"),
     "serve/item_embed.py": (3, "local chunk files of the index job"),
     "serve/locations.py": (21, "stages and publishes serving files: the local side"),
