@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 _dumps = json.JSONEncoder(ensure_ascii=False).encode  # the service's JSON dialect
+_text = json.encoder.encode_basestring  # what _dumps does with a str, minus its dispatch
 _FRAGMENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -59,8 +60,8 @@ def _fragment(index: Any, cache: dict, label: int) -> tuple[str, str] | None:
         got = None
     else:
         item_id, title, url = shown
-        got = (f'{{"item_id": {_dumps(item_id)}, "score": ',
-               f', "title": {_dumps(title)}, "image_url": {_dumps(url)}}}')
+        got = (f'{{"item_id": {_text(item_id)}, "score": ',
+               f', "title": {_text(title)}, "image_url": {_text(url)}}}')
     cache[label] = got
     return got
 
@@ -71,8 +72,8 @@ def encode(query: str, k: int, took_ms: float, index: Any, scores: np.ndarray,
     ``results`` = ``[{item_id, score (6 decimals), title, image_url}]`` for the rows of
     ``labels`` that name an item, best first."""
     cache = _fragments(index)
-    parts = [f'{{"query": {_dumps(query)}, "k": {int(k)}, "took_ms": {json_number(took_ms)}, '
-             f'"index": {_dumps(index.kind)}, "index_version": {int(index.version)}, '
+    parts = [f'{{"query": {_text(query)}, "k": {int(k)}, "took_ms": {json_number(took_ms)}, '
+             f'"index": {_text(index.kind)}, "index_version": {int(index.version)}, '
              '"results": [']
     first = True
     for score, label in zip(scores.tolist(), labels.tolist(), strict=True):
