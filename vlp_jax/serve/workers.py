@@ -22,8 +22,10 @@ The reload answers 200 only after every worker acknowledged the commit, within
 ``swap_timeout`` s; a worker that does not is killed and restarted on the new index — so once
 the admin call returns, every worker serves the new index, and every answer comes from one
 index snapshot (a request keeps the snapshot it started on).  Workers that die are restarted on
-the current index.  SIGHUP reloads the configured ``--index``; SIGTERM/SIGINT stop the admin
-listener, send SIGTERM to every worker (each drains its in-flight requests) and exit 0.
+the current index.  ``/readyz`` and ``/metrics`` of any worker describe all of them
+(``fleet.py``: shared readiness slots, Prometheus multiprocess files).  SIGHUP reloads the
+configured ``--index``; SIGTERM/SIGINT stop the admin listener, send SIGTERM to every worker
+(each drains its in-flight requests) and exit 0.
 """
 
 from __future__ import annotations
