@@ -10,7 +10,9 @@ delisted and 1 % new ones, made by the real incremental job.
 
 Servers (``--servers``): ``baseline`` = the stdlib ``ThreadingHTTPServer`` of
 ``--baseline_ref`` (on a format-1 copy of v1), ``asgi`` = the single-process Starlette server of
-``--asgi_ref`` (before issue 35), ``new1`` / ``new2`` = this tree with ``--workers=1`` / ``2``.
+``--asgi_ref`` (before issue 35), ``prev1`` / ``prev2`` = the multi-worker server of
+``--prev_ref`` (before its CPU-per-request work) and ``new1`` / ``new2`` = this tree, with
+``--workers=1`` / ``2``.
 Per server and concurrency, ``--requests`` requests (``--malformed`` of them broken in 17 ways,
 sent as raw bytes) are driven by locust users (library runner, headless, one process, gevent),
 good ones (k uniform in 1..100) over keep-alive connections; the run at ``--swap_at`` clients
@@ -63,7 +65,9 @@ flags.DEFINE_string("baseline_ref", "dac4320", "Commit of the old (ThreadingHTTP
                     "('' = skip the baseline).")
 flags.DEFINE_string("asgi_ref", "f15229b", "Commit of the single-process Starlette server "
                     "before issue 35.")
-flags.DEFINE_list("servers", ["baseline", "asgi", "new1", "new2"], "Servers to measure.")
+flags.DEFINE_string("prev_ref", "ece96fc", "Commit of the previous multi-worker server.")
+flags.DEFINE_list("servers", ["baseline", "asgi", "prev1", "prev2", "new1", "new2"],
+                  "Servers to measure.")
 flags.DEFINE_integer("swap_at", 8, "Client count of the run with an index swap halfway (the "
                      "other runs give the CPU per request without a 100k-item load in it).")
 flags.DEFINE_integer("single_repeats", 5, "Extra 1-client runs of new1 (p50 stability).")
@@ -265,7 +269,8 @@ def run_server(name: str, data: dict, work: str) -> list[dict]:
     """All concurrency levels against one server (started once, stopped with SIGTERM).
 
     ``baseline`` = the stdlib server of ``--baseline_ref``; ``asgi`` = the single-process
-    Starlette server of ``--asgi_ref``; ``new1`` / ``new2`` = this tree with 1 / 2 workers."""
+    Starlette server of ``--asgi_ref``; ``prev1`` / ``prev2`` = the server of ``--prev_ref``,
+    ``new1`` / ``new2`` = this tree, with 1 / 2 workers."""
     port, admin = serve_procs.free_port(), serve_procs.free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "VLP_ADMIN_TOKEN": ADMIN_TOKEN}
     cmd = [sys.executable, "-m", "vlp_jax.serve.server", f"--bundle={data['bundle']}",
@@ -280,8 +285,11 @@ def run_server(name: str, data: dict, work: str) -> list[dict]:
         if name == "asgi":
             cwd = env["PYTHONPATH"] = _baseline_tree(FLAGS.asgi_ref, work)
         else:
-            cmd.append(f"--workers={name[3:]}")
-            marker = "workers serving" if name != "new1" else ""
+            if name.startswith("prev"):
+                cwd = env["PYTHONPATH"] = _baseline_tree(FLAGS.prev_ref, work)
+            workers = name.removeprefix("prev").removeprefix("new")
+            cmd.append(f"--workers={workers}")
+            marker = "workers serving" if workers != "1" else ""
     proc = serve_procs.start_server(cmd, cwd, env, os.path.join(work, f"{name}.log"),
                                     f"127.0.0.1:{port}", ready, marker)
     runs, target = [], data["v2"]
@@ -351,7 +359,8 @@ def main(argv: list[str]) -> None:
            if r["concurrency"] == top}
     result = {"num_items": FLAGS.num_items, "requests_per_run": FLAGS.requests,
               "malformed": FLAGS.malformed, "malformed_kinds": len(MALFORMED), "k": "1..100",
-              "baseline_ref": FLAGS.baseline_ref, "asgi_ref": FLAGS.asgi_ref, "prepare": data,
+              "baseline_ref": FLAGS.baseline_ref, "asgi_ref": FLAGS.asgi_ref,
+              "prev_ref": FLAGS.prev_ref, "prepare": data,
               "runs": runs, "overload": OVERLOAD, "load_average_start": load_start,
               "load_average_end": [round(x, 2) for x in os.getloadavg()],
               "cpu_count": os.cpu_count(),

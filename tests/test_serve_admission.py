@@ -18,7 +18,7 @@ import pytest
 import serve_fixtures
 
 from vlp_jax.indexing import ann, index_files, provenance
-from vlp_jax.serve import batcher, policy, server, service, swap
+from vlp_jax.serve import answer, batcher, policy, server, service, swap
 
 DIM = 8
 MANIFEST = {"step": 7, "created_at": "2026-12-07T00:00:00Z", "embed_dim": DIM}
@@ -235,10 +235,80 @@ def test_one_search_per_batch_equals_per_request_search(tmp_path, kinds):
         batched = svc.search_batch(requests)
         assert calls == [(6, 100)]  # one faiss call for the batch, at its largest k
         for r, got in zip(requests, batched, strict=True):
-            want = svc.search_batch([r])[0]
-            assert got["results"] == want["results"] and len(got["results"]) == r.k
+            want = svc.search_batch([r])[0].data
+            assert got.data["results"] == want["results"] and len(want["results"]) == r.k
     finally:
         svc.close()
+
+
+class ShownIndex:
+    """What ``answer.encode`` reads of an index: kind, version and each label's fields."""
+
+    kind, version = "hnsw", 3
+    TITLES = ['plain', 'quote " and \\ backslash', 'caf\u00e9 \u2603 \U0001f600',
+              'ctrl \x01\t\n', '\u2028 line sep', '']
+
+    def shown(self, label):
+        if label < 0:
+            return None
+        return (f"id/{label}", self.TITLES[label % len(self.TITLES)], f"/items/id%2F{label}/image")
+
+
+def test_answer_bytes_are_json_dumps_of_the_answer():
+    """``answer.encode`` assembles cached fragments; the bytes must be exactly those of
+    ``json.dumps(answer_dict, ensure_ascii=False)`` (escapes, float text, -1 padding)."""
+    index = ShownIndex()
+    rng = np.random.default_rng(0)
+    specials = [0.0, -0.0, 1.0, -1.0, 0.5, 1e-7, -3e-5, 0.1234565, 123456.7, 2.5e-4]
+    for k in (0, 1, 7, 100):
+        scores = np.concatenate([np.asarray(specials, np.float32),
+                                 rng.uniform(-1, 1, 100).astype(np.float32)])[:k]
+        labels = rng.integers(-1, 40, k)
+        for query in ("red dress", 'q "x" \u00e9\u4e2d'):
+            took = round(float(rng.uniform(0, 50)), 3)
+            want = {"query": query, "k": k, "took_ms": took, "index": "hnsw",
+                    "index_version": 3, "results": [
+                        {"item_id": f"id/{la}", "score": round(sc, 6),
+                         "title": index.TITLES[la % len(index.TITLES)],
+                         "image_url": f"/items/id%2F{la}/image"}
+                        for sc, la in zip(scores.tolist(), labels.tolist(), strict=True)
+                        if la >= 0]}
+            for _ in range(2):  # first build, then from the fragment cache
+                got = answer.encode(query, k, took, index, scores, labels)
+                assert got.body == json.dumps(want, ensure_ascii=False).encode()
+                assert got.data == want
+
+
+def test_async_callers_get_their_results_and_deadlines_cancel():
+    """``Batcher.run``: every asyncio caller gets its own result (one hand-over per batch);
+    one that times out raises DeadlineExceeded and its request is dropped, not run."""
+    import asyncio
+
+    gate, seen = threading.Event(), []
+
+    def fn(items):
+        gate.wait(10)
+        seen.extend(items)
+        return [x * 2 for x in items]
+
+    b = batcher.Batcher(fn, max_batch=8, max_wait_ms=0)
+
+    async def main():
+        gate.clear()
+        first = asyncio.ensure_future(b.run(-1, timeout=10))  # holds the worker
+        await asyncio.sleep(0.05)
+        late = asyncio.ensure_future(b.run(99, timeout=0.05))  # queued behind it, times out
+        with pytest.raises(batcher.DeadlineExceeded):
+            await late
+        rest = [asyncio.ensure_future(b.run(i, timeout=10)) for i in range(6)]
+        gate.set()
+        return await first, await asyncio.gather(*rest)
+
+    try:
+        assert asyncio.run(main()) == (-2, [0, 2, 4, 6, 8, 10])
+        assert 99 not in seen  # the cancelled request never reached the batch function
+    finally:
+        b.close()
 
 
 def test_uvicorn_hooks_protocol_py_overrides_are_the_pinned_ones():

@@ -106,8 +106,8 @@ def test_batched_search_is_identical_to_one_at_a_time(run):
                    ("black", 10), ("green cotton socks", 5), ("a", 1), ("silk scarf", 10),
                    ("wool coat", 5), ("running shoes", 7), ("mug", 5)]
         requests = [service.request(q, k) for q, k in queries]
-        batched = service.search_batch(requests)  # one encoder call, padded to bucket 16
-        single = [service.search_batch([r])[0] for r in requests]  # bucket 1 each
+        batched = [a.data for a in service.search_batch(requests)]  # one call, bucket 16
+        single = [service.search_batch([r])[0].data for r in requests]  # bucket 1 each
         for b, s in zip(batched, single, strict=True):
             assert [r["item_id"] for r in b["results"]] == [r["item_id"] for r in s["results"]]
             np.testing.assert_allclose([r["score"] for r in b["results"]],

@@ -193,9 +193,32 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _fleet_readiness_and_metrics(address, searches):
+    """/readyz lists both workers serving; /metrics (from whichever worker) counts the
+    searches of both (and of workers that died), with one index series per live worker."""
+    status, ready = call(address, "/readyz")
+    assert status == 200 and [w["state"] for w in ready["workers"]] == ["serving"] * 2, ready
+    deadline = time.time() + 30
+    while True:  # a count lands just after its answer is sent: poll briefly
+        conn = http.client.HTTPConnection(address, timeout=60)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+        total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                    if line.startswith("vlp_http_requests_total{") and 'route="/search"' in line
+                    and 'status="200"' in line)
+        if total >= searches or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert total == searches, (total, searches)
+    versions = [line for line in text.splitlines() if line.startswith("vlp_index_version{")]
+    assert len(versions) == 2 and all('pid="' in line for line in versions), versions
+
+
 def test_workers_swap_together_with_no_mixed_answers(run, v2, root, tmp_path):
     """``--workers=2`` from the command line: an admin reload returns once every worker serves
-    the new index, no answer mixes two indexes, SIGHUP re-reads the configured --index (a
+    the new index, no answer mixes two indexes, /readyz and /metrics describe both workers, a
+    killed worker is restarted on the serving index, SIGHUP re-reads the configured --index (a
     flipped symlink), SIGTERM drains and exits 0."""
     current = tmp_path / "current"
     os.symlink(run.index_dir, current)
@@ -252,6 +275,22 @@ def test_workers_swap_together_with_no_mixed_answers(run, v2, root, tmp_path):
         for t in threads:
             t.join(60)
         assert not errors and {1, 2} <= set(versions)
+        _fleet_readiness_and_metrics(address, searches=len(versions) + 8)
+        # A killed worker is restarted by the supervisor, on the index serving now (v2, not
+        # the --index it started with), and the fleet's counters keep its requests.
+        pids = [w["pid"] for w in admin_call("/admin/status")[1]["workers"]]
+        os.kill(pids[0], signal.SIGKILL)
+        while True:
+            workers = admin_call("/admin/status")[1]["workers"]  # the dead one: "error"
+            if pids[0] not in [w.get("pid") for w in workers] and len(workers) == 2 and all(
+                    w.get("version") == 2 for w in workers):
+                break
+            assert time.time() < deadline, f"the killed worker was not restarted: {workers}"
+            time.sleep(0.5)
+        assert {w["pid"] for w in workers} - set(pids)  # a new process
+        for _ in range(6):
+            assert call(address, "/search?q=hat&k=5")[1]["index_version"] == 2
+        _fleet_readiness_and_metrics(address, searches=len(versions) + 14)
         assert admin_call("/admin/reload?index=/etc")[0] == 403
         proc.send_signal(signal.SIGHUP)  # re-reads --index: current -> v1
         while not workers_serve(1):

@@ -45,6 +45,7 @@ class _Pending:
     item: Any
     future: concurrent.futures.Future
     enqueued: float
+    waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None  # run() callers
 
 
 class BatcherClosed(RuntimeError):
@@ -82,6 +83,9 @@ class Batcher(Generic[T, R]):
         self._waiting = 0  # queued, not yet taken by the worker (guarded by _close_lock)
         self.executing_since: float | None = None  # monotonic start of the running batch
         self.on_batch, self.init = on_batch, init
+        # Called with the monotonic start of each batch and None when it ends (the workers of
+        # --workers=N publish it for each other's /readyz, fleet.py).
+        self.on_progress: Callable[[float | None], None] | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._close_lock = threading.Lock()
@@ -96,24 +100,37 @@ class Batcher(Generic[T, R]):
 
         Raises :class:`QueueFull` when ``max_queue`` requests are already waiting.
         """
-        future: concurrent.futures.Future = concurrent.futures.Future()
+        return self._submit(item, None).future
+
+    def _submit(self, item: T, waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None
+                ) -> _Pending:
+        pending = _Pending(item, concurrent.futures.Future(), time.perf_counter(), waiter)
         with self._close_lock:  # nothing may slip in behind the stop marker
             if self._closed:
                 raise BatcherClosed("the batcher is shut down")
             if self.max_queue and self._waiting >= self.max_queue:
                 raise QueueFull(f"{self._waiting} requests are already queued")
             self._waiting += 1
-            self._queue.put(_Pending(item, future, time.perf_counter()))
-        return future
+            self._queue.put(pending)
+        return pending
 
     async def run(self, item: T, timeout: float | None = None) -> R:
         """``submit`` for asyncio callers (the event loop never blocks on the encoder);
-        :class:`DeadlineExceeded` after ``timeout`` seconds (the request is cancelled)."""
-        future = asyncio.wrap_future(self.submit(item))
+        :class:`DeadlineExceeded` after ``timeout`` seconds (the request is cancelled).
+
+        The worker hands a batch's results to each event loop in one call (not one wake-up
+        of the loop per request, as ``asyncio.wrap_future`` would: ~8 % of the worker's time
+        at 32 clients went to those)."""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        pending = self._submit(item, (loop, waiter))
+        # A caller that gives up (deadline, disconnect) cancels the request: dropped by the
+        # worker if it has not started.
+        waiter.add_done_callback(lambda w: w.cancelled() and pending.future.cancel())
         if timeout is None:
-            return await future
+            return await waiter
         try:
-            return await asyncio.wait_for(future, timeout)
+            return await asyncio.wait_for(waiter, timeout)
         except TimeoutError as e:
             raise DeadlineExceeded(f"no answer within {timeout * 1000:.0f} ms") from e
 
@@ -188,10 +205,13 @@ class Batcher(Generic[T, R]):
                 return
             if p is not _STOP and p.future.set_running_or_notify_cancel():
                 p.future.set_exception(BatcherClosed("the batcher is shut down"))
+                _deliver([p])
 
     def _execute(self, live: list[_Pending]) -> None:
         start = time.perf_counter()
         self.executing_since = time.monotonic()
+        if self.on_progress is not None:
+            self.on_progress(self.executing_since)
         try:
             results = list(self.fn([p.item for p in live]))
             if len(results) != len(live):
@@ -200,16 +220,47 @@ class Batcher(Generic[T, R]):
         except Exception as e:  # noqa: BLE001 - every caller of the batch gets the error
             for p in live:
                 p.future.set_exception(e)
+            _deliver(live)
             return
         finally:
             self.executing_since = None
+            if self.on_progress is not None:
+                self.on_progress(None)
             self.batches += 1
             self.items += len(live)
         for p, result in zip(live, results, strict=True):
             p.future.set_result(result)
+        _deliver(live)
         if self.on_batch is not None:
             try:
                 self.on_batch(len(live), [start - p.enqueued for p in live],
                               time.perf_counter() - start)
             except Exception:  # noqa: BLE001 - observers must never break serving
                 logging.exception("batch observer failed")
+
+
+def _deliver(done: list[_Pending]) -> None:
+    """Copy finished futures into the asyncio waiters of :meth:`Batcher.run` callers, with one
+    ``call_soon_threadsafe`` per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
+    for p in done:
+        if p.waiter is not None:
+            by_loop.setdefault(p.waiter[0], []).append(p)
+    for loop, pendings in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, pendings)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+
+def _resolve(pendings: list[_Pending]) -> None:
+    """On the event loop: each waiter gets its request's result or exception."""
+    for p in pendings:
+        waiter = p.waiter[1]  # type: ignore[index]
+        if waiter.done():  # the caller gave up (deadline): nothing to hand over
+            continue
+        error = p.future.exception()
+        if error is not None:
+            waiter.set_exception(error)
+        else:
+            waiter.set_result(p.future.result())

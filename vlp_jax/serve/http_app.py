@@ -46,6 +46,7 @@ from starlette.routing import Route
 
 from vlp_jax.serve import openapi, policy, swap
 from vlp_jax.serve import service as service_lib
+from vlp_jax.serve.answer import json_number
 from vlp_jax.serve.service import ApiError, utf8
 
 MAX_URL_BYTES = 4096  # request-target size cap (414 above)
@@ -56,9 +57,12 @@ _PUBLIC_ROUTES = ("/search", "/healthz", "/readyz", "/metrics", "/openapi.json",
 IMAGE_ROUTE = "/items/{item_id}/image"
 
 
+_JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
+
 def json_response(status: int, obj: Any, *, close: bool = False,
                   extra: dict[str, str] | None = None) -> Response:
-    headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", **(extra or {})}
+    headers = {**_JSON_HEADERS, **(extra or {})}
     if close:
         headers["Connection"] = "close"
     body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
@@ -190,13 +194,25 @@ class Observe:
 
 def log_access(client: tuple[str, int] | None, method: str, route: str, path: str,
                query_bytes: int, status: int, nbytes: int, seconds: float) -> None:
-    """One JSON access-log line (the query string itself is never logged: user data)."""
+    """One JSON access-log line (the query string itself is never logged: user data).
+
+    The line is the ``json.dumps`` of ``{ts, client, method, route, path, query_bytes, status,
+    bytes, ms}``, written out field by field, and the record is made directly (no caller
+    lookup: the source line of an access log is always this one) — the logging call cost
+    ~0.1 ms of the event loop's CPU per request through ``Logger.info`` and a dict dump."""
+    if not ACCESS_LOG.isEnabledFor(logging.INFO):
+        return
     host, port = client or ("", 0)
-    ACCESS_LOG.info(json.dumps({
-        "ts": round(time.time(), 3), "client": f"{host}:{port}", "method": method,
-        "route": route, "path": path[:200] if route != "other" else path[:80],
-        "query_bytes": query_bytes, "status": status, "bytes": nbytes,
-        "ms": round(seconds * 1000, 3)}))
+    shown = path[:200] if route != "other" else path[:80]
+    line = (f'{{"ts": {json_number(round(time.time(), 3))}, "client": {_text(f"{host}:{port}")}, '
+            f'"method": {_text(method)}, "route": {_text(route)}, "path": {_text(shown)}, '
+            f'"query_bytes": {int(query_bytes)}, "status": {int(status)}, '
+            f'"bytes": {int(nbytes)}, "ms": {json_number(round(seconds * 1000, 3))}}}')
+    ACCESS_LOG.handle(ACCESS_LOG.makeRecord(ACCESS_LOG.name, logging.INFO, __file__, 0, line,
+                                            None, None))
+
+
+_text = json.encoder.encode_basestring_ascii  # json.dumps's string text (ensure_ascii)
 
 
 def create_app(service: service_lib.SearchService, *, admin_ports: Collection[int] = (),
@@ -210,7 +226,8 @@ def create_app(service: service_lib.SearchService, *, admin_ports: Collection[in
 
     async def search(request: Request) -> Response:
         query, k = service.parse_search(request.scope["query_string"])
-        return json_response(200, await service.search_async(query, k))
+        answer = await service.search_async(query, k)
+        return Response(answer.body, headers=_JSON_HEADERS, media_type=JSON_TYPE)
 
     async def image(request: Request) -> Response:
         data, ctype = await run_in_threadpool(service.image, request.path_params["item_id"])

@@ -4,10 +4,17 @@ Each service owns its own ``CollectorRegistry`` (not the process-global default)
 benchmarks can run several services in one process without duplicate-metric errors.  Labels are
 bounded: ``route`` is the matched route template (``/items/{item_id}/image``), never the raw
 path, and query text never appears in a metric.
+
+In the worker processes of ``--workers=N`` (``PROMETHEUS_MULTIPROC_DIR`` set, ``fleet.py``) a
+scrape answers for the whole server: counters and histograms summed over the workers, the
+in-flight gauge summed over live workers, the index gauges one series per live worker (label
+``pid``), and ``vlp_index_info`` of the worker that answered (an ``Info`` cannot be shared;
+after a reload has answered every worker serves the same index).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from prometheus_client import (
@@ -23,6 +30,7 @@ from prometheus_client import (
 LATENCY_BUCKETS = (.0005, .001, .002, .003, .005, .0075, .01, .015, .025, .05, .1, .25, .5, 1.0,
                    2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # fleet.py sets it for the workers
 
 
 class Metrics:
@@ -37,7 +45,7 @@ class Metrics:
                                  "headers to the last response byte, by route.", ["route"],
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("vlp_http_requests_in_flight", "Requests being handled.",
-                               registry=r)
+                               registry=r, multiprocess_mode="livesum")
         self.batch_size = Histogram("vlp_search_batch_size", "Search requests encoded together "
                                     "in one query-tower call.", buckets=BATCH_BUCKETS, registry=r)
         self.batch_seconds = Histogram("vlp_search_batch_seconds", "Encode + index search time "
@@ -45,11 +53,14 @@ class Metrics:
         self.queue_seconds = Histogram("vlp_search_queue_wait_seconds", "Time a search request "
                                        "waited for its batch to start.", buckets=LATENCY_BUCKETS,
                                        registry=r)
-        self.index_items = Gauge("vlp_index_items", "Items in the serving index.", registry=r)
+        self.index_items = Gauge("vlp_index_items", "Items in the serving index.", registry=r,
+                                 multiprocess_mode="liveall")
         self.index_version = Gauge("vlp_index_version", "version of the serving index directory "
-                                   "(index_info.json; +1 per incremental update).", registry=r)
+                                   "(index_info.json; +1 per incremental update).", registry=r,
+                                   multiprocess_mode="liveall")
         self.index_generation = Gauge("vlp_index_generation", "Indexes this process has served "
-                                      "(1 + successful swaps).", registry=r)
+                                      "(1 + successful swaps).", registry=r,
+                                      multiprocess_mode="liveall")
         self.index_info = Info("vlp_index", "The serving index.", registry=r)
         self.reloads = Counter("vlp_index_reloads", "Index reload attempts, by result.",
                                ["result"], registry=r)
@@ -62,12 +73,18 @@ class Metrics:
         self.deadline_exceeded = Counter("vlp_search_deadline_exceeded", "Searches answered "
                                          "504: not done within the request deadline.",
                                          registry=r)
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.admin_denied = Counter("vlp_admin_denied", "Admin requests refused for a missing "
                                     "or wrong token.", registry=r)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:  # label lookups cost ~20 us a request; the set is bounded
+            children = self._children[key] = (self.requests.labels(route, method, str(status)),
+                                              self.latency.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_batch(self, size: int, waits: list[float], seconds: float) -> None:
         self.batch_size.observe(size)
@@ -85,4 +102,23 @@ class Metrics:
                               "bundle_step": str(index.info.get("bundle_step"))})
 
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The exposition text: this registry's, or every worker's (multiprocess mode)."""
+        path = os.environ.get(MULTIPROC_ENV)
+        if not path:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        from prometheus_client import multiprocess
+
+        fleet = CollectorRegistry()
+        multiprocess.MultiProcessCollector(fleet, path=path)
+        fleet.register(_Only(self.index_info))
+        return generate_latest(fleet), CONTENT_TYPE_LATEST
+
+
+class _Only:
+    """One metric of a registry as a collector of its own."""
+
+    def __init__(self, metric: Any):
+        self.metric = metric
+
+    def collect(self) -> Any:
+        return self.metric.collect()

@@ -19,18 +19,19 @@ from __future__ import annotations
 import dataclasses
 import mimetypes
 import os
+import re
 import time
 import urllib.parse
 from typing import Any
 
-import numpy as np
-
 from vlp_jax.indexing import bundle as bundle_lib
+from vlp_jax.serve import answer as answer_lib
 from vlp_jax.serve import batcher as batcher_lib
 from vlp_jax.serve import metrics as metrics_lib
 from vlp_jax.serve import policy, swap
 
 MAX_IMAGE_BYTES = 20 << 20  # larger image files are not served
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # below 32, but not \t \n \r
 
 
 class ApiError(Exception):
@@ -108,9 +109,10 @@ class SearchService:
         self.timeout, self.stall_seconds = request_timeout_ms / 1000.0, stall_seconds
         self.max_k, self.default_k, self.max_query_chars = max_k, default_k, max_query_chars
         self.metrics = metrics or metrics_lib.Metrics()
+        self.fleet: Any = None  # a fleet.WorkerView in the worker processes of --workers=N
         self.metrics.set_index(holder.current)
         holder.on_swap = self.metrics.set_index
-        self.batcher: batcher_lib.Batcher[SearchRequest, dict[str, Any]] = batcher_lib.Batcher(
+        self.batcher: batcher_lib.Batcher[SearchRequest, answer_lib.Answer] = batcher_lib.Batcher(
             self.search_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
             name="vlp-search-batcher", on_batch=self.metrics.observe_batch,
             init=lambda: _set_faiss_threads(faiss_threads), max_queue=max_queue)
@@ -134,7 +136,7 @@ class SearchService:
         if len(query) > self.max_query_chars:
             raise ApiError(400, f"query 'q' is {len(query)} characters; the limit is "
                                 f"{self.max_query_chars}")
-        if any(ord(c) < 32 and c not in "\t\n\r" for c in query):
+        if _CONTROL.search(query):
             raise ApiError(400, "query 'q' contains control characters")
         k = self.default_k
         if "k" in params:
@@ -150,7 +152,7 @@ class SearchService:
     def request(self, query: str, k: int) -> SearchRequest:
         return SearchRequest(query, k, self.holder.current, time.perf_counter())
 
-    async def search_async(self, query: str, k: int) -> dict[str, Any]:
+    async def search_async(self, query: str, k: int) -> answer_lib.Answer:
         """One search through the batcher (the event loop never blocks on the encoder); 503
         when the queue is full, 504 past the deadline."""
         try:
@@ -163,40 +165,28 @@ class SearchService:
             raise ApiError(504, f"search timed out: {e}") from e
 
     def search(self, query: str, k: int) -> dict[str, Any]:
-        """One search through the batcher, blocking (scripts, tests)."""
-        return self.batcher.submit(self.request(query, k)).result()
+        """One search through the batcher, blocking (scripts, tests): the answer as a dict."""
+        return self.batcher.submit(self.request(query, k)).result().data
 
-    def search_batch(self, requests: list[SearchRequest]) -> list[dict[str, Any]]:
+    def search_batch(self, requests: list[SearchRequest]) -> list[answer_lib.Answer]:
         """Encode all queries in one call; search each index snapshot once (one faiss call
-        per batch, two only across a swap) at the largest ``k`` and slice per request."""
+        per batch, two only across a swap) at the largest ``k`` and slice per request.  The
+        answers are JSON bytes, built here on the batch worker (``answer.py``)."""
         emb = self.bundle.encode_queries([r.query for r in requests])
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(id(r.loaded), []).append(i)
-        out: list[dict[str, Any] | None] = [None] * len(requests)
+        out: list[answer_lib.Answer | None] = [None] * len(requests)
         for members in groups.values():
             index = requests[members[0]].loaded.index
             k = max(requests[i].k for i in members)
             scores, labels = index.search(emb[members], k)
             done = time.perf_counter()
             for row, i in enumerate(members):
-                kk = requests[i].k
-                out[i] = self._result(requests[i], index, scores[row, :kk], labels[row, :kk],
-                                      done)
+                r = requests[i]
+                out[i] = answer_lib.encode(r.query, r.k, round((done - r.start) * 1000.0, 3),
+                                           index, scores[row, :r.k], labels[row, :r.k])
         return out  # type: ignore[return-value]
-
-    @staticmethod
-    def _result(r: SearchRequest, index, scores: np.ndarray, labels: np.ndarray,
-                done: float) -> dict[str, Any]:
-        results = []
-        for score, label in zip(scores.tolist(), labels.tolist(), strict=True):
-            shown = index.shown(label)
-            if shown is None:  # faiss pads with -1 when an ANN search finds fewer than k
-                continue
-            results.append({"item_id": shown[0], "score": round(score, 6), "title": shown[1],
-                            "image_url": shown[2]})
-        return {"query": r.query, "k": r.k, "took_ms": round((done - r.start) * 1000.0, 3),
-                "index": index.kind, "index_version": index.version, "results": results}
 
     # ------------------------------------------------------------------ other routes
     def image(self, quoted_id: str) -> tuple[bytes, str]:
@@ -224,12 +214,17 @@ class SearchService:
     def ready(self) -> tuple[bool, dict[str, Any]]:
         """Readiness: the batch worker runs (buckets were compiled before it started) and its
         current batch, if any, started less than ``stall_seconds`` ago (a wedged encoder or
-        search makes the instance unready, so a balancer stops sending it traffic)."""
+        search makes the instance unready, so a balancer stops sending it traffic); in a worker
+        of ``--workers=N``, the same holds for every serving worker (``fleet.py``)."""
         stalled = self.batcher.stalled(self.stall_seconds)
         ok = self.batcher.running and not stalled
-        return ok, {"ready": ok, "stalled": stalled, "queued": self.batcher.waiting,
-                    "index": self.holder.current.describe(),
-                    "last_reload_error": self.holder.last_error}
+        body = {"ready": ok, "stalled": stalled, "queued": self.batcher.waiting,
+                "index": self.holder.current.describe(),
+                "last_reload_error": self.holder.last_error}
+        if self.fleet is not None:  # a worker of --workers=N: every worker counts (fleet.py)
+            fleet_ok, body["workers"] = self.fleet.status(self.stall_seconds)
+            body["ready"] = ok = ok and fleet_ok
+        return ok, body
 
     def close(self) -> None:
         self.batcher.close(timeout=30)

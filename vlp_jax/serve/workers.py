@@ -22,8 +22,10 @@ The reload answers 200 only after every worker acknowledged the commit, within
 ``swap_timeout`` s; a worker that does not is killed and restarted on the new index — so once
 the admin call returns, every worker serves the new index, and every answer comes from one
 index snapshot (a request keeps the snapshot it started on).  Workers that die are restarted on
-the current index.  SIGHUP reloads the configured ``--index``; SIGTERM/SIGINT stop the admin
-listener, send SIGTERM to every worker (each drains its in-flight requests) and exit 0.
+the current index.  ``/readyz`` and ``/metrics`` of any worker describe all of them
+(``fleet.py``: shared readiness slots, Prometheus multiprocess files).  SIGHUP reloads the
+configured ``--index``; SIGTERM/SIGINT stop the admin listener, send SIGTERM to every worker
+(each drains its in-flight requests) and exit 0.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import time
 from typing import Any
 
 from vlp_jax.indexing import ann, locations, provenance
-from vlp_jax.serve import policy, search_index, swap
+from vlp_jax.serve import fleet, policy, search_index, swap
 
 _CTX = multiprocessing.get_context("spawn")  # never fork a process that may hold JAX threads
 
@@ -57,14 +59,14 @@ class WorkerOptions:
     server_kwargs: dict[str, Any]  # server.make_server keywords (never admin ones)
 
 
-def _worker_main(opts: WorkerOptions, current: str, sock: socket.socket, conn: Any) -> None:
-    """A worker process: load, serve on ``sock``, obey the supervisor on ``conn``."""
-    # One core's worth of work per worker: XLA's CPU thread pool would only contend with the
-    # other workers (read when JAX's backend starts, in load_service below).
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
-                               "=false intra_op_parallelism_threads=1").strip()
+def _worker_main(opts: WorkerOptions, current: str, sock: socket.socket, conn: Any,
+                 shared: fleet.Fleet, slot: int) -> None:
+    """A worker process: load, serve on ``sock``, obey the supervisor on ``conn``; its
+    readiness goes to slot ``slot`` of ``shared``."""
     from vlp_jax.runtime import devices as runtime
     from vlp_jax.serve import assemble as server_lib
+
+    server_lib.single_threaded_xla()  # before load_service starts JAX's backend
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
@@ -74,6 +76,8 @@ def _worker_main(opts: WorkerOptions, current: str, sock: socket.socket, conn: A
     service.holder.freeze_gc = True  # a server process: index objects stay out of GC
     gc.freeze()
     service.holder.configured = opts.index  # the worker may start on a reloaded index
+    service.fleet = view = fleet.WorkerView(shared, slot)
+    service.batcher.on_progress = view.publish
     if opts.server_kwargs.get("access_log"):
         server_lib.access_log_to_stderr()
     srv = server_lib.make_server(service, **opts.server_kwargs)
@@ -143,16 +147,19 @@ class Supervisor:
         self.stopping = False
         self.workers: list[_Worker] = []
         self.last_error: str | None = None
-        for _ in range(workers):
-            self.workers.append(self._spawn())
+        self.fleet = fleet.Fleet(workers, _CTX)
+        self.metrics_dir = fleet.make_metrics_dir()  # before the first worker starts
+        for i in range(workers):
+            self.workers.append(self._spawn(i))
         for i in range(workers):
             self._await_start(i)
 
     # ------------------------------------------------------------------ processes
-    def _spawn(self) -> _Worker:
+    def _spawn(self, i: int) -> _Worker:
+        self.fleet.starting(i)
         parent, child = _CTX.Pipe()
         process = _CTX.Process(target=_worker_main, name="vlp-search-worker", daemon=False,
-                               args=(self.opts, self.local, self.sock, child))
+                               args=(self.opts, self.local, self.sock, child, self.fleet, i))
         process.start()
         child.close()
         return _Worker(process, parent)
@@ -167,6 +174,7 @@ class Supervisor:
             raise RuntimeError(f"worker {i} exited while starting (code "
                                f"{w.process.exitcode}); see its log above") from e
         w.pid = msg[1]
+        self.fleet.serving(i, w.pid)
         logging.info("worker %d (pid %d) serving %s", i, w.pid, msg[2]["directory"])
 
     def _restart(self, i: int, why: str) -> None:
@@ -177,7 +185,8 @@ class Supervisor:
             old.process.kill()
         old.process.join(10)
         old.conn.close()
-        self.workers[i] = self._spawn()
+        fleet.worker_gone(old.pid)
+        self.workers[i] = self._spawn(i)
         self._await_start(i)
 
     def monitor(self) -> None:
@@ -201,6 +210,7 @@ class Supervisor:
             w.process.join(timeout)
             if w.process.is_alive():
                 w.process.kill()
+        fleet.remove_metrics_dir(self.metrics_dir)
 
     # ------------------------------------------------------------------ reload
     def _collect(self, gen: int, want: str, deadline: float) -> dict[int, str | None]:
@@ -275,13 +285,17 @@ class Supervisor:
         with self._lock:
             out = []
             for w in self.workers:
-                w.conn.send(("status", 0))
-                got = self._collect_one(w)
-                out.append({"pid": w.pid, **(got or {"error": "no answer"})})
+                got = self._ask_status(w)
+                out.append({"pid": w.pid, **(got or {"error": "no answer (exited?)"})})
             return out
 
-    def _collect_one(self, w: _Worker) -> dict[str, Any] | None:
-        if not w.conn.poll(10):
+    @staticmethod
+    def _ask_status(w: _Worker) -> dict[str, Any] | None:
+        try:  # a worker that just died has a broken pipe: the monitor restarts it
+            w.conn.send(("status", 0))
+            if not w.conn.poll(10):
+                return None
+            kind, _, detail = w.conn.recv()
+        except (EOFError, OSError):
             return None
-        kind, _, detail = w.conn.recv()
         return detail if kind == "status" else None
