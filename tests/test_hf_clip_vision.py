@@ -111,7 +111,7 @@ def test_text_and_image_init_together_follow_the_documented_rule(tmp_path):
     # image_init_towers="both": the query tower takes CLIP's layers, BERT's tables only
     both = vh.image_config(vh.CLIP_DIR, text_init=text_dir, image_init_towers="both")
     both, _, params = vh.imported(both)
-    assert "query_pre_norm" not in both.model
+    assert both.model.query_pre_norm is None  # no separate query layout: the item tower's
     query = traverse_util.flatten_dict(params["query_encoder"], sep="/")
     np.testing.assert_array_equal(query["blocks_0/attn/query/kernel"],
                                   clip_t["encoder.layers.0.self_attn.q_proj.weight"].T)
