@@ -155,8 +155,13 @@ def test_in_flight_requests_finish_on_their_index_and_through_shutdown(run, v2, 
 
     service.batcher.fn = held
     submitted = []  # queries handed to the batcher (each holds its index snapshot)
-    submit = service.batcher.submit
-    service.batcher.submit = lambda request: (submitted.append(request.query), submit(request))[1]
+    run_batched = service.batcher.run
+
+    async def recorded(request, timeout=None):  # the HTTP path's entry into the batcher
+        submitted.append(request.query)
+        return await run_batched(request, timeout)
+
+    service.batcher.run = recorded
     answers = {}
 
     def client(name):
