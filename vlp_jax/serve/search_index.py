@@ -82,7 +82,6 @@ class SearchIndex:
         self.ids = np.asarray([r["id"] for r in rows], np.int64)
         self.row_of = {item.item_id: r for r, item in enumerate(self.items)}
         self._row_of_label = {int(label): r for r, label in enumerate(self.ids)}
-        self._shown: dict[int, tuple[str, str, str]] = {}
         self.tombstones = ann.read_tombstones(self.directory, self.kind)
         if self.index.ntotal != len(self.items) + len(self.tombstones):
             raise ValueError(f"index has {self.index.ntotal} vectors but {ann.ITEMS_FILE} has "
@@ -105,17 +104,13 @@ class SearchIndex:
         return search(self.index, queries, k, self._search_params)
 
     def shown(self, label: int) -> tuple[str, str, str] | None:
-        """``(item_id, title, image_url)`` of label ``label`` (None for -1 padding), built once
-        per item: quoting the id on every answer cost ~0.1 ms per request of k = 100."""
-        got = self._shown.get(label)
-        if got is None:
-            item = self.item(label)
-            if item is None:
-                return None
-            got = self._shown[label] = (
-                item.item_id, item.title,
+        """``(item_id, title, image_url)`` of label ``label`` (None for -1 padding).  Answers
+        cache what they build from it once per item and index (``serve.answer``)."""
+        item = self.item(label)
+        if item is None:
+            return None
+        return (item.item_id, item.title,
                 f"/items/{urllib.parse.quote(item.item_id, safe='')}/image")
-        return got
 
     def item(self, label: int) -> ItemRow | None:
         """The item with faiss label ``label`` (None for -1 padding)."""
