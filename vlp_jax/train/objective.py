@@ -126,21 +126,16 @@ def compute_losses(
         if "sigmoid_bias" in outputs:
             metrics["sigmoid_bias"] = outputs["sigmoid_bias"]
 
-    if "mlm" in wanted and lcfg.mlm_weight > 0:
-        mlm, mlm_metrics = masked.mlm_loss(
-            outputs["title_mlm_logits"], *_mlm_labels(outputs, batch, "title")
-        )
-        total += lcfg.mlm_weight * mlm
-        metrics["mlm_loss"] = mlm
-        metrics["mlm_accuracy"] = mlm_metrics["accuracy"]
-
-    if "query_mlm" in wanted and lcfg.query_mlm_weight > 0:
-        qmlm, qmlm_metrics = masked.mlm_loss(
-            outputs["query_mlm_logits"], *_mlm_labels(outputs, batch, "query")
-        )
-        total += lcfg.query_mlm_weight * qmlm
-        metrics["query_mlm_loss"] = qmlm
-        metrics["query_mlm_accuracy"] = qmlm_metrics["accuracy"]
+    # Title MLM (item tower), then query MLM (query tower): the same loss on each tower's text.
+    for task, text, weight in (("mlm", "title", lcfg.mlm_weight),
+                               ("query_mlm", "query", lcfg.query_mlm_weight)):
+        if task in wanted and weight > 0:
+            mlm, mlm_metrics = masked.mlm_loss(
+                outputs[f"{text}_mlm_logits"], *_mlm_labels(outputs, batch, text)
+            )
+            total += weight * mlm
+            metrics[f"{task}_loss"] = mlm
+            metrics[f"{task}_accuracy"] = mlm_metrics["accuracy"]
 
     if "mpm" in wanted and uses_mpm(config):
         if lcfg.mpm_type == "contrastive":
