@@ -115,6 +115,51 @@ def test_batcher_bounds_queue_and_deadlines_and_reports_a_stall():
     b.close()
 
 
+def test_batcher_bounds_the_queue_in_time():
+    """A request that would wait, or has waited, longer than ``max_queue_delay_ms`` is shed
+    (QueueFull, reason "queue_delay"), not run late; the others run."""
+    gate, ran = threading.Event(), []
+
+    def fn(items):
+        gate.wait(30)
+        ran.extend(items)
+        return items
+
+    b = batcher.Batcher(fn, max_batch=2, max_wait_ms=0, max_queue=10, max_queue_delay_ms=100)
+    first = b.submit("first")
+    while b.waiting:
+        time.sleep(0.001)
+    assert b.expected_wait() == 0.0  # no batch finished yet: nothing known, nothing refused
+    late = [b.submit(f"late{i}") for i in range(2)]
+    time.sleep(0.15)  # they have now waited longer than the bound
+    gate.set()
+    assert first.result(10) == "first"
+    for f in late:
+        with pytest.raises(batcher.QueueFull, match=r"waited \d+ ms for the batch worker \(limit "
+                           r"100 ms\)") as e:
+            f.result(10)
+        assert e.value.reason == "queue_delay"
+    assert ran == ["first"]
+    # A batch took >= 150 ms: with one running, a new request would wait longer than 100 ms
+    # and is refused at once; with nothing running it is admitted.
+    assert b.batch_seconds >= 0.15
+    gate.clear()
+    running = b.submit("x")
+    while b.executing_since is None:
+        time.sleep(0.001)
+    with pytest.raises(batcher.QueueFull, match=r"would keep this one waiting ~\d+ ms") as e:
+        b.submit("y")
+    assert e.value.reason == "queue_delay"
+    gate.set()
+    assert running.result(10) == "x"
+    while b.executing_since is not None:
+        time.sleep(0.001)
+    assert b.submit("z").result(10) == "z"
+    b.close()
+    with pytest.raises(ValueError, match="max_queue_delay_ms must be >= 0"):
+        batcher.Batcher(fn, max_queue_delay_ms=-1)
+
+
 def test_overload_is_shed_with_503_and_deadlines_answer_504(tree):
     bundle, svc, srv = start(tree, max_batch=1, max_queue=2, request_timeout_ms=500,
                              stall_seconds=0.3, max_in_flight=3)

@@ -16,7 +16,15 @@ batch (each caller sees it) and the worker carries on with the next batch.
 
 **Bounded.**  At most ``max_queue`` requests wait for the worker; one more is refused at once
 (:class:`QueueFull`, a 503 for the service) instead of growing the queue — and everyone's
-latency — without bound.  Callers of :meth:`run` give a deadline: a request still unanswered
+latency — without bound.  A count alone does not bound the *wait*: when batches slow down (a
+busy box, the event loop competing for the GIL under a flood of requests) 64 queued requests
+can mean 100 ms or a second.  So with ``max_queue_delay_ms`` the queue is also bounded in time,
+as CoDel bounds a router's queue by sojourn time rather than length: a request is refused at
+once when the batches ahead of it, at the recent batch time (an exponential average), would
+keep it waiting longer; and one that has waited longer anyway when the worker takes it is shed
+then (:class:`QueueFull` with ``reason="queue_delay"``), never run late.  Shed requests are
+503s the client may retry; only a request whose own batch overruns hits its deadline.
+Callers of :meth:`run` give a deadline: a request still unanswered
 then is cancelled (dropped by the worker if it has not started) and :class:`DeadlineExceeded`
 is raised.  :meth:`stalled` reports a batch running longer than a bound (a wedged encoder or
 search), which the service turns into "not ready".
@@ -53,7 +61,12 @@ class BatcherClosed(RuntimeError):
 
 
 class QueueFull(RuntimeError):
-    """``max_queue`` requests are already waiting; shed this one."""
+    """Shed this request: ``max_queue`` requests are already waiting (``reason="queue_full"``)
+    or it would wait / has waited longer than ``max_queue_delay_ms`` (``"queue_delay"``)."""
+
+    def __init__(self, message: str, reason: str = "queue_full"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class DeadlineExceeded(TimeoutError):
@@ -71,15 +84,20 @@ class Batcher(Generic[T, R]):
     def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, max_batch: int = 32,
                  max_wait_ms: float = 2.0, name: str = "batcher",
                  on_batch: Callable[[int, list[float], float], None] | None = None,
-                 init: Callable[[], None] | None = None, max_queue: int = 0):
+                 init: Callable[[], None] | None = None, max_queue: int = 0,
+                 max_queue_delay_ms: float = 0.0):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0 (0 = unbounded), got {max_queue}")
+        if max_queue_delay_ms < 0:
+            raise ValueError(f"max_queue_delay_ms must be >= 0 (0 = no bound), got "
+                             f"{max_queue_delay_ms}")
         self.fn, self.max_batch, self.max_wait = fn, int(max_batch), max_wait_ms / 1000.0
-        self.max_queue = int(max_queue)
+        self.max_queue, self.max_delay = int(max_queue), max_queue_delay_ms / 1000.0
+        self.batch_seconds = 0.0  # exponential average of recent batch run times
         self._waiting = 0  # queued, not yet taken by the worker (guarded by _close_lock)
         self.executing_since: float | None = None  # monotonic start of the running batch
         self.on_batch, self.init = on_batch, init
@@ -110,6 +128,12 @@ class Batcher(Generic[T, R]):
                 raise BatcherClosed("the batcher is shut down")
             if self.max_queue and self._waiting >= self.max_queue:
                 raise QueueFull(f"{self._waiting} requests are already queued")
+            if self.max_delay:
+                expected = self.expected_wait()
+                if expected > self.max_delay:
+                    raise QueueFull(f"{self._waiting} queued requests would keep this one "
+                                    f"waiting ~{expected * 1000:.0f} ms (limit "
+                                    f"{self.max_delay * 1000:.0f} ms)", "queue_delay")
             self._waiting += 1
             self._queue.put(pending)
         return pending
@@ -133,6 +157,12 @@ class Batcher(Generic[T, R]):
             return await asyncio.wait_for(waiter, timeout)
         except TimeoutError as e:
             raise DeadlineExceeded(f"no answer within {timeout * 1000:.0f} ms") from e
+
+    def expected_wait(self) -> float:
+        """Seconds a request queued now would wait: the running batch and the full batches
+        queued ahead of it, at the recent batch time (0 before the first batch)."""
+        ahead = self._waiting // self.max_batch + (self.executing_since is not None)
+        return ahead * self.batch_seconds
 
     @property
     def waiting(self) -> int:
@@ -196,6 +226,8 @@ class Batcher(Generic[T, R]):
             # Callers that gave up (a cancelled asyncio task cancels its future) are dropped.
             live = [p for p in batch if p.future.set_running_or_notify_cancel()]
             self._last_size = len(batch)
+            if self.max_delay:
+                live = self._shed_late(live)
             if live:
                 self._execute(live)
         while True:  # close() raced with submit(): answer anything still queued
@@ -206,6 +238,21 @@ class Batcher(Generic[T, R]):
             if p is not _STOP and p.future.set_running_or_notify_cancel():
                 p.future.set_exception(BatcherClosed("the batcher is shut down"))
                 _deliver([p])
+
+    def _shed_late(self, live: list[_Pending]) -> list[_Pending]:
+        """Fail the requests that waited longer than ``max_queue_delay_ms`` (shed, 503);
+        the others run."""
+        now = time.perf_counter()
+        late = [p for p in live if now - p.enqueued > self.max_delay]
+        if not late:
+            return live
+        on_time = [p for p in live if now - p.enqueued <= self.max_delay]
+        for p in late:
+            p.future.set_exception(QueueFull(
+                f"waited {(now - p.enqueued) * 1000:.0f} ms for the batch worker (limit "
+                f"{self.max_delay * 1000:.0f} ms)", "queue_delay"))
+        _deliver(late)
+        return on_time
 
     def _execute(self, live: list[_Pending]) -> None:
         start = time.perf_counter()
@@ -223,6 +270,8 @@ class Batcher(Generic[T, R]):
             _deliver(live)
             return
         finally:
+            run = time.perf_counter() - start
+            self.batch_seconds = run if not self.batches else 0.8 * self.batch_seconds + 0.2 * run
             self.executing_since = None
             if self.on_progress is not None:
                 self.on_progress(None)
@@ -233,8 +282,7 @@ class Batcher(Generic[T, R]):
         _deliver(live)
         if self.on_batch is not None:
             try:
-                self.on_batch(len(live), [start - p.enqueued for p in live],
-                              time.perf_counter() - start)
+                self.on_batch(len(live), [start - p.enqueued for p in live], run)
             except Exception:  # noqa: BLE001 - observers must never break serving
                 logging.exception("batch observer failed")
 

@@ -68,7 +68,7 @@ class Metrics:
             self.reloads.labels(result)
         self.shed = Counter("vlp_shed_requests", "Requests answered 503 without being served "
                             "(admission control), by reason.", ["reason"], registry=r)
-        for reason in ("in_flight", "queue_full"):
+        for reason in ("in_flight", "queue_full", "queue_delay"):
             self.shed.labels(reason)
         self.deadline_exceeded = Counter("vlp_search_deadline_exceeded", "Searches answered "
                                          "504: not done within the request deadline.",

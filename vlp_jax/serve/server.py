@@ -124,6 +124,9 @@ def _define_flags() -> None:
                          "worker; more are answered 503 with Retry-After.")
     flags.DEFINE_integer("max_queue", 64, "Searches waiting for the batch worker; more are "
                          "answered 503 with Retry-After.")
+    flags.DEFINE_float("max_queue_delay_ms", 250.0, "A search that would wait longer than this "
+                       "for the batch worker (at the recent batch time), or has, is answered "
+                       "503 with Retry-After (0 = bound the queue by --max_queue only).")
     flags.DEFINE_float("request_timeout_ms", 1000.0, "A search not answered in this time is "
                        "answered 504.")
     flags.DEFINE_float("stall_seconds", 10.0, "/readyz is 503 while a batch has run longer.")
@@ -158,6 +161,7 @@ def _main(argv: list[str]) -> None:
     load_kwargs = dict(kind=FLAGS.kind, max_k=FLAGS.max_k, max_query_chars=FLAGS.max_query_chars,
                        max_batch=FLAGS.max_batch, max_wait_ms=FLAGS.max_wait_ms,
                        faiss_threads=FLAGS.faiss_threads, max_queue=FLAGS.max_queue,
+                       max_queue_delay_ms=FLAGS.max_queue_delay_ms,
                        request_timeout_ms=FLAGS.request_timeout_ms,
                        stall_seconds=FLAGS.stall_seconds, cache_dir=FLAGS.cache_dir or None,
                        buckets=[int(b) for b in FLAGS.buckets])

@@ -9,9 +9,12 @@ searches every query row independently and returns its hits best first, so the f
 top-``K`` search are the top ``k`` (HNSW searches with ``ef = max(efSearch, k)``, so this holds
 while ``efSearch >= max_k``: 128 vs 100 by default).
 
-Admission is bounded: a full batch queue is an immediate 503 (``Overloaded``, with
-``Retry-After``), and a request not answered within ``request_timeout_ms`` is a 504 — latency
-under overload stays bounded instead of growing with the queue.
+Admission is bounded: a full batch queue, or one that would keep a request waiting longer
+than ``max_queue_delay_ms`` at the recent batch time, is an immediate 503 (``Overloaded``, with
+``Retry-After``), and so is a request that waited that long anyway when the batch worker
+takes it (``batcher.py``); a request not answered within ``request_timeout_ms`` is a 504 —
+latency under overload stays bounded instead of growing with the queue, and shedding is
+answered 503 rather than left to run into the deadline.
 """
 
 from __future__ import annotations
@@ -98,13 +101,17 @@ class SearchService:
     def __init__(self, bundle: bundle_lib.Bundle, holder: swap.IndexHolder, *, max_k: int = 100,
                  default_k: int = 10, max_query_chars: int = 256, max_batch: int = 32,
                  max_wait_ms: float = 2.0, faiss_threads: int = 1, max_queue: int = 64,
-                 request_timeout_ms: float = 1000.0, stall_seconds: float = 10.0,
+                 max_queue_delay_ms: float = 250.0, request_timeout_ms: float = 1000.0,
+                 stall_seconds: float = 10.0,
                  metrics: metrics_lib.Metrics | None = None):
         if not 1 <= default_k <= max_k:
             raise ValueError(f"need 1 <= default_k <= max_k, got {default_k}, {max_k}")
         if request_timeout_ms <= 0 or stall_seconds <= 0:
             raise ValueError(f"request_timeout_ms and stall_seconds must be > 0, got "
                              f"{request_timeout_ms}, {stall_seconds}")
+        if not 0 <= max_queue_delay_ms < request_timeout_ms:
+            raise ValueError(f"max_queue_delay_ms must be in [0, request_timeout_ms = "
+                             f"{request_timeout_ms}), got {max_queue_delay_ms}")
         self.bundle, self.holder = bundle, holder
         self.timeout, self.stall_seconds = request_timeout_ms / 1000.0, stall_seconds
         self.max_k, self.default_k, self.max_query_chars = max_k, default_k, max_query_chars
@@ -115,7 +122,8 @@ class SearchService:
         self.batcher: batcher_lib.Batcher[SearchRequest, answer_lib.Answer] = batcher_lib.Batcher(
             self.search_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
             name="vlp-search-batcher", on_batch=self.metrics.observe_batch,
-            init=lambda: _set_faiss_threads(faiss_threads), max_queue=max_queue)
+            init=lambda: _set_faiss_threads(faiss_threads), max_queue=max_queue,
+            max_queue_delay_ms=max_queue_delay_ms)
 
     @property
     def index(self):
@@ -158,7 +166,7 @@ class SearchService:
         try:
             return await self.batcher.run(self.request(query, k), self.timeout)
         except batcher_lib.QueueFull as e:
-            self.metrics.shed.labels("queue_full").inc()
+            self.metrics.shed.labels(e.reason).inc()
             raise overloaded(str(e)) from e
         except batcher_lib.DeadlineExceeded as e:
             self.metrics.deadline_exceeded.inc()
