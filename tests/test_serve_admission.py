@@ -324,6 +324,65 @@ def test_answer_bytes_are_json_dumps_of_the_answer():
                 assert got.data == want
 
 
+def test_odd_rows_give_valid_json_and_fail_no_other_request(tree):
+    """A ``null`` title is written as json.dumps writes it, a lone surrogate with an ASCII
+    escape (valid UTF-8, the same string once parsed); and an answer that cannot be built
+    fails its own request only, not the batch it shares."""
+
+    class OddIndex(ShownIndex):
+        def shown(self, label):
+            return {0: ("a", None, "/u"), 1: ("b", "bad \ud800 title", "/u")}.get(
+                label, super().shown(label))
+
+    got = answer.encode("q", 2, 1.0, OddIndex(), np.array([0.5, 0.25], np.float32),
+                        np.array([0, 1]))
+    assert b'"title": null' in got.body and b'"bad \\ud800 title"' in got.body
+    got.body.decode("utf-8")  # valid UTF-8
+    assert [r["title"] for r in got.data["results"]] == [None, "bad \ud800 title"]
+
+    _, svc, srv = start(tree)
+    srv.stop()
+    try:
+        original = answer.encode
+
+        def failing(query, *args):
+            if query == "poison":
+                raise RuntimeError("cannot build this answer")
+            return original(query, *args)
+
+        answer.encode = failing
+        out = svc.search_batch([svc.request("fine", 3), svc.request("poison", 3)])
+        assert isinstance(out[1], RuntimeError) and out[0].data["k"] == 3
+        b = batcher.Batcher(lambda items: [ValueError(x) if x == "bad" else x for x in items],
+                            max_batch=4, max_wait_ms=5)
+        good, bad = b.submit("good"), b.submit("bad")
+        assert good.result(10) == "good"
+        with pytest.raises(ValueError, match="bad"):
+            bad.result(10)
+        b.close()
+    finally:
+        answer.encode = original
+
+
+def test_an_idle_batch_worker_keeps_no_old_index_alive(tree):
+    """After a swap and no further search, nothing the batch worker holds keeps the previous
+    index snapshot (and its answer fragments) in memory."""
+    import gc
+    import weakref
+
+    root, catalog, indexes, v1, v2 = tree
+    _, svc, srv = start(tree)
+    try:
+        assert svc.search("q0", 3)["index_version"] == 1
+        old = weakref.ref(svc.holder.current.index)
+        svc.holder.reload(v2)
+        time.sleep(0.05)  # the worker is back in its blocking get()
+        gc.collect()
+        assert old() is None
+    finally:
+        srv.stop()
+
+
 def test_async_callers_get_their_results_and_deadlines_cancel():
     """``Batcher.run``: every asyncio caller gets its own result (one hand-over per batch);
     one that times out raises DeadlineExceeded and its request is dropped, not run."""

@@ -125,6 +125,8 @@ MALFORMED = [
     ("/search?q=dress&k=0", 400, "in [1, 100]"),
     ("/search?q=dress&k=101", 400, "in [1, 100]"),
     ("/search?q=dress&k=-3", 400, "in [1, 100]"),
+    ("/search?q=dress&k=--5", 400, "must be an integer"),
+    ("/search?q=dress&k=%D9%A3", 400, "must be an integer"),  # an Arabic-Indic digit
     ("/search?q=dress&k=abc", 400, "must be an integer"),
     ("/search?q=dress&k=1.5", 400, "must be an integer"),
     ("/search?q=dress&k=99999999999999999999", 400, "must be an integer"),

@@ -9,6 +9,12 @@ encoded once per index snapshot (``{"item_id": …, "score": `` and ``, "title":
 The bytes are exactly those of ``json.dumps(answer, ensure_ascii=False)`` of the dict the
 service used to build (same key order, separators and float text); a test checks it.  The
 fragments of an index live as long as the index (a weak-key cache), at most one per item.
+
+A row whose text ``json.dumps`` could not send — a ``null`` title, a lone surrogate from a
+hand-edited ``items.jsonl`` — still gives valid JSON: non-strings are written as ``json.dumps``
+writes them, and a string that is not encodable as UTF-8 is written with ASCII escapes (the
+same string once parsed).  One odd row never fails the answers that contain it, nor — since
+answers are built per batch — the other requests of its batch.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import numpy as np
 
 _dumps = json.JSONEncoder(ensure_ascii=False).encode  # the service's JSON dialect
 _text = json.encoder.encode_basestring  # what _dumps does with a str, minus its dispatch
+_ascii_text = json.encoder.encode_basestring_ascii
 _FRAGMENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -47,21 +54,31 @@ def json_number(x: float) -> str:
     return float.__repr__(x) if math.isfinite(x) else _dumps(x)
 
 
-def _fragments(index: Any) -> dict[int, tuple[str, str] | None]:
+def _value(x: Any) -> bytes:
+    """The UTF-8 JSON of an item field (module docstring: odd rows stay valid JSON)."""
+    if not isinstance(x, str):
+        return _dumps(x).encode("utf-8")
+    try:
+        return _text(x).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: escape it, as ensure_ascii would
+        return _ascii_text(x).encode("ascii")
+
+
+def _fragments(index: Any) -> dict[int, tuple[bytes, bytes] | None]:
     cache = _FRAGMENTS.get(index)
     if cache is None:
         cache = _FRAGMENTS.setdefault(index, {})
     return cache
 
 
-def _fragment(index: Any, cache: dict, label: int) -> tuple[str, str] | None:
+def _fragment(index: Any, cache: dict, label: int) -> tuple[bytes, bytes] | None:
     shown = index.shown(label)
     if shown is None:  # faiss pads with -1 when an ANN search finds fewer than k
         got = None
     else:
         item_id, title, url = shown
-        got = (f'{{"item_id": {_text(item_id)}, "score": ',
-               f', "title": {_text(title)}, "image_url": {_text(url)}}}')
+        got = (b'{"item_id": ' + _value(item_id) + b', "score": ',
+               b', "title": ' + _value(title) + b', "image_url": ' + _value(url) + b'}')
     cache[label] = got
     return got
 
@@ -74,7 +91,7 @@ def encode(query: str, k: int, took_ms: float, index: Any, scores: np.ndarray,
     cache = _fragments(index)
     parts = [f'{{"query": {_text(query)}, "k": {int(k)}, "took_ms": {json_number(took_ms)}, '
              f'"index": {_text(index.kind)}, "index_version": {int(index.version)}, '
-             '"results": [']
+             '"results": ['.encode()]
     first = True
     for score, label in zip(scores.tolist(), labels.tolist(), strict=True):
         frag = cache.get(label, False)
@@ -83,8 +100,8 @@ def encode(query: str, k: int, took_ms: float, index: Any, scores: np.ndarray,
         if frag is None:
             continue
         if not first:
-            parts.append(", ")
+            parts.append(b", ")
         first = False
-        parts += (frag[0], json_number(round(score, 6)), frag[1])
-    parts.append("]}")
-    return Answer("".join(parts).encode("utf-8"))
+        parts += (frag[0], json_number(round(score, 6)).encode(), frag[1])
+    parts.append(b"]}")
+    return Answer(b"".join(parts))

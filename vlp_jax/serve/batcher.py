@@ -11,8 +11,9 @@ lone client then never pays ``max_wait_ms`` (nothing else is coming), while unde
 load the worker gathers fuller batches.  Under load batches also fill without any waiting:
 requests queue while the previous batch is being encoded.
 
-``fn`` must return one result per item, in order; an exception fails every request of that
-batch (each caller sees it) and the worker carries on with the next batch.
+``fn`` must return one result per item, in order; an exception instance in place of a
+result fails that request alone, an exception raised by ``fn`` fails every request of that
+batch (each caller sees it), and the worker carries on with the next batch.
 
 **Bounded.**  At most ``max_queue`` requests wait for the worker; one more is refused at once
 (:class:`QueueFull`, a 503 for the service) instead of growing the queue — and everyone's
@@ -230,6 +231,10 @@ class Batcher(Generic[T, R]):
                 live = self._shed_late(live)
             if live:
                 self._execute(live)
+            # Drop this batch before blocking for the next one: its requests reference the
+            # index snapshot they started on, which a swap would otherwise keep alive (with
+            # its answer fragments) until the next request arrives.
+            first = batch = live = None  # type: ignore[assignment]
         while True:  # close() raced with submit(): answer anything still queued
             try:
                 p = self._queue.get_nowait()
@@ -278,7 +283,10 @@ class Batcher(Generic[T, R]):
             self.batches += 1
             self.items += len(live)
         for p, result in zip(live, results, strict=True):
-            p.future.set_result(result)
+            if isinstance(result, BaseException):
+                p.future.set_exception(result)
+            else:
+                p.future.set_result(result)
         _deliver(live)
         if self.on_batch is not None:
             try:

@@ -35,6 +35,7 @@ from vlp_jax.serve import policy, swap
 
 MAX_IMAGE_BYTES = 20 << 20  # larger image files are not served
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # below 32, but not \t \n \r
+_INTEGER = re.compile(r"-?[0-9]{1,8}")  # ASCII digits only ("٣" and "--5" are not k)
 
 
 class ApiError(Exception):
@@ -149,7 +150,7 @@ class SearchService:
         k = self.default_k
         if "k" in params:
             raw = utf8(params["k"][0], "'k'").strip()
-            if not (raw.isascii() and raw.lstrip("-").isdigit()) or len(raw) > 9:
+            if not _INTEGER.fullmatch(raw):
                 raise ApiError(400, f"'k' must be an integer in [1, {self.max_k}], got {raw!r}")
             k = int(raw)
             if not 1 <= k <= self.max_k:
@@ -192,8 +193,11 @@ class SearchService:
             done = time.perf_counter()
             for row, i in enumerate(members):
                 r = requests[i]
-                out[i] = answer_lib.encode(r.query, r.k, round((done - r.start) * 1000.0, 3),
-                                           index, scores[row, :r.k], labels[row, :r.k])
+                try:
+                    out[i] = answer_lib.encode(r.query, r.k, round((done - r.start) * 1000.0, 3),
+                                               index, scores[row, :r.k], labels[row, :r.k])
+                except Exception as e:  # noqa: BLE001 - this request fails alone (batcher.py)
+                    out[i] = e  # type: ignore[assignment]
         return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ other routes
