@@ -108,6 +108,19 @@ def test_bucketed_shapes_compile_once_per_bucket(run):
         np.testing.assert_allclose(b.encode_queries(queries[:size]), full[:size], atol=1e-6)
     assert b.trace_counts == {"query": 2, "item": 0}  # buckets 4 and 1, never per size
     assert b.encode_queries([]).shape == (0, b.embed_dim)
+    # Length buckets: short queries are cut to 8 tokens (one more program), and cutting the
+    # padding columns leaves every embedding as it was at the full 12.
+    assert b.query_lens == (8, 12)
+    shorts = ["red dress", "bottle", "striped umbrella"]
+    tokens, mask = preprocess.encode_texts(b.tokenizer, shorts, 12)
+    assert mask.sum(axis=1).max() <= 8
+    at_full = b._run_bucketed(b._encode_query, (tokens, mask))  # the (4, 12) program
+    np.testing.assert_allclose(b.encode_queries(shorts), at_full, atol=1e-6)
+    assert b.trace_counts["query"] == 3
+    long = "nordvik striped cotton t-shirt with a long red collar and buttons"
+    np.testing.assert_allclose(b.encode_queries([*shorts, long])[:3], at_full, atol=1e-6)
+    b.warmup()  # every (batch, length) bucket: 2 x 2 programs
+    assert b.trace_counts["query"] == 4
 
 
 def test_bundle_input_errors_are_clear(run, bundle, tmp_path):
