@@ -100,7 +100,8 @@ def run(tmp_path_factory, data_cache_dir):
 
 def test_batched_search_is_identical_to_one_at_a_time(run):
     service = server.load_service(run.bundle_dir, run.index_dir, buckets=(1, 4, 16),
-                                  max_batch=16, max_wait_ms=50, request_timeout_ms=60_000)
+                                  max_batch=16, max_wait_ms=50, request_timeout_ms=60_000,
+                                  max_queue_delay_ms=0)
     try:
         queries = [("red dress", 5), ("blue hat", 10), ("leather bag", 5), ("striped shirt", 3),
                    ("black", 10), ("green cotton socks", 5), ("a", 1), ("silk scarf", 10),

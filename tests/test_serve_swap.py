@@ -48,10 +48,12 @@ def root(tmp_path_factory):
 
 
 def serve(run, root):
-    # A generous deadline: these tests are about swaps, and a loaded CI box can take more than
-    # the default second per request (deadlines are tested in test_serve_admission.py).
+    # A generous deadline and no queue-time bound: these tests are about swaps, hold the
+    # encoder on purpose, and a loaded CI box can take more than the default second per
+    # request (shedding and deadlines are tested in test_serve_admission.py).
     service = server.load_service(run.bundle_dir, run.index_dir, buckets=(1, 4, 16),
-                                  index_root=root, request_timeout_ms=60_000)
+                                  index_root=root, request_timeout_ms=60_000,
+                                  max_queue_delay_ms=0)
     return service, server.RunningServer(service, admin_port=0,
                                          admin_token=serve_fixtures.ADMIN_TOKEN)
 
