@@ -234,20 +234,22 @@ class Supervisor:
         if not self._reload_lock.acquire(blocking=False):
             self.metrics.reloads.labels("busy").inc()
             raise swap.ReloadBusy("another index reload is in progress")
-        result = "error"
         try:
-            with self._talk:
-                out = self._reload(target)
-            result = "ok"
-            return out
-        except policy.Forbidden:
-            result = "forbidden"
-            raise
-        except policy.Refused:
-            result = "refused"
-            raise
+            with self._talk:  # counted before the pipes are free: a status that sees the
+                result = "error"  # new index sees the count too
+                try:
+                    out = self._reload(target)
+                    result = "ok"
+                    return out
+                except policy.Forbidden:
+                    result = "forbidden"
+                    raise
+                except policy.Refused:
+                    result = "refused"
+                    raise
+                finally:
+                    self.metrics.reloads.labels(result).inc()
         finally:
-            self.metrics.reloads.labels(result).inc()
             self._reload_lock.release()
 
     def _resolve(self, target: str | None) -> tuple[str, str, dict[str, Any]]:
