@@ -220,13 +220,14 @@ def _fleet_readiness_and_metrics(address, searches):
     assert total == searches, (total, searches)
     versions = [line for line in text.splitlines() if line.startswith("vlp_index_version{")]
     assert len(versions) == 2 and all('pid="' in line for line in versions), versions
+    return text
 
 
 def test_workers_swap_together_with_no_mixed_answers(run, v2, root, tmp_path):
     """``--workers=2`` from the command line: an admin reload returns once every worker serves
     the new index, no answer mixes two indexes, /readyz and /metrics describe both workers, a
     killed worker is restarted on the serving index, SIGHUP re-reads the configured --index (a
-    flipped symlink), SIGTERM drains and exits 0."""
+    flipped symlink), SIGTERM drains and exits 0; reloads are counted once for the server."""
     current = tmp_path / "current"
     os.symlink(run.index_dir, current)
     port, admin = _free_port(), _free_port()
@@ -282,7 +283,8 @@ def test_workers_swap_together_with_no_mixed_answers(run, v2, root, tmp_path):
         for t in threads:
             t.join(60)
         assert not errors and {1, 2} <= set(versions)
-        _fleet_readiness_and_metrics(address, searches=len(versions) + 8)
+        text = _fleet_readiness_and_metrics(address, searches=len(versions) + 8)
+        assert 'vlp_index_reloads_total{result="ok"} 1.0' in text  # once, not once a worker
         # A killed worker is restarted by the supervisor, on the index serving now (v2, not
         # the --index it started with), and the fleet's counters keep its requests.
         pids = [w["pid"] for w in admin_call("/admin/status")[1]["workers"]]
@@ -297,12 +299,16 @@ def test_workers_swap_together_with_no_mixed_answers(run, v2, root, tmp_path):
         assert {w["pid"] for w in workers} - set(pids)  # a new process
         for _ in range(6):
             assert call(address, "/search?q=hat&k=5")[1]["index_version"] == 2
-        _fleet_readiness_and_metrics(address, searches=len(versions) + 14)
+        text = _fleet_readiness_and_metrics(address, searches=len(versions) + 14)
+        assert 'vlp_worker_restarts_total{reason="exited"} 1.0' in text
         assert admin_call("/admin/reload?index=/etc")[0] == 403
         proc.send_signal(signal.SIGHUP)  # re-reads --index: current -> v1
         while not workers_serve(1):
             assert time.time() < deadline, "SIGHUP did not reload every worker"
             time.sleep(0.2)
+        text = _fleet_readiness_and_metrics(address, searches=len(versions) + 14)
+        assert 'vlp_index_reloads_total{result="ok"} 2.0' in text, text
+        assert 'vlp_index_reloads_total{result="forbidden"} 1.0' in text, text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:

@@ -8,7 +8,13 @@ only, JSON errors; ``policy.py`` for what may be loaded), answered by the
   configured ``--index``); 403 outside the index root; 409 for another bundle's or catalog
   root's index, or a reload already running; 422 when a worker could not load it (every worker
   keeps the old index).
-* ``POST /admin/status`` → what each worker serves (pid, directory, version, generation).
+  The answer lists under ``restarted`` any worker that did not commit and is being restarted
+  on the new index.
+* ``POST /admin/status`` → each worker's state (starting, serving, down) and what each
+  serving one serves (pid, directory, version, generation).
+
+Reloads and refused tokens are counted here, once for the server, in the supervisor's metrics
+(``metrics.supervisor_metrics``; every worker's ``/metrics`` includes them).
 """
 
 from __future__ import annotations
@@ -73,7 +79,7 @@ def create_admin_app(supervisor: Any, *, admin_port: int, admin_token: str) -> A
                     exception_handlers={ApiError: api_error, 404: not_found,
                                         Exception: internal})
     return http_app.Guard(app, admin_ports=[admin_port], max_url_bytes=http_app.MAX_URL_BYTES,
-                          admin_token=admin_token)
+                          admin_token=admin_token, metrics=supervisor.metrics)
 
 
 def run_admin(app: Any, sock: Any) -> tuple[Any, threading.Thread]:

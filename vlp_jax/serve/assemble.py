@@ -21,19 +21,20 @@ SERVE_BUCKETS = (1, 2, 4, 8, 16, 32)  # padding a batch wastes < 2x; 6 programs 
 
 
 def single_threaded_xla() -> None:
-    """Run the query tower's XLA programs on the calling thread (call before JAX starts).
+    """Run the Eigen parts of the query tower's XLA programs (matmuls, convolutions) on the
+    calling thread: ``--xla_cpu_multi_thread_eigen=false`` (call before JAX starts).
 
     A server process's encodes come from one batch worker thread; XLA's default Eigen pool
     spreads each one over every core, where its idle threads spin and contend with the event
-    loop and the other workers.  Measured on 2 cores: a one-query encode cost 1.2-1.5 ms of
-    CPU with the pool, 0.7-0.8 ms without; batches of 16-32 cost the same; the embeddings are
-    bitwise identical.  Read when JAX's CPU backend starts, so this must run before any JAX
+    loop and the other workers.  The flag turns off that Eigen pool only, nothing else of
+    XLA's threading.  Measured on 2 cores: a one-query encode cost 1.2-1.5 ms of CPU with the
+    pool, 0.7-0.8 ms without; batches of 16-32 cost the same; the embeddings are bitwise
+    identical.  Read when JAX's CPU backend starts, so this must run before any JAX
     computation of the process.
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_multi_thread_eigen" not in flags:
-        os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false "
-                                   "intra_op_parallelism_threads=1").strip()
+        os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
 
 
 def load_service(bundle_dir: str, index_dir: str, *, kind: str | None = None,

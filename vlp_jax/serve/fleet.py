@@ -1,21 +1,25 @@
 """What the worker processes of ``--workers=N`` share so that ``/readyz`` and ``/metrics``
 describe the whole server, whichever worker the kernel hands the request to.
 
-**Readiness.**  A slot per worker in shared memory holds its pid, whether it serves, and since
-when its batch worker has been running the current batch (``CLOCK_MONOTONIC`` is one clock for
-every process of the machine).  Each worker writes its own slot at the start and end of every
-batch (two stores per batch); the supervisor marks a slot starting / serving as it restarts
-workers.  ``/readyz`` on any worker is 503 while **any** serving worker's batch has run longer
-than ``--stall_seconds``: the workers accept from one socket, so a wedged one would keep taking
-~1/N of the new connections and answer them late or never — the instance as a whole must leave
-the load balancer.  A worker that died and is being restarted does not make the server unready
-(it accepts nothing meanwhile; the others serve) but is listed.
+**Readiness.**  A slot per worker in shared memory holds its pid, its state (starting,
+serving, down) and since when its batch worker has been running the current batch
+(``CLOCK_MONOTONIC`` is one clock for every process of the machine).  Each worker writes the
+batch field of its own slot at the start and end of every batch (two stores per batch); only the
+supervisor writes pid and state, as it starts, restarts and retires workers.  ``/readyz`` on
+any worker is 503 while **any** serving worker's batch has run longer than ``--stall_seconds``:
+the workers accept from one socket, so a wedged one would keep taking ~1/N of the new
+connections and answer them late or never — the instance as a whole must leave the load
+balancer (until the supervisor kills and restarts the wedged worker, ``workers.py``).  A worker
+being restarted (``starting``) or whose restart failed and is retried later (``down``) does not
+make the server unready (it accepts nothing meanwhile; the others serve) but is listed.
 
 **Metrics.**  ``prometheus_client``'s multiprocess mode: the supervisor gives the workers an
 empty ``PROMETHEUS_MULTIPROC_DIR`` of its own; every worker's counters, histograms and gauges
-are memory-mapped files there, and a scrape of any worker sums them (``metrics.py``).  A
-restarted worker's live gauges are dropped (``mark_process_dead``); its counters stay in the
-totals, as counters must.  The directory is removed when the supervisor exits.
+are memory-mapped files there, and a scrape of any worker sums them (``metrics.py``).  The
+supervisor keeps its own file there for what it alone counts (reloads, refused admin tokens,
+worker restarts): counted once per server, not once per worker.  A restarted worker's live
+gauges are dropped (``mark_process_dead``); its counters stay in the totals, as counters
+must.  The directory is removed when the supervisor exits.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from typing import Any
 
 from vlp_jax.serve.metrics import MULTIPROC_ENV
 
-_FIELDS = 3  # pid, serving (0/1), monotonic start of the running batch (0 = idle)
+_FIELDS = 3  # pid, state (_STATES), monotonic start of the running batch (0 = idle)
+_STATES = {0.0: "starting", 1.0: "serving", -1.0: "down"}
 
 
 class Fleet:
@@ -42,27 +47,43 @@ class Fleet:
         self.slots = ctx.RawArray("d", n * _FIELDS)  # plain stores: one writer per field
 
     def starting(self, i: int) -> None:
-        """Worker ``i`` is (re)starting: listed, not serving."""
+        """Worker ``i`` is (re)starting: listed, not serving, no batch (a dead worker's last
+        batch start would otherwise read as a stall)."""
+        self._set(i, 0.0, 0.0)
+
+    def down(self, i: int) -> None:
+        """Worker ``i`` is gone and its restart is pending or failed: listed, not serving."""
+        self._set(i, 0.0, -1.0)
+
+    def _set(self, i: int, pid: float, state: float) -> None:
         base = i * _FIELDS
-        self.slots[base], self.slots[base + 1], self.slots[base + 2] = 0.0, 0.0, 0.0
+        self.slots[base], self.slots[base + 1], self.slots[base + 2] = pid, state, 0.0
 
     def serving(self, i: int, pid: int) -> None:
+        """Worker ``i`` (process ``pid``) serves.  The batch field is left alone: the worker
+        accepts connections before the supervisor hears it started, and a batch that began
+        (and wedged) in between must stay visible."""
         base = i * _FIELDS
-        self.slots[base], self.slots[base + 2], self.slots[base + 1] = float(pid), 0.0, 1.0
+        self.slots[base], self.slots[base + 1] = float(pid), 1.0
 
     def batch(self, i: int, since: float | None) -> None:
         """Worker ``i``'s batch started at monotonic ``since`` (None: it finished)."""
         self.slots[i * _FIELDS + 2] = since or 0.0
 
+    def batch_age(self, i: int) -> float:
+        """Seconds serving worker ``i``'s current batch has run (0: none, or not serving)."""
+        _, state, since = self.slots[i * _FIELDS:(i + 1) * _FIELDS]
+        return time.monotonic() - since if state == 1.0 and since > 0 else 0.0
+
     def status(self, stall_seconds: float) -> tuple[bool, list[dict[str, Any]]]:
         """``(no serving worker is stalled, one entry per worker)``."""
         now, ok, out = time.monotonic(), True, []
         for i in range(self.n):
-            pid, serving, since = self.slots[i * _FIELDS:(i + 1) * _FIELDS]
-            stalled = bool(serving) and since > 0 and now - since > stall_seconds
+            pid, state, since = self.slots[i * _FIELDS:(i + 1) * _FIELDS]
+            stalled = state == 1.0 and since > 0 and now - since > stall_seconds
             ok = ok and not stalled
             out.append({"worker": i, "pid": int(pid) or None,
-                        "state": "serving" if serving else "starting", "stalled": stalled})
+                        "state": _STATES.get(state, "starting"), "stalled": stalled})
         return ok, out
 
 

@@ -33,6 +33,55 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # fleet.py sets it for the workers
 
 
+class AdminMetrics:
+    """What the admin routes count: reload attempts by result, requests with a wrong token.
+
+    Part of every service's :class:`Metrics`.  Under ``--workers=N`` the supervisor answers the
+    admin routes and counts them in its own (:func:`supervisor_metrics`), so one reload counts
+    once, not once per worker."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.reloads = Counter("vlp_index_reloads", "Index reload attempts, by result.",
+                               ["result"], registry=registry)
+        for result in ("ok", "error", "busy", "refused", "forbidden"):
+            self.reloads.labels(result)
+        self.admin_denied = Counter("vlp_admin_denied", "Admin requests refused for a missing "
+                                    "or wrong token.", registry=registry)
+
+
+class SupervisorMetrics(AdminMetrics):
+    """The supervisor's counters of ``--workers=N``: the admin ones and worker restarts."""
+
+    RESTART_REASONS = ("exited", "stalled", "start_failed", "uncommitted")
+
+    def __init__(self, registry: CollectorRegistry):
+        super().__init__(registry)
+        self.worker_restarts = Counter("vlp_worker_restarts", "Worker processes the supervisor "
+                                       "killed or found dead and started again, by reason.",
+                                       ["reason"], registry=registry)
+        for reason in self.RESTART_REASONS:
+            self.worker_restarts.labels(reason)
+
+
+def supervisor_metrics() -> SupervisorMetrics:
+    """The supervisor's counters, written to its own file in ``PROMETHEUS_MULTIPROC_DIR``
+    (``fleet.make_metrics_dir`` sets it first), which every worker's scrape sums.
+
+    ``prometheus_client`` chooses file-backed values when it is imported with that variable
+    set; the supervisor imported it before making the directory, so these counters are built
+    with file-backed values explicitly, leaving the module's default as it was.  Every label
+    is created here, while the file-backed class is in place."""
+    from prometheus_client import values
+
+    default = values.ValueClass
+    if not getattr(default, "_multiprocess", False):
+        values.ValueClass = values.MultiProcessValue()
+    try:
+        return SupervisorMetrics(CollectorRegistry())
+    finally:
+        values.ValueClass = default
+
+
 class Metrics:
     """Request, batching and index metrics; ``render()`` gives the exposition text."""
 
@@ -62,10 +111,8 @@ class Metrics:
                                       "(1 + successful swaps).", registry=r,
                                       multiprocess_mode="liveall")
         self.index_info = Info("vlp_index", "The serving index.", registry=r)
-        self.reloads = Counter("vlp_index_reloads", "Index reload attempts, by result.",
-                               ["result"], registry=r)
-        for result in ("ok", "error", "busy", "refused", "forbidden"):
-            self.reloads.labels(result)
+        admin = AdminMetrics(r)
+        self.reloads, self.admin_denied = admin.reloads, admin.admin_denied
         self.shed = Counter("vlp_shed_requests", "Requests answered 503 without being served "
                             "(admission control), by reason.", ["reason"], registry=r)
         for reason in ("in_flight", "queue_full", "queue_delay"):
@@ -74,8 +121,6 @@ class Metrics:
                                          "504: not done within the request deadline.",
                                          registry=r)
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-        self.admin_denied = Counter("vlp_admin_denied", "Admin requests refused for a missing "
-                                    "or wrong token.", registry=r)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method, status)

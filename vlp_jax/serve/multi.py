@@ -1,9 +1,10 @@
 """The supervisor process of ``python -m vlp_jax.serve.server --workers=N`` (N > 1).
 
 Starts the workers (``workers.Supervisor``), serves the admin listener from a thread
-(``admin_app``), restarts workers that die, reloads on SIGHUP, and on SIGTERM/SIGINT stops the
-admin listener, lets every worker drain and exits 0.  It loads no model and serves no search,
-so its own CPU use is negligible.
+(``admin_app``), restarts workers that die or wedge, reloads on SIGHUP, and on SIGTERM/SIGINT
+stops the admin listener, lets every worker drain and exits 0 — also when the watch loop fails,
+so no worker outlives the supervisor.  It loads no model and serves no search, so its own CPU
+use is negligible.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import socket
 import threading
 from typing import Any
 
-from vlp_jax.serve import admin_app, workers
+from vlp_jax.serve import admin_app, worker_process, workers
 
 
 def run(bundle: str, index: str, sockets: list[socket.socket], n: int, *,
@@ -24,29 +25,31 @@ def run(bundle: str, index: str, sockets: list[socket.socket], n: int, *,
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    opts = workers.WorkerOptions(bundle, index, dict(load_kwargs), dict(server_kwargs))
+    opts = worker_process.WorkerOptions(bundle, index, dict(load_kwargs), dict(server_kwargs))
+    # Raises if a worker cannot start, after stopping the ones that did.
     sup = workers.Supervisor(opts, sockets[0], n, index_root=index_root,
                              image_root=image_root, swap_timeout=swap_timeout)
-
-    def reload_on_hup() -> None:
-        try:
-            out = sup.reload(None)
-            logging.info("SIGHUP: every worker serves %s (generation %d)", out["directory"],
-                         out["generation"])
-        except Exception as e:  # noqa: BLE001 - a failed reload keeps the old index
-            logging.error("SIGHUP reload failed, still serving %s: %s", sup.current, e)
-
-    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload_on_hup,
-                                                             daemon=True).start())
     admin = None
-    if len(sockets) > 1:
-        app = admin_app.create_admin_app(sup, admin_port=sockets[1].getsockname()[1],
-                                         admin_token=token or "")
-        admin, _ = admin_app.run_admin(app, sockets[1])
-    logging.info("%d workers serving on http://%s:%d/", n, *sockets[0].getsockname()[:2])
-    while not stop.wait(0.5):
-        sup.monitor()
-    logging.info("Shutting down: draining %d workers", n)
-    if admin is not None:
-        admin.should_exit = True
-    sup.stop(timeout=server_kwargs.get("graceful_timeout", 30.0) + 10)
+    try:  # whatever ends the loop, the workers are stopped and the metrics folder removed
+        def reload_on_hup() -> None:
+            try:
+                out = sup.reload(None)
+                logging.info("SIGHUP: every worker serves %s (generation %d)",
+                             out["directory"], out["generation"])
+            except Exception as e:  # noqa: BLE001 - a failed reload keeps the old index
+                logging.error("SIGHUP reload failed, still serving %s: %s", sup.current, e)
+
+        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload_on_hup,
+                                                                 daemon=True).start())
+        if len(sockets) > 1:
+            app = admin_app.create_admin_app(sup, admin_port=sockets[1].getsockname()[1],
+                                             admin_token=token or "")
+            admin, _ = admin_app.run_admin(app, sockets[1])
+        logging.info("%d workers serving on http://%s:%d/", n, *sockets[0].getsockname()[:2])
+        while not stop.wait(0.5):
+            sup.monitor()
+    finally:
+        logging.info("Shutting down: draining %d workers", n)
+        if admin is not None:
+            admin.should_exit = True
+        sup.stop(timeout=server_kwargs.get("graceful_timeout", 30.0) + 10)

@@ -2,134 +2,114 @@
 
 One process serves at most one core: the event loop, validation, JSON and the batch worker's
 Python share one GIL (~1 ms of server CPU per request).  ``--workers=N`` runs N worker
-processes; each loads the query tower and the index and runs the usual app (``http_app``) on
-one listening socket the supervisor bound and passed down (the kernel hands each new
-connection to one of the accepting processes).  Index files are memory-mapped read-only
-(``ann.read_index(mmap=True)``), so N workers share one copy of the vectors and graph in the
-page cache instead of holding N.
+processes (``worker_process.py``); each loads the query tower and the index and runs the usual
+app (``http_app``) on one listening socket the supervisor bound and passed down (the kernel
+hands each new connection to one of the accepting processes).  Index files are memory-mapped
+read-only (``ann.read_index(mmap=True)``), so N workers share one copy of the vectors and graph
+in the page cache instead of holding N.
 
 The supervisor (this module, no model loaded) owns the admin listener.  A reload is a
 two-phase swap over a pipe per worker:
 
 1. **prepare**: the supervisor resolves and checks the target (``policy.py``: index root,
-   bundle fingerprint, catalog root), then every worker loads and checks it beside the serving
-   index, and answers;
-2. **commit** only if every worker prepared: each swaps with one reference assignment and
+   bundle fingerprint, catalog root), then every serving worker loads and checks it beside the
+   serving index, and answers;
+2. **commit** only if every one prepared: each swaps with one reference assignment and
    acknowledges; otherwise **abort**, every worker drops what it loaded and the old index keeps
-   serving everywhere (422/409 with the reason).
+   serving everywhere (422/409 with the reason).  A worker that died before it got "prepare"
+   (its pipe is broken) fails the prepare like one that could not load.
 
-The reload answers 200 only after every worker acknowledged the commit, within
-``swap_timeout`` s; a worker that does not is killed and restarted on the new index — so once
-the admin call returns, every worker serves the new index, and every answer comes from one
-index snapshot (a request keeps the snapshot it started on).  Workers that die are restarted on
-the current index.  ``/readyz`` and ``/metrics`` of any worker describe all of them
-(``fleet.py``: shared readiness slots, Prometheus multiprocess files).  SIGHUP reloads the
-configured ``--index``; SIGTERM/SIGINT stop the admin listener, send SIGTERM to every worker
-(each drains its in-flight requests) and exit 0.
+The reload answers 200 only after every serving worker acknowledged the commit, within
+``swap_timeout`` s; a worker that does not, or that was (re)starting on the old index meanwhile,
+is killed and restarted on the new index (listed under ``restarted``) — so once the admin call
+returns, no worker serves the old index, and every answer comes from one index snapshot (a
+request keeps the snapshot it started on).  Each conversation over the pipes has its own
+number, never reused, so a late reply to an earlier one is never taken for the current answer.
+
+**Watching the workers** (:meth:`Supervisor.monitor`, every 0.5 s): a worker that exited, or
+whose batch has run longer than ``stall_restart`` s (default ``STALL_RESTART_FACTOR`` ×
+``--stall_seconds``: wedged in XLA or faiss, and making every worker's ``/readyz`` 503), is
+killed and restarted on the current index.  Every such worker's readiness slot is cleared before
+any restart begins, and a restart is never waited for: the monitor checks on it at each pass, so
+a model load holds no lock a reload or ``/admin/status`` needs.  A worker that fails to start
+(dies while loading, or no "started" within ``start_timeout``) is listed ``down`` and retried
+after a backoff (1 s, doubling, at most 60 s); one worker's failure never stops the supervisor.
+SIGHUP reloads the configured ``--index``; SIGTERM/SIGINT stop the admin listener, send SIGTERM
+to every worker (each drains its in-flight requests) and exit 0 (``multi.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
+import itertools
 import json
 import logging
 import multiprocessing
 import os
-import signal
 import socket
 import threading
 import time
+from multiprocessing import connection
 from typing import Any
 
 from vlp_jax.indexing import ann, locations, provenance
-from vlp_jax.serve import fleet, policy, search_index, swap
+from vlp_jax.serve import fleet, metrics, policy, swap, worker_process
 
 _CTX = multiprocessing.get_context("spawn")  # never fork a process that may hold JAX threads
-
-
-@dataclasses.dataclass
-class WorkerOptions:
-    """Everything a worker needs to build its service (picklable for ``spawn``)."""
-
-    bundle: str
-    index: str  # the configured --index (a reload without a target re-reads it)
-    load_kwargs: dict[str, Any]  # server.load_service keywords
-    server_kwargs: dict[str, Any]  # server.make_server keywords (never admin ones)
-
-
-def _worker_main(opts: WorkerOptions, current: str, sock: socket.socket, conn: Any,
-                 shared: fleet.Fleet, slot: int) -> None:
-    """A worker process: load, serve on ``sock``, obey the supervisor on ``conn``; its
-    readiness goes to slot ``slot`` of ``shared``."""
-    from vlp_jax.runtime import devices as runtime
-    from vlp_jax.serve import assemble as server_lib
-
-    server_lib.single_threaded_xla()  # before load_service starts JAX's backend
-
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
-    runtime.quiet_library_logs()
-    logging.getLogger().setLevel(logging.INFO)  # absl's handler may be installed already
-    service = server_lib.load_service(opts.bundle, current, **opts.load_kwargs)
-    service.holder.freeze_gc = True  # a server process: index objects stay out of GC
-    gc.freeze()
-    service.holder.configured = opts.index  # the worker may start on a reloaded index
-    service.fleet = view = fleet.WorkerView(shared, slot)
-    service.batcher.on_progress = view.publish
-    if opts.server_kwargs.get("access_log"):
-        server_lib.access_log_to_stderr()
-    srv = server_lib.make_server(service, **opts.server_kwargs)
-    staged: dict[int, tuple[search_index.SearchIndex, float]] = {}
-
-    def control() -> None:
-        while not srv.started:
-            time.sleep(0.01)
-        conn.send(("started", os.getpid(), service.holder.current.describe()))
-        while True:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                return
-            kind, gen = msg[0], msg[1]
-            try:
-                if kind == "prepare":
-                    staged[gen] = service.holder.load_resolved(msg[2])
-                    conn.send(("prepared", gen, None))
-                elif kind == "commit":
-                    out = service.holder.install(*staged.pop(gen))
-                    service.metrics.reloads.labels("ok").inc()
-                    conn.send(("committed", gen, out["serving"]))
-                elif kind == "abort":
-                    staged.pop(gen, None)
-                elif kind == "status":
-                    conn.send(("status", gen, service.holder.current.describe()))
-            except Exception as e:  # noqa: BLE001 - reported to the supervisor, keep serving
-                service.metrics.reloads.labels("error").inc()
-                conn.send(("failed", gen, f"{type(e).__name__}: {e}"))
-
-    threading.Thread(target=control, daemon=True, name="vlp-worker-control").start()
-    srv.run(sockets=[sock])
+# A batch running this many times --stall_seconds (60 s at the default 10) is taken for a
+# wedged worker: /readyz has been 503 for the whole server since stall_seconds.
+STALL_RESTART_FACTOR = 6.0
 
 
 @dataclasses.dataclass
 class _Worker:
+    """One slot's current process, as the supervisor sees it."""
+
     process: Any
     conn: Any
-    pid: int = 0
+    pid: int = 0  # as the worker reported it once started
+    state: str = "starting"  # starting | serving | down (to be started again at `due`)
+    due: float = 0.0  # monotonic: starting: give up at; down: start again at
+    failures: int = 0  # consecutive failed starts (the backoff)
 
 
 class Supervisor:
-    """N worker processes on ``sock`` and the coordinated reload (module docstring)."""
+    """N worker processes on ``sock``, their restarts and the coordinated reload (module
+    docstring)."""
 
-    def __init__(self, opts: WorkerOptions, sock: socket.socket, workers: int, *,
-                 index_root: str | None = None, image_root: str | None = None,
-                 swap_timeout: float = 120.0, start_timeout: float = 600.0):
+    RESTART_BACKOFF = (1.0, 60.0)  # a failed start's first retry delay, doubling up to
+
+    def __init__(self, opts: worker_process.WorkerOptions, sock: socket.socket, workers: int,
+                 *, index_root: str | None = None, image_root: str | None = None,
+                 swap_timeout: float = 120.0, start_timeout: float = 600.0,
+                 stall_restart: float | None = None):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.opts, self.sock, self.swap_timeout = opts, sock, swap_timeout
         self.start_timeout = start_timeout
+        self.stall_restart = stall_restart or (
+            STALL_RESTART_FACTOR * opts.load_kwargs.get("stall_seconds", 10.0))
+        self._configure(index_root, image_root)
+        self.generation = 1
+        self._conversations = itertools.count(1)  # numbers of pipe conversations, never reused
+        self._reload_lock = threading.Lock()  # one reload at a time (a second one: busy)
+        self._talk = threading.Lock()  # one conversation over the pipes at a time
+        self._state = threading.Lock()  # the workers list and their states (held briefly)
+        self.stopping = False
+        self.workers: list[_Worker] = []
+        self.last_error: str | None = None
+        self.fleet = fleet.Fleet(workers, _CTX)
+        self.metrics_dir = fleet.make_metrics_dir()  # before the first worker starts
+        self.metrics = metrics.supervisor_metrics()
+        try:
+            self._start_all(workers)
+        except BaseException:
+            self.stop(timeout=10)  # no worker process or metrics folder outlives a failed start
+            raise
+
+    def _configure(self, index_root: str | None, image_root: str | None) -> None:
+        """Stage the bundle and the index once for every worker; the admin rules' roots."""
+        opts = self.opts
         self.index_root = index_root or policy.default_index_root(opts.index)
         self.cache_dir = opts.load_kwargs.get("cache_dir") or locations.default_cache_dir()
         opts.bundle = locations.stage_bundle(opts.bundle, self.cache_dir)  # once, for all
@@ -141,108 +121,139 @@ class Supervisor:
         self.version = int(info.get("version", 1))
         opts.load_kwargs.update(index_root=self.index_root, image_root=self.image_root)
         self.current = opts.index  # the serving index as given (self.local: its local copy)
-        self.generation = 1
-        self._reload_lock = threading.Lock()  # one reload at a time (a second one: busy)
-        self._lock = threading.Lock()  # one conversation over the pipes at a time
-        self.stopping = False
-        self.workers: list[_Worker] = []
-        self.last_error: str | None = None
-        self.fleet = fleet.Fleet(workers, _CTX)
-        self.metrics_dir = fleet.make_metrics_dir()  # before the first worker starts
-        for i in range(workers):
-            self.workers.append(self._spawn(i))
-        for i in range(workers):
-            self._await_start(i)
 
     # ------------------------------------------------------------------ processes
-    def _spawn(self, i: int) -> _Worker:
-        self.fleet.starting(i)
+    def _launch(self, i: int) -> tuple[Any, Any]:
+        """A new process for slot ``i`` on the current index; ``(process, its pipe)``."""
         parent, child = _CTX.Pipe()
-        process = _CTX.Process(target=_worker_main, name="vlp-search-worker", daemon=False,
-                               args=(self.opts, self.local, self.sock, child, self.fleet, i))
+        process = _CTX.Process(target=worker_process.worker_main, name="vlp-search-worker",
+                               daemon=False, args=(self.opts, self.local, self.sock, child,
+                                                   self.fleet, i))
         process.start()
         child.close()
-        return _Worker(process, parent)
+        return process, parent
 
-    def _await_start(self, i: int) -> None:
-        w = self.workers[i]
-        if not w.conn.poll(self.start_timeout):
-            raise RuntimeError(f"worker {i} did not start within {self.start_timeout} s")
+    def _spawn(self, i: int, failures: int = 0) -> _Worker:
+        self.fleet.starting(i)
+        process, conn = self._launch(i)
+        return _Worker(process, conn, due=time.monotonic() + self.start_timeout,
+                       failures=failures)
+
+    def _start_all(self, n: int) -> None:
+        """Start ``n`` workers and wait until every one serves (RuntimeError if one fails)."""
+        for i in range(n):
+            self.workers.append(self._spawn(i))
+        while pending := [(i, w) for i, w in enumerate(self.workers) if w.state == "starting"]:
+            for i, w in pending:
+                if error := self._check_start(i, w):
+                    raise RuntimeError(f"worker {i} {error}; see its log above")
+            connection.wait([w.conn for _, w in pending], timeout=0.5)
+
+    def _check_start(self, i: int, w: _Worker) -> str | None:
+        """Advance starting worker ``i``: serving once it says so; why it failed, else None."""
         try:
-            msg = w.conn.recv()
-        except EOFError as e:
-            raise RuntimeError(f"worker {i} exited while starting (code "
-                               f"{w.process.exitcode}); see its log above") from e
-        w.pid = msg[1]
-        self.fleet.serving(i, w.pid)
-        logging.info("worker %d (pid %d) serving %s", i, w.pid, msg[2]["directory"])
+            if w.conn.poll(0):
+                _, w.pid, serving = w.conn.recv()
+                w.state, w.failures = "serving", 0
+                self.fleet.serving(i, w.pid)
+                logging.info("worker %d (pid %d) serving %s", i, w.pid, serving["directory"])
+                return None
+        except (EOFError, OSError):
+            w.process.join(5)
+            return f"exited while starting (code {w.process.exitcode})"
+        if time.monotonic() > w.due:
+            return f"did not start within {self.start_timeout} s"
+        return None
 
-    def _restart(self, i: int, why: str) -> None:
-        old = self.workers[i]
-        logging.error("worker %d (pid %s) %s: restarting it on %s", i, old.pid, why,
-                      self.current)
-        if old.process.is_alive():
-            old.process.kill()
-        old.process.join(10)
-        old.conn.close()
-        fleet.worker_gone(old.pid)
-        self.workers[i] = self._spawn(i)
-        self._await_start(i)
+    def _retire(self, i: int, w: _Worker, why: str, reason: str) -> None:
+        """Worker ``i`` is down: slot cleared first (readiness), process killed and reaped; it
+        starts again now, or after the backoff when its last starts failed."""
+        base, cap = self.RESTART_BACKOFF
+        delay = min(base * 2 ** (w.failures - 1), cap) if w.failures else 0.0
+        logging.error("worker %d (pid %s) %s: starting it again on %s in %.1f s", i,
+                      w.process.pid, why, self.current, delay)
+        self.fleet.down(i)
+        if w.process.is_alive():
+            w.process.kill()
+        w.process.join(10)
+        fleet.worker_gone(w.process.pid)
+        w.state, w.due = "down", time.monotonic() + delay
+        self.metrics.worker_restarts.labels(reason).inc()
 
     def monitor(self) -> None:
-        """Restart workers that died (called periodically by the main loop)."""
-        if self.stopping or not self._lock.acquire(blocking=False):
+        """One watch pass (``multi.run`` calls it every 0.5 s): retire every worker that exited
+        or is wedged, then advance the starting ones and start the due ones.  Nothing here
+        waits for a model load, and one worker's failure is logged, never raised."""
+        with self._state:
+            if self.stopping:
+                return
+            for step in (self._check_serving, self._advance):  # every dead slot cleared first
+                for i, w in enumerate(self.workers):
+                    try:
+                        step(i, w)
+                    except Exception:  # e.g. no memory or file handles for a process
+                        logging.exception("worker %d: could not be watched or started", i)
+                        self.fleet.down(i)
+                        w.state, w.failures = "down", w.failures + 1
+                        w.due = time.monotonic() + self.RESTART_BACKOFF[1]
+
+    def _check_serving(self, i: int, w: _Worker) -> None:
+        if w.state != "serving":
             return
-        try:
-            for i, w in enumerate(self.workers):
-                if not w.process.is_alive() and not self.stopping:
-                    self._restart(i, f"exited with code {w.process.exitcode}")
-        finally:
-            self._lock.release()
+        if not w.process.is_alive():
+            self._retire(i, w, f"exited with code {w.process.exitcode}", "exited")
+        elif (age := self.fleet.batch_age(i)) > self.stall_restart:
+            self._retire(i, w, f"has run one batch for {age:.0f} s (wedged)", "stalled")
+
+    def _advance(self, i: int, w: _Worker) -> None:
+        if w.state == "starting" and (error := self._check_start(i, w)):
+            w.failures += 1
+            self._retire(i, w, error, "start_failed")
+        elif w.state == "down" and time.monotonic() >= w.due:
+            self.workers[i] = self._spawn(i, w.failures)
 
     def stop(self, timeout: float = 60.0) -> None:
-        """SIGTERM to every worker (each drains), then wait for them."""
-        self.stopping = True
-        for w in self.workers:
+        """SIGTERM to every worker (each drains), wait for them, remove the metrics folder."""
+        with self._state:
+            self.stopping = True
+            workers = list(self.workers)
+        for w in workers:
             if w.process.is_alive():
-                os.kill(w.process.pid, signal.SIGTERM)
-        for w in self.workers:
+                w.process.terminate()
+        for w in workers:
             w.process.join(timeout)
             if w.process.is_alive():
                 w.process.kill()
+                w.process.join(10)
         fleet.remove_metrics_dir(self.metrics_dir)
 
     # ------------------------------------------------------------------ reload
-    def _collect(self, gen: int, want: str, deadline: float) -> dict[int, str | None]:
-        """``{worker: None (ok) or the error}`` for every worker's answer to ``gen``."""
-        out: dict[int, str | None] = {}
-        for i, w in enumerate(self.workers):
-            while i not in out:
-                left = deadline - time.monotonic()
-                if left <= 0 or not w.conn.poll(left):
-                    out[i] = f"no answer within {self.swap_timeout} s"
-                    break
-                try:
-                    kind, got, detail = w.conn.recv()
-                except (EOFError, OSError):
-                    out[i] = "worker exited"
-                    break
-                if got == gen:
-                    out[i] = None if kind == want else str(detail)
-        return out
-
     def reload(self, target: str | None = None) -> dict[str, Any]:
-        """Two-phase swap of every worker to ``target`` (default: the configured --index)."""
+        """Two-phase swap of every worker to ``target`` (default: the configured --index),
+        counted once for the server in the supervisor's metrics."""
         if not self._reload_lock.acquire(blocking=False):
+            self.metrics.reloads.labels("busy").inc()
             raise swap.ReloadBusy("another index reload is in progress")
         try:
-            with self._lock:
-                return self._reload(target)
+            with self._talk:  # counted before the pipes are free: a status that sees the
+                result = "error"  # new index sees the count too
+                try:
+                    out = self._reload(target)
+                    result = "ok"
+                    return out
+                except policy.Forbidden:
+                    result = "forbidden"
+                    raise
+                except policy.Refused:
+                    result = "refused"
+                    raise
+                finally:
+                    self.metrics.reloads.labels(result).inc()
         finally:
             self._reload_lock.release()
 
-    def _reload(self, target: str | None) -> dict[str, Any]:
-        """The swap itself (module docstring), with the pipes held."""
+    def _resolve(self, target: str | None) -> tuple[str, str, dict[str, Any]]:
+        """``(path, local copy, index info)`` of a target the admin rules allow."""
         path = policy.resolve_index(target, self.opts.index, self.index_root)
         try:
             local = locations.stage_index(path, self.cache_dir)
@@ -252,50 +263,110 @@ class Supervisor:
             raise swap.ReloadError(self.last_error) from e
         policy.check_bundle(info, self.identity, path)
         policy.check_image_root(info["base_dir"], self.image_root, path)
-        gen = self.generation + 1
+        return path, local, info
+
+    def _reload(self, target: str | None) -> dict[str, Any]:
+        """The swap itself (module docstring), with the pipes held."""
+        path, local, info = self._resolve(target)
+        number = next(self._conversations)
+        with self._state:
+            party = {i: w for i, w in enumerate(self.workers) if w.state == "serving"}
         deadline = time.monotonic() + self.swap_timeout
-        for w in self.workers:
-            w.conn.send(("prepare", gen, local))
-        failed = {i: e for i, e in self._collect(gen, "prepared", deadline).items() if e}
-        if failed:
-            for w in self.workers:
-                with contextlib.suppress(OSError):
-                    w.conn.send(("abort", gen))
-            self.last_error = "; ".join(f"worker {i}: {e}" for i, e in failed.items())
+        failed = self._send(party, ("prepare", number, local))
+        failed.update(self._collect({i: w for i, w in party.items() if i not in failed},
+                                    number, "prepared", deadline))
+        if failed := {i: e for i, e in failed.items() if e}:
+            self._send(party, ("abort", number))  # the ones that prepared drop it
+            self.last_error = "; ".join(f"worker {i}: {e}" for i, e in sorted(failed.items()))
             raise swap.ReloadError(self.last_error)
         start = time.monotonic()
-        for w in self.workers:
-            w.conn.send(("commit", gen))
-        acks = self._collect(gen, "committed", time.monotonic() + self.swap_timeout)
-        previous = {"directory": self.current, "version": self.version}
-        self.generation, self.current, self.last_error = gen, path, None
-        self.local = local
-        self.version = int(info.get("version", 1))
-        for i, err in acks.items():
-            if err:
-                self._restart(i, f"did not commit generation {gen}: {err}")
-        return {"directory": path, "generation": gen, "workers": len(self.workers),
+        acks = self._send(party, ("commit", number))
+        acks.update(self._collect({i: w for i, w in party.items() if i not in acks}, number,
+                                  "committed", time.monotonic() + self.swap_timeout))
+        with self._state:
+            previous = {"directory": self.current, "version": self.version}
+            self.generation += 1
+            self.current, self.local, self.last_error = path, local, None
+            self.version = int(info.get("version", 1))
+            restarted = []
+            for i, w in enumerate(self.workers):  # none may keep (or start on) the old index
+                committed = party.get(i) is w and acks.get(i) is None
+                if w.state == "down" or committed:
+                    continue
+                why = (f"did not commit index generation {self.generation}: {acks.get(i)}"
+                       if party.get(i) is w else "was starting on the previous index")
+                self._retire(i, w, why, "uncommitted")
+                w.due = time.monotonic()  # the monitor starts it on the new index
+                restarted.append(i)
+        return {"directory": path, "generation": self.generation, "workers": len(self.workers),
                 "previous": previous, "serving": {"directory": path, "version": self.version,
-                                                  "generation": gen},
-                "commit_seconds": round(time.monotonic() - start, 4),
-                "restarted": sorted(i for i, e in acks.items() if e)}
-
-    def status(self) -> list[dict[str, Any]]:
-        """What each worker serves, asked over its pipe."""
-        with self._lock:
-            out = []
-            for w in self.workers:
-                got = self._ask_status(w)
-                out.append({"pid": w.pid, **(got or {"error": "no answer (exited?)"})})
-            return out
+                                                  "generation": self.generation},
+                "commit_seconds": round(time.monotonic() - start, 4), "restarted": restarted}
 
     @staticmethod
-    def _ask_status(w: _Worker) -> dict[str, Any] | None:
+    def _send(party: dict[int, _Worker], msg: tuple) -> dict[int, str | None]:
+        """Send ``msg`` to every worker of ``party``; ``{worker: why}`` for each whose pipe is
+        broken (it died, and the monitor has not retired it yet)."""
+        failed: dict[int, str | None] = {}
+        for i, w in party.items():
+            try:
+                w.conn.send(msg)
+            except OSError as e:
+                failed[i] = f"worker exited ({type(e).__name__})"
+        return failed
+
+    def _collect(self, party: dict[int, _Worker], number: int, want: str,
+                 deadline: float) -> dict[int, str | None]:
+        """``{worker: None (ok) or the error}`` for every answer to conversation ``number``."""
+        out: dict[int, str | None] = {}
+        for i, w in party.items():
+            while i not in out:
+                left = deadline - time.monotonic()
+                try:
+                    if left <= 0 or not w.conn.poll(left):
+                        out[i] = f"no answer within {self.swap_timeout} s"
+                        break
+                    kind, got, detail = w.conn.recv()
+                except (EOFError, OSError):
+                    out[i] = "worker exited"
+                    break
+                if got == number:  # anything else: a late reply to an earlier conversation
+                    out[i] = None if kind == want else str(detail)
+        return out
+
+    def status(self) -> list[dict[str, Any]]:
+        """Every worker's state, and what each serving one serves, asked over its pipe.  While a
+        reload holds the pipes, the serving ones are listed without asking (never waits for a
+        swap)."""
+        with self._state:
+            workers = list(self.workers)
+        asked = self._talk.acquire(timeout=1.0)
+        try:
+            out = []
+            for i, w in enumerate(workers):
+                entry: dict[str, Any] = {"worker": i, "pid": w.pid or None, "state": w.state}
+                if w.state == "down":
+                    entry["restart_in"] = round(max(0.0, w.due - time.monotonic()), 1)
+                elif w.state == "serving" and not asked:
+                    entry["error"] = "not asked: an index reload is in progress"
+                elif w.state == "serving":
+                    got = self._ask_status(w, next(self._conversations))
+                    entry.update(got or {"error": "no answer (exited?)"})
+                out.append(entry)
+            return out
+        finally:
+            if asked:
+                self._talk.release()
+
+    @staticmethod
+    def _ask_status(w: _Worker, number: int) -> dict[str, Any] | None:
         try:  # a worker that just died has a broken pipe: the monitor restarts it
-            w.conn.send(("status", 0))
-            if not w.conn.poll(10):
-                return None
-            kind, _, detail = w.conn.recv()
+            w.conn.send(("status", number))
+            deadline = time.monotonic() + 10
+            while (left := deadline - time.monotonic()) > 0 and w.conn.poll(left):
+                kind, got, detail = w.conn.recv()
+                if got == number:
+                    return detail if kind == "status" else None
         except (EOFError, OSError):
-            return None
-        return detail if kind == "status" else None
+            pass
+        return None
