@@ -93,9 +93,10 @@ class Batcher(Generic[T, R]):
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0 (0 = unbounded), got {max_queue}")
-        if max_queue_delay_ms < 0:
-            raise ValueError(f"max_queue_delay_ms must be >= 0 (0 = no bound), got "
-                             f"{max_queue_delay_ms}")
+        if max_queue_delay_ms < 0 or 0 < max_queue_delay_ms <= max_wait_ms:
+            raise ValueError(f"max_queue_delay_ms must be 0 (no bound) or more than max_wait_ms "
+                             f"= {max_wait_ms} (the first request of a batch waits that long "
+                             f"for company), got {max_queue_delay_ms}")
         self.fn, self.max_batch, self.max_wait = fn, int(max_batch), max_wait_ms / 1000.0
         self.max_queue, self.max_delay = int(max_queue), max_queue_delay_ms / 1000.0
         self.batch_seconds = 0.0  # exponential average of recent batch run times
@@ -160,10 +161,13 @@ class Batcher(Generic[T, R]):
             raise DeadlineExceeded(f"no answer within {timeout * 1000:.0f} ms") from e
 
     def expected_wait(self) -> float:
-        """Seconds a request queued now would wait: the running batch and the full batches
-        queued ahead of it, at the recent batch time (0 before the first batch)."""
-        ahead = self._waiting // self.max_batch + (self.executing_since is not None)
-        return ahead * self.batch_seconds
+        """Seconds a request queued now would wait: the full batches queued ahead of it at the
+        recent batch time, and the running batch — at least as long as it has run already, so
+        a batch that overruns (a slow box, a wedged encoder) sheds new requests at once
+        instead of admitting them into their deadline.  0 when idle before the first batch."""
+        since = self.executing_since
+        running = 0.0 if since is None else max(self.batch_seconds, time.monotonic() - since)
+        return (self._waiting // self.max_batch) * self.batch_seconds + running
 
     @property
     def waiting(self) -> int:
