@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import threading
 import time
+import types
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
@@ -18,39 +19,49 @@ from vlp_jax.serve.metrics import MULTIPROC_ENV
 _PIDS = itertools.count(4_000_000)  # above any real pid: never signalled, only compared
 
 
+class FakeIndex:
+    """What ``swap.Loaded.describe`` reads of an index; ``…/vN`` has version N."""
+
+    def __init__(self, directory):
+        self.directory = self.source = directory
+        self.version, self.kind, self.tombstones = int(directory.rsplit("v", 1)[1]), "flat", ()
+
+    def __len__(self):
+        return 10
+
+
 class FakeHolder:
-    """The index holder a worker's Control drives: loads ``vN`` targets (by name)."""
+    """The index holder a worker's Control drives: loads ``…/vN`` targets (by name)."""
 
     def __init__(self, directory, slow=(), fail=(), commit=True):
-        self.directory, self.generation = directory, 1
+        self.current, self.on_swap = swap.Loaded(FakeIndex(directory), 1, time.time(), 0.0), None
         self.slow, self.fail, self.commit = slow, fail, commit
-        self.current = self
-
-    def describe(self):
-        return {"directory": self.directory, "version": int(self.directory[1:]),
-                "generation": self.generation}
 
     def load_resolved(self, target):
-        if target in self.slow:
+        if os.path.basename(target) in self.slow:
             time.sleep(0.6)
-        if target in self.fail:
-            raise swap.ReloadError(f"cannot load {target}")
-        return target, 0.0
+        if os.path.basename(target) in self.fail:
+            raise swap.ReloadError(f"cannot load {os.path.basename(target)}")
+        return FakeIndex(target), 0.0
 
     def install(self, index, seconds):
         if not self.commit:
             raise RuntimeError("cannot swap")
-        self.directory, self.generation = index, self.generation + 1
-        return {"serving": self.describe()}
+        self.current = swap.Loaded(index, self.current.generation + 1, time.time(), seconds)
+        return {"serving": self.current.describe()}
 
 
 class FakeWorker:
-    """A worker "process" on a thread.  ``plan``: ``die`` exits before it starts, else it starts
-    and answers with ``Control`` until killed; keywords go to its ``FakeHolder``."""
+    """A worker "process" on a thread.  ``plan``: ``die`` exits before it starts;
+    ``start_delay`` s before it starts; else it starts on ``serving`` and answers with
+    ``Control`` until killed, its pipe closes (exit 0, as a real worker drains and exits) or
+    ``crash_after`` s (exit -11); ``stubborn`` ignores SIGTERM; ``holder``: FakeHolder
+    keywords."""
 
-    def __init__(self, conn, directory, plan):
+    def __init__(self, conn, serving, plan):
         self.conn, self.plan, self.pid, self.exitcode = conn, plan, next(_PIDS), None
-        self.control = worker_process.Control(FakeHolder(directory, **plan.get("holder", {})))
+        self.serving, self.launched_at = serving, time.monotonic()
+        self.control = worker_process.Control(FakeHolder(serving.local, **plan.get("holder", {})))
         self.killed = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -59,12 +70,21 @@ class FakeWorker:
             if self.plan.get("die"):
                 self.exitcode = 3
                 return
-            self.conn.send(("started", self.pid, self.control.holder.describe()))
+            if self.killed.wait(self.plan.get("start_delay", 0)):
+                return
+            worker_process.adopt(self.control.holder, self.serving)
+            self.conn.send(("started", self.pid, self.control.holder.current.describe()))
+            crash = time.monotonic() + self.plan.get("crash_after", 1e9)
             while not self.killed.is_set():
+                if time.monotonic() > crash:
+                    self.exitcode = -11
+                    return
                 if self.conn.poll(0.01):
                     reply = self.control.answer(self.conn.recv())
                     if reply is not None:
                         self.conn.send(reply)
+        except (EOFError, OSError):
+            self.exitcode = 0
         finally:
             self.conn.close()
 
@@ -75,10 +95,13 @@ class FakeWorker:
         return self.thread.is_alive()
 
     def kill(self):
-        self.exitcode = -9
+        if self.is_alive():
+            self.exitcode = -9
         self.killed.set()
 
-    terminate = kill
+    def terminate(self):
+        if not self.plan.get("stubborn"):
+            self.kill()
 
     def join(self, timeout=None):
         self.thread.join(timeout)
@@ -87,25 +110,25 @@ class FakeWorker:
 class FakeSupervisor(workers.Supervisor):
     RESTART_BACKOFF = (0.05, 0.2)
 
-    def __init__(self, n, plans=(), **kwargs):
-        self.plans, self.launched = list(plans), []
+    def __init__(self, n, plans=(), launched=None, **kwargs):
+        self.plans, self.launched = list(plans), [] if launched is None else launched
         kwargs = {"swap_timeout": 5.0, "start_timeout": 5.0, **kwargs}
         super().__init__(worker_process.WorkerOptions("bundle", "v1", {}, {}), None, n,
                          **kwargs)
 
     def _configure(self, index_root, image_root):
         self.index_root = self.cache_dir = self.image_root = "/fake"
-        self.identity, self.local, self.current, self.version = {}, "v1", "v1", 1
+        self.identity, self.local, self.current, self.version = {}, "/cache/v1", "v1", 1
 
     def _launch(self, i):
         parent, child = multiprocessing.Pipe()
-        process = FakeWorker(child, self.local, self.plans.pop(0) if self.plans else {})
+        process = FakeWorker(child, self._serving(), self.plans.pop(0) if self.plans else {})
         process.start()
         self.launched.append(process)
         return process, parent
 
-    def _resolve(self, target):
-        return target, target, {"version": int(target[1:])}
+    def _resolve(self, target):  # staged in a local cache, as gs:// or s3:// indexes are
+        return target, "/cache/" + target, {"version": int(target[1:])}
 
     def counted(self, name):
         """``{labels: value}`` of counter ``name`` as any worker's /metrics would sum it."""
@@ -248,3 +271,83 @@ def test_a_late_reply_is_not_taken_for_the_next_reload(supervisors):
     with pytest.raises(swap.ReloadError, match="worker 0: ReloadError: cannot load v3"):
         sup.reload("v3")
     assert (sup.current, sup.generation) == ("v1", 1) and serving(sup, version=1)
+
+
+def test_a_worker_crashing_soon_after_it_started_is_restarted_with_the_backoff(supervisors):
+    sup = supervisors(2, plans=[{}, {"crash_after": 0.05}, {"crash_after": 0.05}, {}])
+    sup.RESTART_BACKOFF = (0.3, 1.0)  # crashed 2x: restarted after 0.3 s, then 0.6 s
+    watch(sup, lambda: len(sup.launched) == 4 and serving(sup))
+    starts = [w.launched_at for w in sup.launched[1:]]
+    assert starts[1] - starts[0] > 0.3 and starts[2] - starts[1] > 0.6, starts
+    assert sup.counted("vlp_worker_restarts")['{reason="exited"}'] == 2.0
+    sup.STABLE_AFTER = 0.2  # once it has served that long, an exit restarts it at once
+    time.sleep(0.3)
+    sup.workers[1].process.kill()
+    sup.workers[1].process.join(5)
+    sup.monitor()
+    assert (sup.workers[1].state, sup.workers[1].failures, len(sup.launched)) == ("starting", 0, 5)
+
+
+def test_the_end_of_the_supervisors_pipe_drains_and_stops_the_worker():
+    supervisor, worker = multiprocessing.Pipe()
+    server = types.SimpleNamespace(started=True, should_exit=False)  # a uvicorn Server's flags
+    control = worker_process.Control(FakeHolder("/cache/v1"))
+    obeying = threading.Thread(target=worker_process.obey, args=(worker, control, server))
+    obeying.start()
+    assert supervisor.recv()[0] == "started" and not server.should_exit
+    supervisor.send(("status", 1))
+    assert supervisor.recv()[:2] == ("status", 1)
+    supervisor.close()  # the supervisor exited, however
+    obeying.join(5)
+    assert not obeying.is_alive() and server.should_exit
+
+
+def test_a_worker_whose_watch_fails_is_killed_not_left_serving(supervisors, monkeypatch):
+    sup = supervisors(2)
+    sup.workers[1].process.kill()
+    sup.workers[1].process.join(5)
+    real, calls = sup.fleet.serving, []
+
+    def flaky(i, pid):  # fails once, after the restarted worker said "started"
+        calls.append(i)
+        if len(calls) == 1:
+            raise MemoryError("simulated")
+        real(i, pid)
+
+    monkeypatch.setattr(sup.fleet, "serving", flaky)
+    watch(sup, lambda: calls)
+    stray = sup.launched[2]
+    assert not stray.is_alive() and stray.exitcode == -9  # killed, not left to serve v1
+    watch(sup, lambda: len(sup.launched) == 4 and serving(sup))
+    assert sup.reload("v2")["restarted"] == [] and serving(sup, version=2)
+    assert all(not w.is_alive() for w in sup.launched if w not in
+               [s.process for s in sup.workers])
+
+
+def test_stop_waits_for_every_wedged_worker_until_one_deadline(supervisors):
+    sup = supervisors(3, plans=[{"stubborn": True}] * 3)  # SIGTERM does not stop them
+    start = time.monotonic()
+    sup.stop(timeout=0.5)
+    assert time.monotonic() - start < 1.0  # not 3 x 0.5 s
+    assert [(w.is_alive(), w.exitcode) for w in sup.launched] == [(False, -9)] * 3
+
+
+def test_a_stop_request_aborts_the_start_and_stops_the_started_workers():
+    stop, launched = threading.Event(), []
+    threading.Timer(0.3, stop.set).start()  # SIGTERM while worker 1 is still loading
+    start = time.monotonic()
+    with pytest.raises(workers.StartAborted, match="1 of 2 workers were starting"):
+        FakeSupervisor(2, plans=[{}, {"start_delay": 30}], launched=launched,
+                       stop_requested=stop)
+    assert time.monotonic() - start < 5 and not any(w.is_alive() for w in launched)
+    assert MULTIPROC_ENV not in os.environ
+
+
+def test_a_restarted_worker_reports_the_fleets_generation_and_source(supervisors):
+    sup = supervisors(2)
+    assert sup.reload("v2")["generation"] == 2 and sup.reload("v3")["generation"] == 3
+    sup.workers[1].process.kill()
+    sup.workers[1].process.join(5)
+    watch(sup, lambda: len(sup.launched) == 3 and serving(sup))
+    assert [(w["generation"], w["source"], w["directory"]) for w in sup.status()] == [
+        (3, "v3", "/cache/v3")] * 2  # the index as configured, not the supervisor's copy

@@ -5,6 +5,13 @@ Starts the workers (``workers.Supervisor``), serves the admin listener from a th
 stops the admin listener, lets every worker drain and exits 0 — also when the watch loop fails,
 so no worker outlives the supervisor.  It loads no model and serves no search, so its own CPU
 use is negligible.
+
+The signal handlers are installed before the first worker starts, because starting takes
+minutes (model load, compilation): Python's default action on SIGHUP or SIGTERM would kill the
+supervisor alone and leave the workers started so far and the metrics folder behind.  SIGTERM
+or SIGINT meanwhile stops the workers started so far and exits 0 at once; a SIGHUP meanwhile is
+remembered and reloads once every worker serves (the configured ``--index`` link may have
+moved while they loaded).
 """
 
 from __future__ import annotations
@@ -22,25 +29,39 @@ def run(bundle: str, index: str, sockets: list[socket.socket], n: int, *,
         load_kwargs: dict[str, Any], server_kwargs: dict[str, Any], token: str | None,
         swap_timeout: float, index_root: str | None, image_root: str | None) -> None:
     """Serve until SIGTERM/SIGINT (``sockets[0]`` public, ``sockets[1]`` admin if given)."""
-    stop = threading.Event()
+    stop, hup = threading.Event(), threading.Event()
+    sup: workers.Supervisor | None = None
+
+    def reload_on_hup() -> None:
+        assert sup is not None
+        try:
+            out = sup.reload(None)
+            logging.info("SIGHUP: every worker serves %s (generation %d)",
+                         out["directory"], out["generation"])
+        except Exception as e:  # noqa: BLE001 - a failed reload keeps the old index
+            logging.error("SIGHUP reload failed, still serving %s: %s", sup.current, e)
+
+    def on_hup(*_: Any) -> None:
+        if sup is None:
+            hup.set()  # still starting: reload once every worker serves
+        else:
+            threading.Thread(target=reload_on_hup, daemon=True).start()
+
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, on_hup)
     opts = worker_process.WorkerOptions(bundle, index, dict(load_kwargs), dict(server_kwargs))
-    # Raises if a worker cannot start, after stopping the ones that did.
-    sup = workers.Supervisor(opts, sockets[0], n, index_root=index_root,
-                             image_root=image_root, swap_timeout=swap_timeout)
+    try:  # raises if a worker cannot start, after stopping the ones that did
+        sup = workers.Supervisor(opts, sockets[0], n, index_root=index_root,
+                                 image_root=image_root, swap_timeout=swap_timeout,
+                                 stop_requested=stop)
+    except workers.StartAborted as e:
+        logging.info("%s: the workers started so far are stopped; exiting", e)
+        return
     admin = None
     try:  # whatever ends the loop, the workers are stopped and the metrics folder removed
-        def reload_on_hup() -> None:
-            try:
-                out = sup.reload(None)
-                logging.info("SIGHUP: every worker serves %s (generation %d)",
-                             out["directory"], out["generation"])
-            except Exception as e:  # noqa: BLE001 - a failed reload keeps the old index
-                logging.error("SIGHUP reload failed, still serving %s: %s", sup.current, e)
-
-        signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload_on_hup,
-                                                                 daemon=True).start())
+        if hup.is_set():
+            on_hup()
         if len(sockets) > 1:
             app = admin_app.create_admin_app(sup, admin_port=sockets[1].getsockname()[1],
                                              admin_token=token or "")

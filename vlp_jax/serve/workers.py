@@ -32,14 +32,20 @@ whose batch has run longer than ``stall_restart`` s (default ``STALL_RESTART_FAC
 killed and restarted on the current index.  Every such worker's readiness slot is cleared before
 any restart begins, and a restart is never waited for: the monitor checks on it at each pass, so
 a model load holds no lock a reload or ``/admin/status`` needs.  A worker that fails to start
-(dies while loading, or no "started" within ``start_timeout``) is listed ``down`` and retried
-after a backoff (1 s, doubling, at most 60 s); one worker's failure never stops the supervisor.
-SIGHUP reloads the configured ``--index``; SIGTERM/SIGINT stop the admin listener, send SIGTERM
-to every worker (each drains its in-flight requests) and exit 0 (``multi.py``).
+(dies while loading, or no "started" within ``start_timeout``), or exits within
+``STABLE_AFTER`` s of starting, is listed ``down`` and retried after a backoff (1 s, doubling,
+at most 60 s; reset once a worker has served that long) — a crash loop never turns into a model
+load per watch pass; one worker's failure never stops the supervisor, and a worker whose
+watching fails unexpectedly is killed, never left serving unknown to later reloads.  A restarted
+worker reports the fleet's index generation and the index as configured (``Serving``).
+SIGHUP reloads the configured ``--index``; SIGTERM/SIGINT (also while the workers start) stop
+the admin listener, send SIGTERM to every worker (each drains its in-flight requests; one
+deadline for all, then the rest are killed) and exit 0 (``multi.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -53,7 +59,7 @@ from multiprocessing import connection
 from typing import Any
 
 from vlp_jax.indexing import ann, locations, provenance
-from vlp_jax.serve import fleet, metrics, policy, swap, worker_process
+from vlp_jax.serve import fleet, metrics, pipes, policy, swap, worker_process
 
 _CTX = multiprocessing.get_context("spawn")  # never fork a process that may hold JAX threads
 # A batch running this many times --stall_seconds (60 s at the default 10) is taken for a
@@ -70,7 +76,25 @@ class _Worker:
     pid: int = 0  # as the worker reported it once started
     state: str = "starting"  # starting | serving | down (to be started again at `due`)
     due: float = 0.0  # monotonic: starting: give up at; down: start again at
-    failures: int = 0  # consecutive failed starts (the backoff)
+    failures: int = 0  # consecutive failed starts and early exits (the backoff)
+    since: float = 0.0  # monotonic: serving since
+
+    def reap(self) -> None:
+        """Kill and reap the process and drop its live gauges, each step guarded: this also
+        runs after an unexpected error, and a process left running would serve outside every
+        later reload and never be stopped.  The pipe is left to close with this record (a
+        reload may be reading it on another thread)."""
+        with contextlib.suppress(Exception):
+            if self.process.is_alive():
+                self.process.kill()
+        with contextlib.suppress(Exception):
+            self.process.join(10)
+        with contextlib.suppress(Exception):
+            fleet.worker_gone(self.process.pid)
+
+
+class StartAborted(RuntimeError):
+    """A stop was requested (SIGTERM) before every worker had started."""
 
 
 class Supervisor:
@@ -78,11 +102,16 @@ class Supervisor:
     docstring)."""
 
     RESTART_BACKOFF = (1.0, 60.0)  # a failed start's first retry delay, doubling up to
+    # A worker that exits sooner after it started is restarted with the backoff, not at once:
+    # one that crashes on a poison query or runs out of memory would otherwise reload the
+    # model (and compile) at every watch pass, taking CPU from the workers that serve.
+    STABLE_AFTER = 60.0
 
     def __init__(self, opts: worker_process.WorkerOptions, sock: socket.socket, workers: int,
                  *, index_root: str | None = None, image_root: str | None = None,
                  swap_timeout: float = 120.0, start_timeout: float = 600.0,
-                 stall_restart: float | None = None):
+                 stall_restart: float | None = None,
+                 stop_requested: threading.Event | None = None):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.opts, self.sock, self.swap_timeout = opts, sock, swap_timeout
@@ -96,6 +125,7 @@ class Supervisor:
         self._talk = threading.Lock()  # one conversation over the pipes at a time
         self._state = threading.Lock()  # the workers list and their states (held briefly)
         self.stopping = False
+        self.stop_requested = stop_requested or threading.Event()  # set: abort the start
         self.workers: list[_Worker] = []
         self.last_error: str | None = None
         self.fleet = fleet.Fleet(workers, _CTX)
@@ -127,11 +157,15 @@ class Supervisor:
         """A new process for slot ``i`` on the current index; ``(process, its pipe)``."""
         parent, child = _CTX.Pipe()
         process = _CTX.Process(target=worker_process.worker_main, name="vlp-search-worker",
-                               daemon=False, args=(self.opts, self.local, self.sock, child,
-                                                   self.fleet, i))
+                               daemon=False, args=(self.opts, self._serving(), self.sock,
+                                                   child, self.fleet, i))
         process.start()
         child.close()
         return process, parent
+
+    def _serving(self) -> worker_process.Serving:
+        """What a worker starting now serves: the fleet's index, source and generation."""
+        return worker_process.Serving(self.local, self.current, self.generation)
 
     def _spawn(self, i: int, failures: int = 0) -> _Worker:
         self.fleet.starting(i)
@@ -140,10 +174,16 @@ class Supervisor:
                        failures=failures)
 
     def _start_all(self, n: int) -> None:
-        """Start ``n`` workers and wait until every one serves (RuntimeError if one fails)."""
+        """Start ``n`` workers and wait until every one serves (RuntimeError if one fails,
+        :class:`StartAborted` as soon as a stop is requested: loads can take minutes)."""
+        if self.stop_requested.is_set():  # while the bundle and the index were staged
+            raise StartAborted("stop requested before the workers started")
         for i in range(n):
             self.workers.append(self._spawn(i))
         while pending := [(i, w) for i, w in enumerate(self.workers) if w.state == "starting"]:
+            if self.stop_requested.is_set():
+                raise StartAborted(f"stop requested while {len(pending)} of {n} workers "
+                                   "were starting")
             for i, w in pending:
                 if error := self._check_start(i, w):
                     raise RuntimeError(f"worker {i} {error}; see its log above")
@@ -154,7 +194,7 @@ class Supervisor:
         try:
             if w.conn.poll(0):
                 _, w.pid, serving = w.conn.recv()
-                w.state, w.failures = "serving", 0
+                w.state, w.since = "serving", time.monotonic()
                 self.fleet.serving(i, w.pid)
                 logging.info("worker %d (pid %d) serving %s", i, w.pid, serving["directory"])
                 return None
@@ -167,16 +207,14 @@ class Supervisor:
 
     def _retire(self, i: int, w: _Worker, why: str, reason: str) -> None:
         """Worker ``i`` is down: slot cleared first (readiness), process killed and reaped; it
-        starts again now, or after the backoff when its last starts failed."""
+        starts again now, or after the backoff when its last starts failed or it exited early
+        (``w.failures``)."""
         base, cap = self.RESTART_BACKOFF
         delay = min(base * 2 ** (w.failures - 1), cap) if w.failures else 0.0
         logging.error("worker %d (pid %s) %s: starting it again on %s in %.1f s", i,
                       w.process.pid, why, self.current, delay)
         self.fleet.down(i)
-        if w.process.is_alive():
-            w.process.kill()
-        w.process.join(10)
-        fleet.worker_gone(w.process.pid)
+        w.reap()
         w.state, w.due = "down", time.monotonic() + delay
         self.metrics.worker_restarts.labels(reason).inc()
 
@@ -194,16 +232,22 @@ class Supervisor:
                     except Exception:  # e.g. no memory or file handles for a process
                         logging.exception("worker %d: could not be watched or started", i)
                         self.fleet.down(i)
+                        w.reap()  # a process of its own may already run
                         w.state, w.failures = "down", w.failures + 1
                         w.due = time.monotonic() + self.RESTART_BACKOFF[1]
 
     def _check_serving(self, i: int, w: _Worker) -> None:
         if w.state != "serving":
             return
+        stable = time.monotonic() - w.since >= self.STABLE_AFTER
         if not w.process.is_alive():
-            self._retire(i, w, f"exited with code {w.process.exitcode}", "exited")
+            why, reason = f"exited with code {w.process.exitcode}", "exited"
         elif (age := self.fleet.batch_age(i)) > self.stall_restart:
-            self._retire(i, w, f"has run one batch for {age:.0f} s (wedged)", "stalled")
+            why, reason = f"has run one batch for {age:.0f} s (wedged)", "stalled"
+        else:
+            return
+        w.failures = 0 if stable else w.failures + 1  # an early exit: a failed start
+        self._retire(i, w, why, reason)
 
     def _advance(self, i: int, w: _Worker) -> None:
         if w.state == "starting" and (error := self._check_start(i, w)):
@@ -213,18 +257,23 @@ class Supervisor:
             self.workers[i] = self._spawn(i, w.failures)
 
     def stop(self, timeout: float = 60.0) -> None:
-        """SIGTERM to every worker (each drains), wait for them, remove the metrics folder."""
+        """SIGTERM to every worker (each drains), wait for them all until one deadline
+        ``timeout`` s away (not one each: N wedged workers would take N times as long), kill
+        the ones left, remove the metrics folder."""
         with self._state:
             self.stopping = True
             workers = list(self.workers)
         for w in workers:
             if w.process.is_alive():
                 w.process.terminate()
+        deadline = time.monotonic() + timeout
         for w in workers:
-            w.process.join(timeout)
-            if w.process.is_alive():
+            w.process.join(max(0.0, deadline - time.monotonic()))
+        for w in workers:  # every one left is killed before any is waited for
+            with contextlib.suppress(Exception):
                 w.process.kill()
-                w.process.join(10)
+        for w in workers:
+            w.reap()
         fleet.remove_metrics_dir(self.metrics_dir)
 
     # ------------------------------------------------------------------ reload
@@ -271,18 +320,18 @@ class Supervisor:
         number = next(self._conversations)
         with self._state:
             party = {i: w for i, w in enumerate(self.workers) if w.state == "serving"}
-        deadline = time.monotonic() + self.swap_timeout
-        failed = self._send(party, ("prepare", number, local))
-        failed.update(self._collect({i: w for i, w in party.items() if i not in failed},
-                                    number, "prepared", deadline))
+        conns, timeout = {i: w.conn for i, w in party.items()}, self.swap_timeout
+        failed = pipes.send(conns, ("prepare", number, local, path))
+        failed.update(pipes.collect({i: c for i, c in conns.items() if i not in failed},
+                                    number, "prepared", time.monotonic() + timeout, timeout))
         if failed := {i: e for i, e in failed.items() if e}:
-            self._send(party, ("abort", number))  # the ones that prepared drop it
+            pipes.send(conns, ("abort", number))  # the ones that prepared drop it
             self.last_error = "; ".join(f"worker {i}: {e}" for i, e in sorted(failed.items()))
             raise swap.ReloadError(self.last_error)
         start = time.monotonic()
-        acks = self._send(party, ("commit", number))
-        acks.update(self._collect({i: w for i, w in party.items() if i not in acks}, number,
-                                  "committed", time.monotonic() + self.swap_timeout))
+        acks = pipes.send(conns, ("commit", number))
+        acks.update(pipes.collect({i: c for i, c in conns.items() if i not in acks}, number,
+                                  "committed", time.monotonic() + timeout, timeout))
         with self._state:
             previous = {"directory": self.current, "version": self.version}
             self.generation += 1
@@ -303,37 +352,6 @@ class Supervisor:
                                                   "generation": self.generation},
                 "commit_seconds": round(time.monotonic() - start, 4), "restarted": restarted}
 
-    @staticmethod
-    def _send(party: dict[int, _Worker], msg: tuple) -> dict[int, str | None]:
-        """Send ``msg`` to every worker of ``party``; ``{worker: why}`` for each whose pipe is
-        broken (it died, and the monitor has not retired it yet)."""
-        failed: dict[int, str | None] = {}
-        for i, w in party.items():
-            try:
-                w.conn.send(msg)
-            except OSError as e:
-                failed[i] = f"worker exited ({type(e).__name__})"
-        return failed
-
-    def _collect(self, party: dict[int, _Worker], number: int, want: str,
-                 deadline: float) -> dict[int, str | None]:
-        """``{worker: None (ok) or the error}`` for every answer to conversation ``number``."""
-        out: dict[int, str | None] = {}
-        for i, w in party.items():
-            while i not in out:
-                left = deadline - time.monotonic()
-                try:
-                    if left <= 0 or not w.conn.poll(left):
-                        out[i] = f"no answer within {self.swap_timeout} s"
-                        break
-                    kind, got, detail = w.conn.recv()
-                except (EOFError, OSError):
-                    out[i] = "worker exited"
-                    break
-                if got == number:  # anything else: a late reply to an earlier conversation
-                    out[i] = None if kind == want else str(detail)
-        return out
-
     def status(self) -> list[dict[str, Any]]:
         """Every worker's state, and what each serving one serves, asked over its pipe.  While a
         reload holds the pipes, the serving ones are listed without asking (never waits for a
@@ -350,23 +368,10 @@ class Supervisor:
                 elif w.state == "serving" and not asked:
                     entry["error"] = "not asked: an index reload is in progress"
                 elif w.state == "serving":
-                    got = self._ask_status(w, next(self._conversations))
+                    got = pipes.ask_status(w.conn, next(self._conversations))
                     entry.update(got or {"error": "no answer (exited?)"})
                 out.append(entry)
             return out
         finally:
             if asked:
                 self._talk.release()
-
-    @staticmethod
-    def _ask_status(w: _Worker, number: int) -> dict[str, Any] | None:
-        try:  # a worker that just died has a broken pipe: the monitor restarts it
-            w.conn.send(("status", number))
-            deadline = time.monotonic() + 10
-            while (left := deadline - time.monotonic()) > 0 and w.conn.poll(left):
-                kind, got, detail = w.conn.recv()
-                if got == number:
-                    return detail if kind == "status" else None
-        except (EOFError, OSError):
-            pass
-        return None
