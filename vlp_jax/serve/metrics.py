@@ -107,9 +107,9 @@ class Metrics:
         self.index_version = Gauge("vlp_index_version", "version of the serving index directory "
                                    "(index_info.json; +1 per incremental update).", registry=r,
                                    multiprocess_mode="liveall")
-        self.index_generation = Gauge("vlp_index_generation", "Indexes this process has served "
-                                      "(1 + successful swaps).", registry=r,
-                                      multiprocess_mode="liveall")
+        self.index_generation = Gauge("vlp_index_generation", "Indexes served so far: 1 + "
+                                      "successful swaps (of the fleet, with --workers=N).",
+                                      registry=r, multiprocess_mode="liveall")
         self.index_info = Info("vlp_index", "The serving index.", registry=r)
         admin = AdminMetrics(r)
         self.reloads, self.admin_denied = admin.reloads, admin.admin_denied
