@@ -351,3 +351,51 @@ def test_a_restarted_worker_reports_the_fleets_generation_and_source(supervisors
     watch(sup, lambda: len(sup.launched) == 3 and serving(sup))
     assert [(w["generation"], w["source"], w["directory"]) for w in sup.status()] == [
         (3, "v3", "/cache/v3")] * 2  # the index as configured, not the supervisor's copy
+
+
+def test_a_garbled_commit_conversation_restarts_every_unconfirmed_worker(supervisors,
+                                                                         monkeypatch):
+    """After the commit is sent, a failure to read the answers must not leave the fleet half
+    on each index: every worker whose commit is not confirmed is restarted on the new one."""
+    sup = supervisors(2)
+    real = workers.pipes.collect
+
+    def collect(conns, number, want, deadline, timeout):
+        if want == "committed":
+            raise ValueError("garbled reply")
+        return real(conns, number, want, deadline, timeout)
+
+    monkeypatch.setattr(workers.pipes, "collect", collect)
+    out = sup.reload("v2")
+    assert (out["generation"], out["restarted"]) == (2, [0, 1])
+    monkeypatch.setattr(workers.pipes, "collect", real)
+    watch(sup, lambda: serving(sup, version=2))
+
+
+def test_serving_long_enough_clears_the_failed_starts(supervisors):
+    sup = supervisors(1)
+    sup.workers[0].failures = 5  # a slot whose earlier starts failed
+    sup.STABLE_AFTER = 0.0
+    sup.monitor()
+    assert sup.workers[0].failures == 0  # whatever retires it next starts without a backoff
+
+
+def test_workers_are_started_from_the_main_thread_only(supervisors):
+    """A worker's PR_SET_PDEATHSIG fires when the thread that forked it ends."""
+    sup, errors = supervisors(1), []
+    thread = threading.Thread(target=lambda: errors.append(
+        pytest.raises(RuntimeError, workers.Supervisor._launch, sup, 0)))
+    thread.start()
+    thread.join(10)
+    assert errors and "main thread only" in str(errors[0].value)
+
+
+def test_signal_flags_take_no_lock():
+    from vlp_jax.serve import multi
+
+    flag = multi.SignalFlag()
+    assert not flag.is_set()
+    flag.set()
+    assert flag.is_set()
+    flag.clear()
+    assert not flag.is_set()

@@ -20,6 +20,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 from typing import Any
 
 from vlp_jax.serve import admin_app, worker_process, workers
@@ -29,7 +30,7 @@ def run(bundle: str, index: str, sockets: list[socket.socket], n: int, *,
         load_kwargs: dict[str, Any], server_kwargs: dict[str, Any], token: str | None,
         swap_timeout: float, index_root: str | None, image_root: str | None) -> None:
     """Serve until SIGTERM/SIGINT (``sockets[0]`` public, ``sockets[1]`` admin if given)."""
-    stop, hup = threading.Event(), threading.Event()
+    stop, hup = SignalFlag(), SignalFlag()
     sup: workers.Supervisor | None = None
 
     def reload_on_hup() -> None:
@@ -41,15 +42,12 @@ def run(bundle: str, index: str, sockets: list[socket.socket], n: int, *,
         except Exception as e:  # noqa: BLE001 - a failed reload keeps the old index
             logging.error("SIGHUP reload failed, still serving %s: %s", sup.current, e)
 
-    def on_hup(*_: Any) -> None:
-        if sup is None:
-            hup.set()  # still starting: reload once every worker serves
-        else:
-            threading.Thread(target=reload_on_hup, daemon=True).start()
-
+    # The handlers only set flags: they run on the main thread between two bytecodes, possibly
+    # while it holds a lock (an Event's, threading's), and taking that lock again deadlocks.
+    # The watch loop acts on the flags.
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, on_hup)
+    signal.signal(signal.SIGHUP, lambda *_: hup.set())
     opts = worker_process.WorkerOptions(bundle, index, dict(load_kwargs), dict(server_kwargs))
     try:  # raises if a worker cannot start, after stopping the ones that did
         sup = workers.Supervisor(opts, sockets[0], n, index_root=index_root,
@@ -60,17 +58,38 @@ def run(bundle: str, index: str, sockets: list[socket.socket], n: int, *,
         return
     admin = None
     try:  # whatever ends the loop, the workers are stopped and the metrics folder removed
-        if hup.is_set():
-            on_hup()
         if len(sockets) > 1:
             app = admin_app.create_admin_app(sup, admin_port=sockets[1].getsockname()[1],
                                              admin_token=token or "")
             admin, _ = admin_app.run_admin(app, sockets[1])
         logging.info("%d workers serving on http://%s:%d/", n, *sockets[0].getsockname()[:2])
-        while not stop.wait(0.5):
+        while not stop.is_set():  # a SIGHUP while starting is acted on here too
+            if hup.is_set():
+                hup.clear()
+                threading.Thread(target=reload_on_hup, daemon=True).start()
             sup.monitor()
+            time.sleep(0.5)
     finally:
         logging.info("Shutting down: draining %d workers", n)
         if admin is not None:
             admin.should_exit = True
         sup.stop(timeout=server_kwargs.get("graceful_timeout", 30.0) + 10)
+
+
+class SignalFlag:
+    """A flag a signal handler may set: one attribute store, no lock (``threading.Event.set``
+    takes a lock the interrupted main thread may be holding)."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def clear(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set

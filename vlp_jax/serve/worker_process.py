@@ -142,6 +142,9 @@ def worker_main(opts: WorkerOptions, serving: Serving, sock: socket.socket, conn
     """A worker process: load ``serving``, serve on ``sock``, obey the supervisor on
     ``conn``; its readiness goes to slot ``slot`` of ``shared``."""
     die_with_parent()
+    # A hangup of the whole process group (a closed terminal, ``kill -HUP -PGID``) is the
+    # supervisor's to act on (a fleet-wide reload); its default action would kill every worker.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from vlp_jax.runtime import devices as runtime
     from vlp_jax.serve import assemble as server_lib
 

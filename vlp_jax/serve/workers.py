@@ -111,7 +111,7 @@ class Supervisor:
                  *, index_root: str | None = None, image_root: str | None = None,
                  swap_timeout: float = 120.0, start_timeout: float = 600.0,
                  stall_restart: float | None = None,
-                 stop_requested: threading.Event | None = None):
+                 stop_requested: Any = None):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.opts, self.sock, self.swap_timeout = opts, sock, swap_timeout
@@ -125,7 +125,8 @@ class Supervisor:
         self._talk = threading.Lock()  # one conversation over the pipes at a time
         self._state = threading.Lock()  # the workers list and their states (held briefly)
         self.stopping = False
-        self.stop_requested = stop_requested or threading.Event()  # set: abort the start
+        # Anything with is_set() (multi.run's signal-safe flag); set: abort the start.
+        self.stop_requested = stop_requested or threading.Event()
         self.workers: list[_Worker] = []
         self.last_error: str | None = None
         self.fleet = fleet.Fleet(workers, _CTX)
@@ -133,8 +134,9 @@ class Supervisor:
         self.metrics = metrics.supervisor_metrics()
         try:
             self._start_all(workers)
-        except BaseException:
-            self.stop(timeout=10)  # no worker process or metrics folder outlives a failed start
+        except BaseException:  # no worker process or metrics folder outlives a failed start;
+            # workers already serving drain as on any shutdown
+            self.stop(timeout=opts.server_kwargs.get("graceful_timeout", 30.0) + 10)
             raise
 
     def _configure(self, index_root: str | None, image_root: str | None) -> None:
@@ -154,7 +156,13 @@ class Supervisor:
 
     # ------------------------------------------------------------------ processes
     def _launch(self, i: int) -> tuple[Any, Any]:
-        """A new process for slot ``i`` on the current index; ``(process, its pipe)``."""
+        """A new process for slot ``i`` on the current index; ``(process, its pipe)``.
+
+        Main thread only: a worker asks the kernel for SIGTERM when the thread that started it
+        ends (``PR_SET_PDEATHSIG`` follows the forking *thread*), so one started from a
+        reload or admin thread would be killed healthy when that thread finishes."""
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("workers are started from the supervisor's main thread only")
         parent, child = _CTX.Pipe()
         process = _CTX.Process(target=worker_process.worker_main, name="vlp-search-worker",
                                daemon=False, args=(self.opts, self._serving(), self.sock,
@@ -239,14 +247,16 @@ class Supervisor:
     def _check_serving(self, i: int, w: _Worker) -> None:
         if w.state != "serving":
             return
-        stable = time.monotonic() - w.since >= self.STABLE_AFTER
+        if time.monotonic() - w.since >= self.STABLE_AFTER:
+            w.failures = 0  # served long enough: earlier failed starts no longer count
         if not w.process.is_alive():
             why, reason = f"exited with code {w.process.exitcode}", "exited"
         elif (age := self.fleet.batch_age(i)) > self.stall_restart:
             why, reason = f"has run one batch for {age:.0f} s (wedged)", "stalled"
         else:
             return
-        w.failures = 0 if stable else w.failures + 1  # an early exit: a failed start
+        if time.monotonic() - w.since < self.STABLE_AFTER:
+            w.failures += 1  # an early exit counts as a failed start
         self._retire(i, w, why, reason)
 
     def _advance(self, i: int, w: _Worker) -> None:
@@ -329,9 +339,15 @@ class Supervisor:
             self.last_error = "; ".join(f"worker {i}: {e}" for i, e in sorted(failed.items()))
             raise swap.ReloadError(self.last_error)
         start = time.monotonic()
-        acks = pipes.send(conns, ("commit", number))
-        acks.update(pipes.collect({i: c for i, c in conns.items() if i not in acks}, number,
-                                  "committed", time.monotonic() + timeout, timeout))
+        acks: dict[int, Any] = {}
+        try:
+            acks = pipes.send(conns, ("commit", number))
+            acks.update(pipes.collect({i: c for i, c in conns.items() if i not in acks},
+                                      number, "committed", time.monotonic() + timeout, timeout))
+        except Exception as e:  # noqa: BLE001 - a garbled reply: some may have committed
+            logging.exception("reload: the commit conversation failed")
+            for i in conns:  # no ack known: restarted on the new index below, never left
+                acks.setdefault(i, f"commit conversation failed: {e}")  # on the old one
         with self._state:
             previous = {"directory": self.current, "version": self.version}
             self.generation += 1
