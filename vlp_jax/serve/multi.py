@@ -9,7 +9,8 @@ use is negligible.
 The signal handlers are installed before the first worker starts, because starting takes
 minutes (model load, compilation): Python's default action on SIGHUP or SIGTERM would kill the
 supervisor alone and leave the workers started so far and the metrics folder behind.  SIGTERM
-or SIGINT meanwhile stops the workers started so far and exits 0 at once; a SIGHUP meanwhile is
+or SIGINT meanwhile stops the workers started so far (the ones already serving drain, up to
+``--graceful_timeout`` + 10 s) and exits 0; a SIGHUP meanwhile is
 remembered and reloads once every worker serves (the configured ``--index`` link may have
 moved while they loaded).
 """

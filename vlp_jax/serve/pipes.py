@@ -40,6 +40,9 @@ def collect(conns: dict[int, Any], number: int, want: str, deadline: float,
             except (EOFError, OSError):
                 out[i] = "worker exited"
                 break
+            except Exception as e:  # noqa: BLE001 - a garbled reply is this worker's failure
+                out[i] = f"unreadable reply: {e!r}"  # (the others' answers are kept)
+                break
             if got == number:  # anything else: a late reply to an earlier conversation
                 out[i] = None if kind == want else str(detail)
     return out

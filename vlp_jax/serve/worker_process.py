@@ -145,6 +145,7 @@ def worker_main(opts: WorkerOptions, serving: Serving, sock: socket.socket, conn
     # A hangup of the whole process group (a closed terminal, ``kill -HUP -PGID``) is the
     # supervisor's to act on (a fleet-wide reload); its default action would kill every worker.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # blocked by the supervisor
     from vlp_jax.runtime import devices as runtime
     from vlp_jax.serve import assemble as server_lib
 

@@ -52,6 +52,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import threading
 import time
@@ -167,7 +168,13 @@ class Supervisor:
         process = _CTX.Process(target=worker_process.worker_main, name="vlp-search-worker",
                                daemon=False, args=(self.opts, self._serving(), self.sock,
                                                    child, self.fleet, i))
-        process.start()
+        # SIGHUP stays blocked in the child until worker_main ignores it: importing the
+        # package takes seconds, and a process-group hangup meanwhile would kill the worker.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()
         return process, parent
 
@@ -247,7 +254,8 @@ class Supervisor:
     def _check_serving(self, i: int, w: _Worker) -> None:
         if w.state != "serving":
             return
-        if time.monotonic() - w.since >= self.STABLE_AFTER:
+        stable = time.monotonic() - w.since >= self.STABLE_AFTER
+        if stable:
             w.failures = 0  # served long enough: earlier failed starts no longer count
         if not w.process.is_alive():
             why, reason = f"exited with code {w.process.exitcode}", "exited"
@@ -255,7 +263,7 @@ class Supervisor:
             why, reason = f"has run one batch for {age:.0f} s (wedged)", "stalled"
         else:
             return
-        if time.monotonic() - w.since < self.STABLE_AFTER:
+        if not stable:
             w.failures += 1  # an early exit counts as a failed start
         self._retire(i, w, why, reason)
 
