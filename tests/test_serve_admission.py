@@ -142,7 +142,7 @@ def test_batcher_bounds_the_queue_in_time():
     assert ran == ["first"]
     # A batch took >= 150 ms: with one running, a new request would wait longer than 100 ms
     # and is refused at once; with nothing running it is admitted.
-    assert b.batch_seconds >= 0.15
+    assert b.batch_seconds > 0.1
     gate.clear()
     running = b.submit("x")
     while b.executing_since is None:
@@ -158,7 +158,7 @@ def test_batcher_bounds_the_queue_in_time():
     gate.clear()
     stuck = b.submit("stuck")
     time.sleep(0.15)
-    assert b.expected_wait() >= 0.15
+    assert b.expected_wait() > 0.1  # it has run ~150 ms (its start is stamped by the worker)
     with pytest.raises(batcher.QueueFull, match="would keep this one waiting"):
         b.submit("refused")
     gate.set()
