@@ -97,81 +97,6 @@ def call(port, target, method="GET", headers=None):
         conn.close()
 
 
-def test_batcher_bounds_queue_and_deadlines_and_reports_a_stall():
-    gate = threading.Event()
-    b = batcher.Batcher(lambda items: (gate.wait(30), items)[1], max_batch=2, max_wait_ms=0,
-                        max_queue=3)
-    first = b.submit(0)
-    while b.waiting:  # the worker took 0 and is stuck in fn
-        time.sleep(0.001)
-    queued = [b.submit(i) for i in (1, 2, 3)]
-    with pytest.raises(batcher.QueueFull, match="3 requests are already queued"):
-        b.submit(4)
-    time.sleep(0.05)
-    assert b.stalled(0.01) and not b.stalled(30)
-    gate.set()
-    assert [f.result(10) for f in [first, *queued]] == [0, 1, 2, 3]
-    assert not b.stalled(0.0) and b.waiting == 0
-    b.close()
-
-
-def test_batcher_bounds_the_queue_in_time():
-    """A request that would wait, or has waited, longer than ``max_queue_delay_ms`` is shed
-    (QueueFull, reason "queue_delay"), not run late; the others run."""
-    gate, ran = threading.Event(), []
-
-    def fn(items):
-        gate.wait(30)
-        ran.extend(items)
-        return items
-
-    b = batcher.Batcher(fn, max_batch=2, max_wait_ms=0, max_queue=10, max_queue_delay_ms=100)
-    first = b.submit("first")
-    while b.waiting:
-        time.sleep(0.001)
-    assert b.expected_wait() < 0.05  # no batch finished yet: only the running one's few ms
-    late = [b.submit(f"late{i}") for i in range(2)]
-    time.sleep(0.15)  # they have now waited longer than the bound
-    gate.set()
-    assert first.result(10) == "first"
-    for f in late:
-        with pytest.raises(batcher.QueueFull, match=r"waited \d+ ms for the batch worker \(limit "
-                           r"100 ms\)") as e:
-            f.result(10)
-        assert e.value.reason == "queue_delay"
-    assert ran == ["first"]
-    # A batch took >= 150 ms: with one running, a new request would wait longer than 100 ms
-    # and is refused at once; with nothing running it is admitted.
-    assert b.batch_seconds > 0.1
-    gate.clear()
-    running = b.submit("x")
-    while b.executing_since is None:
-        time.sleep(0.001)
-    with pytest.raises(batcher.QueueFull, match=r"would keep this one waiting ~\d+ ms") as e:
-        b.submit("y")
-    assert e.value.reason == "queue_delay"
-    gate.set()
-    assert running.result(10) == "x"
-    # A batch that overruns counts as long as it has run: with the recent batch time back to
-    # ~0, a request arriving 150 ms into a stuck batch is still refused at once.
-    b.batch_seconds = 0.0
-    gate.clear()
-    stuck = b.submit("stuck")
-    time.sleep(0.15)
-    assert b.expected_wait() > 0.1  # it has run ~150 ms (its start is stamped by the worker)
-    with pytest.raises(batcher.QueueFull, match="would keep this one waiting"):
-        b.submit("refused")
-    gate.set()
-    assert stuck.result(10) == "stuck"
-    while b.executing_since is not None:
-        time.sleep(0.001)
-    assert b.submit("z").result(10) == "z"
-    b.close()
-    for bad in (-1, 1.0, 2.0):  # below zero, or not above max_wait_ms (2 ms)
-        with pytest.raises(ValueError, match="max_queue_delay_ms must be 0"):
-            batcher.Batcher(fn, max_wait_ms=2.0, max_queue_delay_ms=bad)
-
-
 def test_overload_is_shed_with_503_and_deadlines_answer_504(tree):
     bundle, svc, srv = start(tree, max_batch=1, max_queue=2, request_timeout_ms=500,
                              stall_seconds=0.3, max_in_flight=3)
@@ -393,38 +318,6 @@ def test_an_idle_batch_worker_keeps_no_old_index_alive(tree):
         assert old() is None
     finally:
         srv.stop()
-
-
-def test_async_callers_get_their_results_and_deadlines_cancel():
-    """``Batcher.run``: every asyncio caller gets its own result (one hand-over per batch);
-    one that times out raises DeadlineExceeded and its request is dropped, not run."""
-    import asyncio
-
-    gate, seen = threading.Event(), []
-
-    def fn(items):
-        gate.wait(10)
-        seen.extend(items)
-        return [x * 2 for x in items]
-
-    b = batcher.Batcher(fn, max_batch=8, max_wait_ms=0)
-
-    async def main():
-        gate.clear()
-        first = asyncio.ensure_future(b.run(-1, timeout=10))  # holds the worker
-        await asyncio.sleep(0.05)
-        late = asyncio.ensure_future(b.run(99, timeout=0.05))  # queued behind it, times out
-        with pytest.raises(batcher.DeadlineExceeded):
-            await late
-        rest = [asyncio.ensure_future(b.run(i, timeout=10)) for i in range(6)]
-        gate.set()
-        return await first, await asyncio.gather(*rest)
-
-    try:
-        assert asyncio.run(main()) == (-2, [0, 2, 4, 6, 8, 10])
-        assert 99 not in seen  # the cancelled request never reached the batch function
-    finally:
-        b.close()
 
 
 def test_uvicorn_hooks_protocol_py_overrides_are_the_pinned_ones():

@@ -388,24 +388,3 @@ def test_workers_are_started_from_the_main_thread_only(supervisors):
     thread.start()
     thread.join(10)
     assert errors and "main thread only" in str(errors[0].value)
-
-
-def test_signal_flags_take_no_lock():
-    from vlp_jax.serve import multi
-
-    flag = multi.SignalFlag()
-    assert not flag.is_set()
-    flag.set()
-    assert flag.is_set()
-    flag.clear()
-    assert not flag.is_set()
-
-
-def test_a_garbled_reply_fails_its_own_worker_only():
-    """pipes.collect keeps the answers it read: one unreadable reply is that worker's error."""
-    good, good_end = multiprocessing.Pipe()
-    bad, bad_end = multiprocessing.Pipe()
-    good_end.send(("committed", 7, None))
-    bad_end.send_bytes(b"not a pickle")
-    out = workers.pipes.collect({0: good, 1: bad}, 7, "committed", time.monotonic() + 5, 5)
-    assert out[0] is None and out[1].startswith("unreadable reply"), out

@@ -157,11 +157,9 @@ class Supervisor:
 
     # ------------------------------------------------------------------ processes
     def _launch(self, i: int) -> tuple[Any, Any]:
-        """A new process for slot ``i`` on the current index; ``(process, its pipe)``.
-
-        Main thread only: a worker asks the kernel for SIGTERM when the thread that started it
-        ends (``PR_SET_PDEATHSIG`` follows the forking *thread*), so one started from a
-        reload or admin thread would be killed healthy when that thread finishes."""
+        """A new process for slot ``i`` on the current index; ``(process, its pipe)``.  Main
+        thread only: ``PR_SET_PDEATHSIG`` (the worker's SIGTERM when its starter ends) follows
+        the forking *thread*, so a worker started from a reload thread would die with it."""
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("workers are started from the supervisor's main thread only")
         parent, child = _CTX.Pipe()
