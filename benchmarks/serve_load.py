@@ -1,4 +1,4 @@
-"""Load test of the search service with locust: four servers side by side in one run.
+"""Load test of the search service with locust: several servers side by side in one run.
 
     python benchmarks/serve_load.py [--num_items=100000 --requests=10000 --concurrency=1,8,32]
 
@@ -20,7 +20,9 @@ swaps v1 <-> v2 (``POST /admin/reload``) halfway.  Server CPU per good request i
 process tree's own CPU time (``serve_procs.py``) over the run, divided by the good answers.
 ``new1`` gets ``--single_repeats`` extra 1-client runs (p50 stability), ``--overload_server``
 a burst of ``--overload_connections`` connections for ``--overload_seconds`` s
-(``serve_overload.py``).  Each locust run is a child process (``--role=load``) because locust
+(``serve_overload.py``).  ``--rounds=N`` runs the servers N times in turn and reports each
+server's median CPU per good request and the median of its per-round ratio to the first server
+(the box's noise moves servers measured back to back together).  Each locust run is a child process (``--role=load``) because locust
 monkey-patches the interpreter for gevent.
 
 A run fails on any 5xx, any request without a response, any good request not answered 200 with
@@ -75,6 +77,8 @@ flags.DEFINE_integer("single_requests", 2000, "Requests per extra 1-client run."
 flags.DEFINE_string("overload_server", "new2", "Server given the overload burst ('' = none).")
 flags.DEFINE_float("overload_seconds", 60.0, "Overload burst length.")
 flags.DEFINE_integer("overload_connections", 400, "Connections of the overload burst.")
+flags.DEFINE_integer("rounds", 1, "Run the --servers sequence this many times, alternating "
+                     "(the summary gives medians over rounds; repeats and overload in round 1).")
 flags.DEFINE_integer("seed", 0, "Request mix seed.")
 flags.DEFINE_string("out", "benchmarks/results/serve_load.json", "JSON output path.")
 # --role=load
@@ -265,7 +269,7 @@ def _baseline_tree(ref: str, work: str) -> str:
     return src
 
 
-def run_server(name: str, data: dict, work: str) -> list[dict]:
+def run_server(name: str, data: dict, work: str, rnd: int = 0) -> list[dict]:
     """All concurrency levels against one server (started once, stopped with SIGTERM).
 
     ``baseline`` = the stdlib server of ``--baseline_ref``; ``asgi`` = the single-process
@@ -294,11 +298,12 @@ def run_server(name: str, data: dict, work: str) -> list[dict]:
                                     f"127.0.0.1:{port}", ready, marker)
     runs, target = [], data["v2"]
     levels = [int(c) for c in FLAGS.concurrency]
-    levels += [1] * (FLAGS.single_repeats if name == "new1" else 0)
+    levels += [1] * (FLAGS.single_repeats if name == "new1" and rnd == 0 else 0)
     try:
         for i, users in enumerate(levels):
             repeat = i >= len(FLAGS.concurrency)
-            out = os.path.join(work, f"run_{name}_{users}{f'_r{i}' if repeat else ''}.json")
+            out = os.path.join(work, f"run_{name}_{users}{f'_r{i}' if repeat else ''}"
+                               f"{f'_round{rnd}' if rnd else ''}.json")
             requests = FLAGS.single_requests if repeat else FLAGS.requests
             cmd = [sys.executable, os.path.abspath(__file__), "--role=load",
                    f"--url=127.0.0.1:{port}", f"--users={users}", f"--requests={requests}",
@@ -311,7 +316,7 @@ def run_server(name: str, data: dict, work: str) -> list[dict]:
             subprocess.run(cmd, cwd=ROOT, check=True, env=env)
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             with open(out) as f:
-                runs.append({"server": name, "repeat": repeat,
+                runs.append({"server": name, "repeat": repeat, "round": rnd,
                              "load_average_before": [round(x, 2) for x in load], **json.load(f)})
             r = runs[-1]
             ms = {"server": serve_procs.cpu_seconds(proc.pid) - cpu, "client": after.ru_utime
@@ -322,7 +327,7 @@ def run_server(name: str, data: dict, work: str) -> list[dict]:
             print(name, users, {k: r[k] for k in ("requests_per_s", "good_latency_ms",
                                                   "num_5xx", "failed_good",
                                                   "server_cpu_ms_per_good_request")}, flush=True)
-        if name == FLAGS.overload_server and FLAGS.overload_seconds > 0:
+        if name == FLAGS.overload_server and FLAGS.overload_seconds > 0 and rnd == 0:
             top = max(r["requests_per_s"] for r in runs) * (1 - FLAGS.malformed)
             out = os.path.join(work, f"overload_{name}.json")
             subprocess.run([sys.executable, os.path.join(HERE, "serve_overload.py"),
@@ -348,15 +353,15 @@ def main(argv: list[str]) -> None:
     load_start = [round(x, 2) for x in os.getloadavg()]
     work = FLAGS.work_dir
     data = prepare(work)
-    runs = [r for name in FLAGS.servers for r in run_server(name, data, work)]
+    runs = [r for rnd in range(FLAGS.rounds) for name in FLAGS.servers
+            for r in run_server(name, data, work, rnd)]
     main_runs = [r for r in runs if not r["repeat"]]
     failures = sum(r["num_5xx"] + r["num_no_response"] + r["failed_good"] + r["malformed_2xx"]
                    for r in main_runs)
     singles = [r["good_latency_ms"]["p50"] for r in runs
                if r["server"] == "new1" and r["concurrency"] == 1]
     top = max(int(c) for c in FLAGS.concurrency)
-    cpu = {r["server"]: r["server_cpu_ms_per_good_request"] for r in main_runs
-           if r["concurrency"] == top}
+    cpu, ratios = serve_procs.cpu_by_round(main_runs, top, FLAGS.servers[0])
     result = {"num_items": FLAGS.num_items, "requests_per_run": FLAGS.requests,
               "malformed": FLAGS.malformed, "malformed_kinds": len(MALFORMED), "k": "1..100",
               "baseline_ref": FLAGS.baseline_ref, "asgi_ref": FLAGS.asgi_ref,
@@ -366,20 +371,13 @@ def main(argv: list[str]) -> None:
               "cpu_count": os.cpu_count(),
               "summary": {"failures": failures,
                           f"server_cpu_ms_per_good_request_at_{top}_clients": cpu,
+                          f"server_cpu_ratio_to_{FLAGS.servers[0]}_at_{top}_clients": ratios,
                           "single_client_p50_ms_runs": singles,
                           "single_client_p50_ms_median": float(np.median(singles))
                           if singles else None}}
-    print(f"{'server':>9} {'clients':>7} {'req/s':>7} {'good p50':>8} {'p90':>7} {'p99':>7} "
-          f"{'5xx':>4} {'no resp':>7} {'bad good':>8} {'swap':>14} {'cpu/good':>8} "
-          f"{'load avg':>8}")
-    for r in runs:
-        lat, sw = r["good_latency_ms"], r["swap"]
-        swap = f"v{sw['from_version']}->v{sw['to_version']} {sw['ms']:.0f}ms" if sw else "-"
-        print(f"{r['server']:>9} {r['concurrency']:>7} {r['requests_per_s']:>7.1f} "
-              f"{lat.get('p50', 0):>8.2f} {lat.get('p90', 0):>7.2f} {lat.get('p99', 0):>7.2f} "
-              f"{r['num_5xx']:>4} {r['num_no_response']:>7} {r['failed_good']:>8} {swap:>14} "
-              f"{r['server_cpu_ms_per_good_request']:>8.2f} {r['load_average_before'][0]:>8.2f}")
-    print(f"server CPU ms per good request at {top} clients:", cpu)
+    serve_procs.print_table(runs)
+    print(f"server CPU ms per good request at {top} clients (median over rounds):", cpu)
+    print(f"ratio to {FLAGS.servers[0]}, per round and median:", ratios)
     print("single-client p50 ms (new1):", singles)
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w") as f:

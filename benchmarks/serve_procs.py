@@ -137,3 +137,38 @@ def get_status(url: str, path: str) -> int:
         return conn.getresponse().status
     except OSError:
         return 0
+
+
+def cpu_by_round(runs: list[dict], clients: int, reference: str
+                 ) -> tuple[dict[str, float], dict[str, dict]]:
+    """Server CPU per good request at ``clients``: each server's median over rounds, and each
+    server's ratio to ``reference`` within every round (both measured back to back, so a busy
+    or quiet spell of the box moves both) with the median of those ratios."""
+    by: dict[str, dict[int, float]] = {}
+    for r in runs:
+        if r["concurrency"] == clients and not r["repeat"]:
+            by.setdefault(r["server"], {})[r.get("round", 0)] = r[
+                "server_cpu_ms_per_good_request"]
+    medians = {name: round(float(np.median(list(v.values()))), 3) for name, v in by.items()}
+    ratios = {}
+    for name, v in by.items():
+        per = [round(x / by[reference][k], 3) for k, x in sorted(v.items())
+               if by.get(reference, {}).get(k)]
+        if name != reference and per:
+            ratios[name] = {"per_round": per, "median": round(float(np.median(per)), 3)}
+    return medians, ratios
+
+
+def print_table(runs: list[dict]) -> None:
+    """The load test's table: one row per locust run."""
+    print(f"{'server':>9} {'round':>5} {'clients':>7} {'req/s':>7} {'good p50':>8} {'p90':>7} "
+          f"{'p99':>7} {'5xx':>4} {'no resp':>7} {'bad good':>8} {'swap':>14} {'cpu/good':>8} "
+          f"{'load avg':>8}")
+    for r in runs:
+        lat, sw = r["good_latency_ms"], r["swap"]
+        swap = f"v{sw['from_version']}->v{sw['to_version']} {sw['ms']:.0f}ms" if sw else "-"
+        print(f"{r['server']:>9} {r.get('round', 0) + 1:>5} {r['concurrency']:>7} "
+              f"{r['requests_per_s']:>7.1f} {lat.get('p50', 0):>8.2f} {lat.get('p90', 0):>7.2f} "
+              f"{lat.get('p99', 0):>7.2f} {r['num_5xx']:>4} {r['num_no_response']:>7} "
+              f"{r['failed_good']:>8} {swap:>14} {r['server_cpu_ms_per_good_request']:>8.2f} "
+              f"{r['load_average_before'][0]:>8.2f}")
