@@ -22,8 +22,8 @@ process tree's own CPU time (``serve_procs.py``) over the run, divided by the go
 a burst of ``--overload_connections`` connections for ``--overload_seconds`` s
 (``serve_overload.py``).  ``--rounds=N`` runs the servers N times in turn and reports each
 server's median CPU per good request and the median of its per-round ratio to the first server
-(the box's noise moves servers measured back to back together).  Each locust run is a child process (``--role=load``) because locust
-monkey-patches the interpreter for gevent.
+(the box's noise moves servers measured back to back together).  Each locust run is a child
+process (``--role=load``) because locust monkey-patches the interpreter for gevent.
 
 A run fails on any 5xx, any request without a response, any good request not answered 200 with
 its results, or any malformed one answered 2xx.  Prints a table, writes ``--out`` (JSON), exits
@@ -60,6 +60,9 @@ flags.DEFINE_enum("role", "driver", ["driver", "load"], "driver = everything; lo
 flags.DEFINE_string("work_dir", "/tmp/vlp_serve_load", "Cache of bundle, catalogs, indexes.")
 flags.DEFINE_string("bundle", "", "Serving bundle ('' = untrained configs/base.py export).")
 flags.DEFINE_integer("num_items", 100_000, "Items in the index.")
+flags.DEFINE_enum("index_kind", "hnsw", ["hnsw", "ivf"], "ANN index the servers search "
+                  "(HNSW M=32 efSearch=128 or IVF nprobe=16: R@100 0.998 / 0.997 on clustered "
+                  "100k data, docs/serving.md).")
 flags.DEFINE_integer("requests", 10_000, "Requests per run.")
 flags.DEFINE_list("concurrency", ["1", "8", "32"], "Concurrent clients (locust users) per run.")
 flags.DEFINE_float("malformed", 0.2, "Fraction of malformed requests.")
@@ -231,7 +234,8 @@ def prepare(work: str) -> dict:
     catalog_dir = from_config.builtin_catalog_dir(base.get_config().data)
     with open(os.path.join(catalog_dir, "items.jsonl")) as f:
         source = [json.loads(line) for line in f]
-    tag = f"n{FLAGS.num_items}"
+    kind = "" if FLAGS.index_kind == "hnsw" else f"{FLAGS.index_kind}_"  # hnsw: older caches
+    tag = f"{kind}n{FLAGS.num_items}"
     v1, legacy, v2 = (os.path.join(work, f"{name}_{tag}") for name in ("v1", "v1_format1", "v2"))
     v1_items, v2_items = (os.path.join(work, f"{name}_{tag}.jsonl") for name in ("v1", "v2"))
     n = FLAGS.num_items
@@ -241,7 +245,8 @@ def prepare(work: str) -> dict:
     if not os.path.isfile(os.path.join(v1, ann.INFO_FILE)):
         with open(v1_items, "w") as f:
             f.writelines(json.dumps(x) + "\n" for x in catalog)
-        serving.synthetic_index_dir(v1, bundle, catalog, catalog_dir, rng, legacy_copy=legacy)
+        serving.synthetic_index_dir(v1, bundle, catalog, catalog_dir, rng, legacy_copy=legacy,
+                                    ann_kind=FLAGS.index_kind)
     if not os.path.isfile(os.path.join(v2, ann.INFO_FILE)):
         gone = set(rng.choice(n, n // 100, replace=False).tolist())
         new = [{"item_id": f"N{i:07d}", "title": "new " + source[i]["title"],
@@ -362,7 +367,8 @@ def main(argv: list[str]) -> None:
                if r["server"] == "new1" and r["concurrency"] == 1]
     top = max(int(c) for c in FLAGS.concurrency)
     cpu, ratios = serve_procs.cpu_by_round(main_runs, top, FLAGS.servers[0])
-    result = {"num_items": FLAGS.num_items, "requests_per_run": FLAGS.requests,
+    result = {"num_items": FLAGS.num_items, "index_kind": FLAGS.index_kind,
+              "requests_per_run": FLAGS.requests,
               "malformed": FLAGS.malformed, "malformed_kinds": len(MALFORMED), "k": "1..100",
               "baseline_ref": FLAGS.baseline_ref, "asgi_ref": FLAGS.asgi_ref,
               "prev_ref": FLAGS.prev_ref, "prepare": data,

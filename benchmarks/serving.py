@@ -115,10 +115,12 @@ def untrained_bundle(out_dir: str) -> str:
 
 
 def synthetic_index_dir(out: str, bundle, catalog: list[dict], base_dir: str,
-                        rng: np.random.Generator, legacy_copy: str = "") -> None:
-    """An index directory (flat + HNSW) of ``catalog`` records with clustered random
-    embeddings, as the index job writes it; ``legacy_copy`` also writes a format-1 copy
-    (unlabelled faiss indexes), the only kind the pre-ASGI server can read."""
+                        rng: np.random.Generator, legacy_copy: str = "",
+                        ann_kind: str = "hnsw") -> None:
+    """An index directory (flat + ``ann_kind``, the one servers search by default) of
+    ``catalog`` records with clustered random embeddings, as the index job writes it;
+    ``legacy_copy`` also writes a format-1 copy (unlabelled faiss indexes), the only kind the
+    pre-ASGI server can read."""
     import faiss
 
     from vlp_jax.data import records
@@ -129,7 +131,7 @@ def synthetic_index_dir(out: str, bundle, catalog: list[dict], base_dir: str,
     rows = [item_embed.item_row(records.ItemMeta(x["item_id"], x["title"], [x["image"]]),
                                 base_dir, bundle.image_size) for x in catalog]
     ids = np.arange(n, dtype=np.int64)
-    indexes, seconds = index_files.build_indexes(emb, ids, ["flat", "hnsw"], params)
+    indexes, seconds = index_files.build_indexes(emb, ids, ["flat", ann_kind], params)
     index_files.write_index_dir(out, embeddings=emb, ids=ids, rows=rows, indexes=indexes,
                                 tombstones={}, info={
         "complete": True, "version": 1, "next_id": n, "ann_trained_items": n,
@@ -142,8 +144,9 @@ def synthetic_index_dir(out: str, bundle, catalog: list[dict], base_dir: str,
         for name in (ann.EMBEDDINGS_FILE, ann.ITEMS_FILE, ann.INFO_FILE):
             shutil.copy(os.path.join(out, name), os.path.join(legacy_copy, name))
         for kind, index in indexes.items():
-            ann.write_index(faiss.downcast_index(index.index),
-                            os.path.join(legacy_copy, ann.index_file(kind)))
+            inner = (faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap)
+                     else index)  # IVF holds its ids (= positions here) itself
+            ann.write_index(inner, os.path.join(legacy_copy, ann.index_file(kind)))
 
 
 def query_strings(n: int, seed: int = 0) -> list[str]:
