@@ -122,7 +122,9 @@ def test_batcher_bounds_the_queue_in_time():
         ran.extend(items)
         return items
 
-    b = batcher_lib.Batcher(fn, max_batch=2, max_wait_ms=0, max_queue=10, max_queue_delay_ms=100)
+    shed_waits: list[float] = []
+    b = batcher_lib.Batcher(fn, max_batch=2, max_wait_ms=0, max_queue=10, max_queue_delay_ms=100,
+                            on_late=shed_waits.extend)
     first = b.submit("first")
     while b.waiting:
         time.sleep(0.001)
@@ -137,6 +139,7 @@ def test_batcher_bounds_the_queue_in_time():
             f.result(10)
         assert e.value.reason == "queue_delay"
     assert ran == ["first"]
+    assert len(shed_waits) == 2 and all(w > 0.1 for w in shed_waits)  # observed as waits
     # A batch took >= 150 ms: with one running, a new request would wait longer than 100 ms
     # and is refused at once; with nothing running it is admitted.
     assert b.batch_seconds > 0.1
@@ -210,6 +213,7 @@ def test_batched_search_is_identical_to_one_at_a_time(run):
     service = server.load_service(run.bundle_dir, run.index_dir, buckets=(1, 4, 16),
                                   max_batch=16, max_wait_ms=50, request_timeout_ms=60_000,
                                   max_queue_delay_ms=0)
+    assert service.batcher.on_late == service.metrics.observe_waits  # shed waits are observed
     try:
         queries = [("red dress", 5), ("blue hat", 10), ("leather bag", 5), ("striped shirt", 3),
                    ("black", 10), ("green cotton socks", 5), ("a", 1), ("silk scarf", 10),

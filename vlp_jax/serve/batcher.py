@@ -77,7 +77,9 @@ class DeadlineExceeded(TimeoutError):
 class Batcher(Generic[T, R]):
     """Gathers concurrent ``submit`` calls into batched ``fn`` calls on a worker thread.
 
-    ``on_batch(size, queue_waits_s, run_s)`` (optional) observes every batch (metrics);
+    ``on_batch(size, queue_waits_s, run_s)`` (optional) observes every batch (metrics), and
+    ``on_late(queue_waits_s)`` the waits of requests shed at the worker (so a queue-wait
+    histogram under overload shows the waits that were cut, not only the ones that ran);
     ``init()`` (optional) runs first on the worker thread, for per-thread settings such as
     OpenMP's thread count (``omp_set_num_threads`` applies to the calling thread only).
     """
@@ -86,7 +88,8 @@ class Batcher(Generic[T, R]):
                  max_wait_ms: float = 2.0, name: str = "batcher",
                  on_batch: Callable[[int, list[float], float], None] | None = None,
                  init: Callable[[], None] | None = None, max_queue: int = 0,
-                 max_queue_delay_ms: float = 0.0):
+                 max_queue_delay_ms: float = 0.0,
+                 on_late: Callable[[list[float]], None] | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
@@ -102,7 +105,7 @@ class Batcher(Generic[T, R]):
         self.batch_seconds = 0.0  # exponential average of recent batch run times
         self._waiting = 0  # queued, not yet taken by the worker (guarded by _close_lock)
         self.executing_since: float | None = None  # monotonic start of the running batch
-        self.on_batch, self.init = on_batch, init
+        self.on_batch, self.init, self.on_late = on_batch, init, on_late
         # Called with the monotonic start of each batch and None when it ends (the workers of
         # --workers=N publish it for each other's /readyz, fleet.py).
         self.on_progress: Callable[[float | None], None] | None = None
@@ -261,6 +264,11 @@ class Batcher(Generic[T, R]):
                 f"waited {(now - p.enqueued) * 1000:.0f} ms for the batch worker (limit "
                 f"{self.max_delay * 1000:.0f} ms)", "queue_delay"))
         _deliver(late)
+        if self.on_late is not None:
+            try:
+                self.on_late([now - p.enqueued for p in late])
+            except Exception:  # noqa: BLE001 - observers must never break serving
+                logging.exception("shed observer failed")
         return on_time
 
     def _execute(self, live: list[_Pending]) -> None:

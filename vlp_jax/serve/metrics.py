@@ -100,8 +100,8 @@ class Metrics:
         self.batch_seconds = Histogram("vlp_search_batch_seconds", "Encode + index search time "
                                        "of one batch.", buckets=LATENCY_BUCKETS, registry=r)
         self.queue_seconds = Histogram("vlp_search_queue_wait_seconds", "Time a search request "
-                                       "waited for its batch to start.", buckets=LATENCY_BUCKETS,
-                                       registry=r)
+                                       "waited for its batch to start, or until the batch worker "
+                                       "shed it.", buckets=LATENCY_BUCKETS, registry=r)
         self.index_items = Gauge("vlp_index_items", "Items in the serving index.", registry=r,
                                  multiprocess_mode="liveall")
         self.index_version = Gauge("vlp_index_version", "version of the serving index directory "
@@ -134,6 +134,9 @@ class Metrics:
     def observe_batch(self, size: int, waits: list[float], seconds: float) -> None:
         self.batch_size.observe(size)
         self.batch_seconds.observe(seconds)
+        self.observe_waits(waits)
+
+    def observe_waits(self, waits: list[float]) -> None:
         for wait in waits:
             self.queue_seconds.observe(wait)
 

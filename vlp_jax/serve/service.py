@@ -124,7 +124,7 @@ class SearchService:
             self.search_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
             name="vlp-search-batcher", on_batch=self.metrics.observe_batch,
             init=lambda: _set_faiss_threads(faiss_threads), max_queue=max_queue,
-            max_queue_delay_ms=max_queue_delay_ms)
+            max_queue_delay_ms=max_queue_delay_ms, on_late=self.metrics.observe_waits)
 
     @property
     def index(self):
