@@ -5,9 +5,11 @@ Starts from ``configs/base.py`` and changes only the ``negatives`` fields of :da
 * a 2,048-entry bank (16 × the global batch of 128), sharded over the ``data`` devices;
 * keys from a momentum (EMA, decay 0.99) copy of the item tower — for the bank *and* for the
   query→item positives and in-batch negatives, so every candidate a query is scored against comes
-  from the same slowly moving encoder (MoCo/ALBEF).  With online in-batch keys and older bank
-  keys the loss loses its invariance to a common shift of the item embeddings and training drifts
-  (docs/results/negatives.md);
+  from the same slowly moving encoder (MoCo/ALBEF).  A bank of the online tower's own past keys
+  (no EMA tower) makes training drift (docs/results/negatives.md).  Online in-batch keys beside
+  this bank of EMA keys (``negatives.momentum_keys=False``) were chosen on ``valid`` in the
+  declared bank-vs-base grid and beat ``configs/base.py`` on test (docs/ablation/PROTOCOL.md);
+  this file keeps its declared form until that grid's realistic-title run is in;
 * the bank joins the loss when the learning-rate warm-up ends (``bank_warmup_steps = -1``);
 * items clicked for the identical query text are not negatives (``mask_same_query``);
 * keyword control (MAKE's keyword enhancement as false-negative control): an item whose title

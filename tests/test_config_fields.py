@@ -160,3 +160,20 @@ def test_a_bundle_config_saved_before_the_new_fields_builds_the_same_model():
 
     assert jax.tree_util.tree_map(lambda s: s.shape, shapes(old)) == jax.tree_util.tree_map(
         lambda s: s.shape, shapes(_current_like_it()))
+
+
+def test_only_a_bank_of_past_online_keys_is_warned_about(caplog):
+    """The drift was measured with bank keys from the online tower's past steps; EMA bank keys
+    beside online in-batch keys won the declared bank-vs-base selection: no warning there."""
+    from vlp_jax.config.check import validate_config
+
+    def warnings(**neg) -> list[str]:
+        caplog.clear()
+        validate_config(apply_overrides(base.get_config(), {
+            f"negatives.{k}": v for k, v in neg.items()}))
+        return [r.getMessage() for r in caplog.records if "makes training drift" in r.getMessage()]
+
+    assert len(warnings(bank_size=2048)) == 1  # momentum 0: past online keys
+    assert warnings(bank_size=2048, momentum=0.99) == []  # EMA bank, online in-batch keys
+    assert warnings(bank_size=2048, momentum=0.99, momentum_keys=True) == []
+    assert warnings(bank_size=2048, bank_item_grad="batch") == []  # the partial fix
