@@ -8,8 +8,10 @@ Starts from ``configs/base.py`` and changes only the ``negatives`` fields of :da
   from the same slowly moving encoder (MoCo/ALBEF).  A bank of the online tower's own past keys
   (no EMA tower) makes training drift (docs/results/negatives.md).  Online in-batch keys beside
   this bank of EMA keys (``negatives.momentum_keys=False``) were chosen on ``valid`` in the
-  declared bank-vs-base grid and beat ``configs/base.py`` on test (docs/ablation/PROTOCOL.md);
-  this file keeps its declared form until that grid's realistic-title run is in;
+  declared bank-vs-base grids and beat ``configs/base.py`` on test, on honest and on realistic
+  titles (docs/ablation/PROTOCOL.md); this file keeps the form those grids declared as
+  ``recipe`` (its runs are compared against it), and ``--config.negatives.momentum_keys=False``
+  gives the winning variant;
 * the bank joins the loss when the learning-rate warm-up ends (``bank_warmup_steps = -1``);
 * items clicked for the identical query text are not negatives (``mask_same_query``);
 * keyword control (MAKE's keyword enhancement as false-negative control): an item whose title
