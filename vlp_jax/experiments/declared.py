@@ -28,6 +28,10 @@ catalog), 800 steps, 4 seeds, the visual slice as the declared metric.  The base
 at 1e-6: the *only* difference from ``mpmr`` is the weight of the masked-patch loss (the old
 ``none`` arm also fed MLM the unmasked image).  ``none`` stays as a reference for the
 title-vs-image trade-off seen on real photos.
+
+**The headline comparisons on both catalogs** (item 2).  The ``paper`` grid's V+L vs text-only
+(overall and visual queries), CDNS vs local negatives and softmax vs sigmoid, at that grid's
+budget, selected on valid (one candidate each) and confirmed on test, 3 seeds, paired t.
 """
 
 from __future__ import annotations
@@ -113,9 +117,60 @@ MPM_CLOSEUP_NOISY = ProtocolGrid(
     (_mpm_claim(claim_id="mpmr-closeup-noisy", catalog="realistic text noise"),),
     {**NOISY, "object_scale": CLOSE_UP}, FILE)
 
+# The `paper` grid's headline comparisons under the protocol, on both catalogs (issue 37 item 2:
+# "every headline comparison on both catalogs"), at that grid's budget (width-64 model, 150
+# steps: ~1 min a run), each a single candidate against its baseline.
+HEADLINE_VARIANTS = tuple(v for v in grids.PAPER_VARIANTS
+                          if v.name in ("text_only", "vl_inbatch", "vl_mpmr", "vl_mpmr_cdns",
+                                        "sigmoid"))
+HEADLINE_COMMON: grids.Overrides = {**grids.PAPER_COMMON, "eval.split": "valid"}
+_HEADLINE_BUDGET = (grids.PAPER_BUDGET_NOTE + " Selection on valid, confirmation on test once.")
+
+
+def _headline(claim_id: str, text: str, a: str, b: str, slice_: str, source: str) -> Declared:
+    return Declared(claim_id=claim_id, text=text, candidates=(a,), baseline=b, metric="R@10",
+                    slice=slice_, seeds=3, test="paired_t", alpha=0.05, budget=_HEADLINE_BUDGET,
+                    source=source)
+
+
+def _headline_claims(noisy: bool) -> tuple[Declared, ...]:
+    if not noisy:
+        return (
+            _headline(claim_id="vl-vs-text", text="V+L beats text-only", a="vl_inbatch",
+                      b="text_only", slice_="overall", source="paper claim 1"),
+            _headline(claim_id="vl-vs-text-visual", text="V+L beats text-only on visual "
+                      "queries", a="vl_inbatch", b="text_only", slice_="visual",
+                      source="paper claim 1"),
+            _headline(claim_id="cdns-vs-local", text="CDNS beats local in-batch negatives",
+                      a="vl_mpmr_cdns", b="vl_mpmr", slice_="overall", source="paper claim 3"),
+            _headline(claim_id="softmax-vs-sigmoid", text="softmax QIC beats sigmoid",
+                      a="vl_mpmr_cdns", b="sigmoid", slice_="overall", source="paper claim 4"))
+    return (
+        _headline(claim_id="vl-vs-text-noisy", text="V+L beats text-only, realistic titles",
+                  a="vl_inbatch", b="text_only", slice_="overall", source="paper claim 1"),
+        _headline(claim_id="vl-vs-text-visual-noisy", text="V+L beats text-only on visual "
+                  "queries, realistic titles", a="vl_inbatch", b="text_only", slice_="visual",
+                  source="paper claim 1"),
+        _headline(claim_id="cdns-vs-local-noisy", text="CDNS beats local in-batch negatives, "
+                  "realistic titles", a="vl_mpmr_cdns", b="vl_mpmr", slice_="overall",
+                  source="paper claim 3"),
+        _headline(claim_id="softmax-vs-sigmoid-noisy", text="softmax QIC beats sigmoid, "
+                  "realistic titles", a="vl_mpmr_cdns", b="sigmoid", slice_="overall",
+                  source="paper claim 4"))
+
+
+HEADLINE = ProtocolGrid(
+    grids.Grid("headline", HEADLINE_COMMON, HEADLINE_VARIANTS, (),
+               _HEADLINE_BUDGET + " Honest built-in catalog."),
+    _headline_claims(noisy=False), None, FILE)  # the config's own built-in catalog
+HEADLINE_NOISY = ProtocolGrid(
+    grids.Grid("headline_noisy", HEADLINE_COMMON, HEADLINE_VARIANTS, (),
+               _HEADLINE_BUDGET + " Built-in catalog with realistic text noise."),
+    _headline_claims(noisy=True), NOISY, FILE)
+
 DECLARED: dict[str, ProtocolGrid] = {
     pg.grid.name: pg for pg in (BANK_VS_BASE, BANK_VS_BASE_NOISY, MPM_CLOSEUP,
-                                MPM_CLOSEUP_NOISY)}
+                                MPM_CLOSEUP_NOISY, HEADLINE, HEADLINE_NOISY)}
 
 
 def lookup(name: str) -> tuple[grids.Grid, ProtocolGrid | None]:
