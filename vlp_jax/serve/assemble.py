@@ -5,36 +5,60 @@ process of ``--workers=N`` (``workers.py``).
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
 import socket
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 from vlp_jax.indexing import bundle as bundle_lib
 from vlp_jax.indexing import locations, provenance
-from vlp_jax.serve import http_app, protocol, swap
+from vlp_jax.serve import access_log, http_app, protocol, swap
 from vlp_jax.serve.service import SearchService
 
 SERVE_BUCKETS = (1, 2, 4, 8, 16, 32)  # padding a batch wastes < 2x; 6 programs to compile
 
 
-def single_threaded_xla() -> None:
-    """Run the Eigen parts of the query tower's XLA programs (matmuls, convolutions) on the
-    calling thread: ``--xla_cpu_multi_thread_eigen=false`` (call before JAX starts).
+def quiet_thread_pools() -> None:
+    """Keep the libraries' helper thread pools from burning CPU beside the batch worker; call
+    before JAX starts (it starts JAX's CPU client).
 
-    A server process's encodes come from one batch worker thread; XLA's default Eigen pool
-    spreads each one over every core, where its idle threads spin and contend with the event
-    loop and the other workers.  The flag turns off that Eigen pool only, nothing else of
-    XLA's threading.  Measured on 2 cores: a one-query encode cost 1.2-1.5 ms of CPU with the
-    pool, 0.7-0.8 ms without; batches of 16-32 cost the same; the embeddings are bitwise
-    identical.  Read when JAX's CPU backend starts, so this must run before any JAX
-    computation of the process.
+    A server process's encodes and searches come from one batch worker thread, on batches of
+    at most ``--max_batch`` short queries.  Pools sized to every core cost more CPU than the
+    work they split, because their idle threads spin waiting for the next task and contend
+    with the event loop and the other workers:
+
+    * ``--xla_cpu_multi_thread_eigen=false``: no Eigen pool for matmuls and convolutions
+      (a one-query encode cost 1.2-1.5 ms of CPU with it, 0.7-0.8 ms without);
+    * XLA's CPU client still runs each program on an intra-op pool it sizes from the cores
+      the creating thread may run on, and splits the query tower's small dots over it: the
+      client is created while this thread is pinned to one core (so the pool has one
+      thread), then every thread of the process gets all cores back.  Measured for batches
+      of 32 queries: 0.14-0.15 instead of 0.17-0.19 ms of CPU per query, embeddings bitwise
+      identical (``docs/serving.md``);
+    * ``TOKENIZERS_PARALLELISM=false``: the tokenizer's rayon pool tokenised 32 queries in a
+      few microseconds and then spun on the other core.
+
+    A variable the user set already is left as it is.  The affinity step is Linux-only and a
+    no-op once JAX's backend exists.
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_multi_thread_eigen" not in flags:
         os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import jax
+
+    if not hasattr(os, "sched_setaffinity"):
+        jax.devices()
+        return
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})  # 0 = the calling thread only (Linux)
+    try:
+        jax.devices()  # creates the CPU client and its intra-op pool
+    finally:
+        for tid in os.listdir("/proc/self/task"):  # the pool threads inherited the pin
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(tid), cpus)
 
 
 def load_service(bundle_dir: str, index_dir: str, *, kind: str | None = None,
@@ -89,7 +113,7 @@ def make_server(service: SearchService, *, admin_ports: Sequence[int] = (),
     def rejected(status: int, client: Any) -> None:  # requests the HTTP parser refused
         service.metrics.observe_request("unparsed", "", status, 0.0)
         if access_log:
-            http_app.log_access(client, "", "unparsed", "", 0, status, 0, 0.0)
+            access_log.log_access(client, "", "unparsed", "", 0, status, 0, 0.0)
 
     config = uvicorn.Config(
         asgi, http=protocol.make_protocol(rejected), lifespan="on", access_log=False,
@@ -99,11 +123,6 @@ def make_server(service: SearchService, *, admin_ports: Sequence[int] = (),
 
 
 def access_log_to_stderr() -> None:
-    """Access lines are JSON documents: plain message, own handler, not absl's prefix."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    http_app.ACCESS_LOG.addHandler(handler)
-    http_app.ACCESS_LOG.setLevel(logging.INFO)
-    http_app.ACCESS_LOG.propagate = False
-
-
+    """Access lines are JSON documents: plain message, own handler, not absl's prefix; written
+    to stderr in blocks (``access_log.py``)."""
+    access_log.to_stderr()

@@ -48,7 +48,7 @@ from vlp_jax.serve.assemble import (  # noqa: F401 - the public names of this mo
     bind,
     load_service,
     make_server,
-    single_threaded_xla,
+    quiet_thread_pools,
 )
 from vlp_jax.serve.service import SearchService
 
@@ -175,7 +175,7 @@ def _main(argv: list[str]) -> None:
                   server_kwargs=server_kwargs, token=token, swap_timeout=FLAGS.swap_timeout,
                   **roots)
         return
-    single_threaded_xla()
+    quiet_thread_pools()
     service = load_service(FLAGS.bundle, FLAGS.index, **roots, **load_kwargs)
     service.holder.freeze_gc = True  # a server process: index objects stay out of GC
     gc.freeze()

@@ -147,9 +147,10 @@ def worker_main(opts: WorkerOptions, serving: Serving, sock: socket.socket, conn
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # blocked by the supervisor
     from vlp_jax.runtime import devices as runtime
+    from vlp_jax.serve import access_log
     from vlp_jax.serve import assemble as server_lib
 
-    server_lib.single_threaded_xla()  # before load_service starts JAX's backend
+    server_lib.quiet_thread_pools()  # before load_service starts JAX's backend
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
@@ -167,4 +168,7 @@ def worker_main(opts: WorkerOptions, serving: Serving, sock: socket.socket, conn
     srv = server_lib.make_server(service, **opts.server_kwargs)
     threading.Thread(target=obey, args=(conn, Control(service.holder), srv), daemon=True,
                      name="vlp-worker-control").start()
-    srv.run(sockets=[sock])
+    try:
+        srv.run(sockets=[sock])
+    finally:  # a multiprocessing child ends without logging.shutdown
+        access_log.flush()
