@@ -37,6 +37,25 @@ def test_encode_texts_exact_ids_truncation_and_padding(tokenizer):
     np.testing.assert_array_equal(mask, tokens != 0)
 
 
+def test_encode_texts_direct_rust_path_equals_the_transformers_call(tokenizer):
+    """encode_texts calls the Rust tokenizer directly when it has no truncation or padding
+    set; the ids equal those of transformers' call.  A backend that has truncation set
+    (a saved tokenizer.json can) goes through the call, which clears it: still full ids."""
+    texts = ["Red shoes", "blue xyz", "", "red blue green big small", "SOFT  bags!", "caf\u00e9"]
+
+    def reference(tok):
+        return tok(texts, add_special_tokens=False, truncation=False, padding=False,
+                   return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+
+    tokens, mask = preprocess.encode_texts(tokenizer, texts, 12)
+    got = [list(row[1:n - 1]) for row, n in zip(tokens, mask.sum(axis=1), strict=True)]
+    assert got == reference(tokenizer)
+    truncating = make_tokenizer()
+    truncating.backend_tokenizer.enable_truncation(max_length=2)
+    tokens2, _ = preprocess.encode_texts(truncating, texts, 12)
+    np.testing.assert_array_equal(tokens2, tokens)
+
+
 def test_encode_texts_rejects_too_short_max_len(tokenizer):
     with pytest.raises(ValueError, match="max_len must be >= 2"):
         preprocess.encode_texts(tokenizer, ["red"], 1)

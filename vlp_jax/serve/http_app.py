@@ -62,6 +62,8 @@ IMAGE_ROUTE = "/items/{item_id}/image"
 
 
 _JSON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+_SEARCH_HEADERS = tuple((k.lower().encode(), v.encode()) for k, v in _JSON_HEADERS.items())
+_SEARCH_TYPE = (b"content-type", JSON_TYPE.encode())
 
 
 def json_response(status: int, obj: Any, *, close: bool = False,
@@ -100,12 +102,18 @@ def search_endpoint(service: service_lib.SearchService) -> Any:
         try:
             query, k = service.parse_search(scope["query_string"])
             answer = await service.search_async(query, k)
-            response = Response(answer.body, headers=_JSON_HEADERS, media_type=JSON_TYPE)
         except ApiError as e:
             response = error_response(e.status, e.message, extra=e.headers)
         except Exception as e:  # noqa: BLE001 - the internal-error answer of every route
             logging.error("internal error serving %s", scope.get("raw_path"), exc_info=e)
             response = error_response(500, "internal error", close=True)
+        else:  # the answer's messages directly: the headers of a Response, without building one
+            body = answer.body
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [*_SEARCH_HEADERS, (b"content-length", b"%d" % len(body)),
+                                    _SEARCH_TYPE]})
+            await send({"type": "http.response.body", "body": body})
+            return
         await response(scope, receive, send)
 
     return endpoint

@@ -15,6 +15,12 @@ this subclass overrides only that method and picks the status from the active ex
 
 ``on_reject(status, client)`` lets the service count these in its metrics and access log.
 
+**One write per response.**  uvicorn writes a response's head when the application sends
+``http.response.start`` and its body at ``http.response.body``: two ``send`` system calls and
+two TCP segments per answer, each waking the client.  The protocol hands uvicorn a transport
+(:class:`CoalescedWrites`) that gathers the writes of one event-loop step and writes them at
+the end of it, so a head and a body sent back to back leave as one.
+
 ``HttpToolsProtocol`` is private to uvicorn, so ``pyproject.toml`` pins uvicorn to the minor
 version these hooks were written against (0.55) and ``tests/test_serve_admission.py`` fails if
 an upgrade renames or reshapes one of them.
@@ -22,6 +28,7 @@ an upgrade renames or reshapes one of them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sys
@@ -32,6 +39,40 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEAD_BYTES = 16 << 10  # request line + headers (431 above)
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [\x21-\x7e]+ HTTP/\d\.\d\r?\n")
+
+
+class CoalescedWrites:
+    """A transport whose writes within one event-loop step go out as one write.
+
+    Everything but ``write`` and ``close`` is the wrapped transport's own (flow control,
+    ``get_extra_info``, ``is_closing``).  Pending bytes are written before a close, and dropped
+    when the connection is already closing (the peer is gone)."""
+
+    __slots__ = ("_transport", "_loop", "_pending")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
+        self._transport, self._loop = transport, loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(data)
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending.clear()
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
 
 
 class HeadTooLarge(Exception):
@@ -58,6 +99,9 @@ def make_protocol(on_reject: Callable[[int, tuple[str, int] | None], None] | Non
     class JsonErrorProtocol(HttpToolsProtocol):
         _head_bytes = 0
         _data = b""
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(CoalescedWrites(transport, self.loop))
 
         def data_received(self, data: bytes) -> None:
             self._data = data  # the bytes being parsed, to tell a bad method from noise

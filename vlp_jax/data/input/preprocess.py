@@ -81,10 +81,18 @@ def encode_texts(
     mask = np.zeros((len(texts), max_len), dtype=bool)
     if not texts:
         return tokens, mask
-    encoded = tokenizer(
-        list(texts), add_special_tokens=False, truncation=False, padding=False,
-        return_attention_mask=False, return_token_type_ids=False, verbose=False,
-    )["input_ids"]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        # The Rust tokenizer directly: the same ids as the call below (which runs this
+        # ``encode_batch`` after clearing truncation and padding, unset here anyway), without
+        # transformers' per-text Python around it — half the cost of a serving batch's
+        # tokenisation.
+        encoded = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    else:
+        encoded = tokenizer(
+            list(texts), add_special_tokens=False, truncation=False, padding=False,
+            return_attention_mask=False, return_token_type_ids=False, verbose=False,
+        )["input_ids"]
     for row, ids in enumerate(encoded):
         ids = ids[: max_len - 2]
         n = len(ids) + 2
