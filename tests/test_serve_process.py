@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -105,3 +106,46 @@ def test_quiet_thread_pools_gives_xla_one_pool_thread_and_every_thread_all_cores
     out = subprocess.run([sys.executable, "-c", _POOLS], cwd=ROOT, env=env, check=True,
                          capture_output=True, text=True).stdout.split()
     assert out == ["1", str(len(os.sched_getaffinity(0))), "True", "false", "True"], out
+
+
+class _FakeTransport:
+    def __init__(self):
+        self.writes, self.closed = [], False
+
+    def write(self, data):
+        assert not self.closed
+        self.writes.append(data)
+
+    def close(self):
+        self.closed = True
+
+    def is_closing(self):
+        return self.closed
+
+    def get_extra_info(self, name):
+        return f"info:{name}"
+
+
+def test_coalesced_writes_send_one_step_as_one_write_and_flush_before_close():
+    from vlp_jax.serve.protocol import CoalescedWrites
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        raw = _FakeTransport()
+        t = CoalescedWrites(raw, loop)
+        t.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        t.write(b"body")
+        assert raw.writes == [] and t.get_extra_info("peername") == "info:peername"
+        await asyncio.sleep(0)  # the end of the step
+        assert raw.writes == [b"HTTP/1.1 200 OK\r\n\r\nbody"]
+        t.write(b"next")
+        t.close()  # pending bytes go out before the close
+        assert raw.writes[-1] == b"next" and raw.closed
+        gone = _FakeTransport()
+        t2 = CoalescedWrites(gone, loop)
+        t2.write(b"late")
+        gone.closed = True  # the peer went away before the step ended
+        await asyncio.sleep(0)
+        assert gone.writes == []
+
+    asyncio.run(scenario())

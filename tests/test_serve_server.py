@@ -105,6 +105,36 @@ def test_search_api_matches_exact_search(run, service, base):
     assert status == 200 and body == b""
 
 
+def test_search_answer_head_is_exact_and_pipelined_answers_keep_their_order(base):
+    """The /search answer's head, byte for byte (the headers a Starlette Response would send,
+    with the exact length), and two pipelined requests on one connection answered in order,
+    each whole (the writes of a response are gathered into one: protocol.CoalescedWrites)."""
+    host, port = base.split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"GET /search?q=red&k=2 HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"GET /search?q=hat&k=3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    answers = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        fields = dict(line.split(b": ", 1) for line in lines[1:])
+        size = int(fields[b"content-length"])
+        answers.append((lines, json.loads(rest[:size])))
+        data = rest[size:]
+    assert [a[1]["query"] for a in answers] == ["red", "hat"]
+    assert [len(a[1]["results"]) for a in answers] == [2, 3]
+    lines = answers[0][0]
+    assert lines[0] == b"HTTP/1.1 200 OK"
+    assert [line.split(b": ")[0] for line in lines[1:]] == [
+        b"date", b"cache-control", b"x-content-type-options", b"content-length",
+        b"content-type"]
+    assert lines[2:4] == [b"cache-control: no-store", b"x-content-type-options: nosniff"]
+    assert lines[5] == b"content-type: application/json; charset=utf-8"
+
+
 def test_category_query_finds_items_of_that_category(run, base):
     """Category words are in every title: P@10 over all 12 categories is far above chance."""
     attrs = {x["item_id"]: x["attributes"] for x in run.items}
