@@ -83,6 +83,10 @@ flags.DEFINE_integer("overload_connections", 400, "Connections of the overload b
 flags.DEFINE_integer("rounds", 1, "Run the --servers sequence this many times, alternating "
                      "(the summary gives medians over rounds; repeats and overload in round 1).")
 flags.DEFINE_integer("seed", 0, "Request mix seed.")
+flags.DEFINE_integer("warmup_requests", 0, "Requests sent at the top client count after each "
+                     "server start and before the measured runs, not measured (another request "
+                     "mix): 0 = measure from a cold start (answer fragments not yet cached, "
+                     "index pages not yet touched); >0 = steady state.")
 flags.DEFINE_string("out", "benchmarks/results/serve_load.json", "JSON output path.")
 # --role=load
 flags.DEFINE_string("url", "", "host:port of the server (--role=load).")
@@ -263,17 +267,6 @@ def prepare(work: str) -> dict:
             "update": info["update"], "update_seconds": info["update_seconds"]}
 
 
-def _baseline_tree(ref: str, work: str) -> str:
-    """``vlp_jax`` of commit ``ref``, extracted once into the work dir."""
-    src = os.path.join(work, f"src_{ref}")
-    if not os.path.isdir(src):
-        os.makedirs(src)
-        archive = subprocess.run(["git", "archive", ref, "vlp_jax"], cwd=ROOT, check=True,
-                                 capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
-    return src
-
-
 def run_server(name: str, data: dict, work: str, rnd: int = 0) -> list[dict]:
     """All concurrency levels against one server (started once, stopped with SIGTERM).
 
@@ -286,16 +279,16 @@ def run_server(name: str, data: dict, work: str, rnd: int = 0) -> list[dict]:
            f"--port={port}"]
     cwd, ready, marker, swaps = ROOT, "/readyz", "", True
     if name == "baseline":
-        cwd = env["PYTHONPATH"] = _baseline_tree(FLAGS.baseline_ref, work)
+        cwd = env["PYTHONPATH"] = serve_procs.source_tree(ROOT, FLAGS.baseline_ref, work)
         cmd.append(f"--index={data['v1_format1']}")
         ready, swaps = "/healthz", False
     else:
         cmd += [f"--index={data['v1']}", f"--admin_port={admin}"]
         if name == "asgi":
-            cwd = env["PYTHONPATH"] = _baseline_tree(FLAGS.asgi_ref, work)
+            cwd = env["PYTHONPATH"] = serve_procs.source_tree(ROOT, FLAGS.asgi_ref, work)
         else:
             if name.startswith("prev"):
-                cwd = env["PYTHONPATH"] = _baseline_tree(FLAGS.prev_ref, work)
+                cwd = env["PYTHONPATH"] = serve_procs.source_tree(ROOT, FLAGS.prev_ref, work)
             workers = name.removeprefix("prev").removeprefix("new")
             cmd.append(f"--workers={workers}")
             marker = "workers serving" if workers != "1" else ""
@@ -305,6 +298,13 @@ def run_server(name: str, data: dict, work: str, rnd: int = 0) -> list[dict]:
     levels = [int(c) for c in FLAGS.concurrency]
     levels += [1] * (FLAGS.single_repeats if name == "new1" and rnd == 0 else 0)
     try:
+        if FLAGS.warmup_requests:
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--role=load",
+                            f"--url=127.0.0.1:{port}", f"--users={max(levels)}",
+                            f"--requests={FLAGS.warmup_requests}",
+                            f"--malformed={FLAGS.malformed}", f"--seed={FLAGS.seed + 1000}",
+                            f"--load_out={os.path.join(work, f'warmup_{name}.json')}"],
+                           cwd=ROOT, check=True, env=env, stdout=subprocess.DEVNULL)
         for i, users in enumerate(levels):
             repeat = i >= len(FLAGS.concurrency)
             out = os.path.join(work, f"run_{name}_{users}{f'_r{i}' if repeat else ''}"
@@ -372,6 +372,7 @@ def main(argv: list[str]) -> None:
               "malformed": FLAGS.malformed, "malformed_kinds": len(MALFORMED), "k": "1..100",
               "baseline_ref": FLAGS.baseline_ref, "asgi_ref": FLAGS.asgi_ref,
               "prev_ref": FLAGS.prev_ref, "prepare": data,
+              "warmup_requests": FLAGS.warmup_requests,
               "runs": runs, "overload": OVERLOAD, "load_average_start": load_start,
               "load_average_end": [round(x, 2) for x in os.getloadavg()],
               "cpu_count": os.cpu_count(),

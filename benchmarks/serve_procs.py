@@ -172,3 +172,15 @@ def print_table(runs: list[dict]) -> None:
               f"{lat.get('p99', 0):>7.2f} {r['num_5xx']:>4} {r['num_no_response']:>7} "
               f"{r['failed_good']:>8} {swap:>14} {r['server_cpu_ms_per_good_request']:>8.2f} "
               f"{r['load_average_before'][0]:>8.2f}")
+
+
+def source_tree(root: str, ref: str, work: str) -> str:
+    """``vlp_jax`` of commit ``ref`` of the repository at ``root``, extracted once into
+    ``work``."""
+    src = os.path.join(work, f"src_{ref}")
+    if not os.path.isdir(src):
+        os.makedirs(src)
+        archive = subprocess.run(["git", "archive", ref, "vlp_jax"], cwd=root, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
+    return src
