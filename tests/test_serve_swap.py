@@ -283,6 +283,10 @@ def test_workers_swap_together_with_no_mixed_answers(run, v2, root, tmp_path):
         for t in threads:
             t.join(60)
         assert not errors and {1, 2} <= set(versions)
+        host, port_text = address.split(":")
+        with socket.create_connection((host, int(port_text)), timeout=30) as sock:
+            sock.sendall(b"NONSENSE\r\n\r\n")  # refused by the parser: JSON 400, logged
+            assert sock.recv(4096).startswith(b"HTTP/1.1 400 ")
         text = _fleet_readiness_and_metrics(address, searches=len(versions) + 8)
         assert 'vlp_index_reloads_total{result="ok"} 1.0' in text  # once, not once a worker
         # A killed worker is restarted by the supervisor, on the index serving now (v2, not
@@ -318,4 +322,6 @@ def test_workers_swap_together_with_no_mixed_answers(run, v2, root, tmp_path):
     log = log_file.read_text()
     access = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert any(a["route"] == "/search" and a["status"] == 200 for a in access), log[-2000:]
+    assert any(a["route"] == "unparsed" and a["status"] == 400 for a in access), log[-2000:]
+    assert "Fatal error" not in log and "Traceback" not in log, log[-3000:]
     assert log.count("index swapped") == 4 and "Shutting down" in log, log[-3000:]

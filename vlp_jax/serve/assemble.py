@@ -13,7 +13,8 @@ from typing import Any
 
 from vlp_jax.indexing import bundle as bundle_lib
 from vlp_jax.indexing import locations, provenance
-from vlp_jax.serve import access_log, http_app, protocol, swap
+from vlp_jax.serve import access_log as access_log_lib
+from vlp_jax.serve import http_app, protocol, swap
 from vlp_jax.serve.service import SearchService
 
 SERVE_BUCKETS = (1, 2, 4, 8, 16, 32)  # padding a batch wastes < 2x; 6 programs to compile
@@ -113,7 +114,7 @@ def make_server(service: SearchService, *, admin_ports: Sequence[int] = (),
     def rejected(status: int, client: Any) -> None:  # requests the HTTP parser refused
         service.metrics.observe_request("unparsed", "", status, 0.0)
         if access_log:
-            access_log.log_access(client, "", "unparsed", "", 0, status, 0, 0.0)
+            access_log_lib.log_access(client, "", "unparsed", "", 0, status, 0, 0.0)
 
     config = uvicorn.Config(
         asgi, http=protocol.make_protocol(rejected), lifespan="on", access_log=False,
@@ -125,4 +126,4 @@ def make_server(service: SearchService, *, admin_ports: Sequence[int] = (),
 def access_log_to_stderr() -> None:
     """Access lines are JSON documents: plain message, own handler, not absl's prefix; written
     to stderr in blocks (``access_log.py``)."""
-    access_log.to_stderr()
+    access_log_lib.to_stderr()
