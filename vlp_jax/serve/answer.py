@@ -71,6 +71,12 @@ def _fragments(index: Any) -> dict[int, tuple[bytes, bytes] | None]:
     return cache
 
 
+def forget(index: Any) -> dict:
+    """Detach ``index``'s cached fragments and return them (empty if none), so a retiring
+    index's cache can be freed a slice at a time (``swap.py``)."""
+    return _FRAGMENTS.pop(index, {})
+
+
 def _fragment(index: Any, cache: dict, label: int) -> tuple[bytes, bytes] | None:
     shown = index.shown(label)
     if shown is None:  # faiss pads with -1 when an ANN search finds fewer than k
