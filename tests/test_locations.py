@@ -65,6 +65,7 @@ LOCAL_BY_CONSTRUCTION = {
     "runtime/staging.py": (19, "writes the local copy"),
     "runtime/storage.py": (5, "free space of a local filesystem"),
     "runtime/uri.py": (4, "parses local paths"),
+    "serve/assemble.py": (1, "/proc/self/task: this process's threads"),
     "serve/fleet.py": (1, "the workers' metric files: a local temporary folder"),
     "serve/policy.py": (15, "the server's allowed roots are local folders (staged copies)"),
     "serve/search_index.py": (2, "faiss opens the staged local copy of an index"),

@@ -52,6 +52,7 @@ from starlette.routing import Route
 from vlp_jax.serve import openapi, policy, swap
 from vlp_jax.serve import service as service_lib
 from vlp_jax.serve.access_log import ACCESS_LOG, log_access  # noqa: F401 - re-exported
+from vlp_jax.serve.access_log import flush as flush_access_log
 from vlp_jax.serve.service import ApiError, utf8
 
 MAX_URL_BYTES = 4096  # request-target size cap (414 above)
@@ -320,6 +321,9 @@ def create_app(service: service_lib.SearchService, *, admin_ports: Collection[in
             if hup:
                 loop.remove_signal_handler(signal.SIGHUP)
             await run_in_threadpool(service.close)
+            # Before uvicorn re-raises the stop signal, which ends the process without
+            # logging.shutdown: the buffered access lines go out now.
+            flush_access_log()
 
     # /search is answered by search_endpoint, from the guard.
     routes = [Route(IMAGE_ROUTE, image), Route("/", page),
