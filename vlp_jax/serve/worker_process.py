@@ -170,5 +170,5 @@ def worker_main(opts: WorkerOptions, serving: Serving, sock: socket.socket, conn
                      name="vlp-worker-control").start()
     try:
         srv.run(sockets=[sock])
-    finally:  # a multiprocessing child ends without logging.shutdown
+    finally:  # also when uvicorn stops before its lifespan shutdown (no logging.shutdown here)
         access_log.flush()
