@@ -12,7 +12,7 @@ Servers (``--servers``): ``baseline`` = the stdlib ``ThreadingHTTPServer`` of
 ``--baseline_ref`` (on a format-1 copy of v1), ``asgi`` = the single-process Starlette server of
 ``--asgi_ref`` (before issue 35), ``prev1`` / ``prev2`` = the multi-worker server of
 ``--prev_ref`` (before its CPU-per-request work) and ``new1`` / ``new2`` = this tree, with
-``--workers=1`` / ``2``.
+``--workers=1`` / ``2`` (``new1_nocache`` / ``new2_nocache``: the same with ``--query_cache=0``).
 Per server and concurrency, ``--requests`` requests (``--malformed`` of them broken in 17 ways,
 sent as raw bytes) are driven by locust users (library runner, headless, one process, gevent),
 good ones (k uniform in 1..100) over keep-alive connections; the run at ``--swap_at`` clients
@@ -268,11 +268,11 @@ def prepare(work: str) -> dict:
 
 
 def run_server(name: str, data: dict, work: str, rnd: int = 0) -> list[dict]:
-    """All concurrency levels against one server (started once, stopped with SIGTERM).
-
+    """All concurrency levels against one server (started once, stopped with SIGTERM):
     ``baseline`` = the stdlib server of ``--baseline_ref``; ``asgi`` = the single-process
     Starlette server of ``--asgi_ref``; ``prev1`` / ``prev2`` = the server of ``--prev_ref``,
-    ``new1`` / ``new2`` = this tree, with 1 / 2 workers."""
+    ``new1`` / ``new2`` = this tree, with 1 / 2 workers (a ``_nocache`` suffix: without the
+    query-embedding cache)."""
     port, admin = serve_procs.free_port(), serve_procs.free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "VLP_ADMIN_TOKEN": ADMIN_TOKEN}
     cmd = [sys.executable, "-m", "vlp_jax.serve.server", f"--bundle={data['bundle']}",
@@ -289,8 +289,8 @@ def run_server(name: str, data: dict, work: str, rnd: int = 0) -> list[dict]:
         else:
             if name.startswith("prev"):
                 cwd = env["PYTHONPATH"] = serve_procs.source_tree(ROOT, FLAGS.prev_ref, work)
-            workers = name.removeprefix("prev").removeprefix("new")
-            cmd.append(f"--workers={workers}")
+            workers = name.removeprefix("prev").removeprefix("new").removesuffix("_nocache")
+            cmd += [f"--workers={workers}"] + ["--query_cache=0"] * name.endswith("_nocache")
             marker = "workers serving" if workers != "1" else ""
     proc = serve_procs.start_server(cmd, cwd, env, os.path.join(work, f"{name}.log"),
                                     f"127.0.0.1:{port}", ready, marker)
@@ -366,6 +366,7 @@ def main(argv: list[str]) -> None:
     singles = [r["good_latency_ms"]["p50"] for r in runs
                if r["server"] == "new1" and r["concurrency"] == 1]
     top = max(int(c) for c in FLAGS.concurrency)
+    repeats = serve_procs.query_repeats(FLAGS.requests, FLAGS.malformed, FLAGS.seed + top)
     cpu, ratios = serve_procs.cpu_by_round(main_runs, top, FLAGS.servers[0])
     result = {"num_items": FLAGS.num_items, "index_kind": FLAGS.index_kind,
               "requests_per_run": FLAGS.requests,
@@ -377,6 +378,7 @@ def main(argv: list[str]) -> None:
               "load_average_end": [round(x, 2) for x in os.getloadavg()],
               "cpu_count": os.cpu_count(),
               "summary": {"failures": failures,
+                          f"good_requests_repeating_a_query_at_{top}_clients": repeats,
                           f"server_cpu_ms_per_good_request_at_{top}_clients": cpu,
                           f"server_cpu_ratio_to_{FLAGS.servers[0]}_at_{top}_clients": ratios,
                           "single_client_p50_ms_runs": singles,
@@ -385,7 +387,8 @@ def main(argv: list[str]) -> None:
     serve_procs.print_table(runs)
     print(f"server CPU ms per good request at {top} clients (median over rounds):", cpu)
     print(f"ratio to {FLAGS.servers[0]}, per round and median:", ratios)
-    print("single-client p50 ms (new1):", singles)
+    print("single-client p50 ms (new1):", singles, f"| good requests repeating an earlier "
+          f"query at {top} clients: {repeats:.1%}")
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -59,6 +59,14 @@ def plan(total: int, malformed: float, seed: int) -> list[tuple[str, str]]:
     return [items[i] for i in rng.permutation(len(items))]
 
 
+def query_repeats(requests: int, malformed: float, seed: int) -> float:
+    """Fraction of a run's good requests whose query text an earlier request of the run had
+    (what the servers' query-embedding cache can reuse from a cold start; k may differ)."""
+    queries = [urllib.parse.parse_qs(urllib.parse.urlsplit(target).query)["q"][0]
+               for kind, target in plan(requests, malformed, seed) if kind == "good"]
+    return round(1 - len(set(queries)) / max(len(queries), 1), 4)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

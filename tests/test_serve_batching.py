@@ -212,7 +212,7 @@ def run(tmp_path_factory, data_cache_dir):
 def test_batched_search_is_identical_to_one_at_a_time(run):
     service = server.load_service(run.bundle_dir, run.index_dir, buckets=(1, 4, 16),
                                   max_batch=16, max_wait_ms=50, request_timeout_ms=60_000,
-                                  max_queue_delay_ms=0)
+                                  max_queue_delay_ms=0, query_cache=0)
     assert service.batcher.on_late == service.metrics.observe_waits  # shed waits are observed
     try:
         queries = [("red dress", 5), ("blue hat", 10), ("leather bag", 5), ("striped shirt", 3),
@@ -237,3 +237,37 @@ def test_batched_search_is_identical_to_one_at_a_time(run):
         assert service.batcher.batches < len(queries) * 3  # some requests shared a call
     finally:
         service.close()
+
+
+def test_query_cache_answers_equal_uncached_ones_and_skip_the_encoder(run):
+    """Repeated queries come from the cache (no tower call), with the answers an uncached
+    service gives; the cache outlives an index swap (the bundle cannot change)."""
+    queries = [("red dress", 5), ("blue hat", 10), ("red dress", 3), ("silk scarf", 10)]
+    plain = server.load_service(run.bundle_dir, run.index_dir, buckets=(1, 4), max_batch=4,
+                                query_cache=0)
+    cached = server.load_service(run.bundle_dir, run.index_dir, buckets=(1, 4), max_batch=4,
+                                 query_cache=16)
+    try:
+        want = [a.data for a in plain.search_batch([plain.request(q, k) for q, k in queries])]
+        encoded = []
+        encode = cached.bundle.encode_queries
+        cached.bundle.encode_queries = lambda texts: encoded.append(list(texts)) or encode(texts)
+        for _ in range(2):  # cold, then every query cached
+            got = [a.data for a in cached.search_batch([cached.request(q, k)
+                                                        for q, k in queries])]
+            for g, w in zip(got, want, strict=True):
+                assert [r["item_id"] for r in g["results"]] == [r["item_id"] for r in
+                                                                w["results"]]
+                np.testing.assert_allclose([r["score"] for r in g["results"]],
+                                           [r["score"] for r in w["results"]], atol=2e-6)
+        assert encoded == [["red dress", "blue hat", "silk scarf"]]  # once, distinct texts
+        assert cached.query_cache.hits == 5 and cached.query_cache.misses == 3
+        text = cached.metrics.render()[0].decode()
+        assert 'vlp_query_cache_lookups_total{result="hit"} 5.0' in text
+        assert 'vlp_query_cache_lookups_total{result="miss"} 3.0' in text
+        assert cached.holder.reload()["serving"]  # a swap keeps the cache
+        cached.search_batch([cached.request("blue hat", 2)])
+        assert len(encoded) == 1 and cached.query_cache.hits == 6
+    finally:
+        plain.close()
+        cached.close()

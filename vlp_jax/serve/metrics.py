@@ -102,6 +102,11 @@ class Metrics:
         self.queue_seconds = Histogram("vlp_search_queue_wait_seconds", "Time a search request "
                                        "waited for its batch to start, or until the batch worker "
                                        "shed it.", buckets=LATENCY_BUCKETS, registry=r)
+        self.query_cache = Counter("vlp_query_cache_lookups", "Search queries looked up in "
+                                   "the query-embedding cache, by result (hit: no encoder "
+                                   "work).", ["result"], registry=r)
+        self._cache_hit, self._cache_miss = (self.query_cache.labels("hit"),
+                                             self.query_cache.labels("miss"))
         self.index_items = Gauge("vlp_index_items", "Items in the serving index.", registry=r,
                                  multiprocess_mode="liveall")
         self.index_version = Gauge("vlp_index_version", "version of the serving index directory "
@@ -135,6 +140,12 @@ class Metrics:
         self.batch_size.observe(size)
         self.batch_seconds.observe(seconds)
         self.observe_waits(waits)
+
+    def observe_query_cache(self, hits: int, misses: int) -> None:
+        if hits:
+            self._cache_hit.inc(hits)
+        if misses:
+            self._cache_miss.inc(misses)
 
     def observe_waits(self, waits: list[float]) -> None:
         for wait in waits:

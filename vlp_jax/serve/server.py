@@ -105,6 +105,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer("max_batch", 32, "Most queries encoded in one call.")
     flags.DEFINE_float("max_wait_ms", 2.0, "Longest a query waits for others to share its "
                        "encoder call (only while traffic is concurrent).")
+    flags.DEFINE_integer("query_cache", 65536, "Query embeddings kept for repeated queries "
+                         "(least recently used dropped first; 0 = off): embed_dim * 4 bytes "
+                         "each, per worker.")
     flags.DEFINE_list("buckets", [str(b) for b in SERVE_BUCKETS], "Padded query batch sizes.")
     flags.DEFINE_integer("admin_port", 0, "Port of the admin listener (POST /admin/reload); "
                          "0 = no admin routes.")
@@ -163,7 +166,8 @@ def _main(argv: list[str]) -> None:
                        faiss_threads=FLAGS.faiss_threads, max_queue=FLAGS.max_queue,
                        max_queue_delay_ms=FLAGS.max_queue_delay_ms,
                        request_timeout_ms=FLAGS.request_timeout_ms,
-                       stall_seconds=FLAGS.stall_seconds, cache_dir=FLAGS.cache_dir or None,
+                       stall_seconds=FLAGS.stall_seconds, query_cache=FLAGS.query_cache,
+                       cache_dir=FLAGS.cache_dir or None,
                        buckets=[int(b) for b in FLAGS.buckets])
     roots = dict(index_root=FLAGS.index_root or None, image_root=FLAGS.image_root or None)
     server_kwargs = dict(access_log=FLAGS.access_log, graceful_timeout=FLAGS.graceful_timeout,

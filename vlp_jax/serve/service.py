@@ -32,6 +32,7 @@ from vlp_jax.serve import answer as answer_lib
 from vlp_jax.serve import batcher as batcher_lib
 from vlp_jax.serve import metrics as metrics_lib
 from vlp_jax.serve import policy, swap
+from vlp_jax.serve import query_cache as query_cache_lib
 
 MAX_IMAGE_BYTES = 20 << 20  # larger image files are not served
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # below 32, but not \t \n \r
@@ -103,7 +104,7 @@ class SearchService:
                  default_k: int = 10, max_query_chars: int = 256, max_batch: int = 32,
                  max_wait_ms: float = 2.0, faiss_threads: int = 1, max_queue: int = 64,
                  max_queue_delay_ms: float = 250.0, request_timeout_ms: float = 1000.0,
-                 stall_seconds: float = 10.0,
+                 stall_seconds: float = 10.0, query_cache: int = 65536,
                  metrics: metrics_lib.Metrics | None = None):
         if not 1 <= default_k <= max_k:
             raise ValueError(f"need 1 <= default_k <= max_k, got {default_k}, {max_k}")
@@ -119,6 +120,9 @@ class SearchService:
         self.metrics = metrics or metrics_lib.Metrics()
         self.fleet: Any = None  # a fleet.WorkerView in the worker processes of --workers=N
         self.metrics.set_index(holder.current)
+        # Repeated queries skip the tower (query_cache.py); rows of embed_dim float32 each.
+        self.query_cache = query_cache_lib.QueryEmbeddingCache(
+            query_cache, bundle.embed_dim, on_lookup=self.metrics.observe_query_cache)
         holder.on_swap = self.metrics.set_index
         self.batcher: batcher_lib.Batcher[SearchRequest, answer_lib.Answer] = batcher_lib.Batcher(
             self.search_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
@@ -178,10 +182,11 @@ class SearchService:
         return self.batcher.submit(self.request(query, k)).result().data
 
     def search_batch(self, requests: list[SearchRequest]) -> list[answer_lib.Answer]:
-        """Encode all queries in one call; search each index snapshot once (one faiss call
-        per batch, two only across a swap) at the largest ``k`` and slice per request.  The
-        answers are JSON bytes, built here on the batch worker (``answer.py``)."""
-        emb = self.bundle.encode_queries([r.query for r in requests])
+        """Encode all queries in one call (repeated ones come from the query cache); search
+        each index snapshot once (one faiss call per batch, two only across a swap) at the
+        largest ``k`` and slice per request.  The answers are JSON bytes, built here on the
+        batch worker (``answer.py``)."""
+        emb = self.query_cache.embed([r.query for r in requests], self.bundle.encode_queries)
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(id(r.loaded), []).append(i)
