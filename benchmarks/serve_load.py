@@ -12,7 +12,7 @@ Servers (``--servers``): ``baseline`` = the stdlib ``ThreadingHTTPServer`` of
 ``--baseline_ref`` (on a format-1 copy of v1), ``asgi`` = the single-process Starlette server of
 ``--asgi_ref`` (before issue 35), ``prev1`` / ``prev2`` = the multi-worker server of
 ``--prev_ref`` (before its CPU-per-request work) and ``new1`` / ``new2`` = this tree, with
-``--workers=1`` / ``2`` (``new1_nocache`` / ``new2_nocache``: the same with ``--query_cache=0``).
+``--workers=1`` / ``2`` (``new1_nocache`` / ``new2_nocache``: the same without the query caches).
 Per server and concurrency, ``--requests`` requests (``--malformed`` of them broken in 17 ways,
 sent as raw bytes) are driven by locust users (library runner, headless, one process, gevent),
 good ones (k uniform in 1..100) over keep-alive connections; the run at ``--swap_at`` clients
@@ -271,8 +271,7 @@ def run_server(name: str, data: dict, work: str, rnd: int = 0) -> list[dict]:
     """All concurrency levels against one server (started once, stopped with SIGTERM):
     ``baseline`` = the stdlib server of ``--baseline_ref``; ``asgi`` = the single-process
     Starlette server of ``--asgi_ref``; ``prev1`` / ``prev2`` = the server of ``--prev_ref``,
-    ``new1`` / ``new2`` = this tree, with 1 / 2 workers (a ``_nocache`` suffix: without the
-    query-embedding cache)."""
+    ``new1`` / ``new2`` = this tree, with 1 / 2 workers (``_nocache``: without query caches)."""
     port, admin = serve_procs.free_port(), serve_procs.free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "VLP_ADMIN_TOKEN": ADMIN_TOKEN}
     cmd = [sys.executable, "-m", "vlp_jax.serve.server", f"--bundle={data['bundle']}",
@@ -290,7 +289,8 @@ def run_server(name: str, data: dict, work: str, rnd: int = 0) -> list[dict]:
             if name.startswith("prev"):
                 cwd = env["PYTHONPATH"] = serve_procs.source_tree(ROOT, FLAGS.prev_ref, work)
             workers = name.removeprefix("prev").removeprefix("new").removesuffix("_nocache")
-            cmd += [f"--workers={workers}"] + ["--query_cache=0"] * name.endswith("_nocache")
+            nocache = ["--query_cache=0", "--result_cache=0"] * name.endswith("_nocache")
+            cmd += [f"--workers={workers}", *nocache]
             marker = "workers serving" if workers != "1" else ""
     proc = serve_procs.start_server(cmd, cwd, env, os.path.join(work, f"{name}.log"),
                                     f"127.0.0.1:{port}", ready, marker)

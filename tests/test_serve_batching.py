@@ -239,19 +239,23 @@ def test_batched_search_is_identical_to_one_at_a_time(run):
         service.close()
 
 
-def test_query_cache_answers_equal_uncached_ones_and_skip_the_encoder(run):
-    """Repeated queries come from the cache (no tower call), with the answers an uncached
-    service gives; the cache outlives an index swap (the bundle cannot change)."""
+def test_query_caches_answer_as_uncached_searches_do_and_skip_encoder_and_search(run):
+    """Repeated queries come from the caches (no tower call, no search), with the answers an
+    uncached service gives; a swap keeps the embeddings but never serves the old index's
+    hits."""
     queries = [("red dress", 5), ("blue hat", 10), ("red dress", 3), ("silk scarf", 10)]
     plain = server.load_service(run.bundle_dir, run.index_dir, buckets=(1, 4), max_batch=4,
-                                query_cache=0)
+                                query_cache=0, result_cache=0)
     cached = server.load_service(run.bundle_dir, run.index_dir, buckets=(1, 4), max_batch=4,
-                                 query_cache=16)
+                                 query_cache=16, result_cache=16)
     try:
         want = [a.data for a in plain.search_batch([plain.request(q, k) for q, k in queries])]
-        encoded = []
+        encoded, searched = [], []
         encode = cached.bundle.encode_queries
         cached.bundle.encode_queries = lambda texts: encoded.append(list(texts)) or encode(texts)
+        index = cached.holder.current.index
+        search = index.search
+        index.search = lambda emb, k: searched.append((len(emb), k)) or search(emb, k)
         for _ in range(2):  # cold, then every query cached
             got = [a.data for a in cached.search_batch([cached.request(q, k)
                                                         for q, k in queries])]
@@ -260,14 +264,25 @@ def test_query_cache_answers_equal_uncached_ones_and_skip_the_encoder(run):
                                                                 w["results"]]
                 np.testing.assert_allclose([r["score"] for r in g["results"]],
                                            [r["score"] for r in w["results"]], atol=2e-6)
+                assert (g["query"], g["k"], g["index_version"]) == (w["query"], w["k"],
+                                                                    w["index_version"])
         assert encoded == [["red dress", "blue hat", "silk scarf"]]  # once, distinct texts
-        assert cached.query_cache.hits == 5 and cached.query_cache.misses == 3
+        assert searched == [(4, 10)]  # one search, of the first batch only
+        assert cached.search_batch([cached.request("blue hat", 20)])[0].data["k"] == 20
+        assert searched[-1] == (1, 20) and len(encoded) == 1  # more hits than kept: searched
         text = cached.metrics.render()[0].decode()
-        assert 'vlp_query_cache_lookups_total{result="hit"} 5.0' in text
-        assert 'vlp_query_cache_lookups_total{result="miss"} 3.0' in text
-        assert cached.holder.reload()["serving"]  # a swap keeps the cache
-        cached.search_batch([cached.request("blue hat", 2)])
-        assert len(encoded) == 1 and cached.query_cache.hits == 6
+        for cache, result, n in [("results", "hit", 4), ("results", "miss", 5),
+                                 ("embedding", "hit", 2), ("embedding", "miss", 3)]:
+            assert f'vlp_query_cache_lookups_total{{cache="{cache}",result="{result}"}} {n}.0' \
+                in text
+        assert cached.holder.reload()["serving"]  # a swap: same bundle, another snapshot
+        new_index = cached.holder.current.index
+        new_search = new_index.search
+        new_index.search = lambda emb, k: searched.append(("new", len(emb))) or new_search(emb, k)
+        again = cached.search_batch([cached.request("blue hat", 2)])[0].data
+        assert searched[-1] == ("new", 1) and len(encoded) == 1  # searched anew, not encoded
+        assert [r["item_id"] for r in again["results"]] == [r["item_id"] for r in
+                                                            want[1]["results"][:2]]
     finally:
         plain.close()
         cached.close()

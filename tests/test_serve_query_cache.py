@@ -1,10 +1,11 @@
-"""The query-embedding cache: hits equal the encoder's rows, repeated texts are encoded once,
-least recently used rows go first, and the bound holds (fake encoder, no model)."""
+"""The query caches: embedding hits equal the encoder's rows, repeated texts are encoded once,
+least recently used rows go first, the bounds hold, and cached hits serve only their own index
+snapshot and only as many as were kept (fake encoder, no model)."""
 
 import numpy as np
 import pytest
 
-from vlp_jax.serve.query_cache import QueryEmbeddingCache
+from vlp_jax.serve.query_cache import QueryEmbeddingCache, ResultCache
 
 DIM = 4
 
@@ -79,3 +80,27 @@ def test_capacity_zero_is_a_pass_through_and_bad_input_is_refused():
         QueryEmbeddingCache(-1, DIM)
     with pytest.raises(ValueError, match="returned shape"):
         QueryEmbeddingCache(4, DIM + 1).embed(["a"], enc)
+
+
+def test_result_cache_serves_prefixes_of_its_own_snapshot_only():
+    cache = ResultCache(2)
+    scores, labels = np.linspace(1, 0, 10, dtype=np.float32), np.arange(10, 20)
+    cache.put("dress", 1, scores, labels)
+    scores[:] = -1  # the cache holds a copy, not the batch's array
+    got = cache.get("dress", 1, 4)
+    np.testing.assert_array_equal(got[1], [10, 11, 12, 13])
+    np.testing.assert_allclose(got[0], np.linspace(1, 0, 10)[:4])
+    assert cache.get("dress", 2, 4) is None  # another index snapshot (after a swap)
+    assert cache.get("dress", 1, 11) is None  # more hits than were kept
+    cache.put("dress", 1, np.zeros(5, np.float32), np.arange(5))  # fewer hits: kept entry wins
+    assert len(cache.get("dress", 1, 10)[1]) == 10
+    cache.put("dress", 2, np.zeros(3, np.float32), np.arange(3))  # the new snapshot replaces
+    assert cache.get("dress", 1, 1) is None and list(cache.get("dress", 2, 3)[1]) == [0, 1, 2]
+    cache.put("hat", 2, np.zeros(3, np.float32), np.arange(3))
+    cache.get("dress", 2, 1)  # "hat" is now the least recently used
+    cache.put("bag", 2, np.zeros(3, np.float32), np.arange(3))
+    assert len(cache) == 2 and cache.get("hat", 2, 1) is None
+    assert (cache.hits, cache.misses) == (4, 4)
+    off = ResultCache(0)
+    off.put("dress", 1, scores, labels)
+    assert off.get("dress", 1, 1) is None and len(off) == 0

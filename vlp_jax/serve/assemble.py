@@ -74,7 +74,8 @@ def load_service(bundle_dir: str, index_dir: str, *, kind: str | None = None,
     holding ``index_dir``, the index's catalog root).  A ``gs://`` or ``s3://`` bundle or index
     is staged to ``cache_dir`` first (``locations.py``).  ``options``: ``max_k``, ``default_k``,
     ``max_query_chars``, ``max_batch``, ``max_wait_ms``, ``faiss_threads``, ``max_queue``,
-    ``max_queue_delay_ms``, ``request_timeout_ms``, ``stall_seconds``, ``query_cache``, ``metrics``.
+    ``max_queue_delay_ms``, ``request_timeout_ms``, ``stall_seconds``, ``query_cache``,
+    ``result_cache``, ``metrics``.
     """
     cache_dir = cache_dir or locations.default_cache_dir()
     bundle = bundle_lib.load_bundle(locations.stage_bundle(bundle_dir, cache_dir),

@@ -103,10 +103,11 @@ class Metrics:
                                        "waited for its batch to start, or until the batch worker "
                                        "shed it.", buckets=LATENCY_BUCKETS, registry=r)
         self.query_cache = Counter("vlp_query_cache_lookups", "Search queries looked up in "
-                                   "the query-embedding cache, by result (hit: no encoder "
-                                   "work).", ["result"], registry=r)
-        self._cache_hit, self._cache_miss = (self.query_cache.labels("hit"),
-                                             self.query_cache.labels("miss"))
+                                   "the query caches, by cache (results: no search; embedding: "
+                                   "no encoder work) and result.", ["cache", "result"],
+                                   registry=r)
+        self._cache_children = {(c, h): self.query_cache.labels(c, "hit" if h else "miss")
+                                for c in ("results", "embedding") for h in (True, False)}
         self.index_items = Gauge("vlp_index_items", "Items in the serving index.", registry=r,
                                  multiprocess_mode="liveall")
         self.index_version = Gauge("vlp_index_version", "version of the serving index directory "
@@ -141,11 +142,11 @@ class Metrics:
         self.batch_seconds.observe(seconds)
         self.observe_waits(waits)
 
-    def observe_query_cache(self, hits: int, misses: int) -> None:
+    def observe_query_cache(self, cache: str, hits: int, misses: int) -> None:
         if hits:
-            self._cache_hit.inc(hits)
+            self._cache_children[cache, True].inc(hits)
         if misses:
-            self._cache_miss.inc(misses)
+            self._cache_children[cache, False].inc(misses)
 
     def observe_waits(self, waits: list[float]) -> None:
         for wait in waits:

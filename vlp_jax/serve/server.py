@@ -108,6 +108,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("query_cache", 65536, "Query embeddings kept for repeated queries "
                          "(least recently used dropped first; 0 = off): embed_dim * 4 bytes "
                          "each, per worker.")
+    flags.DEFINE_integer("result_cache", 16384, "Queries whose top hits in the serving index "
+                         "are kept (0 = off): ~12 * max_k bytes each, per worker.")
     flags.DEFINE_list("buckets", [str(b) for b in SERVE_BUCKETS], "Padded query batch sizes.")
     flags.DEFINE_integer("admin_port", 0, "Port of the admin listener (POST /admin/reload); "
                          "0 = no admin routes.")
@@ -167,6 +169,7 @@ def _main(argv: list[str]) -> None:
                        max_queue_delay_ms=FLAGS.max_queue_delay_ms,
                        request_timeout_ms=FLAGS.request_timeout_ms,
                        stall_seconds=FLAGS.stall_seconds, query_cache=FLAGS.query_cache,
+                       result_cache=FLAGS.result_cache,
                        cache_dir=FLAGS.cache_dir or None,
                        buckets=[int(b) for b in FLAGS.buckets])
     roots = dict(index_root=FLAGS.index_root or None, image_root=FLAGS.image_root or None)

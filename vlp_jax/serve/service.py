@@ -27,6 +27,8 @@ import time
 import urllib.parse
 from typing import Any
 
+import numpy as np
+
 from vlp_jax.indexing import bundle as bundle_lib
 from vlp_jax.serve import answer as answer_lib
 from vlp_jax.serve import batcher as batcher_lib
@@ -105,6 +107,7 @@ class SearchService:
                  max_wait_ms: float = 2.0, faiss_threads: int = 1, max_queue: int = 64,
                  max_queue_delay_ms: float = 250.0, request_timeout_ms: float = 1000.0,
                  stall_seconds: float = 10.0, query_cache: int = 65536,
+                 result_cache: int = 16384,
                  metrics: metrics_lib.Metrics | None = None):
         if not 1 <= default_k <= max_k:
             raise ValueError(f"need 1 <= default_k <= max_k, got {default_k}, {max_k}")
@@ -120,9 +123,12 @@ class SearchService:
         self.metrics = metrics or metrics_lib.Metrics()
         self.fleet: Any = None  # a fleet.WorkerView in the worker processes of --workers=N
         self.metrics.set_index(holder.current)
-        # Repeated queries skip the tower (query_cache.py); rows of embed_dim float32 each.
+        # Repeated queries skip the tower and the search (query_cache.py).
         self.query_cache = query_cache_lib.QueryEmbeddingCache(
-            query_cache, bundle.embed_dim, on_lookup=self.metrics.observe_query_cache)
+            query_cache, bundle.embed_dim,
+            on_lookup=lambda hits, misses: self.metrics.observe_query_cache("embedding", hits,
+                                                                            misses))
+        self.result_cache = query_cache_lib.ResultCache(result_cache)
         holder.on_swap = self.metrics.set_index
         self.batcher: batcher_lib.Batcher[SearchRequest, answer_lib.Answer] = batcher_lib.Batcher(
             self.search_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
@@ -182,27 +188,37 @@ class SearchService:
         return self.batcher.submit(self.request(query, k)).result().data
 
     def search_batch(self, requests: list[SearchRequest]) -> list[answer_lib.Answer]:
-        """Encode all queries in one call (repeated ones come from the query cache); search
-        each index snapshot once (one faiss call per batch, two only across a swap) at the
-        largest ``k`` and slice per request.  The answers are JSON bytes, built here on the
-        batch worker (``answer.py``)."""
-        emb = self.query_cache.embed([r.query for r in requests], self.bundle.encode_queries)
-        groups: dict[int, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault(id(r.loaded), []).append(i)
-        out: list[answer_lib.Answer | None] = [None] * len(requests)
-        for members in groups.values():
-            index = requests[members[0]].loaded.index
-            k = max(requests[i].k for i in members)
-            scores, labels = index.search(emb[members], k)
-            done = time.perf_counter()
-            for row, i in enumerate(members):
-                r = requests[i]
-                try:
-                    out[i] = answer_lib.encode(r.query, r.k, round((done - r.start) * 1000.0, 3),
-                                               index, scores[row, :r.k], labels[row, :r.k])
-                except Exception as e:  # noqa: BLE001 - this request fails alone (batcher.py)
-                    out[i] = e  # type: ignore[assignment]
+        """Answer a batch.  A request whose query's top hits in its index snapshot are cached
+        needs no search (``query_cache.py``); the rest are encoded in one call (repeated texts
+        from the embedding cache) and each index snapshot is searched once (one faiss call per
+        batch, two only across a swap) at the largest ``k``, sliced per request.  The answers
+        are JSON bytes, built here on the batch worker (``answer.py``)."""
+        found: list[tuple[np.ndarray, np.ndarray] | None] = [
+            self.result_cache.get(r.query, r.loaded.generation, r.k) for r in requests]
+        todo = [i for i, hit in enumerate(found) if hit is None]
+        self.metrics.observe_query_cache("results", len(requests) - len(todo), len(todo))
+        if todo:
+            emb = self.query_cache.embed([requests[i].query for i in todo],
+                                         self.bundle.encode_queries)
+            groups: dict[int, list[int]] = {}
+            for row, i in enumerate(todo):
+                groups.setdefault(id(requests[i].loaded), []).append(row)
+            for rows in groups.values():
+                loaded = requests[todo[rows[0]]].loaded
+                scores, labels = loaded.index.search(emb[rows],
+                                                     max(requests[todo[j]].k for j in rows))
+                for j, row in enumerate(rows):
+                    r = requests[todo[row]]
+                    self.result_cache.put(r.query, loaded.generation, scores[j], labels[j])
+                    found[todo[row]] = scores[j, :r.k], labels[j, :r.k]
+        done = time.perf_counter()
+        out: list[answer_lib.Answer | Exception] = []
+        for r, (scores, labels) in zip(requests, found, strict=True):  # type: ignore[misc]
+            try:
+                out.append(answer_lib.encode(r.query, r.k, round((done - r.start) * 1000.0, 3),
+                                             r.loaded.index, scores, labels))
+            except Exception as e:  # noqa: BLE001 - this request fails alone (batcher.py)
+                out.append(e)
         return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ other routes
