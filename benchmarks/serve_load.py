@@ -18,16 +18,15 @@ sent as raw bytes) are driven by locust users (library runner, headless, one pro
 good ones (k uniform in 1..100) over keep-alive connections; the run at ``--swap_at`` clients
 swaps v1 <-> v2 (``POST /admin/reload``) halfway.  Server CPU per good request is the server
 process tree's own CPU time (``serve_procs.py``) over the run, divided by the good answers.
-``new1`` gets ``--single_repeats`` extra 1-client runs (p50 stability), ``--overload_server``
-a burst of ``--overload_connections`` connections for ``--overload_seconds`` s
-(``serve_overload.py``).  ``--rounds=N`` runs the servers N times in turn and reports each
-server's median CPU per good request and the median of its per-round ratio to the first server
-(the box's noise moves servers measured back to back together).  Each locust run is a child
-process (``--role=load``) because locust monkey-patches the interpreter for gevent.
-
-A run fails on any 5xx, any request without a response, any good request not answered 200 with
-its results, or any malformed one answered 2xx.  Prints a table, writes ``--out`` (JSON), exits
-1 on a failure.
+``new1`` gets ``--single_repeats`` extra 1-client runs (p50 stability; each another request
+mix: the query caches must not replay a run), ``--overload_server`` a burst of
+``--overload_connections`` connections for ``--overload_seconds`` s (``serve_overload.py``).
+``--rounds=N`` runs the servers N times in turn and reports each server's median CPU per good
+request and the median of its per-round ratio to the first server (the box's noise moves
+servers measured back to back together).  Each locust run is a child process: locust patches
+the interpreter for gevent.  A run fails on any 5xx, any request without a response, any good
+request not answered 200 with its results, or any malformed one answered 2xx.  Prints a table,
+writes ``--out`` (JSON), exits 1 on a failure.
 """
 
 from __future__ import annotations
@@ -312,7 +311,8 @@ def run_server(name: str, data: dict, work: str, rnd: int = 0) -> list[dict]:
             requests = FLAGS.single_requests if repeat else FLAGS.requests
             cmd = [sys.executable, os.path.abspath(__file__), "--role=load",
                    f"--url=127.0.0.1:{port}", f"--users={users}", f"--requests={requests}",
-                   f"--malformed={FLAGS.malformed}", f"--seed={FLAGS.seed}", f"--load_out={out}"]
+                   f"--malformed={FLAGS.malformed}", f"--seed={FLAGS.seed + 1000 * i * repeat}",
+                   f"--load_out={out}"]
             if swaps and not repeat and users == FLAGS.swap_at:
                 cmd += [f"--admin_url=127.0.0.1:{admin}", f"--swap_to={target}"]
                 target = data["v1"] if target == data["v2"] else data["v2"]

@@ -11,6 +11,8 @@ plus what it sheds.  Reports: offered and good rates (offered / ``--capacity`` =
 factor), status counts (every non-200 must be a 503 with Retry-After: anything else is a
 failure), p50/p99 of admitted (200) requests, the server tree's RSS sampled every second, then
 recovery: ``/readyz`` and a single client's p50 over ``--recovery_requests`` after the burst.
+Every request's query is a catalog query plus a tag unique to the request, so the server's
+query caches never answer one: the burst loads the whole encode + search path.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ async def _request(reader, writer, target: bytes) -> tuple[int, bool]:
     return status, b"retry-after" in headers
 
 
+def _unique(query: bytes, tag: str) -> bytes:
+    """A search target no earlier request had (module docstring: no cache hits)."""
+    return b"/search?q=" + query + b"+" + tag.encode() + b"&k=10"
+
+
 async def _client(i: int, host: str, port: int, until: float, targets: list[bytes],
                   records: list) -> None:
     reader = writer = None
@@ -66,7 +73,9 @@ async def _client(i: int, host: str, port: int, until: float, targets: list[byte
                 continue
         start = time.perf_counter()
         try:
-            status, retry = await _request(reader, writer, targets[(i * 7919 + n) % len(targets)])
+            status, retry = await _request(reader, writer,
+                                           _unique(targets[(i * 7919 + n) % len(targets)],
+                                                   f"c{i}n{n}"))
         except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
             records.append((None, time.perf_counter() - start, False))
             writer.close()
@@ -95,13 +104,13 @@ async def _burst(host: str, port: int, seconds: float, connections: int,
     return records, rss, time.perf_counter() - start
 
 
-def _single(host: str, port: int, targets: list[bytes], n: int) -> list[float]:
+def _single(host: str, port: int, targets: list[bytes], n: int, tag: str) -> list[float]:
     async def run() -> list[float]:
         reader, writer = await asyncio.open_connection(host, port)
         out = []
-        for t in targets[:n]:
+        for i, t in enumerate(targets[:n]):
             start = time.perf_counter()
-            status, _ = await _request(reader, writer, t)
+            status, _ = await _request(reader, writer, _unique(t, f"{tag}{i}"))
             if status == 200:
                 out.append((time.perf_counter() - start) * 1000)
         writer.close()
@@ -115,14 +124,13 @@ def main(argv: list[str]) -> None:
     import serving
 
     host, port = FLAGS.url.rsplit(":", 1)
-    targets = [f"/search?q={urllib.parse.quote(q)}&k=10".encode()
-               for q in serving.query_strings(2000, 1)]
-    before = _single(host, int(port), targets, FLAGS.recovery_requests)
+    targets = [urllib.parse.quote_plus(q).encode() for q in serving.query_strings(2000, 1)]
+    before = _single(host, int(port), targets, FLAGS.recovery_requests, "before")
     records, rss, seconds = asyncio.run(_burst(host, int(port), FLAGS.seconds,
                                                FLAGS.connections, targets, FLAGS.pid))
     time.sleep(2.0)
     ready = serve_procs.get_status(FLAGS.url, "/readyz")
-    after = _single(host, int(port), targets, FLAGS.recovery_requests)
+    after = _single(host, int(port), targets, FLAGS.recovery_requests, "after")
     statuses = collections.Counter(str(s) for s, _, _ in records)
     good = np.asarray([ms for s, ms, _ in records if s == 200]) * 1000
     shed_without_retry = sum(1 for s, _, r in records if s == 503 and not r)

@@ -67,6 +67,7 @@ LOCAL_BY_CONSTRUCTION = {
     "runtime/uri.py": (4, "parses local paths"),
     "serve/assemble.py": (1, "/proc/self/task: this process's threads"),
     "serve/fleet.py": (1, "the workers' metric files: a local temporary folder"),
+    "serve/item_table.py": (1, "the items file of the staged local copy of an index"),
     "serve/policy.py": (15, "the server's allowed roots are local folders (staged copies)"),
     "serve/search_index.py": (2, "faiss opens the staged local copy of an index"),
     "serve/service.py": (2, "the staged local index"),

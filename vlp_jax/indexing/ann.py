@@ -37,6 +37,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -179,14 +180,26 @@ def read_info(directory: str) -> dict[str, Any]:
         raise ValueError(f"{info_path} is not valid JSON: {e}") from e
 
 
+def json_lines(path: str) -> Iterator[dict[str, Any]]:
+    """The JSON documents of a JSON-lines file, one per line.
+
+    Read in binary with a 16 MiB buffer, not line by line in text mode: text-mode iteration
+    reads 8 KiB at a time and releases the GIL around each read, and every such hand-over
+    resets CPython's switch-interval clock, so another thread waiting for the GIL (a server's
+    event loop while an index loads beside the serving one) was kept out for up to ~100 ms
+    at a time (a 1 ms heartbeat thread's longest pause while 100,000 rows were parsed: 71-158
+    ms in text mode, 6.4 ms this way)."""
+    with open(path, "rb", buffering=16 << 20) as f:
+        for line in f:
+            yield json.loads(line)
+
+
 def read_rows(directory: str) -> list[dict[str, Any]]:
     """``items.jsonl`` rows, with ``id`` filled in (= row) for format-1 directories."""
     rows = []
-    with open(os.path.join(directory, ITEMS_FILE), encoding="utf-8") as f:
-        for r, line in enumerate(f):
-            row = json.loads(line)
-            row.setdefault("id", r)
-            rows.append(row)
+    for r, row in enumerate(json_lines(os.path.join(directory, ITEMS_FILE))):
+        row.setdefault("id", r)
+        rows.append(row)
     return rows
 
 

@@ -8,7 +8,6 @@ the offline side's (``vlp_jax.indexing``); this module only reads them.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import urllib.parse
 from typing import Any
@@ -16,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from vlp_jax.indexing import ann
+from vlp_jax.serve import item_table
+from vlp_jax.serve.item_table import ItemRow
 
 
 def _inner(index: Any) -> Any:
@@ -48,13 +49,6 @@ def search(index: Any, queries: np.ndarray, k: int,
     return index.search(q, k, params=params)
 
 
-@dataclasses.dataclass
-class ItemRow:
-    item_id: str
-    title: str
-    image: str
-
-
 class SearchIndex:
     """An index directory opened for search: faiss index + item metadata + images' base dir.
 
@@ -77,15 +71,12 @@ class SearchIndex:
                                     mmap=mmap)
         configure(self.index, self.kind, self.params)
         self.base_dir = self.info["base_dir"]
-        rows = ann.read_rows(self.directory)
-        self.items = [ItemRow(r["item_id"], r["title"], r["image"]) for r in rows]
-        self.ids = np.asarray([r["id"] for r in rows], np.int64)
-        self.row_of = {item.item_id: r for r, item in enumerate(self.items)}
-        self._row_of_label = {int(label): r for r, label in enumerate(self.ids)}
+        self.table = item_table.read(self.directory, ann.ITEMS_FILE)  # item_table.py: why flat
+        self.ids = self.table.ids
         self.tombstones = ann.read_tombstones(self.directory, self.kind)
-        if self.index.ntotal != len(self.items) + len(self.tombstones):
+        if self.index.ntotal != len(self.table) + len(self.tombstones):
             raise ValueError(f"index has {self.index.ntotal} vectors but {ann.ITEMS_FILE} has "
-                             f"{len(self.items)} rows (+{len(self.tombstones)} tombstones)")
+                             f"{len(self.table)} rows (+{len(self.tombstones)} tombstones)")
         self.dim = int(self.index.d)
         self._search_params = None
         if len(self.tombstones):  # the selector objects must outlive every search
@@ -96,7 +87,7 @@ class SearchIndex:
                 efSearch=self.params.hnsw_ef_search, sel=self._selector)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.table)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(scores, labels)`` of the top ``min(k, len(self))``; label -1 = no result."""
@@ -114,5 +105,10 @@ class SearchIndex:
 
     def item(self, label: int) -> ItemRow | None:
         """The item with faiss label ``label`` (None for -1 padding)."""
-        row = self._row_of_label.get(int(label))
-        return None if row is None else self.items[row]
+        row = self.table.row_of_label(label)
+        return None if row is None else self.table.item(row)
+
+    def item_by_id(self, item_id: str) -> ItemRow | None:
+        """The item with id ``item_id`` (None if the index has none)."""
+        row = self.table.row_of_item(item_id)
+        return None if row is None else self.table.item(row)

@@ -226,10 +226,10 @@ class SearchService:
         """Image bytes + content type of an item; ``quoted_id`` is the raw path segment."""
         index = self.holder.current.index
         item_id = utf8(urllib.parse.unquote(quoted_id, encoding="latin-1"), "item id")
-        row = index.row_of.get(item_id)
-        if row is None:
+        item = index.item_by_id(item_id)
+        if item is None:
             raise ApiError(404, f"unknown item id {item_id!r}")
-        path = policy.image_path(self.holder.image_root, index.items[row].image)
+        path = policy.image_path(self.holder.image_root, item.image)
         if path is None:  # missing, or leading out of the catalog root
             raise ApiError(404, f"no image file for item {item_id!r}")
         if os.path.getsize(path) > MAX_IMAGE_BYTES:

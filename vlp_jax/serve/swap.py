@@ -96,15 +96,15 @@ def load_index(directory: str, kind: str | None, embed_dim: int) -> SearchIndex:
 
 
 def _release(index: SearchIndex, chunk: int = 2000) -> None:
-    """Free ``index``'s Python objects a slice at a time, yielding the GIL in between.
+    """Free ``index``'s cached answer fragments a slice at a time, yielding the GIL in between.
 
-    A 100,000-item index is ~10^6 small objects (rows, lookup tables, cached answer fragments);
-    dropped at once, their deallocation runs for ~100 ms without releasing the GIL, which
-    stalls the batch worker and the event loop.  Freed a slice at a time, no stall exceeds a
-    few milliseconds (longest pause of a 1 ms heartbeat thread while a 100,000-item index is
-    freed: 96 ms at once, 4 ms in slices)."""
-    containers: list[Any] = [answer_lib.forget(index), index.row_of,
-                             index._row_of_label, index.items]  # noqa: SLF001
+    An index that served for a while holds up to one pair of fragments per item
+    (``answer.py``): ~10^5-10^6 small objects, whose deallocation, dropped at once, runs for
+    up to ~100 ms without releasing the GIL and stalls the batch worker and the event loop.
+    Freed a slice at a time, no stall exceeds a few milliseconds (longest pause of a 1 ms
+    heartbeat thread while a 100,000-item index was freed: 96 ms at once, 4 ms in slices).
+    The item metadata is a few large buffers (``item_table.py``), freed at once."""
+    containers: list[Any] = [answer_lib.forget(index)]
     for box in containers:
         while box:
             if isinstance(box, list):

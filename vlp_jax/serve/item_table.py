@@ -1,0 +1,133 @@
+"""An index's item metadata in a few flat arrays instead of ~10^6 Python objects.
+
+A search index needs, per item, its faiss label, id, title and image path, and two lookups:
+label -> item (every answer) and item id -> item (the image route).  Held as one Python
+object per row plus two dicts, a 100,000-item index is ~10^6 long-lived objects; building them
+while the old index serves held up the serving threads during a swap (a 1 ms heartbeat thread
+paused up to 112 ms, and 1-3 requests of 5,000 at 8 clients were shed per three swaps), every
+worker process carried its own copy, and freeing them needed care (``swap._release``).
+
+Here each text field is one UTF-8 buffer with row offsets, the labels are one ``int64`` array
+(looked up directly when they are ``0..n-1``, as the index job writes them, else through a
+sorted copy), and item ids are found through a sorted array of their hashes (candidates
+checked against the text).  Parsing ``items.jsonl`` still goes row by row, but each row's
+objects are dropped at once, so what stays behind is a handful of large buffers: cheap to
+build, nothing for the garbage collector to walk, freed in one call each.
+"""
+
+from __future__ import annotations
+
+import array
+import dataclasses
+import os
+
+import numpy as np
+
+from vlp_jax.indexing import ann
+
+FIELDS = ("item_id", "title", "image")
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemRow:
+    item_id: str
+    title: str
+    image: str
+
+
+class _Column:
+    """Strings appended one by one into one UTF-8 buffer with end offsets."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.ends = array.array("q")
+
+    def append(self, text: str) -> None:
+        self.data += text.encode("utf-8", "surrogatepass")
+        self.ends.append(len(self.data))
+
+    def freeze(self) -> tuple[bytes, np.ndarray]:
+        return bytes(self.data), np.frombuffer(self.ends, np.int64).copy()
+
+
+class ItemTable:
+    """Rows of an index directory's ``items.jsonl`` (``id`` = the faiss label, default the
+    row number, as format-1 directories have it)."""
+
+    def __init__(self, path: str):
+        columns = {name: _Column() for name in FIELDS}
+        ids = array.array("q")
+        hashes = array.array("q")
+        # Values that are not strings (a null title in a hand-edited file) are kept as they
+        # are, as the answers have always shown them (``answer.py``).
+        self._odd: dict[tuple[str, int], object] = {}
+        for r, row in enumerate(ann.json_lines(path)):  # binary: see json_lines on the GIL
+            ids.append(int(row.get("id", r)))
+            for name in FIELDS:
+                value = row[name]
+                if not isinstance(value, str):
+                    self._odd[name, r] = value
+                    value = ""
+                columns[name].append(value)
+            item_id = row["item_id"]
+            hashes.append(hash(item_id) if isinstance(item_id, str) else 0)
+        self.path = path
+        self._data: dict[str, bytes] = {}
+        self._ends: dict[str, np.ndarray] = {}
+        for name, column in columns.items():
+            self._data[name], self._ends[name] = column.freeze()
+        del columns
+        self.ids = np.frombuffer(ids, np.int64).copy()
+        n = len(self.ids)
+        self._dense = bool(np.array_equal(self.ids, np.arange(n)))
+        self._label_order = None if self._dense else np.argsort(self.ids, kind="stable")
+        self._sorted_labels = None if self._dense else self.ids[self._label_order]
+        item_hashes = np.frombuffer(hashes, np.int64)
+        self._hash_order = np.argsort(item_hashes, kind="stable")
+        self._sorted_hashes = item_hashes[self._hash_order]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def text(self, name: str, row: int) -> str:
+        if self._odd and (name, row) in self._odd:
+            return self._odd[name, row]  # type: ignore[return-value]
+        ends = self._ends[name]
+        start = int(ends[row - 1]) if row else 0
+        return self._data[name][start:int(ends[row])].decode("utf-8", "surrogatepass")
+
+    def item(self, row: int) -> ItemRow:
+        return ItemRow(*(self.text(name, row) for name in FIELDS))
+
+    def row_of_label(self, label: int) -> int | None:
+        """The row of faiss label ``label`` (None for -1 padding or an unknown label)."""
+        label = int(label)
+        n = len(self.ids)
+        if self._dense:
+            return label if 0 <= label < n else None
+        at = int(np.searchsorted(self._sorted_labels, label))
+        if at < n and self._sorted_labels[at] == label:
+            return int(self._label_order[at])
+        return None
+
+    def row_of_item(self, item_id: str) -> int | None:
+        """The row of item ``item_id`` (the last one, should ``items.jsonl`` repeat an id)."""
+        h = hash(item_id)
+        lo = int(np.searchsorted(self._sorted_hashes, h, side="left"))
+        hi = int(np.searchsorted(self._sorted_hashes, h, side="right"))
+        rows = sorted(int(r) for r in self._hash_order[lo:hi])
+        for row in reversed(rows):
+            if self.text("item_id", row) == item_id:
+                return row
+        return None
+
+    def nbytes(self) -> int:
+        """Bytes held (buffers and arrays; what a worker process pays per loaded index)."""
+        arrays = [self.ids, self._hash_order, self._sorted_hashes, *self._ends.values()]
+        if not self._dense:
+            arrays += [self._label_order, self._sorted_labels]
+        return sum(len(d) for d in self._data.values()) + sum(a.nbytes for a in arrays)
+
+
+def read(directory: str, file_name: str) -> ItemTable:
+    return ItemTable(os.path.join(directory, file_name))
