@@ -11,7 +11,7 @@ delisted and 1 % new ones, made by the real incremental job.
 Servers (``--servers``): ``baseline`` = the stdlib ``ThreadingHTTPServer`` of
 ``--baseline_ref`` (on a format-1 copy of v1), ``asgi`` = the single-process Starlette server of
 ``--asgi_ref`` (before issue 35), ``prev1`` / ``prev2`` = the multi-worker server of
-``--prev_ref`` (before its CPU-per-request work) and ``new1`` / ``new2`` = this tree, with
+``--prev_ref`` (before its thread-pool, write, cache work) and ``new1`` / ``new2`` = this tree, with
 ``--workers=1`` / ``2`` (``new1_nocache`` / ``new2_nocache``: the same without the query caches).
 Per server and concurrency, ``--requests`` requests (``--malformed`` of them broken in 17 ways,
 sent as raw bytes) are driven by locust users (library runner, headless, one process, gevent),
@@ -69,7 +69,7 @@ flags.DEFINE_string("baseline_ref", "dac4320", "Commit of the old (ThreadingHTTP
                     "('' = skip the baseline).")
 flags.DEFINE_string("asgi_ref", "f15229b", "Commit of the single-process Starlette server "
                     "before issue 35.")
-flags.DEFINE_string("prev_ref", "ece96fc", "Commit of the previous multi-worker server.")
+flags.DEFINE_string("prev_ref", "23d86e9", "Commit of the previous multi-worker server.")
 flags.DEFINE_list("servers", ["baseline", "asgi", "prev1", "prev2", "new1", "new2"],
                   "Servers to measure.")
 flags.DEFINE_integer("swap_at", 8, "Client count of the run with an index swap halfway (the "

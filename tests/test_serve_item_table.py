@@ -4,6 +4,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from vlp_jax.indexing import ann
 from vlp_jax.serve.item_table import ItemRow, ItemTable
@@ -15,14 +16,16 @@ def _write(path, rows):
     return str(path)
 
 
-def test_every_row_and_lookup_matches_the_jsonl_rows(tmp_path):
+@pytest.mark.parametrize("spread", [3, 100_000])  # gaps: a row-per-label array / a search
+def test_every_row_and_lookup_matches_the_jsonl_rows(tmp_path, spread):
     rng = np.random.default_rng(0)
-    labels = rng.permutation(np.arange(0, 3000, 3))[:700]  # sparse, unsorted (after updates)
+    labels = rng.permutation(np.arange(0, 1000 * spread, spread))[:700]  # unsorted, with gaps
     rows = [{"item_id": f"it-{i}-é", "title": f"title {i} 中文", "image": f"img/{i}.jpg",
              "id": int(label)} for i, label in enumerate(labels)]
     path = _write(tmp_path / "items.jsonl", rows)
     table = ItemTable(path)
     assert len(table) == 700 and not table._dense
+    assert (table._row_by_label is None) == (spread > 3)
     assert [r["item_id"] for r in ann.read_rows(str(tmp_path))] == [
         table.item(row).item_id for row in range(len(table))]
     for row, want in enumerate(rows):
@@ -30,6 +33,7 @@ def test_every_row_and_lookup_matches_the_jsonl_rows(tmp_path):
         assert table.row_of_label(want["id"]) == row
         assert table.row_of_item(want["item_id"]) == row
     assert table.row_of_label(-1) is None and table.row_of_label(1) is None  # not a label
+    assert table.row_of_label(10**12) is None
     assert table.row_of_item("it-0") is None and table.row_of_item("") is None
     np.testing.assert_array_equal(table.ids, labels)
 

@@ -18,8 +18,8 @@ build, nothing for the garbage collector to walk, freed in one call each.
 from __future__ import annotations
 
 import array
-import dataclasses
 import os
+from typing import NamedTuple
 
 import numpy as np
 
@@ -28,8 +28,7 @@ from vlp_jax.indexing import ann
 FIELDS = ("item_id", "title", "image")
 
 
-@dataclasses.dataclass(frozen=True)
-class ItemRow:
+class ItemRow(NamedTuple):
     item_id: str
     title: str
     image: str
@@ -46,8 +45,10 @@ class _Column:
         self.data += text.encode("utf-8", "surrogatepass")
         self.ends.append(len(self.data))
 
-    def freeze(self) -> tuple[bytes, np.ndarray]:
-        return bytes(self.data), np.frombuffer(self.ends, np.int64).copy()
+    def freeze(self) -> tuple[bytes, array.array]:
+        """The buffer and its end offsets (an ``array``: indexing one is ~4x faster than a
+        NumPy scalar lookup, and answers built right after a swap look up thousands)."""
+        return bytes(self.data), self.ends
 
 
 class ItemTable:
@@ -73,15 +74,25 @@ class ItemTable:
             hashes.append(hash(item_id) if isinstance(item_id, str) else 0)
         self.path = path
         self._data: dict[str, bytes] = {}
-        self._ends: dict[str, np.ndarray] = {}
+        self._ends: dict[str, array.array] = {}
         for name, column in columns.items():
             self._data[name], self._ends[name] = column.freeze()
         del columns
         self.ids = np.frombuffer(ids, np.int64).copy()
         n = len(self.ids)
         self._dense = bool(np.array_equal(self.ids, np.arange(n)))
-        self._label_order = None if self._dense else np.argsort(self.ids, kind="stable")
-        self._sorted_labels = None if self._dense else self.ids[self._label_order]
+        # Labels after incremental updates are 0..max with gaps (delisted items, new ids at
+        # the end): a row-per-label array while that stays compact, else a sorted search.
+        self._row_by_label: array.array | None = None
+        self._label_order = self._sorted_labels = None
+        top = int(self.ids.max()) + 1 if n else 0
+        if not self._dense and 0 <= int(self.ids.min(initial=0)) and top <= 4 * n + 1024:
+            rows = np.full(top, -1, np.int64)
+            rows[self.ids] = np.arange(n)
+            self._row_by_label = array.array("q", rows.tobytes())
+        elif not self._dense:
+            self._label_order = np.argsort(self.ids, kind="stable")
+            self._sorted_labels = self.ids[self._label_order]
         item_hashes = np.frombuffer(hashes, np.int64)
         self._hash_order = np.argsort(item_hashes, kind="stable")
         self._sorted_hashes = item_hashes[self._hash_order]
@@ -93,11 +104,12 @@ class ItemTable:
         if self._odd and (name, row) in self._odd:
             return self._odd[name, row]  # type: ignore[return-value]
         ends = self._ends[name]
-        start = int(ends[row - 1]) if row else 0
-        return self._data[name][start:int(ends[row])].decode("utf-8", "surrogatepass")
+        start = ends[row - 1] if row else 0
+        return self._data[name][start:ends[row]].decode("utf-8", "surrogatepass")
 
     def item(self, row: int) -> ItemRow:
-        return ItemRow(*(self.text(name, row) for name in FIELDS))
+        text = self.text
+        return ItemRow(text("item_id", row), text("title", row), text("image", row))
 
     def row_of_label(self, label: int) -> int | None:
         """The row of faiss label ``label`` (None for -1 padding or an unknown label)."""
@@ -105,6 +117,11 @@ class ItemTable:
         n = len(self.ids)
         if self._dense:
             return label if 0 <= label < n else None
+        if self._row_by_label is not None:
+            if not 0 <= label < len(self._row_by_label):
+                return None
+            row = self._row_by_label[label]
+            return None if row < 0 else row
         at = int(np.searchsorted(self._sorted_labels, label))
         if at < n and self._sorted_labels[at] == label:
             return int(self._label_order[at])
@@ -123,10 +140,12 @@ class ItemTable:
 
     def nbytes(self) -> int:
         """Bytes held (buffers and arrays; what a worker process pays per loaded index)."""
-        arrays = [self.ids, self._hash_order, self._sorted_hashes, *self._ends.values()]
-        if not self._dense:
+        arrays = [self.ids, self._hash_order, self._sorted_hashes]
+        if self._label_order is not None:
             arrays += [self._label_order, self._sorted_labels]
-        return sum(len(d) for d in self._data.values()) + sum(a.nbytes for a in arrays)
+        lists = [*self._ends.values()] + [self._row_by_label] * (self._row_by_label is not None)
+        return (sum(len(d) for d in self._data.values()) + sum(a.nbytes for a in arrays)
+                + sum(a.itemsize * len(a) for a in lists))
 
 
 def read(directory: str, file_name: str) -> ItemTable:
