@@ -64,12 +64,13 @@ class Loaded:
 def _no_cyclic_gc():
     """Python's cyclic GC paused while an index loads.
 
-    Loading 100,000 items allocates ~10^6 objects, which triggers full collections that scan
-    every object of the serving index too while holding the GIL: 145 ms event-loop stalls on
-    an idle box, long enough on a busy one to push requests past their deadline mid-swap
-    (measured: 2 of 4,000 answered 504 during a swap).  Paused: 31 ms.  After the swap the
-    index's objects are moved out of later collections (``gc.freeze``); they are freed by
-    reference counting when the index is dropped (a slice at a time: :func:`_retire`).
+    Loading 100,000 items allocates ~10^6 short-lived objects (a dict per ``items.jsonl`` row),
+    which trigger full collections that scan every object of the process while holding the
+    GIL: 145 ms event-loop stalls on an idle box, long enough on a busy one to push requests
+    past their deadline mid-swap (measured: 2 of 4,000 answered 504 during a swap).  Paused:
+    31 ms.  After the swap the process's objects are moved out of later collections
+    (``gc.freeze``); an index's cached answer fragments are freed a slice at a time when it
+    is dropped (:func:`_retire`).
     """
     was = gc.isenabled()
     gc.disable()
