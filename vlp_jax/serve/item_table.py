@@ -72,7 +72,6 @@ class ItemTable:
                 columns[name].append(value)
             item_id = row["item_id"]
             hashes.append(hash(item_id) if isinstance(item_id, str) else 0)
-        self.path = path
         self._data: dict[str, bytes] = {}
         self._ends: dict[str, array.array] = {}
         for name, column in columns.items():
@@ -137,15 +136,6 @@ class ItemTable:
             if self.text("item_id", row) == item_id:
                 return row
         return None
-
-    def nbytes(self) -> int:
-        """Bytes held (buffers and arrays; what a worker process pays per loaded index)."""
-        arrays = [self.ids, self._hash_order, self._sorted_hashes]
-        if self._label_order is not None:
-            arrays += [self._label_order, self._sorted_labels]
-        lists = [*self._ends.values()] + [self._row_by_label] * (self._row_by_label is not None)
-        return (sum(len(d) for d in self._data.values()) + sum(a.nbytes for a in arrays)
-                + sum(a.itemsize * len(a) for a in lists))
 
 
 def read(directory: str, file_name: str) -> ItemTable:
