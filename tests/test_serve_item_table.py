@@ -53,6 +53,36 @@ def test_dense_labels_odd_values_and_repeated_ids(tmp_path):
     assert [table.row_of_label(x) for x in (0, 3, 4, -1)] == [0, 3, None, None]
 
 
+@pytest.mark.parametrize("other", [7, -5, 10**12])  # row-per-label array / sorted search
+def test_a_repeated_label_names_its_last_row_on_every_lookup_path(tmp_path, other):
+    rows = [{"item_id": x, "title": x, "image": x, "id": i}
+            for x, i in [("a", 0), ("b", 2), ("c", 2), ("d", other)]]
+    table = ItemTable(_write(tmp_path / "items.jsonl", rows))
+    assert table.row_of_label(2) == 2 and table.row_of_label(other) == 3
+
+
 def test_an_empty_file_is_an_empty_table(tmp_path):
     table = ItemTable(_write(tmp_path / "items.jsonl", []))
     assert len(table) == 0 and table.row_of_label(0) is None and table.row_of_item("a") is None
+
+
+def test_odd_rows_give_answers_and_no_image_rather_than_errors(tmp_path):
+    """A hand-edited row with a number for its id or a null image: the answers that contain
+    it are still built (answer.py's promise) and its image route finds no file."""
+    from vlp_jax.serve import answer, policy
+    from vlp_jax.serve.search_index import SearchIndex
+
+    table = ItemTable(_write(tmp_path / "items.jsonl", [
+        {"item_id": 12345, "title": "t", "image": None}]))
+    class Index:  # a SearchIndex's answer-facing side over the table (weak-referenceable)
+        kind, version = "flat", 1
+        shown = SearchIndex.shown
+
+        def item(self, label):
+            return table.item(table.row_of_label(label))
+
+    fake = Index()
+    body = answer.encode("q", 1, 1.0, fake, np.ones(1, np.float32), np.zeros(1, np.int64))
+    assert json.loads(body.body)["results"][0] == {
+        "item_id": 12345, "score": 1.0, "title": "t", "image_url": "/items/12345/image"}
+    assert policy.image_path(str(tmp_path), table.item(0).image) is None

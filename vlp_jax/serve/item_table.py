@@ -121,8 +121,9 @@ class ItemTable:
                 return None
             row = self._row_by_label[label]
             return None if row < 0 else row
-        at = int(np.searchsorted(self._sorted_labels, label))
-        if at < n and self._sorted_labels[at] == label:
+        # The last row with the label, as everywhere else (a label repeated in a broken file).
+        at = int(np.searchsorted(self._sorted_labels, label, side="right")) - 1
+        if at >= 0 and self._sorted_labels[at] == label:
             return int(self._label_order[at])
         return None
 
@@ -131,10 +132,9 @@ class ItemTable:
         h = hash(item_id)
         lo = int(np.searchsorted(self._sorted_hashes, h, side="left"))
         hi = int(np.searchsorted(self._sorted_hashes, h, side="right"))
-        rows = sorted(int(r) for r in self._hash_order[lo:hi])
-        for row in reversed(rows):
-            if self.text("item_id", row) == item_id:
-                return row
+        for row in self._hash_order[lo:hi][::-1]:  # a stable sort: equal hashes in row order
+            if self.text("item_id", int(row)) == item_id:
+                return int(row)
         return None
 
 

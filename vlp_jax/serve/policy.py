@@ -124,7 +124,10 @@ def check_image_root(base_dir: str, image_root: str, where: str) -> None:
 
 def image_path(image_root: str, relative: str) -> str | None:
     """The resolved file of an item image, or None if it leads outside ``image_root`` (``..``,
-    an absolute path, a symlink pointing out) or is not a regular file."""
+    an absolute path, a symlink pointing out), is not a regular file, or is not a path at all
+    (a non-string ``image`` in a hand-edited ``items.jsonl``)."""
+    if not isinstance(relative, str):
+        return None
     root = os.path.realpath(image_root)
     path = os.path.realpath(os.path.join(root, relative))
     if os.path.commonpath([root, path]) != root or not os.path.isfile(path):

@@ -101,7 +101,7 @@ class SearchIndex:
         if item is None:
             return None
         return (item.item_id, item.title,
-                f"/items/{urllib.parse.quote(item.item_id, safe='')}/image")
+                f"/items/{urllib.parse.quote(str(item.item_id), safe='')}/image")
 
     def item(self, label: int) -> ItemRow | None:
         """The item with faiss label ``label`` (None for -1 padding)."""
